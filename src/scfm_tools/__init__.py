@@ -1,0 +1,42 @@
+"""Single-cell foundation models behind a scanpy-shaped API.
+
+``import scfm_tools as sft`` gives :mod:`sft.pp <scfm_tools.pp>`, :mod:`sft.tl <scfm_tools.tl>`,
+:mod:`sft.pl <scfm_tools.pl>`, :mod:`sft.models <scfm_tools.models>`,
+:mod:`sft.hub <scfm_tools.hub>`, :mod:`sft.datasets <scfm_tools.datasets>` and
+:data:`sft.settings <scfm_tools.settings>`. Importing the package is cheap: torch, scvi-tools,
+muon and decoupler are imported only when a function needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
+
+from ._settings import settings
+
+try:
+    __version__ = version("scfm-tools")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+_SUBMODULES = ("pp", "tl", "pl", "models", "hub", "datasets", "nn")
+
+if TYPE_CHECKING:
+    from . import datasets, hub, models, nn, pl, pp, tl
+
+
+def __getattr__(name: str):
+    # Submodules load on first access so that `import scfm_tools` stays fast.
+    if name in _SUBMODULES:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'scfm_tools' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_SUBMODULES])
+
+
+__all__ = ["__version__", "datasets", "hub", "models", "nn", "pl", "pp", "settings", "tl"]

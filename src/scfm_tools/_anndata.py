@@ -1,0 +1,107 @@
+"""AnnData plumbing shared by pp/tl: matrix access in chunks, copy semantics, MuData, params."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from scipy import sparse
+
+from ._settings import settings
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+__all__ = [
+    "describe_source",
+    "get_matrix",
+    "iter_chunks",
+    "params_record",
+    "resolve_adata",
+    "resolve_seed",
+]
+
+
+def describe_source(layer: str | None) -> str:
+    """Say in words which matrix a function reads (for error messages)."""
+    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+
+
+def get_matrix(adata: AnnData, layer: str | None = None):
+    """Return ``adata.X`` or ``adata.layers[layer]``, with a clear error for a missing layer."""
+    if layer is None:
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(
+            f"layer {layer!r} is not in adata.layers (present: {list(adata.layers.keys())}); "
+            "pass one of those, or layer=None to use adata.X."
+        )
+    return adata.layers[layer]
+
+
+def iter_chunks(
+    adata: AnnData, layer: str | None = None, *, chunk_size: int = 10_000
+) -> Iterator[tuple[int, np.ndarray | sparse.csr_matrix]]:
+    """Yield ``(start, block)`` over rows of the matrix, ``chunk_size`` cells at a time.
+
+    Works on dense, sparse and backed (``backed="r"``) AnnData; a block is a dense array or a
+    CSR matrix, never the whole matrix unless it fits in one chunk.
+    """
+    X = get_matrix(adata, layer)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    for start in range(0, adata.n_obs, chunk_size):
+        block = X[start : start + chunk_size]
+        if sparse.issparse(block):
+            block = sparse.csr_matrix(block)
+        else:
+            block = np.asarray(block)
+        yield start, block
+
+
+def resolve_adata(data: Any, *, copy: bool = False, mod: str | None = None) -> tuple[Any, AnnData]:
+    """Resolve the object a function was given into ``(returned_object, adata_to_work_on)``.
+
+    ``data`` may be an AnnData or a MuData; for a MuData the modality ``mod`` (default ``"rna"``)
+    is the AnnData worked on. With ``copy=True`` both are copies, so the caller's object is never
+    touched.
+    """
+    from anndata import AnnData
+
+    if isinstance(data, AnnData):
+        if mod is not None:
+            raise ValueError("`mod` applies to MuData input only; drop it for an AnnData.")
+        obj = data.copy() if copy else data
+        return obj, obj
+    if type(data).__name__ == "MuData" and hasattr(data, "mod"):
+        mod = "rna" if mod is None else mod
+        if mod not in data.mod:
+            raise KeyError(
+                f"modality {mod!r} is not in this MuData (present: {list(data.mod)}); "
+                "pass the right one with `mod=`."
+            )
+        obj = data.copy() if copy else data
+        return obj, obj.mod[mod]
+    raise TypeError(
+        f"expected an AnnData (or a MuData with `mod=`), got {type(data).__name__}. "
+        "Read your data with `anndata.read_h5ad` or `scanpy.read_*`."
+    )
+
+
+def resolve_seed(random_state: int | None) -> int:
+    """Return ``random_state``, or the global ``sft.settings.seed`` when it is ``None``."""
+    if random_state is None:
+        return settings.seed
+    if isinstance(random_state, bool) or not isinstance(random_state, int | np.integer):
+        raise TypeError(f"random_state must be an integer or None, got {random_state!r}.")
+    return int(random_state)
+
+
+def params_record(**params: Any) -> dict[str, Any]:
+    """Build the ``uns[key]["params"]`` dict: the given params plus the package version."""
+    from . import __version__
+
+    record = {k: v for k, v in params.items() if v is not None}
+    record["sft_version"] = __version__
+    return record

@@ -1,0 +1,39 @@
+"""Shared parameter documentation, injected with :func:`doc_params` (as scanpy's ``_doc_params``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+F = TypeVar("F", bound=Callable)
+
+DOC_ADATA = """\
+adata
+    Annotated data matrix (cells x genes). A :class:`mudata.MuData` is accepted too, with
+    ``mod=`` naming the modality to use."""
+
+DOC_LAYER = """\
+layer
+    Layer holding the values to read; ``None`` reads ``adata.X``."""
+
+DOC_COPY = """\
+copy
+    Return a modified copy instead of writing into ``adata``."""
+
+DOC_RANDOM_STATE = """\
+random_state
+    Seed for the random steps; ``None`` uses ``sft.settings.seed``."""
+
+DOC_CHUNK_SIZE = """\
+chunk_size
+    Cells processed at a time; bounds memory on large or backed data."""
+
+
+def doc_params(**kwds: str) -> Callable[[F], F]:
+    """Fill ``{name}`` placeholders in a docstring with the shared text above."""
+
+    def dec(obj: F) -> F:
+        obj.__doc__ = obj.__doc__.format_map(kwds) if obj.__doc__ else obj.__doc__
+        return obj
+
+    return dec

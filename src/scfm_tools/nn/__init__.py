@@ -1,0 +1,1 @@
+"""Shared torch building blocks (attention, Performer/FAVOR+, value encoders, pooling)."""

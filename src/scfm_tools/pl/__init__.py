@@ -1,0 +1,1 @@
+"""Plotting: figures of what :mod:`scfm_tools.tl` wrote (matplotlib, scanpy conventions)."""

@@ -1,0 +1,1 @@
+"""Preprocessing: value binning, read-depth-aware downsampling, gene-vocabulary matching."""

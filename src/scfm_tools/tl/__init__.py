@@ -1,0 +1,1 @@
+"""Tools: tasks that run a model on AnnData and write the results back into it."""

@@ -1,0 +1,64 @@
+"""Shared test fixtures: where the real data, official fixtures and references are.
+
+Tests read real data from ``../shared`` beside the repository (override with ``SFT_DATA``,
+``SFT_FIXTURES``, ``SFT_REFERENCE``). Where it is absent, those tests skip with the reason;
+with ``SFT_REQUIRE_SHARED=1`` (as in ``.ci/run``) its absence fails them instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA_DIR = Path(os.environ.get("SFT_DATA", SHARED / "data"))
+FIXTURES_DIR = Path(os.environ.get("SFT_FIXTURES", SHARED / "fixtures"))
+REFERENCE_DIR = Path(os.environ.get("SFT_REFERENCE", SHARED / "reference"))
+
+
+def require_path(path: Path, what: str) -> Path:
+    """Return ``path``, or skip (fail under SFT_REQUIRE_SHARED=1) when it does not exist."""
+    if path.exists():
+        return path
+    msg = (
+        f"{what} not found at {path}: these tests need the shared data folder beside the "
+        "repository (set SFT_DATA / SFT_FIXTURES / SFT_REFERENCE to point elsewhere)."
+    )
+    if os.environ.get("SFT_REQUIRE_SHARED") == "1":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return require_path(DATA_DIR, "shared real datasets")
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return require_path(FIXTURES_DIR, "official-implementation fixtures")
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    return require_path(REFERENCE_DIR, "official reference files")
+
+
+@pytest.fixture
+def read_shared(data_dir):
+    """Read a real dataset from the shared data folder (a fresh object each call)."""
+    import anndata as ad
+
+    def _read(name: str, **kwargs):
+        return ad.read_h5ad(require_path(data_dir / name, f"dataset {name}"), **kwargs)
+
+    return _read
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Never let a test write into the user's real cache folder."""
+    monkeypatch.setenv("SCFM_TOOLS_CACHE", str(tmp_path_factory.getbasetemp() / "sft_cache"))
