@@ -1,4 +1,4 @@
-"""Shared parameter documentation, injected with :func:`doc_params` (as scanpy's ``_doc_params``)."""
+"""Shared parameter documentation, injected with :func:`doc_params` (like scanpy's)."""
 
 from __future__ import annotations
 

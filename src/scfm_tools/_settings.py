@@ -136,7 +136,9 @@ class SftSettings:
     @n_threads.setter
     def n_threads(self, value: int | None) -> None:
         if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"settings.n_threads must be a positive integer or None, got {value!r}.")
+            raise ValueError(
+                f"settings.n_threads must be a positive integer or None, got {value!r}."
+            )
         self._n_threads = value
         if value is not None and "torch" in sys.modules:
             self.apply_threads()

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from ._anndata import describe_source, iter_chunks
+from ._anndata import describe_source, get_matrix, iter_chunks
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -38,7 +38,7 @@ def _values(block) -> np.ndarray:
 
 def check_numeric(adata: AnnData, layer: str | None = None) -> None:
     """Check that the matrix holds real numbers (not strings, objects or booleans)."""
-    X = adata.layers[layer] if layer is not None else adata.X
+    X = get_matrix(adata, layer)
     if X is None:
         raise InputError(
             f"{describe_source(layer)} is empty (None); put the expression matrix there or "

@@ -1,0 +1,134 @@
+import anndata as ad
+import numpy as np
+import pytest
+from scipy import sparse
+
+from scfm_tools._anndata import iter_chunks, resolve_adata
+from scfm_tools._validation import (
+    InputError,
+    check_counts,
+    check_lognorm,
+    check_nonempty,
+    check_unique_names,
+)
+
+
+@pytest.fixture
+def pbmc(read_shared):
+    return read_shared("pbmc8k_200genes_labeled.h5ad")
+
+
+def _snapshot(adata):
+    X = adata.X.toarray() if sparse.issparse(adata.X) else np.array(adata.X)
+    return X.copy(), adata.obs.copy(), adata.var.copy(), dict(adata.uns)
+
+
+def _assert_unchanged(adata, snap):
+    X, obs, var, uns = snap
+    now = adata.X.toarray() if sparse.issparse(adata.X) else np.asarray(adata.X)
+    np.testing.assert_array_equal(now, X)
+    assert adata.obs.equals(obs) and adata.var.equals(var) and set(adata.uns) == set(uns)
+
+
+def test_real_counts_pass(pbmc):
+    check_counts(pbmc)
+    check_nonempty(pbmc)
+
+
+def test_lognorm_data_is_not_counts(pbmc):
+    import scanpy as sc
+
+    sc.pp.normalize_total(pbmc)
+    sc.pp.log1p(pbmc)
+    snap = _snapshot(pbmc)
+    with pytest.raises(InputError, match="non-integer values") as err:
+        check_counts(pbmc)
+    assert "layer=" in str(err.value) and "at cell" in str(err.value)
+    check_lognorm(pbmc)
+    _assert_unchanged(pbmc, snap)
+
+
+def test_counts_are_not_lognorm(pbmc):
+    with pytest.raises(InputError, match="look like raw counts"):
+        check_lognorm(pbmc)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_nan_and_negative_named_with_cell_and_gene(pbmc, dense):
+    X = pbmc.X.toarray().astype(np.float32)
+    X[5, 3] = np.nan
+    bad = ad.AnnData(X if dense else sparse.csr_matrix(X), obs=pbmc.obs, var=pbmc.var)
+    with pytest.raises(InputError, match="NaN") as err:
+        check_counts(bad, chunk_size=4)
+    assert repr(pbmc.obs_names[5]) in str(err.value)
+    assert repr(pbmc.var_names[3]) in str(err.value)
+    X[5, 3] = -2
+    bad = ad.AnnData(X if dense else sparse.csr_matrix(X), obs=pbmc.obs, var=pbmc.var)
+    with pytest.raises(InputError, match="negative"):
+        check_counts(bad)
+    with pytest.raises(InputError, match="negative"):
+        check_lognorm(bad)
+
+
+def test_non_numeric_dtype_refused():
+    bad = ad.AnnData(np.array([["a", "b"], ["c", "d"]], dtype=object))
+    with pytest.raises(InputError, match="dtype"):
+        check_counts(bad)
+
+
+def test_empty_cells_and_genes(pbmc):
+    sub = pbmc[:50].copy()
+    X = sub.X.toarray()
+    X[7] = 0
+    sub.X = sparse.csr_matrix(X)
+    with pytest.raises(InputError, match="empty cells") as err:
+        check_nonempty(sub)
+    assert sub.obs_names[7] in str(err.value)
+    zero_gene = np.flatnonzero(np.asarray(pbmc[:50].X.sum(0)).ravel() == 0)
+    ok = pbmc[:50].copy()
+    if zero_gene.size == 0:
+        X = ok.X.toarray()
+        X[:, 0] = 0
+        ok.X = sparse.csr_matrix(X)
+    with pytest.raises(InputError, match="zero in every cell"):
+        check_nonempty(ok, cells=False, genes=True)
+    with pytest.raises(InputError, match="at least one cell"):
+        check_nonempty(pbmc[:0].copy())
+
+
+def test_duplicated_gene_names(pbmc):
+    names = list(pbmc.var_names)
+    names[1] = names[0]
+    with pytest.raises(InputError, match="duplicated") as err:
+        check_unique_names(names)
+    assert names[0] in str(err.value)
+
+
+def test_iter_chunks_dense_sparse_backed_agree(pbmc, data_dir):
+    full = pbmc.X.toarray()
+    backed = ad.read_h5ad(data_dir / "pbmc8k_200genes_labeled.h5ad", backed="r")
+    for obj in (pbmc, ad.AnnData(full), backed):
+        parts = [
+            b.toarray() if sparse.issparse(b) else b for _, b in iter_chunks(obj, chunk_size=999)
+        ]
+        np.testing.assert_array_equal(np.vstack(parts), full)
+    check_counts(backed, chunk_size=1000)
+    backed.file.close()
+
+
+def test_missing_layer_is_clear(pbmc):
+    with pytest.raises(KeyError, match="not in adata.layers"):
+        check_counts(pbmc, layer="counts")
+
+
+def test_resolve_adata_copy_and_mudata(pbmc, data_dir):
+    obj, target = resolve_adata(pbmc, copy=True)
+    assert obj is target and obj is not pbmc
+    mudata = pytest.importorskip("mudata")
+    mdata = mudata.read_h5mu(data_dir / "citeseq_pbmc_hao2021_tiny.h5mu")
+    obj, target = resolve_adata(mdata)
+    assert obj is mdata and target is mdata.mod["rna"]
+    with pytest.raises(KeyError, match="modality 'atac'"):
+        resolve_adata(mdata, mod="atac")
+    with pytest.raises(TypeError, match="expected an AnnData"):
+        resolve_adata(np.zeros((2, 2)))
