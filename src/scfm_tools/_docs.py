@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -30,10 +31,15 @@ chunk_size
 
 
 def doc_params(**kwds: str) -> Callable[[F], F]:
-    """Fill ``{name}`` placeholders in a docstring with the shared text above."""
+    """Fill ``{name}`` placeholders in a docstring with the shared text above.
+
+    The docstring is dedented first (:func:`inspect.cleandoc`), so that the shared text, written
+    at column 0 with descriptions indented by four spaces, lines up with the section it lands in.
+    """
 
     def dec(obj: F) -> F:
-        obj.__doc__ = obj.__doc__.format_map(kwds) if obj.__doc__ else obj.__doc__
+        if obj.__doc__:
+            obj.__doc__ = inspect.cleandoc(obj.__doc__).format_map(kwds)
         return obj
 
     return dec

@@ -41,7 +41,7 @@ def _default_data_dir() -> Path | None:
 
 
 class SftSettings:
-    """Package-wide settings: ``sft.settings``.
+    """Package-wide settings, available as ``sft.settings``.
 
     Attributes
     ----------

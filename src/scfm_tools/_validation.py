@@ -23,6 +23,7 @@ __all__ = [
     "check_counts",
     "check_lognorm",
     "check_nonempty",
+    "check_nonnegative",
     "check_numeric",
     "check_unique_names",
 ]
@@ -97,6 +98,34 @@ def check_counts(adata: AnnData, layer: str | None = None, *, chunk_size: int = 
                 "counts, but these look normalised or log-transformed. Pass the layer that holds "
                 "the counts with `layer=` (e.g. `layer='counts'`), or keep a copy of the counts "
                 "before normalising (`adata.layers['counts'] = adata.X.copy()`)."
+            )
+
+
+def check_nonnegative(
+    adata: AnnData, layer: str | None = None, *, chunk_size: int = 10_000
+) -> None:
+    """Check that the matrix holds finite, non-negative numbers (counts or normalised values).
+
+    Raises
+    ------
+    InputError
+        On NaN/inf or negative values, naming the first offending cell and gene.
+    """
+    check_numeric(adata, layer)
+    where = describe_source(layer)
+    for start, block in iter_chunks(adata, layer, chunk_size=chunk_size):
+        vals = _values(block)
+        if vals.dtype.kind == "f" and not np.isfinite(vals).all():
+            bad = _first_offender(adata, layer, start, block, lambda v: ~np.isfinite(v))
+            raise InputError(
+                f"{where} contains NaN or infinite values ({bad}); fix or drop those cells first."
+            )
+        if (vals < 0).any():
+            bad = _first_offender(adata, layer, start, block, lambda v: v < 0)
+            raise InputError(
+                f"{where} contains negative values ({bad}); non-negative expression (counts, or "
+                "normalised/log1p values, not scaled or centred ones) is needed. Pass the layer "
+                "that holds it with `layer=`."
             )
 
 
