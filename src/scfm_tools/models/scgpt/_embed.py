@@ -1,0 +1,219 @@
+"""Zero-shot scGPT cell embeddings on a cells x genes matrix (official ``embed_data`` path)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import sparse
+
+from ..._anndata import resolve_seed
+from ..._settings import settings
+from ...pp._match_genes import GeneMatch, match_to_vocab
+from ._module import SCGPTModule
+from ._tokenizer import OFFICIAL_N_BINS, CellTokenizer, pad_cells
+
+__all__ = ["embed_matrix", "iter_embeddings"]
+
+logger = logging.getLogger("scfm_tools")
+
+
+def _gene_index(var_names: Sequence[str] | GeneMatch, vocab: dict[str, int]) -> np.ndarray:
+    match = var_names if isinstance(var_names, GeneMatch) else match_to_vocab(var_names, vocab)
+    if match.n_matched == 0:
+        raise ValueError(
+            "none of the genes is in the scGPT vocabulary; var_names must be gene symbols "
+            "(or Ensembl IDs) of the model's species."
+        )
+    return np.asarray(match.index, dtype=np.int64)
+
+
+def _autocast(device: torch.device):
+    # bf16 on CUDA only: on CPU it brings no speed here and would cost exactness.
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def iter_embeddings(
+    module: SCGPTModule,
+    vocab: dict[str, int],
+    args: dict[str, Any],
+    blocks: Iterable,
+    var_names: Sequence[str] | GeneMatch,
+    *,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    n_bins: int = OFFICIAL_N_BINS,
+    random_state: int | None = 0,
+    device: str | torch.device = "cpu",
+) -> Iterator[np.ndarray]:
+    """Embed consecutive blocks of cells; yields one ``(n_block, d_model)`` array per block.
+
+    Blocks must come in dataset order (the random streams of :class:`CellTokenizer` run across
+    blocks), so feeding the row chunks of a backed AnnData gives the same result as one matrix.
+    Within a block, cells are sorted by length into minibatches (little padding) and the
+    results put back in block order.
+
+    Parameters
+    ----------
+    module
+        The scGPT module (moved to ``device`` and put in eval mode for the run; its training
+        flag is restored afterwards).
+    vocab
+        Token -> id vocabulary with ``<cls>`` and the ``args["pad_token"]`` token.
+    args
+        The checkpoint's ``args.json`` (``pad_token``, ``pad_value``, ``max_seq_len`` are read).
+    blocks
+        Cells x genes blocks (dense or sparse), columns in ``var_names`` order.
+    var_names
+        Gene names of the columns, or a :class:`~scfm_tools.pp.GeneMatch` computed already.
+    batch_size
+        Cells per forward pass.
+    max_length
+        Longest token sequence (``<cls>`` included); ``None`` uses ``args["max_seq_len"]``
+        (1200 when absent, as the official ``embed_data`` default).
+    n_bins
+        Value bins; the official embedding path always uses 51.
+    random_state
+        Seed of the binning tie-breaks and the subsampling; ``None`` uses
+        ``sft.settings.seed``. ``0`` reproduces the official ``embed_data`` run after
+        ``np.random.seed(0)``.
+    device
+        Where to run (``"auto"`` picks a GPU when there is one).
+
+    Yields
+    ------
+    L2-normalised ``<cls>`` embeddings, float32, one row per cell of the block.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    pad_token = args.get("pad_token", "<pad>")
+    for token in ("<cls>", pad_token):
+        if token not in vocab:
+            raise ValueError(f"the vocabulary has no {token!r} token.")
+    pad_id, pad_value = vocab[pad_token], float(args.get("pad_value", -2))
+    max_length = int(args.get("max_seq_len", 1200)) if max_length is None else int(max_length)
+    tokenizer = CellTokenizer(
+        _gene_index(var_names, vocab),
+        cls_id=vocab["<cls>"],
+        pad_value=pad_value,
+        max_length=max_length,
+        n_bins=n_bins,
+        random_state=resolve_seed(random_state),
+    )
+    dev = settings.resolve_device(device) if isinstance(device, str) else torch.device(device)
+    was_training = module.training
+    module.to(dev).eval()
+    n_empty = 0
+    try:
+        for block in blocks:
+            cells = tokenizer(block)
+            lengths = np.fromiter((len(ids) for ids, _ in cells), dtype=np.int64, count=len(cells))
+            n_empty += int((lengths == 1).sum())
+            out = np.empty((len(cells), module.d_model), dtype=np.float32)
+            order = np.argsort(lengths, kind="stable")
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                batch = pad_cells([cells[i] for i in rows], pad_id=pad_id, pad_value=pad_value)
+                batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+                with torch.inference_mode(), _autocast(dev):
+                    emb = module.cell_embedding(**batch, normalize=True)
+                out[rows] = emb.float().cpu().numpy()
+            yield out
+    finally:
+        module.train(was_training)
+    if n_empty:
+        logger.warning(
+            "%d cells express no gene of the vocabulary; their embedding sees only <cls>.",
+            n_empty,
+        )
+
+
+def embed_matrix(
+    module: SCGPTModule,
+    vocab: dict[str, int],
+    args: dict[str, Any],
+    X,
+    var_names: Sequence[str] | GeneMatch,
+    *,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    n_bins: int = OFFICIAL_N_BINS,
+    random_state: int | None = 0,
+    device: str | torch.device = "cpu",
+    chunk_size: int = 10_000,
+) -> np.ndarray:
+    """Zero-shot scGPT cell embeddings of a cells x genes count matrix.
+
+    The official ``scgpt.tasks.embed_data`` path: genes matched to the vocabulary, per cell
+    the expressed in-vocabulary genes with ``<cls>`` first, per-cell quantile binning of the raw
+    counts, subsampling above ``max_length``, the transformer, the ``<cls>`` output
+    L2-normalised. Runs under :func:`torch.inference_mode` (bf16 autocast on CUDA), streaming
+    ``chunk_size`` cells at a time; a cell's embedding does not depend on ``batch_size`` or
+    ``chunk_size``.
+
+    Parameters
+    ----------
+    module
+        The scGPT module, e.g. from :func:`load_scgpt_folder`.
+    vocab
+        Token -> id vocabulary.
+    args
+        The checkpoint's ``args.json``.
+    X
+        Cells x genes raw counts: a numpy array, a scipy sparse matrix, or anything whose row
+        slices are one (e.g. a backed AnnData's ``X``).
+    var_names
+        Gene names of the columns (symbols or Ensembl IDs), or a
+        :class:`~scfm_tools.pp.GeneMatch`.
+    batch_size
+        Cells per forward pass.
+    max_length
+        Longest token sequence (``<cls>`` included); ``None`` uses ``args["max_seq_len"]``.
+    n_bins
+        Value bins; the official embedding path always uses 51.
+    random_state
+        Seed of the binning tie-breaks and the subsampling (``None``: ``sft.settings.seed``).
+    device
+        Where to run.
+    chunk_size
+        Cells tokenized and held at a time.
+
+    Returns
+    -------
+    ``(n_cells, d_model)`` float32 array of unit-norm embeddings, in the order of ``X``.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    n_cells = X.shape[0]
+    n_var = len(var_names.index if isinstance(var_names, GeneMatch) else var_names)
+    if n_var != X.shape[1]:
+        raise ValueError(f"var_names has {n_var} entries but X has {X.shape[1]} columns.")
+
+    def blocks():
+        for start in range(0, n_cells, chunk_size):
+            block = X[start : start + chunk_size]
+            yield block if sparse.issparse(block) else np.asarray(block)
+
+    out = np.empty((n_cells, module.d_model), dtype=np.float32)
+    start = 0
+    for emb in iter_embeddings(
+        module,
+        vocab,
+        args,
+        blocks(),
+        var_names,
+        batch_size=batch_size,
+        max_length=max_length,
+        n_bins=n_bins,
+        random_state=random_state,
+        device=device,
+    ):
+        out[start : start + len(emb)] = emb
+        start += len(emb)
+    return out

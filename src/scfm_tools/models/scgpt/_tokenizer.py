@@ -1,0 +1,168 @@
+"""Turn cells into scGPT token sequences, as the official zero-shot ``embed_data`` does.
+
+Per cell (``get_batch_cell_embeddings`` + ``DataCollator(do_binning=True, sampling=True,
+keep_first_n_tokens=1)``): the non-zero genes found in the vocabulary, in ``var`` order, with
+their raw values; the values binned per cell (:func:`scfm_tools.pp.quantile_bin`, 51 bins, ties
+spread at random); ``<cls>`` prepended with value ``pad_value``; if the sequence is longer than
+``max_length``, a random subset of ``max_length - 1`` genes kept after ``<cls>`` (in the random
+order the permutation gives, as the official ``_sample``). Binning happens before subsampling,
+so the bins of a long cell are ranks among all its expressed genes.
+
+The official code draws tie-breaking numbers from the global numpy stream and subsampling
+permutations from the global torch stream, cell after cell in dataset order. Here both streams
+are explicit (:class:`CellTokenizer` holds a ``np.random.RandomState`` and a
+``torch.Generator`` seeded with the same ``random_state``) and are consumed in dataset order
+whatever the later batching, so with ``random_state=s`` the tokens equal the official ones
+after ``np.random.seed(s)`` / ``torch.manual_seed(s)`` (single-process data loading).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from scipy import sparse
+
+from ...pp._binning import quantile_bin
+
+if TYPE_CHECKING:
+    from ...pp._match_genes import GeneMatch
+
+__all__ = ["OFFICIAL_N_BINS", "CellTokenizer", "pad_cells"]
+
+# The official DataCollator hard-codes 51 bins whatever args.json says (n_bins there is unused).
+OFFICIAL_N_BINS = 51
+
+Cell = tuple[np.ndarray, np.ndarray]
+
+
+class CellTokenizer:
+    """Stateful tokenizer: cells in, ``(gene_ids, values)`` pairs out, in dataset order.
+
+    Parameters
+    ----------
+    gene_index
+        Vocabulary id of each input column (``var`` order), -1 for genes not in the vocabulary.
+    cls_id
+        Id of ``<cls>``.
+    pad_value
+        Value given to ``<cls>`` (and to padding later).
+    max_length
+        Longest sequence, ``<cls>`` included; longer cells are subsampled.
+    n_bins
+        Number of bins (zero bin included).
+    random_state
+        Seed of both random streams (binning ties and subsampling).
+    """
+
+    def __init__(
+        self,
+        gene_index: np.ndarray,
+        *,
+        cls_id: int,
+        pad_value: float,
+        max_length: int,
+        n_bins: int = OFFICIAL_N_BINS,
+        random_state: int = 0,
+    ) -> None:
+        gene_index = np.asarray(gene_index, dtype=np.int64)
+        if gene_index.ndim != 1:
+            raise ValueError("gene_index must be 1-D (one vocabulary id per column).")
+        if max_length < 2:
+            raise ValueError(
+                f"max_length must be at least 2 (<cls> and one gene), got {max_length}."
+            )
+        self.n_columns = gene_index.size
+        self.columns = np.flatnonzero(gene_index >= 0)
+        self.column_ids = gene_index[self.columns]
+        self.cls_id = int(cls_id)
+        self.pad_value = float(pad_value)
+        self.max_length = int(max_length)
+        self.n_bins = n_bins
+        self.rng = np.random.RandomState(random_state)
+        self.generator = torch.Generator().manual_seed(random_state)
+
+    @classmethod
+    def from_match(cls, match: GeneMatch | np.ndarray, **kwargs) -> CellTokenizer:
+        """Build from a :class:`~scfm_tools.pp.GeneMatch` (or its ``index`` array)."""
+        index = match if isinstance(match, np.ndarray) else match.index
+        return cls(index, **kwargs)
+
+    def _subsample(self, n_genes: int) -> np.ndarray | None:
+        if n_genes + 1 <= self.max_length:
+            return None
+        perm = torch.randperm(n_genes, generator=self.generator)[: self.max_length - 1]
+        return perm.numpy()
+
+    def __call__(self, block) -> list[Cell]:
+        """Tokenize a block of cells (rows; dense array or sparse matrix, columns in var order).
+
+        Consumes the random streams, so call it on consecutive blocks in dataset order.
+
+        Parameters
+        ----------
+        block
+            Cells x genes values (raw counts for the official behaviour).
+
+        Returns
+        -------
+        One ``(gene_ids int64, values float32)`` pair per cell, ``<cls>`` first.
+        """
+        if block.ndim != 2 or block.shape[1] != self.n_columns:
+            raise ValueError(
+                f"expected a cells x {self.n_columns} matrix (one column per gene), got shape "
+                f"{block.shape}."
+            )
+        sub = sparse.csr_matrix(block)[:, self.columns]
+        # Column slicing leaves canonical CSR (sorted, no duplicates); stored zeros are
+        # dropped because the official code only tokenizes np.nonzero(row).
+        sub.eliminate_zeros()
+        sub.sort_indices()
+        cells: list[Cell] = []
+        for row in range(sub.shape[0]):
+            lo, hi = sub.indptr[row], sub.indptr[row + 1]
+            genes = self.column_ids[sub.indices[lo:hi]]
+            # Values reach the official binning as float32 (torch .float()).
+            values = sub.data[lo:hi].astype(np.float32)
+            binned = (
+                quantile_bin(values, self.n_bins, self.rng).astype(np.float32)
+                if values.size
+                else values
+            )
+            ids = np.concatenate([[self.cls_id], genes]).astype(np.int64)
+            vals = np.concatenate([[self.pad_value], binned]).astype(np.float32)
+            keep = self._subsample(genes.size)
+            if keep is not None:
+                keep = np.concatenate([[0], keep + 1])
+                ids, vals = ids[keep], vals[keep]
+            cells.append((ids, vals))
+        return cells
+
+
+def pad_cells(cells: Sequence[Cell], *, pad_id: int, pad_value: float) -> dict[str, torch.Tensor]:
+    """Right-pad token sequences into a minibatch dict for :class:`SCGPTModule`.
+
+    Parameters
+    ----------
+    cells
+        ``(gene_ids, values)`` pairs.
+    pad_id
+        Id of ``<pad>``.
+    pad_value
+        Value at padded positions.
+
+    Returns
+    -------
+    ``{"gene_ids": long, "values": float32, "padding_mask": bool}``, each ``(n, max_len)``.
+    """
+    if not cells:
+        raise ValueError("no cells to pad.")
+    length = max(len(ids) for ids, _ in cells)
+    gene_ids = torch.full((len(cells), length), pad_id, dtype=torch.long)
+    values = torch.full((len(cells), length), pad_value, dtype=torch.float32)
+    for i, (ids, vals) in enumerate(cells):
+        gene_ids[i, : len(ids)] = torch.from_numpy(ids)
+        values[i, : len(vals)] = torch.from_numpy(vals)
+    return {"gene_ids": gene_ids, "values": values, "padding_mask": gene_ids.eq(pad_id)}
