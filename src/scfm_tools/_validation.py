@@ -26,6 +26,7 @@ __all__ = [
     "check_nonnegative",
     "check_numeric",
     "check_unique_names",
+    "first_non_integer",
 ]
 
 
@@ -66,6 +67,21 @@ def _first_offender(adata: AnnData, layer, start: int, block, mask_fn) -> str:
     return f"{val!r} at cell {adata.obs_names[start + row]!r}, gene {adata.var_names[col]!r}"
 
 
+def _non_integer(v: np.ndarray) -> np.ndarray:
+    return v != np.round(v)
+
+
+def first_non_integer(
+    adata: AnnData, layer: str | None = None, *, chunk_size: int = 10_000
+) -> str | None:
+    """Describe the first non-integer value (cell, gene, value), or ``None`` if all are integers."""
+    for start, block in iter_chunks(adata, layer, chunk_size=chunk_size):
+        vals = _values(block)
+        if vals.dtype.kind == "f" and _non_integer(vals).any():
+            return _first_offender(adata, layer, start, block, _non_integer)
+    return None
+
+
 def check_counts(adata: AnnData, layer: str | None = None, *, chunk_size: int = 10_000) -> None:
     """Check that the matrix holds raw counts: finite, non-negative integers.
 
@@ -74,31 +90,15 @@ def check_counts(adata: AnnData, layer: str | None = None, *, chunk_size: int = 
     InputError
         On NaN/inf, negative or non-integer values, naming the first offending cell and gene.
     """
-    check_numeric(adata, layer)
-    where = describe_source(layer)
-    for start, block in iter_chunks(adata, layer, chunk_size=chunk_size):
-        vals = _values(block)
-        if vals.dtype.kind == "f":
-            if not np.isfinite(vals).all():
-                bad = _first_offender(adata, layer, start, block, lambda v: ~np.isfinite(v))
-                raise InputError(
-                    f"{where} contains NaN or infinite values ({bad}); raw counts must be finite. "
-                    "Fix or drop those cells before calling this function."
-                )
-        if (vals < 0).any():
-            bad = _first_offender(adata, layer, start, block, lambda v: v < 0)
-            raise InputError(
-                f"{where} contains negative values ({bad}); raw counts are needed. If these are "
-                "scaled or centred values, pass the layer that holds the counts with `layer=`."
-            )
-        if vals.dtype.kind == "f" and not np.array_equal(vals, np.round(vals)):
-            bad = _first_offender(adata, layer, start, block, lambda v: v != np.round(v))
-            raise InputError(
-                f"{where} contains non-integer values ({bad}); this function needs raw integer "
-                "counts, but these look normalised or log-transformed. Pass the layer that holds "
-                "the counts with `layer=` (e.g. `layer='counts'`), or keep a copy of the counts "
-                "before normalising (`adata.layers['counts'] = adata.X.copy()`)."
-            )
+    check_nonnegative(adata, layer, chunk_size=chunk_size)
+    bad = first_non_integer(adata, layer, chunk_size=chunk_size)
+    if bad is not None:
+        raise InputError(
+            f"{describe_source(layer)} contains non-integer values ({bad}); this function needs "
+            "raw integer counts, but these look normalised or log-transformed. Pass the layer "
+            "that holds the counts with `layer=` (e.g. `layer='counts'`), or keep a copy of the "
+            "counts before normalising (`adata.layers['counts'] = adata.X.copy()`)."
+        )
 
 
 def check_nonnegative(

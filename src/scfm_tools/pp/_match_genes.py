@@ -31,7 +31,7 @@ from ._gene_ids import (
 if TYPE_CHECKING:
     from anndata import AnnData
 
-__all__ = ["GeneMatch", "load_vocab", "match_genes", "match_to_vocab"]
+__all__ = ["GeneMatch", "load_vocab", "match_adata_genes", "match_genes", "match_to_vocab"]
 
 VocabLike = Mapping[str, int] | Sequence[str] | str | os.PathLike
 
@@ -373,6 +373,67 @@ def _hint(
 
 
 @doc_params(adata=DOC_ADATA, copy=DOC_COPY)
+def match_adata_genes(
+    ad: AnnData,
+    vocab: VocabLike,
+    *,
+    gene_key: str | None = None,
+    min_genes: int = 10,
+    min_fraction: float = 0.1,
+    case_insensitive: bool = True,
+    caller: str = "match_genes",
+) -> GeneMatch:
+    """Match an AnnData's genes to a vocabulary, log the overlap and refuse too little of it.
+
+    The checks behind :func:`match_genes`, for every function that tokenizes an AnnData
+    (parameters as there; ``caller`` prefixes the log messages). Writes nothing.
+    """
+    if isinstance(min_genes, bool) or not isinstance(min_genes, int) or min_genes < 0:
+        raise ValueError(f"min_genes must be a non-negative integer, got {min_genes!r}.")
+    if not 0.0 <= float(min_fraction) <= 1.0:
+        raise ValueError(f"min_fraction must lie in [0, 1], got {min_fraction!r}.")
+    if gene_key is None:
+        names, where = ad.var_names, "adata.var_names"
+    else:
+        if gene_key not in ad.var.columns:
+            raise KeyError(
+                f"gene_key {gene_key!r} is not a column of adata.var (columns: "
+                f"{list(ad.var.columns)}); pass one of those, or gene_key=None for var_names."
+            )
+        names, where = ad.var[gene_key], f"adata.var[{gene_key!r}]"
+    names = pd.Series(np.asarray(names, dtype=object))
+    present = names[names.notna() & (names.astype(str).str.strip() != "")].astype(str)
+    check_unique_names(pd.Index(present.str.strip()), what=where)
+
+    mapping = _as_mapping(vocab)
+    result = match_to_vocab(names.to_numpy(), mapping, case_insensitive=case_insensitive)
+    if result.n_matched < min_genes or result.fraction < min_fraction:
+        unmatched = names[~result.matched].dropna().astype(str).tolist()[:5]
+        raise InputError(
+            f"too few genes match the vocabulary: only {result.n_matched:,} of "
+            f"{result.n_genes:,} genes in {where} ({result.fraction:.1%}) matched, but at least "
+            f"{min_genes} genes and {min_fraction:.0%} are needed. Detected ID types: query "
+            f"{result.query_id_type}, vocabulary {result.vocab_id_type}. Unmatched genes, "
+            f"e.g. {unmatched}. To fix: {_hint(ad, gene_key, result, mapping, case_insensitive)}."
+        )
+
+    message = f"{caller}: {result.describe()}"
+    if result.fraction < 0.5:
+        logger.warning(message)
+    else:
+        logger.info(message)
+    if result.n_case_insensitive > result.n_matched / 2:
+        logger.warning(
+            "%s: most matches (%d of %d) differ in letter case from the vocabulary; "
+            "is the data from another species than the model (e.g. mouse symbols against a "
+            "human vocabulary)? Pass case_insensitive=False to match exactly.",
+            caller,
+            result.n_case_insensitive,
+            result.n_matched,
+        )
+    return result
+
+
 def match_genes(
     adata: AnnData,
     vocab: VocabLike,
@@ -438,50 +499,16 @@ def match_genes(
     """
     if not isinstance(key_added, str) or not key_added:
         raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
-    if isinstance(min_genes, bool) or not isinstance(min_genes, int) or min_genes < 0:
-        raise ValueError(f"min_genes must be a non-negative integer, got {min_genes!r}.")
-    if not 0.0 <= float(min_fraction) <= 1.0:
-        raise ValueError(f"min_fraction must lie in [0, 1], got {min_fraction!r}.")
     obj, ad = resolve_adata(adata, copy=copy, mod=mod)
-
-    if gene_key is None:
-        names, where = ad.var_names, "adata.var_names"
-    else:
-        if gene_key not in ad.var.columns:
-            raise KeyError(
-                f"gene_key {gene_key!r} is not a column of adata.var (columns: "
-                f"{list(ad.var.columns)}); pass one of those, or gene_key=None for var_names."
-            )
-        names, where = ad.var[gene_key], f"adata.var[{gene_key!r}]"
-    names = pd.Series(np.asarray(names, dtype=object))
-    present = names[names.notna() & (names.astype(str).str.strip() != "")].astype(str)
-    check_unique_names(pd.Index(present.str.strip()), what=where)
-
-    mapping = _as_mapping(vocab)
-    result = match_to_vocab(names.to_numpy(), mapping, case_insensitive=case_insensitive)
-    if result.n_matched < min_genes or result.fraction < min_fraction:
-        unmatched = names[~result.matched].dropna().astype(str).tolist()[:5]
-        raise InputError(
-            f"too few genes match the vocabulary: only {result.n_matched:,} of "
-            f"{result.n_genes:,} genes in {where} ({result.fraction:.1%}) matched, but at least "
-            f"{min_genes} genes and {min_fraction:.0%} are needed. Detected ID types: query "
-            f"{result.query_id_type}, vocabulary {result.vocab_id_type}. Unmatched genes, "
-            f"e.g. {unmatched}. To fix: {_hint(ad, gene_key, result, mapping, case_insensitive)}."
-        )
-
-    message = f"match_genes: {result.describe()}"
-    if result.fraction < 0.5:
-        logger.warning(message)
-    else:
-        logger.info(message)
-    if result.n_case_insensitive > result.n_matched / 2:
-        logger.warning(
-            "match_genes: most matches (%d of %d) differ in letter case from the vocabulary; "
-            "is the data from another species than the model (e.g. mouse symbols against a "
-            "human vocabulary)? Pass case_insensitive=False to match exactly.",
-            result.n_case_insensitive,
-            result.n_matched,
-        )
+    result = match_adata_genes(
+        ad,
+        vocab,
+        gene_key=gene_key,
+        min_genes=min_genes,
+        min_fraction=min_fraction,
+        case_insensitive=case_insensitive,
+        caller="match_genes",
+    )
 
     ad.var[f"{key_added}_index"] = result.index
     ad.var[f"{key_added}_matched"] = result.matched

@@ -1,0 +1,161 @@
+"""``sft.tl.embed_cells``: zero-shot cell embeddings from a foundation model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+from .._anndata import params_record, resolve_adata
+from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
+from .._validation import check_nonempty, check_nonnegative, first_non_integer
+from ._model_arg import DOC_MODEL, resolve_model
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+__all__ = ["embed_cells"]
+
+logger = logging.getLogger("scfm_tools")
+
+
+@doc_params(
+    model=DOC_MODEL,
+    layer=DOC_LAYER,
+    random_state=DOC_RANDOM_STATE,
+    chunk_size=DOC_CHUNK_SIZE,
+    copy=DOC_COPY,
+)
+def embed_cells(
+    adata: AnnData,
+    model: str | os.PathLike | None = None,
+    *,
+    layer: str | None = None,
+    gene_key: str | None = None,
+    key_added: str | None = None,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    random_state: int | None = 0,
+    device: str | None = None,
+    chunk_size: int = 10_000,
+    mod: str | None = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Embed cells with a single-cell foundation model (zero-shot).
+
+    Runs the model's published embedding path on the expression of each cell and writes one
+    vector per cell. For scGPT models that is the official ``embed_data`` path: genes matched to
+    the model vocabulary (symbols or Ensembl IDs, offline), per cell the expressed genes with
+    ``<cls>`` first, per-cell quantile binning (51 bins), random subsampling above
+    ``max_length`` genes, and the L2-normalised ``<cls>`` output. Cells are streamed
+    ``chunk_size`` at a time (a backed AnnData works in bounded memory), sorted by length into
+    minibatches to limit padding; a cell's embedding does not depend on ``batch_size`` or
+    ``chunk_size``.
+
+    Raw counts are expected (the official models are fed counts). Because scGPT bins each
+    cell's values by rank, log-normalised values give nearly the same bins: they are accepted
+    with a logged warning.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes expression (raw counts preferred). A :class:`mudata.MuData` is accepted
+        with ``mod=``.
+    {model}
+    {layer}
+    gene_key
+        Column of ``adata.var`` with gene symbols or Ensembl IDs; ``None`` uses ``var_names``.
+    key_added
+        ``adata.obsm`` key of the embedding; default ``"X_<family>"`` (e.g. ``"X_scgpt"``).
+        The run's parameters go to ``adata.uns[key_added without "X_"]["params"]``.
+    batch_size
+        Cells per forward pass.
+    max_length
+        Most genes per cell (plus ``<cls>``); ``None`` uses the checkpoint's ``max_seq_len``.
+    {random_state}
+        ``0`` reproduces the official run after ``np.random.seed(0)``.
+    device
+        ``"cpu"``, ``"cuda"``, ``"auto"``...; ``None`` uses ``sft.settings.device``.
+    {chunk_size}
+    mod
+        Modality of a MuData (default ``"rna"``).
+    {copy}
+
+    Returns
+    -------
+    ``None``, or the modified copy with ``copy=True``. Writes
+
+    - ``adata.obsm["X_<family>" | key_added]``: ``(n_cells, d)`` float32 embeddings;
+    - ``adata.uns["<family>" | key_added without "X_"]["params"]``: model name, family,
+      weights sha256, genes matched, ``max_length``, ``random_state`` and package version.
+
+    For a MuData the embedding is also written to ``mdata.obsm`` under the same key when the
+    modality holds all of the MuData's cells.
+
+    Raises
+    ------
+    InputError
+        NaN, infinite or negative values, empty cells, duplicated gene names, or too little
+        overlap with the model's vocabulary; the message says what to do.
+    """
+    from .._settings import settings
+    from ..models._families import family_task
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    obj, ad = resolve_adata(adata, copy=copy, mod=mod)
+    # Validate the data before anything is loaded or written.
+    check_nonnegative(ad, layer, chunk_size=chunk_size)
+    check_nonempty(ad, layer, chunk_size=chunk_size)
+    non_integer = first_non_integer(ad, layer, chunk_size=chunk_size)
+    if non_integer is not None:
+        logger.warning(
+            "embed_cells: the values are not raw counts (%s). The model was trained on counts; "
+            "its per-cell rank binning gives nearly the same input for log-normalised values, "
+            "but pass the counts (`layer=`) where you have them.",
+            non_integer,
+        )
+
+    resolved = resolve_model(model)
+    embed = family_task(resolved.family, "embed_cells")
+    dev = settings.resolve_device(device)
+    settings.apply_threads()
+    started = time.perf_counter()
+    emb, run_params = embed(
+        resolved,
+        ad,
+        layer=layer,
+        gene_key=gene_key,
+        batch_size=batch_size,
+        max_length=max_length,
+        random_state=random_state,
+        device=dev,
+        chunk_size=chunk_size,
+    )
+    elapsed = time.perf_counter() - started
+
+    key = key_added or f"X_{resolved.family}"
+    uns_key = key[2:] if key.startswith("X_") else key
+    ad.obsm[key] = emb
+    ad.uns[uns_key] = {
+        "params": params_record(
+            **resolved.params(),
+            layer=layer,
+            gene_key=gene_key,
+            batch_size=batch_size,
+            **run_params,
+        )
+    }
+    if ad is not obj and obj.n_obs == ad.n_obs and (obj.obs_names == ad.obs_names).all():
+        obj.obsm[key] = emb
+    logger.info(
+        "embed_cells: %d cells with %s on %s in %.1f s (%.1f cells/s) -> obsm[%r]",
+        ad.n_obs,
+        resolved.name,
+        dev,
+        elapsed,
+        ad.n_obs / max(elapsed, 1e-9),
+        key,
+    )
+    return obj if copy else None

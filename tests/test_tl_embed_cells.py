@@ -1,0 +1,155 @@
+"""sft.tl.embed_cells through the public API, on the official scGPT fixture and real cells."""
+
+import hashlib
+import json
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+import scfm_tools as sft
+from scfm_tools._validation import InputError
+
+
+@pytest.fixture(scope="module")
+def scgpt_fixture(fixtures_dir):
+    root = fixtures_dir / "scgpt"
+    meta = json.loads((root / "fixture_meta.json").read_text())
+    arrays = dict(np.load(root / "fixture_io.npz"))
+    return root, meta, arrays
+
+
+def _fixture_adata(arrays):
+    counts = arrays["counts"]
+    return ad.AnnData(
+        sparse.csr_matrix(counts),
+        obs=pd.DataFrame(index=[f"cell{i}" for i in range(counts.shape[0])]),
+        var=pd.DataFrame(index=[str(g) for g in arrays["var_names"]]),
+    )
+
+
+def _snapshot(adata):
+    X = adata.X.toarray() if sparse.issparse(adata.X) else np.array(adata.X)
+    return X, set(adata.obsm), set(adata.uns), adata.var_names.copy()
+
+
+def _unchanged(adata, snap):
+    X, obsm, uns, var_names = snap
+    now = adata.X.toarray() if sparse.issparse(adata.X) else np.asarray(adata.X)
+    np.testing.assert_array_equal(now, X)
+    assert set(adata.obsm) == obsm and set(adata.uns) == uns
+    assert (adata.var_names == var_names).all()
+
+
+@pytest.mark.conformance
+def test_embed_cells_reproduces_official_embed_data(scgpt_fixture):
+    root, meta, arrays = scgpt_fixture
+    adata = _fixture_adata(arrays)
+    sft.tl.embed_cells(adata, root / "ckpt_folder", random_state=0, device="cpu")
+    tol = meta["tolerance"]
+    np.testing.assert_allclose(
+        adata.obsm["X_scgpt"], arrays["cell_emb_embed_data"], atol=tol["atol"], rtol=tol["rtol"]
+    )
+    params = adata.uns["scgpt"]["params"]
+    weights = root / "ckpt_folder" / "best_model.pt"
+    assert params["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert params["family"] == "scgpt" and params["random_state"] == 0
+    vocab = json.loads((root / "ckpt_folder" / "vocab.json").read_text())
+    assert params["n_genes_matched"] == int(np.isin(adata.var_names, list(vocab)).sum())
+
+
+def test_copy_key_added_backed_and_batch_independence(scgpt_fixture, tmp_path):
+    root, _, arrays = scgpt_fixture
+    adata = _fixture_adata(arrays)
+    out = sft.tl.embed_cells(adata, root / "ckpt_folder", key_added="X_emb", copy=True)
+    assert "X_emb" not in adata.obsm and "emb" not in adata.uns
+    embsize = json.loads((root / "ckpt_folder" / "args.json").read_text())["embsize"]
+    assert out.obsm["X_emb"].shape == (adata.n_obs, embsize)
+    np.testing.assert_allclose(np.linalg.norm(out.obsm["X_emb"], axis=1), 1.0, atol=1e-5)
+    small = sft.tl.embed_cells(adata, root / "ckpt_folder", batch_size=1, chunk_size=2, copy=True)
+    np.testing.assert_allclose(small.obsm["X_scgpt"], out.obsm["X_emb"], atol=1e-5)
+    path = tmp_path / "fixture.h5ad"
+    adata.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    sft.tl.embed_cells(backed, root / "ckpt_folder", chunk_size=4)
+    np.testing.assert_allclose(backed.obsm["X_scgpt"], out.obsm["X_emb"], atol=1e-5)
+    backed.file.close()
+
+
+def test_lognormalised_values_warn_and_stay_close(scgpt_fixture, caplog):
+    root, _, arrays = scgpt_fixture
+    counts = _fixture_adata(arrays)
+    lognorm = counts.copy()
+    X = lognorm.X.toarray()
+    X = np.log1p(X / X.sum(1, keepdims=True) * 1e4)
+    lognorm.X = sparse.csr_matrix(X)
+    logger = logging.getLogger("scfm_tools")
+    logger.propagate = True
+    try:
+        with caplog.at_level(logging.WARNING, logger="scfm_tools"):
+            sft.tl.embed_cells(lognorm, root / "ckpt_folder")
+    finally:
+        logger.propagate = False
+    assert any("not raw counts" in r.getMessage() for r in caplog.records)
+    sft.tl.embed_cells(counts, root / "ckpt_folder")
+    cos = np.sum(counts.obsm["X_scgpt"] * lognorm.obsm["X_scgpt"], axis=1)
+    assert cos.min() > 0.9
+
+
+@pytest.mark.parametrize("problem", ["nan", "negative", "empty_cell", "duplicate_gene"])
+def test_bad_input_is_refused_and_adata_unchanged(scgpt_fixture, problem):
+    root, _, arrays = scgpt_fixture
+    adata = _fixture_adata(arrays)
+    X = adata.X.toarray()
+    if problem == "nan":
+        X[1, 2], match = np.nan, "NaN"
+    elif problem == "negative":
+        X[1, 2], match = -1, "negative"
+    elif problem == "empty_cell":
+        X[3], match = 0, "empty cells"
+    if problem == "duplicate_gene":
+        names = list(adata.var_names)
+        names[1] = names[0]
+        adata.var_names = names
+        match = "duplicated"
+    adata.X = sparse.csr_matrix(X)
+    snap = _snapshot(adata)
+    with pytest.raises(InputError, match=match):
+        sft.tl.embed_cells(adata, root / "ckpt_folder")
+    _unchanged(adata, snap)
+
+
+def test_no_gene_overlap_is_refused(scgpt_fixture, read_shared):
+    root, _, _ = scgpt_fixture
+    adata = read_shared("pbmc8k_200genes_labeled.h5ad")[:40].copy()
+    snap = _snapshot(adata)
+    with pytest.raises(InputError, match="too few genes match"):
+        sft.tl.embed_cells(adata, root / "ckpt_folder")
+    _unchanged(adata, snap)
+
+
+def test_bad_model_arguments(scgpt_fixture, tmp_path):
+    root, _, arrays = scgpt_fixture
+    adata = _fixture_adata(arrays)
+    with pytest.raises(KeyError, match="No model card named 'no-such-model'"):
+        sft.tl.embed_cells(adata, "no-such-model")
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for name in ("best_model.pt", "vocab.json"):
+        (folder / name).write_bytes((root / "ckpt_folder" / name).read_bytes())
+    with pytest.raises(FileNotFoundError, match="args.json"):
+        sft.tl.embed_cells(adata, folder)
+    assert "X_scgpt" not in adata.obsm
+
+
+def test_mudata_modality(scgpt_fixture):
+    mudata = pytest.importorskip("mudata")
+    root, _, arrays = scgpt_fixture
+    rna = _fixture_adata(arrays)
+    mdata = mudata.MuData({"rna": rna})
+    sft.tl.embed_cells(mdata, root / "ckpt_folder", mod="rna")
+    assert mdata.mod["rna"].obsm["X_scgpt"].shape[0] == rna.n_obs
+    np.testing.assert_array_equal(mdata.obsm["X_scgpt"], mdata.mod["rna"].obsm["X_scgpt"])
