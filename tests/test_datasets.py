@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -13,18 +12,11 @@ import pytest
 from scipy import sparse
 
 import scfm_tools as sft
+from _http_server import FileServer
 from scfm_tools._settings import settings
 from scfm_tools.datasets import DatasetChecksumError, DatasetNotFoundError
 from scfm_tools.datasets._registry import REGISTRY
 from scfm_tools.hub import ChecksumError, DownloadError
-
-# tests/ is not a package: load the shared loopback file server by path, as test_hub does
-_spec = importlib.util.spec_from_file_location(
-    "_http_server", Path(__file__).with_name("_http_server.py")
-)
-_http_server = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_http_server)
-FileServer = _http_server.FileServer
 
 
 def _sha256(path: Path) -> str:

@@ -7,7 +7,6 @@ autouse ``no_internet`` fixture makes any other connection (or DNS lookup) fail.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import ipaddress
 import json
 import logging
@@ -24,6 +23,7 @@ import pytest
 from filelock import FileLock
 
 import scfm_tools as sft
+from _http_server import FileServer
 from scfm_tools.hub import (
     FAMILIES,
     CardFile,
@@ -39,13 +39,6 @@ from scfm_tools.hub import (
     file_sha256,
     load,
 )
-
-_spec = importlib.util.spec_from_file_location(
-    "_http_server", Path(__file__).with_name("_http_server.py")
-)
-_http_server = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_http_server)
-FileServer = _http_server.FileServer
 
 
 def sha(data: bytes) -> str:
