@@ -13,7 +13,7 @@ from scipy import sparse
 import scfm_tools as sft
 from scfm_tools._validation import InputError
 from scfm_tools.pp import _binning
-from scfm_tools.pp._binning import _scbert_log2_norm, quantile_bin
+from scfm_tools.pp._binning import quantile_bin, scbert_log2_norm
 
 PBMC = "pbmc8k_200genes_labeled.h5ad"
 CELLBENCH = "cellbench_3celllines_celseq2_dropseq.h5ad"
@@ -141,7 +141,7 @@ def test_bin_values_reproduces_scbert_tokens(fixtures_dir):
 
     # The float arithmetic of scanpy's normalize_total + log1p(base=2), bit for bit.
     csr = sparse.csr_matrix(counts)
-    log2 = sparse.csr_matrix((_scbert_log2_norm(csr), csr.indices, csr.indptr), shape=csr.shape)
+    log2 = sparse.csr_matrix((scbert_log2_norm(csr), csr.indices, csr.indptr), shape=csr.shape)
     np.testing.assert_array_equal(log2.toarray(), io["log2_norm"])
 
     adata = ad.AnnData(counts)

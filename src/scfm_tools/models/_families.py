@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
 
 # family -> task -> "module:function"; imported only when a task runs.
 _TASKS: dict[str, dict[str, str]] = {
     "scgpt": {"embed_cells": "scfm_tools.models.scgpt._embed:embed_resolved"},
+    "scbert": {
+        "embed_cells": "scfm_tools.models.scbert._embed:embed_resolved",
+        "annotate": "scfm_tools.models.scbert._annotate:annotate_resolved",
+    },
+    "cellplm": {
+        "embed_cells": "scfm_tools.models.cellplm._embed:embed_resolved",
+        "impute": "scfm_tools.models.cellplm._impute:impute_resolved",
+    },
+    "scfoundation": {
+        "embed_cells": "scfm_tools.models.scfoundation._embed:embed_resolved",
+        "impute": "scfm_tools.models.scfoundation._impute:impute_resolved",
+    },
 }
 
 # Where the families that are not implemented yet are tracked, for the error message.
-_PLANNED = {
-    "scfoundation": "the scFoundation family",
-    "scbert": "the scBERT family",
-    "cellplm": "the CellPLM family",
-}
+_PLANNED: dict[str, str] = {}
+
+# Families whose task functions check the kind of values themselves (raw counts or
+# log-normalised, as their options say), so the tl functions do not second-guess them.
+_CHECKS_OWN_VALUES = frozenset({"scfoundation"})
 
 
 def family_task(family: str, task: str) -> Callable:
@@ -29,3 +43,26 @@ def family_task(family: str, task: str) -> Callable:
         )
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name)
+
+
+def checks_own_values(family: str) -> bool:
+    """Whether ``family``'s task functions check the kind of values (counts or not) themselves."""
+    return family in _CHECKS_OWN_VALUES
+
+
+def check_family_options(
+    fn: Callable, family: str, task: str, options: Mapping[str, Any], standard: Collection[str]
+) -> None:
+    """Refuse ``options`` (a tl function's ``**model_kwargs``) that ``fn`` does not take.
+
+    ``standard`` are the arguments the tl function passes itself; the family's own options are
+    the other keyword parameters of ``fn``.
+    """
+    params = inspect.signature(fn).parameters
+    own = sorted(p for p in params if p not in standard and p != "resolved" and p != "adata")
+    unknown = sorted(k for k in options if k not in own)
+    if unknown:
+        takes = f"it takes {own}" if own else "it takes no model-specific options"
+        raise TypeError(
+            f"{task} got option(s) {unknown} that {family} models do not take; {takes}."
+        )

@@ -22,7 +22,7 @@ from .._validation import InputError, check_counts, check_nonnegative
 if TYPE_CHECKING:
     from anndata import AnnData
 
-__all__ = ["bin_values", "quantile_bin"]
+__all__ = ["bin_values", "quantile_bin", "scbert_bins", "scbert_log2_norm"]
 
 logger = logging.getLogger("scfm_tools")
 
@@ -164,12 +164,22 @@ def _scgpt_chunk(csr: sparse.csr_matrix, n_bins: int, rng) -> tuple[sparse.csr_m
 # --------------------------------------------------------------------------------------------
 # scBERT: log2 of depth-normalised counts, capped and truncated
 # --------------------------------------------------------------------------------------------
-def _scbert_log2_norm(csr: sparse.csr_matrix) -> np.ndarray:
+def scbert_log2_norm(csr: sparse.csr_matrix) -> np.ndarray:
     """``log2(1 + x / total * 1e4)`` of the stored values, with scanpy's float arithmetic.
 
     scBERT runs ``sc.pp.normalize_total(target_sum=1e4)`` and ``sc.pp.log1p(base=2)`` on a
     float32 matrix; the same operations in the same dtypes give bit-identical values, which
-    matters because the tokens truncate them.
+    matters because the tokens truncate them. Totals are over the columns of ``csr``.
+
+    Parameters
+    ----------
+    csr
+        Cells x genes raw counts, CSR without stored zeros (float64 input is kept in float64,
+        anything else is computed in float32).
+
+    Returns
+    -------
+    The log2-normalised values, aligned with ``csr.data``.
     """
     work = np.float64 if csr.dtype == np.float64 else np.float32
     lengths = np.diff(csr.indptr)
@@ -183,8 +193,24 @@ def _scbert_log2_norm(csr: sparse.csr_matrix) -> np.ndarray:
     return x
 
 
-def _scbert_chunk(csr: sparse.csr_matrix, n_bins: int) -> sparse.csr_matrix:
-    values = _scbert_log2_norm(csr)
+def scbert_bins(csr: sparse.csr_matrix, n_bins: int = 5) -> sparse.csr_matrix:
+    """Turn counts into scBERT tokens: ``floor(min(log2(1 + x / total * 1e4), n_bins))``.
+
+    The matrix-level core of ``bin_values(flavor="scbert")``, for tokenizers that have already
+    put the cells on the model's genes.
+
+    Parameters
+    ----------
+    csr
+        Cells x genes raw counts, CSR without stored zeros.
+    n_bins
+        scBERT's ``bin_num`` (tokens ``0..n_bins``).
+
+    Returns
+    -------
+    ``int16`` CSR tokens of the same shape (zeros not stored).
+    """
+    values = scbert_log2_norm(csr)
     # scBERT: x[x > bin_num] = bin_num, then .long(), which truncates toward zero.
     tokens = np.minimum(values, n_bins).astype(BIN_DTYPE)
     out = sparse.csr_matrix((tokens, csr.indices.copy(), csr.indptr.copy()), shape=csr.shape)
@@ -303,7 +329,7 @@ def bin_values(
             binned, edges = _scgpt_chunk(csr, n_bins, rng)
             edge_chunks.append(edges)
         else:
-            binned = _scbert_chunk(csr, n_bins)
+            binned = scbert_bins(csr, n_bins)
         binned_chunks.append(binned)
 
     result = sparse.vstack(binned_chunks, format="csr", dtype=BIN_DTYPE)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._anndata import params_record, resolve_adata
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
@@ -18,6 +18,17 @@ if TYPE_CHECKING:
 __all__ = ["embed_cells"]
 
 logger = logging.getLogger("scfm_tools")
+
+# What embed_cells passes to every family's embed function itself.
+_STANDARD = (
+    "layer",
+    "gene_key",
+    "batch_size",
+    "max_length",
+    "random_state",
+    "device",
+    "chunk_size",
+)
 
 
 @doc_params(
@@ -41,6 +52,7 @@ def embed_cells(
     chunk_size: int = 10_000,
     mod: str | None = None,
     copy: bool = False,
+    **model_kwargs: Any,
 ) -> AnnData | None:
     """Embed cells with a single-cell foundation model (zero-shot).
 
@@ -70,9 +82,12 @@ def embed_cells(
         ``adata.obsm`` key of the embedding; default ``"X_<family>"`` (e.g. ``"X_scgpt"``).
         The run's parameters go to ``adata.uns[key_added without "X_"]["params"]``.
     batch_size
-        Cells per forward pass.
+        Cells per forward pass (CellPLM: one sequence per pass, so not used). Fewer cells go in
+        a pass when it would hold too many tokens.
     max_length
         Most genes per cell (plus ``<cls>``); ``None`` uses the checkpoint's ``max_seq_len``.
+        CellPLM, whose tokens are cells: most cells per sequence, longer ones are cut into
+        chunks; ``None`` keeps each sample whole (the official default).
     {random_state}
         ``0`` reproduces the official run after ``np.random.seed(0)``.
     device
@@ -81,6 +96,33 @@ def embed_cells(
     mod
         Modality of a MuData (default ``"rna"``).
     {copy}
+    **model_kwargs
+        Options of the model family, passed on to it; an option the family does not take is
+        refused. CellPLM takes ``batch_key`` (the ``obs`` column naming each cell's sample: the
+        cells of one sample form one sequence and attend to each other, as the official pipeline
+        does with ``obs["batch"]``; default ``None``, all cells in one sequence) and ``sample``
+        (``True`` draws the Gaussian-mixture component as the official model does in eval mode,
+        so the embedding is random and ``random_state=s`` reproduces the official run after
+        ``torch.manual_seed(s)`` on CPU; default ``False`` takes the most likely component,
+        deterministic). scBERT takes ``key_max``: ``"sample"`` (default) embeds each cell as
+        if alone, as the official ``predict.py``; ``"batch"`` shares the FAVOR+ key stabiliser
+        across each forward pass, as the official ``PerformerLM.forward`` on a batch (the
+        result then depends on the batch). scFoundation takes the options of the official
+        ``get_embedding.py``: ``target_depth`` (``--tgthighres``: ``"tX"`` sets the target
+        depth token ``T = X``, i.e. a total count of ``10**X``; ``"fX"``: ``X`` times the cell's
+        own total count; ``"aX"``: ``log10`` of its total count plus ``X``; or a total count
+        such as ``1e4``; default ``"t4"``), ``pool`` (``"all"``, default: the ``S`` and ``T``
+        token outputs, max and mean over the genes, ``4 * d`` wide; ``"max"``: max over all
+        tokens), ``pre_normalized`` (``"F"``, default: raw counts, normalised to ``log1p`` of
+        counts per 10,000; ``"T"``: values already so normalised, the source depth then being
+        the sum of the given values as officially; ``"A"``: normalised values with each cell's
+        total count in ``adata.obs[total_counts_key]``), ``input_type`` (``"singlecell"``,
+        default, or ``"bulk"``: samples normalised to the median total of all, ``T = S``) and
+        ``version`` (``"ce"``, default: the ``cell`` weights of ``models.ckpt``; ``"rde"``: the
+        read-depth-enhancement weights). Its gene-level outputs (the decoder's gene embeddings,
+        predicted expression) are :func:`scfm_tools.models.scfoundation.embed_matrix` with
+        ``output="gene"`` / ``"gene_expression"`` (arrays), and ``sft.tl.impute``. scGPT takes
+        none.
 
     Returns
     -------
@@ -100,7 +142,7 @@ def embed_cells(
         overlap with the model's vocabulary; the message says what to do.
     """
     from .._settings import settings
-    from ..models._families import family_task
+    from ..models._families import check_family_options, checks_own_values, family_task
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -109,16 +151,17 @@ def embed_cells(
     check_nonnegative(ad, layer, chunk_size=chunk_size)
     check_nonempty(ad, layer, chunk_size=chunk_size)
     non_integer = first_non_integer(ad, layer, chunk_size=chunk_size)
-    if non_integer is not None:
+
+    resolved = resolve_model(model)
+    if non_integer is not None and not checks_own_values(resolved.family):
         logger.warning(
             "embed_cells: the values are not raw counts (%s). The model was trained on counts; "
             "its per-cell rank binning gives nearly the same input for log-normalised values, "
             "but pass the counts (`layer=`) where you have them.",
             non_integer,
         )
-
-    resolved = resolve_model(model)
     embed = family_task(resolved.family, "embed_cells")
+    check_family_options(embed, resolved.family, "embed_cells", model_kwargs, _STANDARD)
     dev = settings.resolve_device(device)
     settings.apply_threads()
     started = time.perf_counter()
@@ -132,6 +175,7 @@ def embed_cells(
         random_state=random_state,
         device=dev,
         chunk_size=chunk_size,
+        **model_kwargs,
     )
     elapsed = time.perf_counter() - started
 

@@ -1,0 +1,209 @@
+"""Zero-shot CellPLM cell embeddings (official ``CellEmbeddingPipeline.predict`` path)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..._anndata import get_matrix, resolve_seed
+from ..._settings import settings
+from ...pp._match_genes import GeneMatch, match_adata_genes, match_to_vocab
+from ._checkpoint import load_cellplm
+from ._module import CellPLMModule
+from ._sequences import batch_codes, iter_sequences, sequence_rows
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ...hub import ResolvedModel
+
+__all__ = ["embed_matrix", "embed_resolved", "official_generator"]
+
+logger = logging.getLogger("scfm_tools")
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None or isinstance(device, str):
+        return settings.resolve_device(device)
+    return torch.device(device)
+
+
+def official_generator(seed: int, *, pipeline: bool) -> torch.Generator:
+    """Return a CPU generator in the state the official run's global one has at its first draw.
+
+    The draws come from this private stream, not torch's global one, so results depend neither
+    on the device nor on other code using the global RNG. After ``torch.manual_seed(seed)``,
+    the official pipelines (``pipeline=True``) iterate a :class:`torch.utils.data.DataLoader`,
+    whose iterator takes one int64 base seed from the global generator before the model runs;
+    a direct forward pass of the model (``pipeline=False``) draws nothing before the latent
+    layer.
+
+    Parameters
+    ----------
+    seed
+        The seed given to ``torch.manual_seed`` in the official run.
+    pipeline
+        Skip the DataLoader's draw.
+
+    Returns
+    -------
+    The seeded CPU generator.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    if pipeline:
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+    return generator
+
+
+def embed_matrix(
+    module: CellPLMModule,
+    gene_list: Sequence[str],
+    X,
+    var_names: Sequence[str] | GeneMatch,
+    *,
+    batch: Sequence | np.ndarray | None = None,
+    max_cells: int | None = None,
+    sample: bool = False,
+    random_state: int | None = 0,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """CellPLM cell embeddings of a cells x genes count matrix.
+
+    The official zero-shot path: genes matched to the model's gene list (unmatched genes
+    dropped), one sequence per batch value (sorted order; all cells when ``batch`` is ``None``)
+    cut into chunks of ``max_cells``, ``log1p`` counts through the embedder, the Flowformer
+    across the cells of the sequence, the Gaussian-mixture latent layer; the embedding is the
+    mean of ``q(z|x,y)``. Runs under :func:`torch.inference_mode`.
+
+    Parameters
+    ----------
+    module
+        The CellPLM module, e.g. from :func:`load_cellplm` (put in eval mode for the run; its
+        training flag is restored afterwards).
+    gene_list
+        The model's genes (Ensembl IDs), in the module's gene order.
+    X
+        Cells x genes raw counts (dense, sparse, or anything whose row selections are).
+    var_names
+        Gene names of the columns (Ensembl IDs or symbols, matched offline), or a
+        :class:`~scfm_tools.pp.GeneMatch` computed already.
+    batch
+        Sample of each cell (cells of one sample form a sequence); ``None``: one sample.
+    max_cells
+        Most cells per sequence; ``None`` keeps each sample whole (the official default).
+    sample
+        Draw the mixture component as the official model does in eval mode (random);
+        ``False`` takes the most likely component (deterministic).
+    random_state
+        Seed of the draws with ``sample=True`` (``None``: ``sft.settings.seed``). ``s``
+        reproduces the official ``CellEmbeddingPipeline.predict`` run on CPU after
+        ``torch.manual_seed(s)`` (see :func:`official_generator`).
+    device
+        Where to run.
+
+    Returns
+    -------
+    ``(n_cells, post_latent_dim)`` float32 embeddings, in the order of ``X``.
+    """
+    match = var_names if isinstance(var_names, GeneMatch) else match_to_vocab(var_names, gene_list)
+    if len(match.index) != X.shape[1]:
+        raise ValueError(
+            f"var_names has {len(match.index)} entries but X has {X.shape[1]} columns."
+        )
+    if match.n_matched == 0:
+        raise ValueError(
+            "none of the genes is in the CellPLM gene list; var_names must be human Ensembl IDs "
+            "or gene symbols."
+        )
+    n_cells = X.shape[0]
+    if batch is None:
+        codes = np.zeros(n_cells, dtype=np.int64)
+    else:
+        batch = np.asarray(batch)
+        if len(batch) != n_cells:
+            raise ValueError(f"batch has {len(batch)} entries but X has {n_cells} rows.")
+        codes = np.unique(batch, return_inverse=True)[1].astype(np.int64)
+    dev = _device(device)
+    generator = official_generator(resolve_seed(random_state), pipeline=True) if sample else None
+    out = np.empty((n_cells, module.n_latent), dtype=np.float32)
+    was_training = module.training
+    module.to(dev).eval()
+    n_empty = 0
+    try:
+        for rows, counts in iter_sequences(
+            X, sequence_rows(codes, max_cells), match, module.n_genes
+        ):
+            counts = counts.to(dev)
+            n_empty += len(rows) - int(torch.unique(counts.indices()[0]).numel())
+            with torch.inference_mode():
+                emb = module.inference(counts, sample=sample, generator=generator)["mean"]
+            out[rows] = emb.float().cpu().numpy()
+    finally:
+        module.train(was_training)
+    if n_empty:
+        logger.warning(
+            "%d cells express no gene of the CellPLM gene list; their embedding comes from the "
+            "other cells of their sequence only.",
+            n_empty,
+        )
+    return out
+
+
+def embed_resolved(
+    resolved: ResolvedModel,
+    adata: AnnData,
+    *,
+    layer: str | None = None,
+    gene_key: str | None = None,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    random_state: int | None = 0,
+    device: str | torch.device = "cpu",
+    chunk_size: int = 10_000,
+    batch_key: str | None = None,
+    sample: bool = False,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Embed the cells of ``adata`` with a located CellPLM checkpoint (``sft.tl.embed_cells``).
+
+    ``batch_key`` names the ``obs`` column whose values are the samples (one sequence each);
+    ``max_length`` is the most cells per sequence; ``sample`` draws the mixture component as the
+    official model does. ``batch_size`` and ``chunk_size`` do not apply (a sequence is one
+    forward pass and is held whole). Returns the embeddings and what to record in
+    ``uns[key]["params"]``.
+    """
+    codes, _ = batch_codes(adata, batch_key)  # checks batch_key before the model is loaded
+    rows = sequence_rows(codes, max_length)
+    module, gene_list, _, _ = load_cellplm(resolved)
+    match = match_adata_genes(adata, gene_list, gene_key=gene_key, caller="embed_cells")
+    if batch_key is None and adata.n_obs > 1:
+        logger.info(
+            "embed_cells: no batch_key, so all %d cells form one CellPLM sequence (cells attend "
+            "to each other); pass batch_key= naming the sample column to embed each sample "
+            "on its own, as the official pipeline does with obs['batch'].",
+            adata.n_obs,
+        )
+    seed = resolve_seed(random_state) if sample else None
+    emb = embed_matrix(
+        module,
+        gene_list,
+        get_matrix(adata, layer),
+        match,
+        batch=codes,
+        max_cells=max_length,
+        sample=sample,
+        random_state=seed,
+        device=device,
+    )
+    params = {
+        "n_genes_matched": int(match.n_matched),
+        "batch_key": batch_key,
+        "max_length": max_length,
+        "n_sequences": len(rows),
+        "sample": bool(sample),
+        "random_state": seed,
+    }
+    return emb, params

@@ -1,0 +1,400 @@
+"""The AnnData-facing CellPLM model: setup, pretraining, embeddings, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+
+from ..._anndata import get_matrix, resolve_seed
+from ..._validation import InputError, check_counts, check_unique_names
+from ...pp._match_genes import GeneMatch, match_to_vocab
+from ._checkpoint import load_cellplm
+from ._embed import embed_matrix
+from ._module import CellPLMModule
+from ._training_plan import CellPLMTrainingPlan, SequenceDataSplitter
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+__all__ = ["CellPLM"]
+
+logger = logging.getLogger("scfm_tools")
+
+# The same floor as sft.pp.match_genes: refuse only clearly wrong gene names.
+MIN_GENES = 10
+MIN_FRACTION = 0.1
+# A small architecture for training from scratch; from_pretrained takes the checkpoint's.
+DEFAULT_ARCHITECTURE = {
+    "enc_hid": 128,
+    "enc_layers": 2,
+    "enc_heads": 8,
+    "post_latent_dim": 32,
+    "num_clusters": 16,
+    "dec_hid": 128,
+    "dec_layers": 2,
+    "dropout": 0.2,
+    "norm": "groupnorm",
+    "lamda": 5.0,
+    "w_li": 5.0,
+    "w_en": 5.0,
+}
+# Official config keys of each module argument, for export.
+_OFFICIAL_KEYS = {
+    "enc_hid": "enc_hid",
+    "enc_layers": "enc_layers",
+    "enc_heads": "enc_head",
+    "post_latent_dim": "post_latent_dim",
+    "num_clusters": "num_clusters",
+    "dec_hid": "dec_hid",
+    "dec_layers": "dec_layers",
+    "batch_num": "batch_num",
+    "dataset_num": "dataset_num",
+    "platform_num": "platform_num",
+    "dropout": "model_dropout",
+    "norm": "norm",
+    "lamda": "lamda",
+    "w_li": "w_li",
+    "w_en": "w_en",
+    "dae": "dae",
+}
+
+
+def _match(var_names, gene_list: Sequence[str]) -> GeneMatch:
+    match = match_to_vocab(list(var_names), list(gene_list))
+    if match.n_matched < MIN_GENES or match.fraction < MIN_FRACTION:
+        raise InputError(
+            f"too few genes match the model's gene list: {match.describe()}. CellPLM gene lists "
+            "are Ensembl IDs; symbols are mapped offline, but the data must be of the model's "
+            "species and hold enough of its genes."
+        )
+    return match
+
+
+class CellPLM(UnsupervisedTrainingMixin, BaseModelClass):
+    """CellPLM (Wen et al., ICLR 2024) as an scvi-tools model: pretrain and embed on AnnData.
+
+    Cells are the tokens: the cells of one sample (the ``batch_key`` of :meth:`setup_anndata`)
+    form a sequence, and a Flowformer lets them attend to each other; a Gaussian-mixture latent
+    layer gives the cell embedding and a negative-binomial decoder, aware of the sample
+    (batch) covariate, reconstructs the counts. Training is the published objective: the NB
+    reconstruction of sequences whose cells were dropped and masked at random, plus the
+    mixture-VAE terms (:class:`~scfm_tools.models.cellplm.CellPLMTrainingPlan`).
+
+    Call :meth:`setup_anndata` first. Start from scratch with this constructor, or from a
+    checkpoint (official or exported here) with :meth:`from_pretrained`.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata` (raw counts).
+    gene_list
+        The model's genes: ``None`` uses ``adata.var_names``; an official checkpoint's are
+        Ensembl IDs. Data genes are matched to it by symbol or Ensembl ID, offline; too small an
+        overlap (fewer than 10 genes or 10%) is refused.
+    batch_covariate
+        Give the decoder the registered batch (one embedding per category), as the official
+        pretraining does; the batch table then has as many rows as categories.
+    **module_kwargs
+        Architecture, passed to :class:`~scfm_tools.models.cellplm.CellPLMModule` (defaults:
+        ``enc_hid=128``, ``enc_layers=2``, ``enc_heads=8``, ``post_latent_dim=32``,
+        ``num_clusters=16``, ``dec_hid=128``, ``dec_layers=2``, ``dropout=0.2``,
+        ``norm="groupnorm"``, ``lamda=5``, ``w_li=5``, ``w_en=5``).
+
+    Examples
+    --------
+    >>> sft.models.CellPLM.setup_anndata(adata, batch_key="sample")
+    >>> model = sft.models.CellPLM(adata, enc_hid=64, post_latent_dim=16)
+    >>> model.train(max_epochs=20, plan_kwargs={"lr": 1e-3})
+    >>> adata.obsm["X_cellplm"] = model.get_latent_representation()
+    """
+
+    _module_cls = CellPLMModule
+    _training_plan_cls = CellPLMTrainingPlan
+    _data_splitter_cls = SequenceDataSplitter
+
+    def __init__(
+        self,
+        adata: AnnData,
+        *,
+        gene_list: Sequence[str] | None = None,
+        batch_covariate: bool = True,
+        **module_kwargs: Any,
+    ) -> None:
+        super().__init__(adata)
+        genes = [str(g) for g in (adata.var_names if gene_list is None else gene_list)]
+        if len(set(genes)) != len(genes):
+            raise ValueError("gene_list contains duplicated genes.")
+        self.gene_list = genes
+        self.gene_match = _match(adata.var_names, genes)
+        has_batch = self.registry_["setup_args"].get("batch_key") is not None
+        self.batch_covariate = bool(batch_covariate and has_batch)
+        kwargs = {**DEFAULT_ARCHITECTURE, **module_kwargs}
+        if self.batch_covariate:
+            kwargs.setdefault("batch_num", self.summary_stats.n_batch)
+        self.module = self._module_cls(len(genes), **kwargs)
+        cfg = self.module.config
+        self._model_summary_string = (
+            f"CellPLM model: enc_hid {cfg['enc_hid']}, {cfg['enc_layers']} Flowformer layers, "
+            f"latent {cfg['post_latent_dim']} ({cfg['num_clusters']} components), "
+            f"{len(genes):,} genes ({self.gene_match.n_matched:,} in the data)"
+            + (f", decoder batch table of {cfg['batch_num']}" if cfg["batch_num"] else "")
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # setup -------------------------------------------------------------------------------------
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Register an AnnData for :class:`CellPLM`.
+
+        The matrix must hold raw counts (the model takes ``log1p`` of counts and reconstructs
+        them with a negative binomial), with unique gene names. Nothing is written to ``adata``
+        when a check fails.
+
+        Parameters
+        ----------
+        adata
+            Cells x genes raw counts; gene symbols or Ensembl IDs in ``var_names``.
+        layer
+            Layer holding the counts; ``None`` uses ``adata.X``.
+        batch_key
+            Column of ``adata.obs`` naming each cell's sample: the cells of a sample form the
+            model's sequences. ``None``: all cells are one sample.
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        check_counts(adata, layer)
+        check_unique_names(adata.var_names)
+        anndata_fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+        ]
+        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # pretrained weights ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, adata: AnnData, *, dropout: float | None = None
+    ) -> CellPLM:
+        """Build the model around a CellPLM checkpoint, for embedding or continued training.
+
+        The decoder keeps the checkpoint's batch table but is not given the data's batches
+        (their ids mean nothing to it): it decodes without a batch effect.
+
+        Parameters
+        ----------
+        name_or_path
+            A registered model name (``"cellplm"``) or a local checkpoint (``<prefix>.best.ckpt``
+            beside ``<prefix>.config.json``, or their folder; official or :meth:`export`-ed).
+        adata
+            AnnData registered with :meth:`setup_anndata`.
+        dropout
+            Dropout for further training; ``None`` keeps the checkpoint's.
+
+        Returns
+        -------
+        A :class:`CellPLM` whose module holds the checkpoint's weights; ``pretrained_`` records
+        the source and the load report.
+        """
+        pretrained, genes, config, report = load_cellplm(name_or_path)
+        kwargs = dict(pretrained.config)
+        kwargs.pop("n_genes")
+        if dropout is not None:
+            kwargs["dropout"] = dropout
+        model = cls(adata, gene_list=genes, batch_covariate=False, **kwargs)
+        model.module.load_state_dict(pretrained.state_dict())
+        model.module.eval()
+        model.pretrained_ = {
+            "source": str(name_or_path),
+            "clean": report.clean,
+            "report": str(report),
+        }
+        model.official_config_ = {k: v for k, v in config.items() if k != "gene_list"}
+        return model
+
+    def export(self, prefix: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the model as an official CellPLM checkpoint pair.
+
+        ``<prefix>.config.json`` (official keys and the gene list) and ``<prefix>.best.ckpt``
+        (``{"model_state_dict": ...}``), which :func:`~scfm_tools.models.cellplm.load_cellplm`,
+        :meth:`from_pretrained`, ``sft.tl`` and the official ``load_pretrain`` read.
+
+        Parameters
+        ----------
+        prefix
+            Path prefix, e.g. ``"models/my_cellplm"``.
+        overwrite
+            Replace existing files.
+
+        Returns
+        -------
+        Path of the weights file.
+        """
+        prefix = Path(prefix).expanduser()
+        config_path = prefix.with_name(prefix.name + ".config.json")
+        weights_path = prefix.with_name(prefix.name + ".best.ckpt")
+        existing = [p.name for p in (config_path, weights_path) if p.exists()]
+        if existing and not overwrite:
+            raise FileExistsError(f"{existing} exist in {prefix.parent}; pass overwrite=True.")
+        cfg = self.module.config
+        config = {
+            **getattr(self, "official_config_", {}),
+            "name": prefix.name,
+            "enc_mod": "flowformer",
+            "latent_mod": "gmvae",
+            "dec_mod": "nbmlp",
+            **{official: cfg[ours] for ours, official in _OFFICIAL_KEYS.items()},
+            "out_dim": len(self.gene_list),
+            "gene_list": self.gene_list,
+        }
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        torch.save({"model_state_dict": state}, weights_path)
+        config_path.write_text(json.dumps(config), encoding="utf-8")
+        return weights_path
+
+    # training ----------------------------------------------------------------------------------
+    def train(
+        self,
+        max_epochs: int = 10,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        max_cells: int = 2000,
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        random_state: int | None = None,
+        plan_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ):
+        """Pretrain with the published corruption and objective, through Lightning.
+
+        Each step is one sequence: up to ``max_cells`` cells of one sample (larger samples are
+        shuffled and cut into chunks), corrupted as the official pretraining (30% of cells
+        dropped, 75% of the rest masked, each masking about 25% of its counts), reconstructed
+        by the NB decoder; the mixture-VAE terms are added.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the training cells.
+        accelerator
+            Lightning accelerator (``"auto"``, ``"cpu"``, ``"gpu"`` ...).
+        devices
+            Devices to use; several GPUs train with DDP (``strategy="ddp"`` in ``kwargs``).
+        max_cells
+            Most cells per sequence (the official data loader uses 2000).
+        train_size
+            Fraction of cells for training (scvi-tools default 0.9).
+        validation_size
+            Fraction of cells for validation (default: the rest).
+        random_state
+            Seed of the chunking and of the corruption (``None``: ``sft.settings.seed``).
+        plan_kwargs
+            Passed to :class:`~scfm_tools.models.cellplm.CellPLMTrainingPlan`: ``lr`` (2e-4),
+            ``mask_node_rate`` (0.75), ``mask_feature_rate`` (0.25), ``drop_node_rate`` (0.3),
+            ``mask_beta`` (True), ``weight_decay`` ...
+        **kwargs
+            Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and on to the
+            Lightning trainer (``check_val_every_n_epoch``, ``early_stopping``, ``strategy`` ...).
+
+        Returns
+        -------
+        What scvi-tools' training runner returns; losses per epoch are in ``history``
+        (``train_loss``, ``nb_loss_train``, ``latent_loss_train``, ``validation_loss``).
+        """
+        seed = resolve_seed(random_state)
+        plan = {"random_state": seed, **(plan_kwargs or {})}
+        splitter = dict(kwargs.pop("datasplitter_kwargs", None) or {})
+        splitter.update(
+            match=self.gene_match,
+            n_genes=len(self.gene_list),
+            max_cells=max_cells,
+            use_batch_covariate=self.batch_covariate,
+            random_state=seed,
+        )
+        return super().train(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            train_size=train_size,
+            validation_size=validation_size,
+            datasplitter_kwargs=splitter,
+            plan_kwargs=plan,
+            **kwargs,
+        )
+
+    # outputs -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        batch_key: str | None = None,
+        sample: bool = False,
+        random_state: int | None = None,
+        max_cells: int | None = None,
+        device: str | None = None,
+    ) -> np.ndarray:
+        """Cell embeddings: the mean of the latent Gaussian given the mixture component.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the registered genes (raw counts); ``None`` uses the model's.
+        indices
+            Cells to embed; ``None`` embeds all.
+        batch_key
+            ``obs`` column naming the samples (one sequence each); ``None`` uses the one given
+            to :meth:`setup_anndata` (all cells in one sequence if there was none).
+        sample
+            Draw the mixture component as the official model does (random); ``False`` takes
+            the most likely one (deterministic).
+        random_state
+            Seed of the draw with ``sample=True`` (``None``: ``sft.settings.seed``).
+        max_cells
+            Most cells per sequence; ``None`` keeps each sample whole.
+        device
+            Where to run (``None``: ``sft.settings.device``).
+
+        Returns
+        -------
+        ``(n_cells, post_latent_dim)`` float32 array.
+        """
+        adata = self._validate_anndata(adata)
+        if indices is not None:
+            adata = adata[np.asarray(indices)]
+        key = batch_key or self.registry_["setup_args"].get("batch_key")
+        batch = None if key is None else adata.obs[key].to_numpy()
+        layer = self.registry_["setup_args"].get("layer")
+        match = self.gene_match if adata.var_names.equals(self.adata.var_names) else None
+        return embed_matrix(
+            self.module,
+            self.gene_list,
+            get_matrix(adata, layer),
+            match if match is not None else _match(adata.var_names, self.gene_list),
+            batch=batch,
+            max_cells=max_cells,
+            sample=sample,
+            random_state=random_state,
+            device=device,
+        )

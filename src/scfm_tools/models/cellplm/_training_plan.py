@@ -1,0 +1,226 @@
+"""Lightning data and training plan for CellPLM pretraining: minibatches are sequences.
+
+CellPLM attends across the cells of a sample, so a minibatch is not a random set of cells but
+one *sequence*: cells of one ``batch_key`` category (at most ``max_cells``, in random chunks).
+:class:`SequenceDataSplitter` splits the cells into training and validation sets as scvi-tools'
+:class:`~scvi.dataloaders.DataSplitter` does, then serves each set as sequences (with a
+:class:`~torch.utils.data.DistributedSampler` over sequences under DDP).
+:class:`CellPLMTrainingPlan` corrupts each training sequence on the CPU before it moves to the
+device (:func:`~scfm_tools.models.cellplm.mask_sequence`: dropped cells, masked cells and
+features) and optimises :meth:`CellPLMModule.loss <scfm_tools.models.cellplm.CellPLMModule.loss>`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from scvi import REGISTRY_KEYS
+from scvi.dataloaders import DataSplitter
+from scvi.train import TrainingPlan
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+
+from ..._anndata import get_matrix
+from ._masking import mask_sequence
+from ._module import BATCH_KEY, GENE_MASK_KEY, X_KEY, CellPLMModule
+from ._sequences import to_model_genes
+
+if TYPE_CHECKING:
+    from scvi.data import AnnDataManager
+
+    from ...pp._match_genes import GeneMatch
+
+__all__ = ["CellPLMTrainingPlan", "SequenceDataSplitter"]
+
+
+class _Sequences(Dataset):
+    """Sequences of cells of one sample each, read from the registered matrix."""
+
+    def __init__(
+        self,
+        X,
+        rows: list[np.ndarray],
+        match: GeneMatch,
+        n_genes: int,
+        batch: np.ndarray | None,
+    ) -> None:
+        self.X, self.rows, self.match, self.n_genes, self.batch = X, rows, match, n_genes, batch
+        measured = torch.zeros(n_genes, dtype=torch.bool)
+        measured[torch.from_numpy(match.index[match.matched])] = True
+        self.gene_mask = measured
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        rows = self.rows[i]
+        out = {
+            X_KEY: to_model_genes(self.X[rows], self.match, self.n_genes),
+            GENE_MASK_KEY: self.gene_mask,
+        }
+        if self.batch is not None:
+            out[BATCH_KEY] = torch.from_numpy(self.batch[rows])
+        return out
+
+
+def _chunk(indices: np.ndarray, codes: np.ndarray, max_cells: int, rng) -> list[np.ndarray]:
+    """Group ``indices`` by sample code; cut each sample, shuffled, into chunks of max_cells."""
+    out = []
+    for code in np.unique(codes[indices]):
+        members = rng.permutation(indices[codes[indices] == code])
+        out.extend(np.sort(members[i : i + max_cells]) for i in range(0, len(members), max_cells))
+    return out
+
+
+class SequenceDataSplitter(DataSplitter):
+    """Split cells into train/validation/test like scvi-tools, serve them as sequences.
+
+    Parameters
+    ----------
+    adata_manager
+        Manager of the registered AnnData (``X`` counts; ``batch`` categories = samples).
+    match
+        The registered genes' match to the model's gene list.
+    n_genes
+        Number of model genes.
+    max_cells
+        Most cells per sequence; larger samples are shuffled and cut into chunks.
+    use_batch_covariate
+        Give the registered batch codes to the decoder's batch table.
+    random_state
+        Seed of the chunking.
+    **kwargs
+        Passed to :class:`scvi.dataloaders.DataSplitter` (``train_size``, ``validation_size``,
+        ``shuffle_set_split``, ``distributed_sampler`` ...); ``batch_size`` is ignored (a
+        sequence is a minibatch).
+    """
+
+    def __init__(
+        self,
+        adata_manager: AnnDataManager,
+        *,
+        match: GeneMatch,
+        n_genes: int,
+        max_cells: int,
+        use_batch_covariate: bool,
+        random_state: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        self.distributed = bool(kwargs.pop("distributed_sampler", False))
+        kwargs.pop("load_sparse_tensor", None)
+        kwargs["batch_size"] = 1  # one sequence per minibatch: no tiny-last-batch concerns
+        super().__init__(adata_manager, **kwargs)
+        self.match, self.n_genes, self.max_cells = match, n_genes, int(max_cells)
+        self.use_batch_covariate = use_batch_covariate
+        self.random_state = random_state
+        codes = adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)
+        self.codes = np.asarray(codes).reshape(-1).astype(np.int64)
+
+    def _loader(self, indices: np.ndarray, shuffle: bool, offset: int) -> DataLoader | None:
+        if len(indices) == 0:
+            return None
+        rng = np.random.default_rng(self.random_state + offset)
+        rows = _chunk(np.asarray(indices), self.codes, self.max_cells, rng)
+        adata = self.adata_manager.adata
+        layer = self.adata_manager.registry["setup_args"].get("layer")
+        dataset = _Sequences(
+            get_matrix(adata, layer),
+            rows,
+            self.match,
+            self.n_genes,
+            self.codes if self.use_batch_covariate else None,
+        )
+        if self.distributed:
+            sampler = DistributedSampler(dataset, shuffle=shuffle, seed=self.random_state)
+        elif shuffle:
+            sampler = RandomSampler(
+                dataset, generator=torch.Generator().manual_seed(self.random_state)
+            )
+        else:
+            sampler = None
+        return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=0)
+
+    def train_dataloader(self):
+        """Sequences of the training cells, in random order."""
+        return self._loader(self.train_idx, True, 0)
+
+    def val_dataloader(self):
+        """Sequences of the validation cells."""
+        return self._loader(self.val_idx, False, 1)
+
+    def test_dataloader(self):
+        """Sequences of the test cells."""
+        return self._loader(self.test_idx, False, 2)
+
+
+class CellPLMTrainingPlan(TrainingPlan):
+    """scvi-tools :class:`~scvi.train.TrainingPlan` that corrupts sequences as CellPLM pretraining.
+
+    Training sequences go through :func:`~scfm_tools.models.cellplm.mask_sequence` (random,
+    seeded by ``random_state`` plus the process rank); validation sequences are not corrupted
+    (as the official model in eval mode), so the validation loss is the NB reconstruction of the
+    whole sequence from the most likely mixture component.
+
+    Parameters
+    ----------
+    module
+        The :class:`~scfm_tools.models.cellplm.CellPLMModule` to train.
+    mask_node_rate
+        Fraction of cells masked (official 0.75).
+    mask_feature_rate
+        Fraction of a masked cell's counts masked (official 0.25).
+    drop_node_rate
+        Fraction of cells dropped from a sequence (official 0.3).
+    max_cells
+        Most cells kept per sequence (official ``max_batch_size``).
+    mask_beta
+        Per-cell masking probabilities from a Beta distribution (official ``True``).
+    random_state
+        Seed of the corruption.
+    lr
+        Learning rate (official 2e-4).
+    weight_decay
+        Weight decay (official 1e-8).
+    eps
+        Adam epsilon.
+    **kwargs
+        Passed to :class:`scvi.train.TrainingPlan` (``optimizer``, ``reduce_lr_on_plateau`` ...).
+    """
+
+    def __init__(
+        self,
+        module: CellPLMModule,
+        *,
+        mask_node_rate: float = 0.75,
+        mask_feature_rate: float = 0.25,
+        drop_node_rate: float = 0.3,
+        max_cells: int | None = 4000,
+        mask_beta: bool = True,
+        random_state: int = 0,
+        lr: float = 2e-4,
+        weight_decay: float = 1e-8,
+        eps: float = 1e-8,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(module, lr=lr, weight_decay=weight_decay, eps=eps, **kwargs)
+        self.mask_kwargs = {
+            "mask_node_rate": mask_node_rate,
+            "mask_feature_rate": mask_feature_rate,
+            "drop_node_rate": drop_node_rate,
+            "max_cells": max_cells,
+            "mask_beta": mask_beta,
+        }
+        self.random_state = int(random_state)
+        self._rng: np.random.Generator | None = None
+
+    def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int):
+        """Corrupt a training sequence on the CPU before it moves to the device."""
+        if self.trainer is None or not self.trainer.training:
+            return batch
+        if self._rng is None:  # one stream per DDP rank
+            self._rng = np.random.default_rng([self.random_state, self.global_rank])
+        extra = {BATCH_KEY: batch[BATCH_KEY]} if BATCH_KEY in batch else None
+        out = mask_sequence(batch[X_KEY], rng=self._rng, extra=extra, **self.mask_kwargs)
+        out[GENE_MASK_KEY] = batch[GENE_MASK_KEY]
+        return out

@@ -1,0 +1,331 @@
+"""scBERT cell embeddings: the mean of the per-gene encodings of the pretrained model.
+
+scBERT publishes no cell-embedding function; the usual choice (and the fixture's
+``cell_emb_mean``) is the mean over the model's genes of the final encodings
+(``PerformerLM(..., return_encodings=True)[:, :-1].mean(1)``), the padding position excluded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from scipy import sparse
+
+from ..._anndata import get_matrix
+from ..._settings import settings
+from ..._validation import check_counts
+from ...pp._match_genes import GeneMatch, match_adata_genes, match_to_vocab
+from ._checkpoint import load_scbert_checkpoint
+from ._module import SCBERTModule
+from ._tokenizer import SCBERTTokenizer
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ...hub import ResolvedModel
+
+__all__ = [
+    "cells_per_pass",
+    "embed_matrix",
+    "embed_resolved",
+    "iter_embeddings",
+    "iter_probabilities",
+]
+
+logger = logging.getLogger("scfm_tools")
+
+# Tokens per forward pass: bounds the (cells, seq_len, heads * dim_head) q/k/v activations
+# (~1 GiB in float32 at the published size on CPU).
+_TOKENS_PER_PASS = {"cpu": 1 << 17, "cuda": 1 << 20}
+# The official preprocess.py drops cells with fewer expressed genes (sc.pp.filter_cells); the
+# rule is meant for genome-wide gene lists, so small (test) models are not warned about it.
+_OFFICIAL_MIN_GENES = 200
+_GENOME_WIDE = 10 * _OFFICIAL_MIN_GENES
+
+
+def cells_per_pass(batch_size: int, seq_len: int, device: torch.device) -> int:
+    """Cells per forward pass: ``batch_size``, capped so that activations stay bounded."""
+    budget = _TOKENS_PER_PASS.get(device.type, _TOKENS_PER_PASS["cpu"])
+    return max(1, min(batch_size, budget // seq_len))
+
+
+def _autocast(device: torch.device):
+    # bf16 on CUDA only (the FAVOR+ features stay float32 inside the attention).
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _eval_on(module: SCBERTModule, device: torch.device, key_max: str | None):
+    was_training, old_key_max = module.training, module.performer.key_max
+    module.to(device).eval()
+    if key_max is not None:
+        module.performer.key_max = key_max
+    try:
+        yield
+    finally:
+        module.train(was_training)
+        module.performer.key_max = old_key_max
+
+
+def _iter_outputs(
+    module: SCBERTModule,
+    tokenizer: SCBERTTokenizer,
+    blocks: Iterable,
+    *,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    width: int,
+    batch_size: int,
+    device: str | torch.device,
+    key_max: str | None,
+) -> Iterator[np.ndarray]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    dev = settings.resolve_device(device) if isinstance(device, str) else torch.device(device)
+    step = cells_per_pass(batch_size, module.seq_len, dev)
+    n_sparse = 0
+    with _eval_on(module, dev, key_max):
+        for block in blocks:
+            counts = tokenizer.reindex(block)
+            if module.n_genes >= _GENOME_WIDE:
+                n_sparse += int((np.diff(counts.indptr) < _OFFICIAL_MIN_GENES).sum())
+            out = np.empty((counts.shape[0], width), dtype=np.float32)
+            for start in range(0, counts.shape[0], step):
+                tokens = tokenizer.tokens_from_counts(counts[start : start + step]).to(dev)
+                with torch.inference_mode(), _autocast(dev):
+                    result = fn(tokens)
+                out[start : start + len(tokens)] = result.float().cpu().numpy()
+            yield out
+    if n_sparse:
+        logger.warning(
+            "%d cells express fewer than %d of the model's genes; the official scBERT "
+            "preprocessing drops such cells (sc.pp.filter_cells(min_genes=200)), so their "
+            "outputs are outside what the model was trained on.",
+            n_sparse,
+            _OFFICIAL_MIN_GENES,
+        )
+
+
+def iter_embeddings(
+    module: SCBERTModule,
+    tokenizer: SCBERTTokenizer,
+    blocks: Iterable,
+    *,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    key_max: Literal["sample", "batch"] | None = None,
+) -> Iterator[np.ndarray]:
+    """Embed consecutive blocks of cells; yields one ``(n_block, dim)`` float32 array per block.
+
+    Parameters
+    ----------
+    module
+        The scBERT module (moved to ``device`` and put in eval mode for the run; its training
+        flag is restored afterwards).
+    tokenizer
+        Maps the blocks' columns onto the model's genes.
+    blocks
+        Cells x genes raw-count blocks (dense or sparse).
+    batch_size
+        Most cells per forward pass (fewer when a pass would hold too many tokens).
+    device
+        Where to run.
+    key_max
+        Override the module's FAVOR+ key stabiliser extent for this run; with ``"batch"``
+        a cell's embedding depends on the other cells of its forward pass.
+
+    Yields
+    ------
+    Mean encodings over the model's genes, one row per cell of the block.
+    """
+    return _iter_outputs(
+        module,
+        tokenizer,
+        blocks,
+        fn=module.cell_embedding,
+        width=module.dim,
+        batch_size=batch_size,
+        device=device,
+        key_max=key_max,
+    )
+
+
+def iter_probabilities(
+    module: SCBERTModule,
+    tokenizer: SCBERTTokenizer,
+    blocks: Iterable,
+    *,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+) -> Iterator[np.ndarray]:
+    """Class probabilities of a fine-tuned model, one ``(n_block, n_classes)`` array per block.
+
+    Parameters are those of :func:`iter_embeddings`; the module needs the classifier head.
+
+    Yields
+    ------
+    Softmax probabilities (official ``predict.py``), one row per cell of the block.
+    """
+    if not module.is_classifier:
+        raise ValueError(
+            "this scBERT model has the pretraining head, so it cannot annotate cells: fine-tune "
+            "it first (e.g. `sft.tl.annotate(..., reference=ref, label_key=...)`), or load a "
+            "fine-tuned checkpoint."
+        )
+    return _iter_outputs(
+        module,
+        tokenizer,
+        blocks,
+        fn=module.predict_proba,
+        width=module.n_classes,
+        batch_size=batch_size,
+        device=device,
+        key_max=None,
+    )
+
+
+def embed_matrix(
+    module: SCBERTModule,
+    X,
+    var_names: Sequence[str] | GeneMatch,
+    genes: Sequence[str] | None = None,
+    *,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    chunk_size: int = 10_000,
+    key_max: Literal["sample", "batch"] | None = None,
+) -> np.ndarray:
+    """Embed the cells of a cells x genes count matrix with scBERT.
+
+    Cells go through the official tokenization (:class:`SCBERTTokenizer`) and the pretrained
+    model; each embedding is the mean of the final encodings over the model's genes. Runs
+    under :func:`torch.inference_mode` (bf16 autocast on CUDA), streaming ``chunk_size`` cells
+    at a time; with the module's default ``key_max="sample"``, a cell's embedding does not
+    depend on ``batch_size``, ``chunk_size`` or the other cells.
+
+    Parameters
+    ----------
+    module
+        The scBERT module, e.g. from :func:`load_scbert_checkpoint`.
+    X
+        Cells x genes raw counts: a numpy array, a scipy sparse matrix, or anything whose row
+        slices are one (e.g. a backed AnnData's ``X``).
+    var_names
+        Gene symbols of the columns, or a :class:`~scfm_tools.pp.GeneMatch` against
+        ``genes`` computed already.
+    genes
+        The model's gene list (needed unless ``var_names`` is a ``GeneMatch``).
+    batch_size
+        Most cells per forward pass.
+    device
+        Where to run.
+    chunk_size
+        Cells read from ``X`` at a time.
+    key_max
+        Override the FAVOR+ key stabiliser extent (see :class:`scfm_tools.nn.Performer`).
+
+    Returns
+    -------
+    ``(n_cells, dim)`` float32 array, in the order of ``X``.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    if isinstance(var_names, GeneMatch):
+        match = var_names
+    else:
+        if genes is None:
+            raise ValueError("pass the model's gene list (`genes`) to match var_names against.")
+        match = match_to_vocab(list(var_names), list(genes))
+    if len(match.index) != X.shape[1]:
+        raise ValueError(
+            f"var_names has {len(match.index)} entries but X has {X.shape[1]} columns."
+        )
+    if match.n_matched == 0:
+        raise ValueError(
+            "none of the genes is in the model's gene list; var_names must be gene symbols."
+        )
+    tokenizer = SCBERTTokenizer.from_match(match, module.n_genes, bin_num=module.num_tokens - 2)
+
+    def blocks():
+        for start in range(0, X.shape[0], chunk_size):
+            block = X[start : start + chunk_size]
+            yield block if sparse.issparse(block) else np.asarray(block)
+
+    parts = list(
+        iter_embeddings(
+            module, tokenizer, blocks(), batch_size=batch_size, device=device, key_max=key_max
+        )
+    )
+    if not parts:
+        return np.empty((0, module.dim), dtype=np.float32)
+    return np.concatenate(parts)
+
+
+def embed_resolved(
+    resolved: ResolvedModel,
+    adata: AnnData,
+    *,
+    layer: str | None = None,
+    gene_key: str | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    random_state: int | None = 0,
+    device: str | torch.device = "cpu",
+    chunk_size: int = 10_000,
+    key_max: Literal["sample", "batch"] = "sample",
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Embed the cells of ``adata`` with a located scBERT checkpoint (``sft.tl.embed_cells``).
+
+    Needs raw counts and the checkpoint's gene list (``gene_list.txt`` beside the ``.pth``).
+    scBERT is deterministic and always reads all of its genes, so ``random_state`` plays no
+    role and ``max_length`` must be left at ``None``. ``key_max`` (an ``embed_cells`` model
+    option) is the FAVOR+ key stabiliser extent: ``"sample"`` (default) embeds every cell as
+    if alone, as the official ``predict.py``; ``"batch"`` shares it across each forward pass,
+    as the official ``PerformerLM.forward`` on a batch (results then depend on the batch).
+    Returns the embeddings and what to record about the run in ``uns[key]["params"]``.
+    """
+    if key_max not in ("sample", "batch"):
+        raise ValueError(f"key_max must be 'sample' or 'batch', got {key_max!r}.")
+    if max_length is not None:
+        raise ValueError(
+            "max_length does not apply to scBERT, which always reads all of its genes; leave "
+            "it at None."
+        )
+    check_counts(adata, layer, chunk_size=chunk_size)
+    gene_list = resolved.files.get("gene_list")
+    if gene_list is None:
+        raise FileNotFoundError(
+            f"the scBERT checkpoint {resolved.weights.name} has no gene list beside it: put "
+            f"gene_list.txt (the model's gene symbols, one per line, in checkpoint order) in "
+            f"{resolved.path}. For the published model, see "
+            "`sft.hub.get_card('scbert').manual_download`."
+        )
+    module, genes, _ = load_scbert_checkpoint(resolved.weights, gene_list=gene_list)
+    if module.is_classifier:
+        logger.info(
+            "embed_cells: %s is a fine-tuned (classifier) checkpoint; embedding with its encoder.",
+            resolved.name,
+        )
+    match = match_adata_genes(adata, genes, gene_key=gene_key, caller="embed_cells")
+    emb = embed_matrix(
+        module,
+        get_matrix(adata, layer),
+        match,
+        batch_size=batch_size,
+        device=device,
+        chunk_size=chunk_size,
+        key_max=key_max,
+    )
+    params = {
+        "n_genes_matched": int(match.n_matched),
+        "n_genes_model": module.n_genes,
+        "pooling": "mean over genes",
+        "key_max": key_max,
+    }
+    return emb, params

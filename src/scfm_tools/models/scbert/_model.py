@@ -1,0 +1,664 @@
+"""The AnnData-facing scBERT model: setup, pretraining, fine-tuning, embedding, annotation."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+
+from ..._anndata import get_matrix, iter_chunks, resolve_seed
+from ..._validation import InputError, check_counts, check_unique_names
+from ...pp._match_genes import GeneMatch, match_adata_genes
+from ._checkpoint import GENE_LIST_FILE, load_scbert_checkpoint, read_gene_list
+from ._embed import iter_embeddings, iter_probabilities
+from ._module import SCBERTModule
+from ._tokenizer import SCBERTTokenizer
+from ._training_plan import SCBERTTrainingPlan
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+__all__ = [
+    "CLASSES_FILE",
+    "SCBERT",
+    "UNASSIGNED",
+    "compute_class_weights",
+    "labels_from_proba",
+]
+
+logger = logging.getLogger("scfm_tools")
+
+CLASSES_FILE = "classes.txt"
+#: Label given to cells whose best class probability is below the threshold (official novel type).
+UNASSIGNED = "Unassigned"
+Head = Literal["pretrain", "classifier"]
+Trainable = Literal["official", "all", "head"]
+ClassWeights = Literal["official", "balanced"] | Sequence[float] | np.ndarray | None
+
+
+def compute_class_weights(counts: np.ndarray, scheme: ClassWeights) -> torch.Tensor | None:
+    """Per-class loss weights from the number of training cells of each class.
+
+    Parameters
+    ----------
+    counts
+        Cells per class.
+    scheme
+        ``"official"``: ``(1 - n_c / N)^2``, as computed in scBERT's finetune.py;
+        ``"balanced"``: ``N / (K n_c)``; explicit weights; or ``None`` (no weighting).
+
+    Returns
+    -------
+    A float32 tensor of ``len(counts)`` weights, or ``None``.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if scheme is None:
+        return None
+    if isinstance(scheme, str):
+        if scheme == "official":
+            weights = (1 - counts / counts.sum()) ** 2
+        elif scheme == "balanced":
+            weights = counts.sum() / (len(counts) * np.maximum(counts, 1))
+        else:
+            raise ValueError(
+                f"class_weights must be 'official', 'balanced', a sequence of weights or None, "
+                f"got {scheme!r}."
+            )
+    else:
+        weights = np.asarray(scheme, dtype=np.float64)
+        if weights.shape != counts.shape or (weights < 0).any():
+            raise ValueError(
+                f"class_weights needs {len(counts)} non-negative weights (one per class), got "
+                f"shape {weights.shape}."
+            )
+    return torch.as_tensor(weights, dtype=torch.float32)
+
+
+def _gene2vec_table(gene2vec, n_genes: int, dim: int) -> torch.Tensor | None:
+    if gene2vec is None or gene2vec is False or gene2vec is True:
+        return None
+    table = np.load(gene2vec) if isinstance(gene2vec, str | os.PathLike) else np.asarray(gene2vec)
+    if table.shape != (n_genes, dim):
+        raise ValueError(
+            f"the gene2vec table has shape {table.shape}, but the model needs ({n_genes}, {dim}) "
+            "(one row per gene, in gene-list order, of the model's width)."
+        )
+    return torch.from_numpy(table.astype(np.float64))
+
+
+class SCBERT(UnsupervisedTrainingMixin, BaseModelClass):
+    """scBERT (:cite:p:`Yang2022`) as an scvi-tools model: pretrain, fine-tune, embed, annotate.
+
+    Every cell is read on the model's gene list (16,906 genes for the published model; genes
+    of ``adata`` are matched to it by symbol, missing ones are zero), depth-normalised,
+    ``log2(1 + x)``-binned into tokens and encoded by a Performer. With the pretraining head
+    (``head="pretrain"``) :meth:`train` runs the published masked-bin objective; with the
+    classifier head (``head="classifier"``, cell types from ``labels_key``) it fine-tunes for
+    annotation, and :meth:`predict` labels cells.
+
+    Call :meth:`setup_anndata` first. Start from scratch with this constructor, or from a
+    checkpoint (official or exported here) with :meth:`from_pretrained`.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    genes
+        The model's gene list; ``None`` uses ``adata.var_names``.
+    head
+        ``"pretrain"`` (masked-bin logits) or ``"classifier"`` (the official fine-tuning head,
+        one class per category of the registered ``labels_key``).
+    classes
+        Class names of the classifier head; ``None`` takes the registered label categories.
+        When labels are registered they must be these, in this order.
+    gene2vec
+        Gene embedding added to every token: ``None`` for none (official
+        ``g2v_position_emb=False``), a path to a ``.npy`` table or an array of shape
+        ``(n_genes, dim)`` (e.g. ``gene2vec_16906.npy``), or ``True`` for a table to be filled
+        from a checkpoint.
+    num_tokens
+        Token classes, ``bin_num + 2`` (7 in the published model).
+    dim, depth, heads, dim_head
+        Performer size (published: 200, 6, 10, 64).
+    **module_kwargs
+        Passed to :class:`~scfm_tools.models.scbert.SCBERTModule` (``nb_features``,
+        ``ff_mult``, dropout rates, ``head_hidden``, ``feature_redraw_interval``,
+        ``key_max``, ``chunk_size`` ...).
+
+    Examples
+    --------
+    >>> sft.models.SCBERT.setup_anndata(ref, labels_key="cell_type")
+    >>> model = sft.models.SCBERT.from_pretrained("panglao_pretrain.pth", ref, head="classifier")
+    >>> model.train(max_epochs=10, class_weights="official")
+    >>> model.predict(query, threshold=0.5)
+    """
+
+    _module_cls = SCBERTModule
+    _training_plan_cls = SCBERTTrainingPlan
+
+    def __init__(
+        self,
+        adata: AnnData,
+        *,
+        genes: Sequence[str] | None = None,
+        head: Head = "pretrain",
+        classes: Sequence[str] | None = None,
+        gene2vec: str | os.PathLike | np.ndarray | bool | None = None,
+        num_tokens: int = 7,
+        dim: int = 200,
+        depth: int = 6,
+        heads: int = 10,
+        dim_head: int = 64,
+        **module_kwargs: Any,
+    ) -> None:
+        super().__init__(adata)
+        if head not in ("pretrain", "classifier"):
+            raise ValueError(f"head must be 'pretrain' or 'classifier', got {head!r}.")
+        genes = [str(g) for g in (adata.var_names if genes is None else genes)]
+        check_unique_names(pd.Index(genes), what="genes")
+        self.genes = genes
+        self.gene_match = match_adata_genes(adata, genes, caller="SCBERT")
+        self.classes = self._resolve_classes(head, classes)
+        self.module = self._module_cls(
+            len(genes),
+            num_tokens=num_tokens,
+            dim=dim,
+            depth=depth,
+            heads=heads,
+            dim_head=dim_head,
+            gene2vec=gene2vec is not None and gene2vec is not False,
+            gene2vec_weight=_gene2vec_table(gene2vec, len(genes), dim),
+            n_classes=None if self.classes is None else len(self.classes),
+            **module_kwargs,
+        )
+        self._model_summary_string = (
+            f"SCBERT model: {len(genes):,} genes ({self.gene_match.n_matched:,} in adata), "
+            f"dim {dim}, {depth} blocks, {heads} heads of {dim_head}, {num_tokens} tokens, "
+            + (
+                "pretraining head"
+                if self.classes is None
+                else f"classifier head ({len(self.classes)} classes)"
+            )
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    def _registered_classes(self) -> list[str] | None:
+        if self.registry_["setup_args"].get("labels_key") is None:
+            return None
+        mapping = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
+        return [str(c) for c in mapping.categorical_mapping]
+
+    def _resolve_classes(self, head: Head, classes: Sequence[str] | None) -> list[str] | None:
+        if head == "pretrain":
+            return None
+        registered = self._registered_classes()
+        if classes is None:
+            if registered is None:
+                raise ValueError(
+                    "head='classifier' needs cell-type labels: call "
+                    "SCBERT.setup_anndata(adata, labels_key=...) first, or pass `classes`."
+                )
+            classes = registered
+        classes = [str(c) for c in classes]
+        if registered is not None and registered != classes:
+            raise ValueError(
+                f"the registered labels {registered[:5]}... are not the classifier's classes "
+                f"{classes[:5]}... (same names in the same order are needed)."
+            )
+        if len(classes) < 2:
+            raise InputError(f"a classifier needs at least 2 cell types, got {classes}.")
+        return classes
+
+    # setup ---------------------------------------------------------------------------------------
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        layer: str | None = None,
+        labels_key: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Register an AnnData for :class:`SCBERT`.
+
+        The matrix must hold raw counts (scBERT normalises and bins them itself), with unique
+        gene names. Nothing is written to ``adata`` when a check fails.
+
+        Parameters
+        ----------
+        adata
+            Cells x genes; gene symbols in ``var_names``.
+        layer
+            Layer holding the counts; ``None`` uses ``adata.X``.
+        labels_key
+            Column of ``adata.obs`` with cell types, for the classifier head.
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        check_counts(adata, layer)
+        check_unique_names(adata.var_names)
+        if labels_key is not None:
+            if labels_key not in adata.obs.columns:
+                raise InputError(
+                    f"labels_key {labels_key!r} is not a column of adata.obs (columns: "
+                    f"{list(adata.obs.columns)}); pass the column that holds the cell types."
+                )
+            if adata.obs[labels_key].isna().any():
+                raise InputError(
+                    f"adata.obs[{labels_key!r}] has missing labels; drop those cells first, "
+                    f"e.g. `adata = adata[adata.obs[{labels_key!r}].notna()].copy()`."
+                )
+        anndata_fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+        ]
+        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # pretrained weights --------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        adata: AnnData,
+        *,
+        gene_list: str | os.PathLike | Sequence[str] | None = None,
+        head: Head | None = None,
+        trainable: Trainable = "official",
+        **module_kwargs: Any,
+    ) -> SCBERT:
+        """Build the model around a checkpoint, for fine-tuning, prediction or more pretraining.
+
+        Parameters
+        ----------
+        name_or_path
+            A registered model name (``"scbert"``) or a local ``.pth`` (official layout or
+            written by :meth:`export_checkpoint`).
+        adata
+            AnnData registered with :meth:`setup_anndata` (with ``labels_key`` to fine-tune).
+        gene_list
+            The checkpoint's gene list; ``None`` reads ``gene_list.txt`` beside it.
+        head
+            ``"classifier"`` to fine-tune for cell types (a fresh head when the checkpoint is a
+            pretrained one), ``"pretrain"`` for the masked-bin head; ``None`` keeps the
+            checkpoint's head.
+        trainable
+            With a new classifier head, what fine-tuning updates: ``"official"`` (the head, the
+            final norm and the second-to-last Performer block, as scBERT's finetune.py),
+            ``"head"`` or ``"all"``. Change it later with :meth:`set_trainable`.
+        **module_kwargs
+            Runtime options of :class:`~scfm_tools.models.scbert.SCBERTModule` (``key_max``,
+            ``chunk_size``, dropout rates ...).
+
+        Returns
+        -------
+        An :class:`SCBERT` holding the checkpoint's weights; ``pretrained_`` records the
+        source, the weights' sha256 and the load report.
+        """
+        from ...hub import load
+
+        resolved = load(name_or_path, family="scbert")
+        genes_src = gene_list if gene_list is not None else resolved.files.get("gene_list")
+        if genes_src is None:
+            raise FileNotFoundError(
+                f"no gene list for {resolved.weights.name}: pass gene_list= or put "
+                f"{GENE_LIST_FILE} beside the checkpoint."
+            )
+        pretrained, genes, report = load_scbert_checkpoint(resolved.weights, gene_list=genes_src)
+        cfg = pretrained.config
+        classes = None
+        ckpt_head: Head = "classifier" if pretrained.is_classifier else "pretrain"
+        head = ckpt_head if head is None else head
+        classes_file = resolved.path / CLASSES_FILE
+        if head == "classifier" and ckpt_head == "classifier" and classes_file.is_file():
+            classes = read_gene_list(classes_file)
+        model = cls(
+            adata,
+            genes=genes,
+            head=head,
+            classes=classes,
+            gene2vec=True if cfg["gene2vec"] else None,
+            num_tokens=cfg["num_tokens"],
+            dim=cfg["dim"],
+            depth=cfg["depth"],
+            heads=cfg["heads"],
+            dim_head=cfg["dim_head"],
+            nb_features=cfg["nb_features"],
+            ff_mult=cfg["ff_mult"],
+            qkv_bias=cfg["qkv_bias"],
+            head_hidden=cfg["head_hidden"],
+            **module_kwargs,
+        )
+        state = pretrained.state_dict()
+        if head != ckpt_head or model.module.n_classes != pretrained.n_classes:
+            state = {k: v for k, v in state.items() if not k.startswith("to_out.")}
+            logger.info("from_pretrained: %s head initialised afresh", head)
+        # Same architecture by construction: only a replaced head may be left out.
+        missing, unexpected = model.module.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("to_out.") for k in missing):
+            raise RuntimeError(f"internal error: keys {missing + unexpected} did not carry over.")
+        if head == "classifier" and head != ckpt_head:
+            model.set_trainable(trainable)
+        model.module.eval()
+        model.pretrained_ = {
+            "source": resolved.name,
+            "weights_sha256": resolved.sha256,
+            "clean": report.clean,
+            "report": str(report),
+        }
+        return model
+
+    def set_trainable(self, trainable: Trainable = "official") -> None:
+        """Choose which parameters training updates (gene2vec is always frozen).
+
+        Parameters
+        ----------
+        trainable
+            ``"official"``: the head, the final norm and the second-to-last Performer block
+            (scBERT's finetune.py); ``"head"``: the head only; ``"all"``: everything.
+        """
+        if trainable not in ("official", "head", "all"):
+            raise ValueError(f"trainable must be 'official', 'head' or 'all', got {trainable!r}.")
+        module = self.module
+        for param in module.parameters():
+            param.requires_grad_(trainable == "all")
+        parts: list[torch.nn.Module] = [module.to_out]
+        if trainable == "official":
+            parts += [
+                module.norm,
+                module.performer.net.layers[-2 if module.config["depth"] > 1 else -1],
+            ]
+        for part in parts:
+            for param in part.parameters():
+                param.requires_grad_(True)
+        if module.pos_emb is not None:
+            module.pos_emb.emb.weight.requires_grad_(False)
+
+    def export_checkpoint(
+        self, path: str | os.PathLike, *, name: str = "scbert", overwrite: bool = False
+    ) -> Path:
+        """Write the model as an official-layout scBERT checkpoint folder.
+
+        The folder gets ``<name>.pth`` (``{'model_state_dict': ...}``, the layout of the
+        official checkpoints, readable with ``torch.load(weights_only=True)``), ``gene_list.txt``
+        and, for a classifier, ``classes.txt``; :meth:`from_pretrained`, ``sft.tl.embed_cells``
+        and ``sft.tl.annotate`` read it back.
+
+        Parameters
+        ----------
+        path
+            Folder to write (created when absent).
+        name
+            File name of the weights, without ``.pth``.
+        overwrite
+            Replace the files of an existing checkpoint.
+
+        Returns
+        -------
+        The path of the ``.pth`` file.
+        """
+        folder = Path(path).expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {
+            "weights": folder / f"{name}.pth",
+            "genes": folder / GENE_LIST_FILE,
+            "classes": folder / CLASSES_FILE,
+        }
+        existing = [p.name for p in files.values() if p.exists()]
+        if existing and not overwrite:
+            raise FileExistsError(f"{folder} already holds {existing}; pass overwrite=True.")
+        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        torch.save({"model_state_dict": state}, files["weights"])
+        files["genes"].write_text("\n".join(self.genes), encoding="utf-8")
+        if self.classes is not None:
+            files["classes"].write_text("\n".join(self.classes), encoding="utf-8")
+        else:
+            files["classes"].unlink(missing_ok=True)
+        return files["weights"]
+
+    # training ------------------------------------------------------------------------------------
+    def train(
+        self,
+        max_epochs: int = 10,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        batch_size: int = 8,
+        class_weights: ClassWeights = None,
+        plan_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ):
+        """Pretrain (masked bins) or fine-tune (cell types), through Lightning.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the training cells.
+        accelerator
+            Lightning accelerator (``"auto"``, ``"cpu"``, ``"gpu"`` ...).
+        devices
+            Devices to use; several GPUs train with DDP (``strategy="ddp"`` in ``kwargs``).
+        batch_size
+            Cells per minibatch (the official scripts use 3, with 60-step gradient
+            accumulation: ``accumulate_grad_batches=60`` in ``kwargs``).
+        class_weights
+            Classifier only: loss weights for imbalanced cell types, ``"official"``
+            (``(1 - n_c / N)^2``), ``"balanced"``, explicit weights or ``None``; see
+            :func:`compute_class_weights`.
+        plan_kwargs
+            Passed to :class:`~scfm_tools.models.scbert.SCBERTTrainingPlan`: ``lr`` (1e-4),
+            ``mask_prob`` (0.15), ``replace_prob`` (0.9), ``random_state``, ``weight_decay`` ...
+        **kwargs
+            Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` (``train_size``,
+            ``early_stopping``, ``datasplitter_kwargs`` ...) and on to the Lightning trainer.
+
+        Returns
+        -------
+        What scvi-tools' training runner returns; losses per epoch are in ``history``.
+        """
+        plan = dict(plan_kwargs or {})
+        if "gene_index" in plan:
+            raise ValueError("plan_kwargs['gene_index'] is set by the model itself.")
+        if self.module.is_classifier:
+            codes = self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)
+            counts = np.bincount(np.asarray(codes).ravel().astype(int), minlength=len(self.classes))
+            self.module.class_weights = compute_class_weights(counts, class_weights)
+        elif class_weights is not None:
+            raise ValueError("class_weights apply to the classifier head only.")
+        plan.setdefault("random_state", resolve_seed(None))
+        plan["gene_index"] = self.gene_match.index
+        # Lightning keeps the modules' mode; feature redraws and dropout need training mode.
+        self.module.train()
+        return super().train(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            batch_size=batch_size,
+            plan_kwargs=plan,
+            **kwargs,
+        )
+
+    # outputs -------------------------------------------------------------------------------------
+    @property
+    def _layer(self) -> str | None:
+        return self.registry_["setup_args"].get("layer")
+
+    def _query(
+        self, adata: AnnData | None, indices: Sequence[int] | None, layer: str | None
+    ) -> AnnData:
+        if adata is None:
+            if self.adata is None:
+                raise ValueError("this model has no AnnData attached; pass `adata=`.")
+            adata = self.adata
+        else:
+            check_counts(adata, layer)
+        if indices is not None:
+            adata = adata[np.asarray(indices)]
+        return adata
+
+    def _tokenizer(self, adata: AnnData, gene_key: str | None = None) -> SCBERTTokenizer:
+        if (
+            gene_key is None
+            and self.adata is not None
+            and adata.var_names.equals(self.adata.var_names)
+        ):
+            match: GeneMatch = self.gene_match
+        else:
+            match = match_adata_genes(adata, self.genes, gene_key=gene_key, caller="SCBERT")
+        return SCBERTTokenizer.from_match(
+            match, self.module.n_genes, bin_num=self.module.num_tokens - 2
+        )
+
+    def _blocks(self, adata: AnnData, layer: str | None, chunk_size: int = 10_000):
+        get_matrix(adata, layer)  # a clear error for a missing layer
+        for _, block in iter_chunks(adata, layer, chunk_size=chunk_size):
+            yield block
+
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        batch_size: int = 8,
+        layer: str | None = None,
+        gene_key: str | None = None,
+    ) -> np.ndarray:
+        """Cell embeddings: the mean of the final encodings over the model's genes.
+
+        Parameters
+        ----------
+        adata
+            Cells to embed (``None``: the AnnData of the model); genes are matched to the
+            model's by name.
+        indices
+            Rows of ``adata`` to embed (``None``: all).
+        batch_size
+            Most cells per forward pass.
+        layer
+            Layer with the counts (``None``: the registered layer).
+        gene_key
+            ``adata.var`` column with gene symbols (``None``: ``var_names``).
+
+        Returns
+        -------
+        ``(n_cells, dim)`` float32 array.
+        """
+        layer = self._layer if layer is None else layer
+        adata = self._query(adata, indices, layer)
+        chunks = iter_embeddings(
+            self.module,
+            self._tokenizer(adata, gene_key),
+            self._blocks(adata, layer),
+            batch_size=batch_size,
+            device=self.device,
+        )
+        parts = list(chunks)
+        return np.concatenate(parts) if parts else np.empty((0, self.module.dim), np.float32)
+
+    def predict_proba(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        batch_size: int = 8,
+        layer: str | None = None,
+        gene_key: str | None = None,
+    ) -> pd.DataFrame:
+        """Class probabilities of each cell (classifier head), cells x classes.
+
+        Parameters are those of :meth:`get_latent_representation`.
+
+        Returns
+        -------
+        A DataFrame indexed by ``obs_names``, one column per class.
+        """
+        if self.classes is None:
+            raise ValueError(
+                "this SCBERT model has the pretraining head; build it with head='classifier' "
+                "and fine-tune it before predicting cell types."
+            )
+        layer = self._layer if layer is None else layer
+        adata = self._query(adata, indices, layer)
+        chunks = iter_probabilities(
+            self.module,
+            self._tokenizer(adata, gene_key),
+            self._blocks(adata, layer),
+            batch_size=batch_size,
+            device=self.device,
+        )
+        parts = list(chunks)
+        proba = np.concatenate(parts) if parts else np.empty((0, len(self.classes)), np.float32)
+        return pd.DataFrame(proba, index=adata.obs_names.copy(), columns=list(self.classes))
+
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        threshold: float | None = None,
+        batch_size: int = 8,
+        layer: str | None = None,
+        gene_key: str | None = None,
+    ) -> pd.DataFrame:
+        """Cell types and confidences, as the official ``predict.py``.
+
+        Parameters
+        ----------
+        adata, indices, batch_size, layer, gene_key
+            As in :meth:`get_latent_representation`.
+        threshold
+            Cells whose best probability is below it are labelled ``"Unassigned"`` (the
+            official novel-type option, whose default threshold is 0.5); ``None`` labels
+            every cell.
+
+        Returns
+        -------
+        A DataFrame indexed by ``obs_names`` with ``label`` (categorical) and ``score`` (the
+        best probability).
+        """
+        proba = self.predict_proba(
+            adata, indices, batch_size=batch_size, layer=layer, gene_key=gene_key
+        )
+        return labels_from_proba(proba, threshold)
+
+
+def labels_from_proba(proba: pd.DataFrame, threshold: float | None) -> pd.DataFrame:
+    """Best class and its probability per cell; ``"Unassigned"`` below ``threshold``.
+
+    Parameters
+    ----------
+    proba
+        Cells x classes probabilities.
+    threshold
+        Confidence below which a cell is ``"Unassigned"``; ``None`` never.
+
+    Returns
+    -------
+    DataFrame with ``label`` (categorical) and ``score``.
+    """
+    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold must lie in [0, 1] or be None, got {threshold!r}.")
+    values = proba.to_numpy()
+    classes = np.asarray(proba.columns, dtype=object)
+    score = values.max(axis=1) if values.size else np.empty(0, np.float32)
+    labels = classes[values.argmax(axis=1)] if values.size else np.empty(0, object)
+    if threshold is not None:
+        labels = np.where(score < threshold, UNASSIGNED, labels)
+    categories = list(classes) + ([UNASSIGNED] if threshold is not None else [])
+    return pd.DataFrame(
+        {
+            "label": pd.Categorical(labels, categories=categories),
+            "score": score.astype(np.float32),
+        },
+        index=proba.index,
+    )

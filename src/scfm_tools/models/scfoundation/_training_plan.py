@@ -1,0 +1,221 @@
+"""Lightning training plan for scFoundation's read-depth-aware (RDA) pretraining.
+
+scvi-tools' data loaders deliver dense count rows: the registered counts (the *target*, total
+count ``T``) and, when registered, the downsampled counts made from them by
+:func:`scfm_tools.pp.downsample_rda` (the *input*, total count ``S``). In Lightning's
+``on_before_batch_transfer`` hook (CPU, before the batch moves to the device) the plan puts
+both on the model's genes, normalises them (``log1p`` of counts per 10,000), appends the
+``T = log10(target total)`` and ``S = log10(input total)`` tokens to the input, and masks a
+share of the input's values (:func:`mask_values`): the encoder does not see them, the decoder
+gets the mask embedding there, and the loss
+(:meth:`SCFoundationModule.loss <scfm_tools.models.scfoundation.SCFoundationModule.loss>`) is
+the mean squared error of the predicted *target* values at those positions.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import sparse
+from scvi.train import TrainingPlan
+
+from ._module import MASK, TARGET, VALUES, SCFoundationModule
+from ._preprocess import GeneReindexer, sequences
+
+__all__ = ["RDA_KEY", "SCFoundationTrainingPlan", "mask_values", "rda_pairs"]
+
+logger = logging.getLogger("scfm_tools")
+
+#: Registry key of the downsampled (input) counts.
+RDA_KEY = "rda_X"
+# Published dataset config: share of non-zero / zero values masked.
+VALUE_MASK_PROB = 0.3
+ZERO_MASK_PROB = 0.03
+_EVAL_OFFSET = 1_000_003
+
+
+def mask_values(
+    values: torch.Tensor,
+    n_genes: int,
+    *,
+    value_mask_prob: float = VALUE_MASK_PROB,
+    zero_mask_prob: float = ZERO_MASK_PROB,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick positions to predict: a share of each cell's non-zero and of its zero gene values.
+
+    Per cell, ``round(value_mask_prob * n)`` of its ``n`` non-zero gene values and
+    ``round(zero_mask_prob * z)`` of its ``z`` zero gene values are picked uniformly (the
+    published ``value_mask_prob=0.3``, ``zero_mask_prob=0.03``); the ``T`` and ``S`` tokens
+    are never picked.
+
+    Parameters
+    ----------
+    values
+        ``(batch, n_genes + 2)`` input values.
+    n_genes
+        Number of gene positions.
+    value_mask_prob, zero_mask_prob
+        Shares of non-zero and zero values picked.
+    generator
+        Random generator (CPU), for reproducible masks.
+
+    Returns
+    -------
+    Boolean ``(batch, n_genes + 2)`` mask.
+    """
+    for name, p in (("value_mask_prob", value_mask_prob), ("zero_mask_prob", zero_mask_prob)):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"{name} must lie in [0, 1), got {p!r}.")
+    genes = values[:, :n_genes]
+    mask = torch.zeros_like(values, dtype=torch.bool)
+    rand = torch.rand(genes.shape, generator=generator)
+    for group, p in ((genes != 0, value_mask_prob), (genes == 0, zero_mask_prob)):
+        n_pick = torch.round(group.sum(1, keepdim=True) * p).long()
+        score = rand.masked_fill(~group, -1.0)
+        order = score.argsort(dim=1, descending=True)
+        rank = torch.empty_like(order).scatter_(
+            1, order, torch.arange(n_genes).expand_as(order).contiguous()
+        )
+        mask[:, :n_genes] |= (rank < n_pick) & group
+    return mask
+
+
+def _lognorm(x: sparse.csr_matrix) -> tuple[sparse.csr_matrix, np.ndarray]:
+    totals = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+    out = x.copy()
+    scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
+    out.data = np.log1p(out.data * np.repeat(scale, np.diff(out.indptr)))
+    return out, totals
+
+
+def rda_pairs(
+    target_counts: np.ndarray, input_counts: np.ndarray, reindexer: GeneReindexer
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Model input and target sequences of (downsampled input, original target) count pairs.
+
+    Parameters
+    ----------
+    target_counts, input_counts
+        Cells x registered genes counts (the same cells).
+    reindexer
+        Puts the registered genes on the model's genes.
+
+    Returns
+    -------
+    ``(values, target, usable)``: input sequences ``[log1p-normalised input, T, S]``, target
+    sequences ``[log1p-normalised target, T, S]`` (float32, ``(cells, n_genes + 2)``), and
+    which cells have counts on the model's genes (the others get all zeros).
+    """
+    target, t_total = _lognorm(reindexer(target_counts))
+    source, s_total = _lognorm(reindexer(input_counts))
+    usable = (s_total > 0) & (t_total > 0)
+    with np.errstate(divide="ignore"):
+        t = np.where(usable, np.log10(t_total), 0.0)
+        s = np.where(usable, np.log10(s_total), 0.0)
+    return sequences(source, t, s), sequences(target, t, s), usable
+
+
+class SCFoundationTrainingPlan(TrainingPlan):
+    """scvi-tools :class:`~scvi.train.TrainingPlan` that builds RDA pairs and masks on the fly.
+
+    Built by :meth:`SCFoundation.train <scfm_tools.models.SCFoundation.train>`, which passes
+    the gene mapping; users pass the rest through ``plan_kwargs``. Training masks are seeded by
+    ``random_state`` plus the process rank (DDP ranks draw different masks); validation masks
+    restart from the same seed every validation epoch, so validation losses are comparable.
+
+    Parameters
+    ----------
+    module
+        The :class:`~scfm_tools.models.scfoundation.SCFoundationModule` to train.
+    gene_index
+        Model gene position of each registered gene (-1 for genes not in the model).
+    value_mask_prob, zero_mask_prob
+        Shares of each cell's non-zero and zero values masked (published 0.3 and 0.03).
+    random_state
+        Seed of the masks.
+    lr
+        Learning rate.
+    weight_decay
+        Weight decay of the optimizer.
+    **kwargs
+        Passed to :class:`scvi.train.TrainingPlan` (``optimizer``, ``reduce_lr_on_plateau`` ...).
+    """
+
+    def __init__(
+        self,
+        module: SCFoundationModule,
+        *,
+        gene_index: np.ndarray,
+        value_mask_prob: float = VALUE_MASK_PROB,
+        zero_mask_prob: float = ZERO_MASK_PROB,
+        random_state: int = 0,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(module, lr=lr, weight_decay=weight_decay, **kwargs)
+        self.reindexer = GeneReindexer(gene_index, module.n_genes)
+        self.value_mask_prob = float(value_mask_prob)
+        self.zero_mask_prob = float(zero_mask_prob)
+        self.random_state = int(random_state)
+        self._generators: dict[str, torch.Generator] = {}
+        self._warned = False
+
+    def _stage(self) -> str:
+        trainer = self._trainer
+        return "train" if trainer is None or trainer.training else "eval"
+
+    def on_validation_epoch_start(self) -> None:
+        """Restart the validation masks, so every epoch is scored on the same ones."""
+        self._generators["eval"] = torch.Generator().manual_seed(self.random_state + _EVAL_OFFSET)
+
+    def _generator(self) -> torch.Generator:
+        stage = self._stage()
+        if stage not in self._generators:
+            rank = self.global_rank if self._trainer is not None else 0
+            seed = self.random_state + (0 if stage == "train" else _EVAL_OFFSET) + 7919 * rank
+            self._generators[stage] = torch.Generator().manual_seed(seed)
+        return self._generators[stage]
+
+    def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int):
+        """Build the RDA input/target pair and the mask (CPU, before transfer)."""
+        if VALUES in batch:  # already built (e.g. a custom data module)
+            return batch
+        target = batch["X"]
+        source = batch.get(RDA_KEY, target)
+        rows = [t.to_dense() if t.layout != torch.strided else t for t in (target, source)]
+        target_np, source_np = (t.detach().cpu().numpy() for t in rows)
+        values, target_seq, usable = rda_pairs(target_np, source_np, self.reindexer)
+        mask = mask_values(
+            values,
+            self.module.n_genes,
+            value_mask_prob=self.value_mask_prob,
+            zero_mask_prob=self.zero_mask_prob,
+            generator=self._generator(),
+        )
+        keep = torch.from_numpy(usable)
+        if not bool(keep.all()) and not self._warned:
+            self._warned = True
+            logger.warning(
+                "some cells have no counts on the model's genes; they are left out of training."
+            )
+        return {VALUES: values[keep], TARGET: target_seq[keep], MASK: mask[keep]}
+
+    def _has_targets(self, batch: dict[str, torch.Tensor]) -> bool:
+        return batch[VALUES].shape[0] > 0 and bool(batch[MASK].any())
+
+    def training_step(self, batch, batch_idx):
+        """Run a training step; a minibatch with nothing to predict is skipped."""
+        if not self._has_targets(batch):
+            return None
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        """Run a validation step; a minibatch with nothing to predict is skipped."""
+        if not self._has_targets(batch):
+            return None
+        return super().validation_step(batch, batch_idx)

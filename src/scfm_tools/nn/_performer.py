@@ -1,0 +1,566 @@
+"""Performer: pre-LayerNorm transformer blocks with FAVOR+ (softmax-kernel) linear attention.
+
+One implementation for every model that uses the Performer of ``performer_pytorch`` as shipped
+in the scBERT repository (scBERT's encoder, scFoundation's decoder). Attribute names follow that
+code, so official state dicts load strictly:
+
+- ``net.layers.N.0.norm.*`` and ``net.layers.N.0.fn.{to_q,to_k,to_v,to_out}.*`` (attention),
+- ``net.layers.N.0.fn.fast_attention.projection_matrix`` (the random features, a buffer),
+- ``net.layers.N.1.norm.*`` and ``net.layers.N.1.fn.fn.{w1,w2}.*`` (feed-forward),
+- ``calls_since_last_redraw`` (a buffer counting training steps since the features were drawn).
+
+The attention is the official non-causal FAVOR+ estimate of softmax attention, with its exact
+numerics: per head, queries and keys are mapped through ``phi(x) = m^-1/2 (exp(x' W^T - |x'|^2/2
+- c) + 1e-4)`` with ``x' = x d^-1/4``, ``W`` the stored projection matrix (``m`` features by ``d``
+head dimensions), and ``c`` a stabiliser: for queries the maximum of ``x' W^T`` over features
+(per token), for keys the maximum over everything the call sees. Then ``out = phi(Q) (phi(K)^T
+V) / (phi(Q) phi(K)^T 1)``.
+
+Unlike the official code, the attention never materialises ``phi`` for the whole sequence: keys
+are streamed in chunks that accumulate ``phi(K)^T V`` and ``phi(K)^T 1`` (the key stabiliser is
+kept as a running maximum and earlier sums rescaled when it grows, which is exact), then queries
+are streamed against those sums. Memory is bounded by ``chunk_size`` tokens (by default about
+16 M elements per intermediate), and results equal the unchunked formulas to float rounding.
+The feature maps are computed in float32 even under autocast: the ``+1e-4`` floor is below
+bfloat16's resolution near 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "FastAttention",
+    "FeedForward",
+    "Performer",
+    "PerformerSelfAttention",
+    "favor_attention",
+    "gaussian_orthogonal_random_matrix",
+    "linear_attention",
+    "softmax_kernel",
+]
+
+KeyMax = Literal["sample", "batch"]
+_KEY_MAX = ("sample", "batch")
+# Largest intermediate a chunk may create, in elements (64 MiB in float32).
+_CHUNK_ELEMENTS = 1 << 24
+_EPS = 1e-4
+
+
+def default_nb_features(dim_head: int) -> int:
+    """Return the official default number of random features, ``int(d * ln d)``."""
+    return int(dim_head * math.log(dim_head))
+
+
+def gaussian_orthogonal_random_matrix(
+    nb_rows: int,
+    nb_columns: int,
+    *,
+    scaling: Literal[0, 1] = 0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Draw FAVOR+ projection features: blocks of orthogonal rows with Gaussian-like norms.
+
+    Rows come in blocks of ``nb_columns`` mutually orthogonal unit vectors (the Q factor of a
+    Gaussian matrix); with ``scaling=0`` each row is then given the norm of an independent
+    ``nb_columns``-dimensional standard Gaussian vector, with ``scaling=1`` the norm
+    ``sqrt(nb_columns)``. This is the distribution of the official
+    ``gaussian_orthogonal_random_matrix``; the draws themselves differ.
+
+    Parameters
+    ----------
+    nb_rows
+        Number of random features ``m``.
+    nb_columns
+        Head dimension ``d``.
+    scaling
+        ``0`` for random norms (official default), ``1`` for fixed norms.
+    generator
+        CPU random generator, for reproducible draws.
+    device
+        Where to put the result.
+
+    Returns
+    -------
+    ``(nb_rows, nb_columns)`` float32 tensor.
+    """
+    if nb_rows < 1 or nb_columns < 1:
+        raise ValueError(f"nb_rows and nb_columns must be positive, got {nb_rows}, {nb_columns}.")
+    if scaling not in (0, 1):
+        raise ValueError(f"scaling must be 0 or 1, got {scaling!r}.")
+    n_blocks = math.ceil(nb_rows / nb_columns)
+    gauss = torch.randn(n_blocks, nb_columns, nb_columns, generator=generator)
+    q, _ = torch.linalg.qr(gauss, mode="reduced")
+    rows = q.transpose(-2, -1).reshape(-1, nb_columns)[:nb_rows]
+    if scaling == 0:
+        norms = torch.randn(nb_rows, nb_columns, generator=generator).norm(dim=1)
+    else:
+        norms = torch.full((nb_rows,), math.sqrt(nb_columns))
+    return (norms[:, None] * rows).to(device)
+
+
+def _check_key_max(key_max: str) -> None:
+    if key_max not in _KEY_MAX:
+        raise ValueError(f"key_max must be one of {list(_KEY_MAX)}, got {key_max!r}.")
+
+
+def softmax_kernel(
+    data: Tensor,
+    projection_matrix: Tensor,
+    *,
+    is_query: bool,
+    key_max: KeyMax = "batch",
+    eps: float = _EPS,
+) -> Tensor:
+    """FAVOR+ positive random features of queries or keys, all at once (the reference formula).
+
+    ``m^-1/2 (exp(x' W^T - |x'|^2 / 2 - c) + eps)`` with ``x' = x d^-1/4``; ``c`` is the
+    per-token maximum of ``x' W^T`` for queries, and for keys the maximum over the whole input
+    (``key_max="batch"``, as the official code) or over each sample (``"sample"``).
+    :func:`favor_attention` computes the same attention in bounded memory.
+
+    Parameters
+    ----------
+    data
+        Queries or keys ``(batch, heads, seq_len, d)``.
+    projection_matrix
+        ``(m, d)`` random features.
+    is_query
+        Queries (per-token stabiliser) or keys.
+    key_max
+        Extent of the key stabiliser.
+    eps
+        Floor added to every feature.
+
+    Returns
+    -------
+    ``(batch, heads, seq_len, m)`` features.
+    """
+    _check_key_max(key_max)
+    normalizer = data.shape[-1] ** -0.25
+    ratio = projection_matrix.shape[0] ** -0.5
+    dash = (normalizer * data) @ projection_matrix.type_as(data).T
+    diag = ((data**2).sum(-1, keepdim=True) / 2.0) * normalizer**2
+    if is_query:
+        stab = dash.amax(dim=-1, keepdim=True)
+    elif key_max == "batch":
+        stab = dash.amax()
+    else:
+        stab = dash.amax(dim=(1, 2, 3), keepdim=True)
+    return ratio * (torch.exp(dash - diag - stab) + eps)
+
+
+def linear_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Non-causal linear attention ``q (k^T v) / (q k^T 1)`` on feature maps (reference formula).
+
+    Parameters
+    ----------
+    q, k
+        Query and key features ``(batch, heads, seq_len, m)``.
+    v
+        Values ``(batch, heads, seq_len, e)``.
+
+    Returns
+    -------
+    ``(batch, heads, seq_len, e)``.
+    """
+    context = k.transpose(-2, -1) @ v
+    denom = q @ k.sum(dim=-2).unsqueeze(-1)
+    return (q @ context) / denom
+
+
+def _chunk_len(chunk_size: int | None, n: int, per_token: int) -> int:
+    if chunk_size is None:
+        return max(1, min(n, _CHUNK_ELEMENTS // max(per_token, 1)))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
+    return min(n, chunk_size)
+
+
+def _no_autocast(device_type: str):
+    if device_type in ("cuda", "cpu"):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _exp_shifted(dash: Tensor, shift: Tensor, inplace: bool) -> Tensor:
+    if inplace:
+        return dash.sub_(shift).exp_()
+    return torch.exp(dash - shift)
+
+
+def favor_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    projection_matrix: Tensor,
+    *,
+    key_max: KeyMax = "batch",
+    eps: float = _EPS,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """FAVOR+ softmax-kernel attention, streamed over the sequence in chunks.
+
+    Equals ``linear_attention(softmax_kernel(q, is_query=True), softmax_kernel(k,
+    is_query=False), v)`` up to float rounding, without ever holding a ``(batch, heads,
+    seq_len, m)`` tensor: keys are streamed first, accumulating ``phi(K)^T V`` and
+    ``phi(K)^T 1`` under a running maximum (earlier sums are rescaled by ``exp(old - new)``
+    when it grows), then queries are streamed against those sums.
+
+    Parameters
+    ----------
+    q, k, v
+        ``(batch, heads, seq_len, d)`` queries, keys and values.
+    projection_matrix
+        ``(m, d)`` random features.
+    key_max
+        ``"batch"``: one key stabiliser over the whole batch, as the official ``forward`` on a
+        batch; ``"sample"``: one per sample, as the official scripts that run one cell at a
+        time, and the only choice under which a sample's output does not depend on the other
+        samples of the batch.
+    eps
+        Feature floor (official ``1e-4``).
+    chunk_size
+        Tokens per chunk; ``None`` sizes chunks so that no intermediate exceeds about 16 M
+        elements.
+
+    Returns
+    -------
+    ``(batch, heads, seq_len, d_v)``, in the dtype of ``v``.
+    """
+    _check_key_max(key_max)
+    b, h, n, d = q.shape
+    m = projection_matrix.shape[0]
+    if projection_matrix.shape[1] != d:
+        raise ValueError(
+            f"projection_matrix has {projection_matrix.shape[1]} columns but the heads have "
+            f"dimension {d}."
+        )
+    out_dtype = v.dtype
+    with _no_autocast(q.device.type):
+        q, k, v = q.float(), k.float(), v.float()
+        # d^-1/4 is folded into the (small) projection instead of scaling q and k.
+        normalizer = d**-0.25
+        proj_t = (normalizer * projection_matrix.float()).T
+        half_norm2 = normalizer**2 / 2.0
+        step = _chunk_len(chunk_size, n, b * h * m)
+        # Outside autograd the (batch, heads, chunk, m) intermediates are updated in place.
+        inplace = not torch.is_grad_enabled()
+
+        # Keys: accumulate exp-features against [V, 1] under a running maximum.
+        v1 = torch.cat([v, v.new_ones(b, h, n, 1)], dim=-1)
+        kv1 = k.new_zeros(b, h, m, v1.shape[-1])
+        running = None
+        for start in range(0, n, step):
+            kc = k[:, :, start : start + step]
+            dash = kc @ proj_t
+            diag = (kc**2).sum(-1, keepdim=True) * half_norm2
+            if key_max == "batch":
+                chunk_max = dash.amax().reshape(1, 1, 1, 1)
+            else:
+                chunk_max = dash.amax(dim=(1, 2, 3), keepdim=True)
+            if running is None:
+                running = chunk_max
+            else:
+                new = torch.maximum(running, chunk_max)
+                kv1 = kv1 * torch.exp(running - new)
+                running = new
+            feats = _exp_shifted(dash, diag + running, inplace)
+            kv1 = kv1 + feats.transpose(-2, -1) @ v1[:, :, start : start + step]
+        # Every key feature's eps floor adds eps * [sum(v), n]; m^-1/2 scales both.
+        context = (m**-0.5) * (kv1 + eps * v1.sum(dim=-2, keepdim=True))
+        # The same floor on the query side, applied to the sums instead of each feature.
+        floor = eps * context.sum(dim=-2, keepdim=True)
+
+        outs = []
+        for start in range(0, n, step):
+            qc = q[:, :, start : start + step]
+            dash = qc @ proj_t
+            shift = (qc**2).sum(-1, keepdim=True) * half_norm2 + dash.amax(dim=-1, keepdim=True)
+            # The query features' m^-1/2 cancels between numerator and denominator.
+            num_den = _exp_shifted(dash, shift, inplace) @ context + floor
+            outs.append(num_den[..., :-1] / num_den[..., -1:])
+        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    return out.to(out_dtype)
+
+
+class FastAttention(nn.Module):
+    """FAVOR+ attention with a stored projection matrix (official ``FastAttention``).
+
+    Parameters
+    ----------
+    dim_head
+        Head dimension ``d``.
+    nb_features
+        Random features ``m``; ``None`` uses ``int(d ln d)`` (266 for ``d = 64``).
+    ortho_scaling
+        Norms of newly drawn features (see :func:`gaussian_orthogonal_random_matrix`).
+    """
+
+    def __init__(
+        self, dim_head: int, nb_features: int | None = None, *, ortho_scaling: Literal[0, 1] = 0
+    ) -> None:
+        super().__init__()
+        self.dim_head = dim_head
+        self.nb_features = default_nb_features(dim_head) if nb_features is None else nb_features
+        self.ortho_scaling = ortho_scaling
+        self.register_buffer(
+            "projection_matrix",
+            gaussian_orthogonal_random_matrix(self.nb_features, dim_head, scaling=ortho_scaling),
+        )
+
+    @torch.no_grad()
+    def redraw_projection_matrix(self, generator: torch.Generator | None = None) -> None:
+        """Replace the random features by a fresh draw (in place, same device and dtype)."""
+        new = gaussian_orthogonal_random_matrix(
+            self.nb_features, self.dim_head, scaling=self.ortho_scaling, generator=generator
+        )
+        self.projection_matrix.copy_(new)
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_max: KeyMax = "batch",
+        chunk_size: int | None = None,
+    ) -> Tensor:
+        """Attend; see :func:`favor_attention` (inputs ``(batch, heads, seq_len, d)``)."""
+        return favor_attention(
+            q, k, v, self.projection_matrix, key_max=key_max, chunk_size=chunk_size
+        )
+
+
+class PerformerSelfAttention(nn.Module):
+    """Multi-head FAVOR+ self-attention (official ``SelfAttention``, global heads only).
+
+    Parameters
+    ----------
+    dim
+        Model width.
+    heads
+        Number of heads.
+    dim_head
+        Head dimension; ``heads * dim_head`` need not equal ``dim``.
+    nb_features
+        Random features per head (``None``: ``int(dim_head ln dim_head)``).
+    qkv_bias
+        Biases on the query/key/value projections (scBERT: no; scFoundation: yes).
+    dropout
+        Dropout after the output projection.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        *,
+        nb_features: int | None = None,
+        qkv_bias: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.fast_attention = FastAttention(dim_head, nb_features)
+        self.to_q = nn.Linear(dim, inner, bias=qkv_bias)
+        self.to_k = nn.Linear(dim, inner, bias=qkv_bias)
+        self.to_v = nn.Linear(dim, inner, bias=qkv_bias)
+        self.to_out = nn.Linear(inner, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def _split(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.heads, -1).transpose(1, 2)
+
+    def forward(
+        self, x: Tensor, *, key_max: KeyMax = "batch", chunk_size: int | None = None
+    ) -> Tensor:
+        """Attend over ``x`` ``(batch, seq_len, dim)``."""
+        q, k, v = (self._split(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
+        out = self.fast_attention(q, k, v, key_max=key_max, chunk_size=chunk_size)
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+        return self.dropout(self.to_out(out))
+
+
+class FeedForward(nn.Module):
+    """Position-wise ``w2(dropout(GELU(w1(x))))`` (official ``FeedForward``, no GLU)."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, dim * mult)
+        self.act = nn.GELU()
+        self.dropout = nn.Dropout(dropout)
+        self.w2 = nn.Linear(dim * mult, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(self.dropout(self.act(self.w1(x))))
+
+
+class SequenceChunks(nn.Module):
+    """Apply a position-wise module to chunks of the sequence (official ``Chunk``'s place).
+
+    Only memory changes: each chunk's hidden activations are freed before the next one.
+    """
+
+    def __init__(self, fn: FeedForward) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor, *, chunk_size: int | None = None) -> Tensor:
+        b, n, _ = x.shape
+        step = _chunk_len(chunk_size, n, b * self.fn.w1.out_features)
+        if step >= n:
+            return self.fn(x)
+        return torch.cat([self.fn(x[:, s : s + step]) for s in range(0, n, step)], dim=1)
+
+
+class PreLayerNorm(nn.Module):
+    """``fn(LayerNorm(x))``: the official ``PreLayerNorm`` wrapper (keys ``norm``, ``fn``)."""
+
+    def __init__(self, dim: int, fn: nn.Module) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fn = fn
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        return self.fn(self.norm(x), **kwargs)
+
+
+class _Layers(nn.Module):
+    """Holds the blocks under ``layers`` (the official ``SequentialSequence``'s key)."""
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        super().__init__()
+        self.layers = layers
+
+
+class Performer(nn.Module):
+    """A stack of pre-LayerNorm Performer blocks: ``x += attn(norm(x)); x += ffn(norm(x))``.
+
+    No final norm (the models put their own after it). State-dict keys are those of the
+    official ``Performer`` (see the module notes), so official weights load with
+    ``strict=True``.
+
+    Random features are drawn once at construction and are part of the state dict; loaded
+    checkpoints bring their own. They are redrawn only while training and only when
+    ``feature_redraw_interval`` is set (the official pretraining used 1000 steps): every
+    training-mode forward then counts in ``calls_since_last_redraw``, and the forward that finds
+    the count at the interval draws new features for every layer and resets it. In eval mode,
+    or with ``feature_redraw_interval=None`` (the default), the features never change.
+
+    Parameters
+    ----------
+    dim
+        Model width.
+    depth
+        Number of blocks.
+    heads
+        Attention heads per block.
+    dim_head
+        Head dimension.
+    nb_features
+        Random features per head (``None``: ``int(dim_head ln dim_head)``).
+    ff_mult
+        Feed-forward hidden width as a multiple of ``dim``.
+    qkv_bias
+        Biases on the query/key/value projections.
+    ff_dropout
+        Dropout inside the feed-forward blocks.
+    attn_dropout
+        Dropout after each attention output projection.
+    feature_redraw_interval
+        Training steps between redraws of the random features; ``None`` never redraws.
+    key_max
+        Extent of the key stabiliser (see :func:`favor_attention`): ``"sample"`` (default)
+        makes every sample's output independent of the rest of the batch, as the official
+        one-cell-at-a-time inference scripts; ``"batch"`` is the official ``forward`` on a
+        batch. They differ only through the ``1e-4`` feature floor. Can be changed any time.
+    chunk_size
+        Tokens per chunk in attention and feed-forward; ``None`` bounds each intermediate to
+        about 16 M elements. Can be changed any time; results do not depend on it.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        heads: int,
+        dim_head: int,
+        *,
+        nb_features: int | None = None,
+        ff_mult: int = 4,
+        qkv_bias: bool = False,
+        ff_dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        feature_redraw_interval: int | None = None,
+        key_max: KeyMax = "sample",
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        _check_key_max(key_max)
+        if feature_redraw_interval is not None and feature_redraw_interval < 1:
+            raise ValueError(
+                "feature_redraw_interval must be a positive integer or None, got "
+                f"{feature_redraw_interval!r}."
+            )
+        blocks = nn.ModuleList(
+            nn.ModuleList(
+                [
+                    PreLayerNorm(
+                        dim,
+                        PerformerSelfAttention(
+                            dim,
+                            heads,
+                            dim_head,
+                            nb_features=nb_features,
+                            qkv_bias=qkv_bias,
+                            dropout=attn_dropout,
+                        ),
+                    ),
+                    PreLayerNorm(dim, SequenceChunks(FeedForward(dim, ff_mult, ff_dropout))),
+                ]
+            )
+            for _ in range(depth)
+        )
+        self.net = _Layers(blocks)
+        self.feature_redraw_interval = feature_redraw_interval
+        self.key_max: KeyMax = key_max
+        self.chunk_size = chunk_size
+        self.register_buffer("calls_since_last_redraw", torch.tensor(0))
+
+    def fast_attentions(self) -> list[FastAttention]:
+        """Return the :class:`FastAttention` of every block, in order."""
+        return [m for m in self.modules() if isinstance(m, FastAttention)]
+
+    @torch.no_grad()
+    def redraw_projections(self, generator: torch.Generator | None = None) -> None:
+        """Draw new random features for every block and reset the step counter."""
+        for attention in self.fast_attentions():
+            attention.redraw_projection_matrix(generator)
+        self.calls_since_last_redraw.zero_()
+
+    def _maybe_redraw(self) -> None:
+        if not self.training or self.feature_redraw_interval is None:
+            return
+        if int(self.calls_since_last_redraw) >= self.feature_redraw_interval:
+            self.redraw_projections()
+        else:
+            self.calls_since_last_redraw += 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Run the blocks on ``x`` ``(batch, seq_len, dim)``."""
+        _check_key_max(self.key_max)
+        self._maybe_redraw()
+        for attn, ff in self.net.layers:
+            x = x + attn(x, key_max=self.key_max, chunk_size=self.chunk_size)
+            x = x + ff(x, chunk_size=self.chunk_size)
+        return x
