@@ -153,3 +153,18 @@ def test_mudata_modality(scgpt_fixture):
     sft.tl.embed_cells(mdata, root / "ckpt_folder", mod="rna")
     assert mdata.mod["rna"].obsm["X_scgpt"].shape[0] == rna.n_obs
     np.testing.assert_array_equal(mdata.obsm["X_scgpt"], mdata.mod["rna"].obsm["X_scgpt"])
+
+
+def test_count_models_refuse_lognormalised_values(fixtures_dir):
+    # CellPLM takes log1p of raw counts inside the model: other values must be refused, not warned.
+    arrays = dict(np.load(fixtures_dir / "cellplm" / "fixture_io.npz"))
+    counts = np.asarray(arrays["counts"], dtype=np.float32)
+    lognorm = np.log1p(counts / np.maximum(counts.sum(1, keepdims=True), 1) * 1e4)
+    adata = ad.AnnData(
+        sparse.csr_matrix(lognorm),
+        var=pd.DataFrame(index=[str(g) for g in arrays["var_names"]]),
+    )
+    snap = _snapshot(adata)
+    with pytest.raises(InputError, match="non-integer values"):
+        sft.tl.embed_cells(adata, fixtures_dir / "cellplm" / "fixture.best.ckpt")
+    _unchanged(adata, snap)

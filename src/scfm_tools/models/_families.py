@@ -24,12 +24,15 @@ _TASKS: dict[str, dict[str, str]] = {
     },
 }
 
-# Where the families that are not implemented yet are tracked, for the error message.
-_PLANNED: dict[str, str] = {}
-
-# Families whose task functions check the kind of values themselves (raw counts or
-# log-normalised, as their options say), so the tl functions do not second-guess them.
-_CHECKS_OWN_VALUES = frozenset({"scfoundation"})
+# What values each family's tl functions need: "counts" (raw counts, refused otherwise),
+# "counts_or_lognorm" (counts preferred; log-normalised values work, with a warning), or "own"
+# (the family checks the values itself, against its own options).
+_VALUES: dict[str, str] = {
+    "scgpt": "counts_or_lognorm",
+    "scbert": "counts",
+    "cellplm": "counts",
+    "scfoundation": "own",
+}
 
 
 def family_task(family: str, task: str) -> Callable:
@@ -37,17 +40,16 @@ def family_task(family: str, task: str) -> Callable:
     target = _TASKS.get(family, {}).get(task)
     if target is None:
         able = sorted(f for f, tasks in _TASKS.items() if task in tasks)
-        later = f" ({_PLANNED[family]} is not implemented yet)" if family in _PLANNED else ""
         raise NotImplementedError(
-            f"{task} is not available for {family} models{later}; families that can: {able}."
+            f"{task} is not available for {family} models; families that can: {able}."
         )
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name)
 
 
-def checks_own_values(family: str) -> bool:
-    """Whether ``family``'s task functions check the kind of values (counts or not) themselves."""
-    return family in _CHECKS_OWN_VALUES
+def values_needed(family: str) -> str:
+    """Return what values ``family`` needs: ``"counts"``, ``"counts_or_lognorm"`` or ``"own"``."""
+    return _VALUES.get(family, "counts")
 
 
 def check_family_options(

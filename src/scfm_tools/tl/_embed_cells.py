@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._anndata import params_record, resolve_adata
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
-from .._validation import check_nonempty, check_nonnegative, first_non_integer
+from .._validation import check_counts, check_nonempty, check_nonnegative, first_non_integer
 from ._model_arg import DOC_MODEL, resolve_model
 
 if TYPE_CHECKING:
@@ -65,9 +65,10 @@ def embed_cells(
     minibatches to limit padding; a cell's embedding does not depend on ``batch_size`` or
     ``chunk_size``.
 
-    Raw counts are expected (the official models are fed counts). Because scGPT bins each
-    cell's values by rank, log-normalised values give nearly the same bins: they are accepted
-    with a logged warning.
+    Raw counts are expected (the official models are fed counts): scBERT and CellPLM refuse other
+    values, scFoundation checks them against its ``pre_normalized`` option. Because scGPT bins
+    each cell's values by rank, log-normalised values give it nearly the same bins: they are
+    accepted with a logged warning.
 
     Parameters
     ----------
@@ -142,24 +143,28 @@ def embed_cells(
         overlap with the model's vocabulary; the message says what to do.
     """
     from .._settings import settings
-    from ..models._families import check_family_options, checks_own_values, family_task
+    from ..models._families import check_family_options, family_task, values_needed
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     obj, ad = resolve_adata(adata, copy=copy, mod=mod)
-    # Validate the data before anything is loaded or written.
-    check_nonnegative(ad, layer, chunk_size=chunk_size)
-    check_nonempty(ad, layer, chunk_size=chunk_size)
-    non_integer = first_non_integer(ad, layer, chunk_size=chunk_size)
-
     resolved = resolve_model(model)
-    if non_integer is not None and not checks_own_values(resolved.family):
-        logger.warning(
-            "embed_cells: the values are not raw counts (%s). The model was trained on counts; "
-            "its per-cell rank binning gives nearly the same input for log-normalised values, "
-            "but pass the counts (`layer=`) where you have them.",
-            non_integer,
-        )
+    # Validate the data before any weights are loaded or anything is written.
+    needed = values_needed(resolved.family)
+    if needed == "counts":
+        check_counts(ad, layer, chunk_size=chunk_size)
+    else:
+        check_nonnegative(ad, layer, chunk_size=chunk_size)
+    check_nonempty(ad, layer, chunk_size=chunk_size)
+    if needed == "counts_or_lognorm":
+        non_integer = first_non_integer(ad, layer, chunk_size=chunk_size)
+        if non_integer is not None:
+            logger.warning(
+                "embed_cells: the values are not raw counts (%s). The model was trained on "
+                "counts; its per-cell rank binning gives nearly the same input for "
+                "log-normalised values, but pass the counts (`layer=`) where you have them.",
+                non_integer,
+            )
     embed = family_task(resolved.family, "embed_cells")
     check_family_options(embed, resolved.family, "embed_cells", model_kwargs, _STANDARD)
     dev = settings.resolve_device(device)
