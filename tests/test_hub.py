@@ -507,7 +507,10 @@ def test_official_cards_match_the_published_facts(reference_dir):
     assert "ICLR 2024" in cellplm.citation
     for card in _registry._cards().values():
         assert card.license and card.citation and card.homepage.startswith("https://github.com/")
-        assert card.download == "manual" and card.manual_download
+        if card.embedded:
+            assert card.download == "embedded"
+        else:
+            assert card.download == "manual" and card.manual_download
 
 
 # embedded models ---------------------------------------------------------------------------------
@@ -683,3 +686,17 @@ def test_load_scbert_folder_with_gene_list(tmp_path):
     (tmp_path / "other.pth").write_bytes(b"more weights")
     with pytest.raises(ValueError, match=r"several \.pth checkpoints"):
         load(tmp_path)
+
+
+def test_safetensors_scgpt_folder_resolves(tmp_path):
+    folder = tmp_path / "own"
+    folder.mkdir()
+    for name, data in {"model.safetensors": b"w", "args.json": b"{}", "vocab.json": b"{}"}.items():
+        (folder / name).write_bytes(data)
+    resolved = load(folder)
+    assert resolved.family == "scgpt"
+    assert resolved.weights == folder / "model.safetensors"
+    assert resolved.sha256 == sha(b"w")
+    (folder / "args.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has model.safetensors and vocab.json but no args"):
+        load(folder)

@@ -6,7 +6,8 @@ Nothing here unpickles a checkpoint: families are told apart by file names, whic
 ========================  ==============================================================
 family                    files
 ========================  ==============================================================
-``"scgpt"``               a folder with ``best_model.pt``, ``args.json``, ``vocab.json``
+``"scgpt"``               a folder with ``best_model.pt`` (or the project's own
+                          ``model.safetensors``), ``args.json``, ``vocab.json``
 ``"cellplm"``             ``<prefix>.best.ckpt`` beside ``<prefix>.config.json``
 ``"scfoundation"``        ``models.ckpt`` (or one other ``*.ckpt``)
 ``"scbert"``              one ``*.pth`` (e.g. ``panglao_pretrain.pth``), optionally with
@@ -36,12 +37,15 @@ _LABELS = {
     "cellplm": "CellPLM",
 }
 _NEEDS = {
-    "scgpt": "best_model.pt, args.json and vocab.json in one folder",
+    "scgpt": "best_model.pt (or model.safetensors), args.json and vocab.json in one folder",
     "cellplm": "<prefix>.best.ckpt and <prefix>.config.json in one folder",
     "scfoundation": "models.ckpt",
     "scbert": "a .pth checkpoint such as panglao_pretrain.pth (optionally gene_list.txt)",
 }
 _SCGPT_FILES = {"weights": "best_model.pt", "args": "args.json", "vocab": "vocab.json"}
+# The project's own scGPT folders keep the weights as safetensors; preferred when both exist,
+# as the scGPT loader does.
+_SCGPT_WEIGHTS = ("model.safetensors", "best_model.pt")
 _CELLPLM_SUFFIXES = {"weights": ".best.ckpt", "config": ".config.json"}
 _SCBERT_GENE_LIST = "gene_list.txt"
 
@@ -107,6 +111,10 @@ def _scgpt_files(path: Path) -> tuple[Path, dict[str, Path], dict[str, str]]:
     found: dict[str, Path] = {}
     if path.is_file() and path.name not in {"args.json", "vocab.json"}:
         found["weights"] = path
+    else:
+        weights = [folder / n for n in _SCGPT_WEIGHTS if (folder / n).is_file()]
+        if weights:
+            found["weights"] = weights[0]
     for role, fname in _SCGPT_FILES.items():
         if role not in found and (folder / fname).is_file():
             found[role] = folder / fname
@@ -192,18 +200,18 @@ def _family_of_file(path: Path) -> Family:
         return "scfoundation"
     if name.endswith(".pth"):
         return "scbert"
-    if name.endswith(".pt") or name in {"args.json", "vocab.json"}:
+    if name.endswith(".pt") or name in {"args.json", "vocab.json", *_SCGPT_WEIGHTS}:
         return "scgpt"
     raise ValueError(
         f"Cannot tell the model family of {path} from its name; pass family= (one of "
-        f"{list(FAMILIES)}). Name conventions: scGPT best_model.pt (*.pt), CellPLM "
-        "<prefix>.best.ckpt, scFoundation models.ckpt (*.ckpt), scBERT *.pth."
+        f"{list(FAMILIES)}). Name conventions: scGPT best_model.pt (*.pt) or "
+        "model.safetensors, CellPLM <prefix>.best.ckpt, scFoundation models.ckpt (*.ckpt), scBERT *.pth."
     )
 
 
 def _family_of_folder(folder: Path) -> Family:
     signs = {
-        "scgpt": [n for n in _SCGPT_FILES.values() if (folder / n).is_file()],
+        "scgpt": [n for n in {*_SCGPT_FILES.values(), *_SCGPT_WEIGHTS} if (folder / n).is_file()],
         "cellplm": sorted(p.name for s in _CELLPLM_SUFFIXES.values() for p in folder.glob(f"*{s}")),
         "scfoundation": sorted(
             p.name for p in folder.glob("*.ckpt") if not p.name.endswith(".best.ckpt")

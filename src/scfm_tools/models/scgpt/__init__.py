@@ -1,20 +1,34 @@
-"""scGPT (bowang-lab/scGPT): the module, official-checkpoint loading, zero-shot embedding."""
+"""scGPT (bowang-lab/scGPT): the module, the AnnData-facing model, checkpoints, embedding."""
 
-from ._checkpoint import SPECIAL_TOKENS, LoadReport, load_scgpt_folder, read_vocab
+from ._checkpoint import (
+    SPECIAL_TOKENS,
+    LoadReport,
+    add_special_tokens,
+    load_scgpt_folder,
+    read_vocab,
+    write_scgpt_folder,
+)
 from ._embed import embed_matrix, iter_embeddings
+from ._model import SCGPT
 from ._module import SCGPTModule, mask_values
 from ._tokenizer import OFFICIAL_N_BINS, CellTokenizer, pad_cells
+from ._training_plan import SCGPTTrainingPlan, tokenize_minibatch
 
 __all__ = [
     "OFFICIAL_N_BINS",
+    "SCGPT",
     "SPECIAL_TOKENS",
     "CellTokenizer",
     "LoadReport",
     "SCGPTModule",
+    "SCGPTTrainingPlan",
+    "add_special_tokens",
     "embed_matrix",
     "iter_embeddings",
     "load_scgpt_folder",
     "mask_values",
     "pad_cells",
     "read_vocab",
+    "tokenize_minibatch",
+    "write_scgpt_folder",
 ]

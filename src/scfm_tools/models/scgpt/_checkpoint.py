@@ -1,4 +1,10 @@
-"""Load official scGPT checkpoint folders (``best_model.pt``, ``args.json``, ``vocab.json``)."""
+"""Read and write scGPT checkpoint folders (``args.json``, ``vocab.json`` and the weights).
+
+The official layout keeps the weights in ``best_model.pt`` (a pickled state dict, read with
+``torch.load(weights_only=True)``); the project's own models keep them in ``model.safetensors``,
+which cannot run code when read. :func:`load_scgpt_folder` reads either, and
+:func:`write_scgpt_folder` writes the safetensors layout.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +22,21 @@ import torch
 
 from ._module import SCGPTModule
 
-__all__ = ["SPECIAL_TOKENS", "LoadReport", "load_scgpt_folder", "read_vocab"]
+__all__ = [
+    "SPECIAL_TOKENS",
+    "LoadReport",
+    "add_special_tokens",
+    "load_scgpt_folder",
+    "read_vocab",
+    "write_scgpt_folder",
+]
 
 logger = logging.getLogger("scfm_tools")
 
 WEIGHTS_FILE = "best_model.pt"
+SAFETENSORS_FILE = "model.safetensors"
+# Looked for in this order: the safe format wins when a folder holds both.
+WEIGHTS_FILES = (SAFETENSORS_FILE, WEIGHTS_FILE)
 ARGS_FILE = "args.json"
 VOCAB_FILE = "vocab.json"
 # Appended in this order when absent, as the official embed_data does.
@@ -90,9 +106,17 @@ def _require_file(folder: Path, name: str) -> Path:
         present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         raise FileNotFoundError(
             f"{name} is missing from the scGPT checkpoint folder {folder} (found: {present}); "
-            f"an scGPT folder holds {WEIGHTS_FILE}, {ARGS_FILE} and {VOCAB_FILE}."
+            f"an scGPT folder holds {ARGS_FILE}, {VOCAB_FILE} and the weights "
+            f"({WEIGHTS_FILE} or {SAFETENSORS_FILE})."
         )
     return path
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in WEIGHTS_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    return _require_file(folder, WEIGHTS_FILE)
 
 
 def _read_json(path: Path) -> Any:
@@ -127,23 +151,54 @@ def read_vocab(path: str | os.PathLike) -> dict[str, int]:
     bad = [k for k, v in raw.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0]
     if bad:
         raise ValueError(f"{path}: ids must be non-negative integers; offending tokens: {bad[:5]}.")
-    vocab = dict(raw)
-    if len(set(vocab.values())) != len(vocab):
+    if len(set(raw.values())) != len(raw):
         raise ValueError(f"{path}: several tokens share the same id.")
+    return add_special_tokens(raw)
+
+
+def add_special_tokens(vocab: Mapping[str, int]) -> dict[str, int]:
+    """Return a copy of ``vocab`` with ``<pad>``, ``<cls>``, ``<eoc>`` appended when absent.
+
+    Each missing token takes the next free id (one more than the largest), in that order, as the
+    official ``embed_data`` and ``pretrain.py`` do.
+
+    Parameters
+    ----------
+    vocab
+        Token -> id mapping.
+
+    Returns
+    -------
+    The completed token -> id mapping.
+    """
+    out = dict(vocab)
     for token in SPECIAL_TOKENS:
-        if token not in vocab:
-            vocab[token] = max(vocab.values()) + 1
-    return vocab
+        if token not in out:
+            out[token] = max(out.values(), default=-1) + 1
+    return out
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} could not be read as a safetensors file: {err}") from err
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ValueError(
-            f"{path} could not be read as a torch checkpoint with weights_only=True (which "
-            f"refuses files that would run code on load): {err}"
-        ) from err
+    if path.suffix == ".safetensors":
+        obj = _read_safetensors(path)
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+            raise ValueError(
+                f"{path} could not be read as a torch checkpoint with weights_only=True (which "
+                f"refuses files that would run code on load): {err}"
+            ) from err
     if isinstance(obj, Mapping) and "model_state_dict" in obj:
         obj = obj["model_state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -157,7 +212,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     ):
         raise ValueError(
             f"this does not look like an scGPT checkpoint: {path} has keys such as "
-            f"{list(obj)[:5]}, but an scGPT best_model.pt has 'encoder.embedding.weight' and "
+            f"{list(obj)[:5]}, but scGPT weights have 'encoder.embedding.weight' and "
             "'transformer_encoder.layers.N.*'."
         )
     return dict(obj)
@@ -237,19 +292,21 @@ def _module_config(args: dict[str, Any], vocab: dict[str, int], state: dict) -> 
 def load_scgpt_folder(
     path: str | os.PathLike, *, strict: bool = False
 ) -> tuple[SCGPTModule, dict[str, int], dict[str, Any], LoadReport]:
-    """Load an official scGPT checkpoint folder.
+    """Load an scGPT checkpoint folder: an official one, or one written by this package.
 
     Reads ``args.json`` (model size and token values), ``vocab.json`` (``<pad>``, ``<cls>``,
-    ``<eoc>`` appended when absent) and ``best_model.pt`` (a bare state dict, read with
-    ``torch.load(weights_only=True)``), translates flash-attn key names (``self_attn.Wqkv.*``,
-    ``self_attn._impl.Wqkv.*``) to the torch names, and loads every tensor whose key and shape
-    match. Keys that do not match are never dropped silently: they are listed in the returned
-    report and in a WARNING.
+    ``<eoc>`` appended when absent) and the weights: ``model.safetensors`` when present (the
+    project's own models, :func:`write_scgpt_folder`), else ``best_model.pt`` (the official
+    layout, a bare state dict read with ``torch.load(weights_only=True)``). It translates
+    flash-attn key names (``self_attn.Wqkv.*``, ``self_attn._impl.Wqkv.*``) to the torch names,
+    and loads every tensor whose key and shape match. Keys that do not match are never dropped
+    silently: they are listed in the returned report and in a WARNING.
 
     Parameters
     ----------
     path
-        Folder holding ``best_model.pt``, ``args.json`` and ``vocab.json``.
+        Folder holding ``args.json``, ``vocab.json`` and ``model.safetensors`` or
+        ``best_model.pt``.
     strict
         Raise instead of warning when any key is missing, unexpected or of the wrong shape.
 
@@ -263,7 +320,7 @@ def load_scgpt_folder(
         raise FileNotFoundError(f"scGPT checkpoint folder {folder} does not exist (or is a file).")
     args_path = _require_file(folder, ARGS_FILE)
     vocab_path = _require_file(folder, VOCAB_FILE)
-    weights_path = _require_file(folder, WEIGHTS_FILE)
+    weights_path = _weights_file(folder)
 
     args = _check_args(_read_json(args_path), args_path)
     vocab = read_vocab(vocab_path)
@@ -291,3 +348,82 @@ def load_scgpt_folder(
     module.load_state_dict(usable, strict=False)
     module.eval()
     return module, vocab, args, report
+
+
+def _write_atomic(path: Path, write) -> None:
+    # A half-written file must never sit at the final name, where a loader would find it.
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        write(tmp)
+        # safetensors creates its file private (0600); shipped weights must be readable by all
+        # users of an installation, as any file written with the process umask is.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_scgpt_folder(
+    path: str | os.PathLike,
+    module: SCGPTModule,
+    vocab: Mapping[str, int],
+    args: Mapping[str, Any],
+    *,
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Write a module as an scGPT checkpoint folder that :func:`load_scgpt_folder` reads back.
+
+    The folder gets the official ``args.json`` and ``vocab.json`` and the weights as
+    ``model.safetensors`` (instead of the official pickled ``best_model.pt``).
+
+    Parameters
+    ----------
+    path
+        Folder to write (created when absent).
+    module
+        The module whose state dict to save.
+    vocab
+        Token -> id vocabulary, special tokens included.
+    args
+        The ``args.json`` content (official keys: ``embsize``, ``nheads``, ``d_hid``,
+        ``nlayers``, ``pad_token``, ``pad_value``, ``mask_value``, ``n_bins``,
+        ``max_seq_len`` ...).
+    overwrite
+        Replace the files of an existing checkpoint folder.
+
+    Returns
+    -------
+    File role (``"weights"``, ``"args"``, ``"vocab"``) -> path written.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(path).expanduser()
+    args = _check_args(dict(args), folder / ARGS_FILE)
+    names = (SAFETENSORS_FILE, WEIGHTS_FILE, ARGS_FILE, VOCAB_FILE)
+    existing = [n for n in names if (folder / n).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{folder} already holds {existing}; pass overwrite=True to replace them, or choose "
+            "another folder."
+        )
+    pad_token = args.get("pad_token", "<pad>")
+    if pad_token not in vocab or "<cls>" not in vocab:
+        raise ValueError(f"the vocabulary needs the tokens {pad_token!r} and '<cls>'.")
+    folder.mkdir(parents=True, exist_ok=True)
+    # An old pickle beside the new weights would be shadowed but confusing: remove it.
+    if overwrite and (folder / WEIGHTS_FILE).exists():
+        (folder / WEIGHTS_FILE).unlink()
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    vocab_out = {str(k): int(v) for k, v in sorted(vocab.items(), key=lambda kv: kv[1])}
+    files = {
+        "weights": folder / SAFETENSORS_FILE,
+        "args": folder / ARGS_FILE,
+        "vocab": folder / VOCAB_FILE,
+    }
+    _write_atomic(files["weights"], lambda p: save_file(state, p, metadata={"format": "pt"}))
+    for role, content in (("args", dict(args)), ("vocab", vocab_out)):
+        text = json.dumps(content, indent=1 if role == "args" else None)
+        _write_atomic(files[role], lambda p, t=text: p.write_text(t + "\n", encoding="utf-8"))
+    return files

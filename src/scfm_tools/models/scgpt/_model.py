@@ -1,0 +1,651 @@
+"""The AnnData-facing scGPT model: setup, pretraining/fine-tuning, embeddings, export."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+
+from ..._anndata import iter_chunks, resolve_seed
+from ..._validation import InputError, check_nonnegative, check_unique_names
+from ...pp._match_genes import GeneMatch, load_vocab, match_adata_genes
+from ._checkpoint import (
+    ARGS_FILE,
+    SAFETENSORS_FILE,
+    WEIGHTS_FILES,
+    add_special_tokens,
+    load_scgpt_folder,
+    read_vocab,
+    write_scgpt_folder,
+)
+from ._embed import iter_embeddings
+from ._module import SCGPTModule
+from ._tokenizer import OFFICIAL_N_BINS, CellTokenizer, pad_cells
+from ._training_plan import SCGPTTrainingPlan
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+__all__ = ["SCGPT"]
+
+logger = logging.getLogger("scfm_tools")
+
+VocabLike = Mapping[str, int] | str | os.PathLike
+# Gene x gene attention sums are held in memory: 5,000 genes take 200 MB (sums and counts).
+MAX_ATTENTION_GENES = 5_000
+_TOKENIZER_KEYS = ("gene_index", "cls_id", "pad_id", "max_seq_len", "n_bins")
+
+
+def _resolve_vocab(vocab: VocabLike | None, var_names: pd.Index) -> dict[str, int]:
+    if vocab is None:
+        return add_special_tokens({str(g): i for i, g in enumerate(var_names)})
+    if isinstance(vocab, str | os.PathLike):
+        path = Path(vocab).expanduser()
+        # An scGPT vocab.json gets the official treatment; other files the generic reader.
+        return read_vocab(path) if path.suffix == ".json" else add_special_tokens(load_vocab(path))
+    if isinstance(vocab, Mapping):
+        out = {}
+        for key, value in vocab.items():
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+                raise TypeError(
+                    f"vocab ids must be non-negative integers, got {value!r} for {key!r}."
+                )
+            out[str(key)] = int(value)
+        if len(set(out.values())) != len(out):
+            raise ValueError("vocab maps several tokens to the same id.")
+        return add_special_tokens(out)
+    raise TypeError(
+        f"vocab must be None, a {{gene: id}} mapping or a path to a vocab.json, "
+        f"got {type(vocab).__name__}."
+    )
+
+
+class SCGPT(UnsupervisedTrainingMixin, BaseModelClass):
+    """scGPT (Cui et al., Nature Methods 2024) as an scvi-tools model: pretrain, fine-tune, embed.
+
+    The transformer reads, per cell, the expressed genes as tokens with their per-cell quantile
+    bins as values (``<cls>`` first); its ``<cls>`` output is the cell embedding. Training is
+    the published objective: masked gene-expression prediction plus MVC on randomly masked bins
+    (:class:`~scfm_tools.models.scgpt.SCGPTTrainingPlan`). Cells are tokenized on the fly from
+    the registered matrix, so raw counts or log-normalised values both work (the bins are ranks).
+
+    Call :meth:`setup_anndata` first. Start from scratch with this constructor, or from a
+    pretrained checkpoint (official or exported here) with :meth:`from_pretrained`.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    vocab
+        Gene vocabulary: ``None`` builds one from ``adata.var_names`` (plus ``<pad>``, ``<cls>``,
+        ``<eoc>``); or a ``{gene: id}`` mapping or a path to a ``vocab.json``. Genes are matched
+        to it by symbol or Ensembl ID (:func:`~scfm_tools.pp.match_to_vocab`); the overlap is
+        logged and too small an overlap (fewer than 10 genes or 10%) is refused.
+    d_model
+        Embedding width (official ``embsize``).
+    n_heads
+        Attention heads.
+    d_hid
+        Feed-forward width.
+    n_layers
+        Transformer layers.
+    n_bins
+        Value bins, zero bin included (51 in the published models).
+    max_seq_len
+        Longest token sequence, ``<cls>`` included; cells expressing more genes are subsampled
+        at random (for training and for embedding).
+    dropout
+        Dropout rate.
+    use_batch_labels
+        Add batch-label embeddings to the decoders (needs ``batch_key`` in
+        :meth:`setup_anndata`).
+    pad_token
+        Name of the padding token.
+    **module_kwargs
+        Passed to :class:`~scfm_tools.models.scgpt.SCGPTModule` (``n_layers_cls``, ``n_cls``,
+        ``pad_value``, ``mask_value``, ``do_mvc``, ``explicit_zero_prob``, ``norm_first``,
+        ``max_value``).
+
+    Examples
+    --------
+    >>> sft.models.SCGPT.setup_anndata(adata)
+    >>> model = sft.models.SCGPT(adata, d_model=64, n_layers=2, max_seq_len=512)
+    >>> model.train(max_epochs=10, plan_kwargs={"lr": 1e-3, "mask_ratio": 0.4})
+    >>> adata.obsm["X_scgpt"] = model.get_latent_representation()
+    """
+
+    _module_cls = SCGPTModule
+    _training_plan_cls = SCGPTTrainingPlan
+
+    def __init__(
+        self,
+        adata: AnnData,
+        *,
+        vocab: VocabLike | None = None,
+        d_model: int = 64,
+        n_heads: int = 4,
+        d_hid: int = 128,
+        n_layers: int = 2,
+        n_bins: int = OFFICIAL_N_BINS,
+        max_seq_len: int = 1200,
+        dropout: float = 0.2,
+        use_batch_labels: bool = False,
+        pad_token: str = "<pad>",
+        **module_kwargs: Any,
+    ) -> None:
+        super().__init__(adata)
+        if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 2:
+            raise ValueError(f"n_bins must be an integer of at least 2, got {n_bins!r}.")
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be an integer of at least 2, got {max_seq_len!r}.")
+        # The resolved mapping, not a path, is what save/load must rebuild the model from.
+        vocab = _resolve_vocab(vocab, adata.var_names)
+        if pad_token not in vocab:
+            raise ValueError(f"pad_token {pad_token!r} is not in the vocabulary.")
+        self.vocab = vocab
+        self.gene_match = match_adata_genes(adata, vocab, caller="SCGPT")
+
+        n_batch = self.summary_stats.n_batch
+        if use_batch_labels and self.registry_["setup_args"].get("batch_key") is None:
+            raise ValueError(
+                "use_batch_labels=True needs batch labels: call "
+                "SCGPT.setup_anndata(adata, batch_key=...) first."
+            )
+        self.module = self._module_cls(
+            max(vocab.values()) + 1,
+            d_model,
+            n_heads,
+            d_hid,
+            n_layers,
+            vocab[pad_token],
+            dropout=dropout,
+            use_batch_labels=use_batch_labels,
+            n_batch_labels=n_batch if use_batch_labels else None,
+            **module_kwargs,
+        )
+        cfg = self.module.config
+        self.n_bins = n_bins
+        self.max_seq_len = max_seq_len
+        # The official args.json keys, so that export_folder writes a folder official code reads.
+        self.args: dict[str, Any] = {
+            "embsize": d_model,
+            "nheads": n_heads,
+            "d_hid": d_hid,
+            "nlayers": n_layers,
+            "n_layers_cls": cfg["n_layers_cls"],
+            "dropout": dropout,
+            "pad_token": pad_token,
+            "pad_value": cfg["pad_value"],
+            "mask_value": cfg["mask_value"],
+            "n_bins": n_bins,
+            "max_seq_len": max_seq_len,
+            "input_emb_style": "continuous",
+            "cell_emb_style": "cls",
+            "pre_norm": cfg["norm_first"],
+            "MVC": cfg["do_mvc"],
+            "explicit_zero_prob": cfg["explicit_zero_prob"],
+            "use_batch_labels": use_batch_labels,
+        }
+        self._model_summary_string = (
+            f"SCGPT model: d_model {d_model}, {n_layers} layers, {n_heads} heads, d_hid {d_hid}, "
+            f"{len(vocab):,} tokens; {self.gene_match.n_matched:,} of {adata.n_vars:,} genes "
+            f"in the vocabulary; n_bins {n_bins}, max_seq_len {max_seq_len}"
+            + (f", {n_batch} batch labels" if use_batch_labels else "")
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # setup -------------------------------------------------------------------------------------
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Register an AnnData for :class:`SCGPT`.
+
+        The matrix may hold raw counts or log-normalised values (binning is rank based); it
+        must be finite and non-negative, with unique gene names. Nothing is written to
+        ``adata`` when a check fails.
+
+        Parameters
+        ----------
+        adata
+            Cells x genes; gene symbols (or Ensembl IDs) in ``var_names``.
+        layer
+            Layer holding the expression values; ``None`` uses ``adata.X``.
+        batch_key
+            Column of ``adata.obs`` with batch labels (used with ``use_batch_labels=True``).
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        check_nonnegative(adata, layer)
+        check_unique_names(adata.var_names)
+        anndata_fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+        ]
+        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # pretrained weights ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        adata: AnnData,
+        *,
+        dropout: float | None = None,
+        max_seq_len: int | None = None,
+    ) -> SCGPT:
+        """Build the model around a pretrained checkpoint, for fine-tuning or continued training.
+
+        Parameters
+        ----------
+        name_or_path
+            A registered model name (``"scgpt-default"``, ``"scgpt-human"`` ...; see
+            :func:`sft.hub.list_models <scfm_tools.hub.list_models>`) or a local checkpoint
+            folder (official ``best_model.pt`` layout, or one written by :meth:`export_folder`).
+        adata
+            AnnData registered with :meth:`setup_anndata` (with the checkpoint's number of batch
+            labels as ``batch_key`` categories, if the checkpoint has a batch encoder).
+        dropout
+            Dropout for further training; ``None`` keeps the checkpoint's.
+        max_seq_len
+            Longest token sequence; ``None`` keeps the checkpoint's ``max_seq_len``.
+
+        Returns
+        -------
+        An :class:`SCGPT` whose module holds the checkpoint's weights. ``pretrained_`` records
+        the source, the weights' sha256 and the load report.
+        """
+        from ...hub import UnknownModelError, file_sha256, get_card, load
+
+        card = None
+        if isinstance(name_or_path, str):
+            # A registered name wins over a same-named folder, as in sft.hub.load.
+            try:
+                card = get_card(name_or_path)
+            except UnknownModelError:
+                card = None
+        if card is not None:
+            resolved = load(card, family="scgpt")
+            folder, sha256, source = resolved.path, resolved.sha256, resolved.name
+        else:
+            path = Path(name_or_path).expanduser()
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"{name_or_path!r} is neither a registered model (sft.hub.list_models()) nor "
+                    "an existing scGPT checkpoint folder."
+                )
+            folder = path if path.is_dir() else path.parent
+            weights = next((folder / n for n in WEIGHTS_FILES if (folder / n).is_file()), None)
+            sha256 = file_sha256(weights) if weights is not None else None
+            source = str(folder)
+        pretrained, vocab, args, report = load_scgpt_folder(folder)
+        cfg = pretrained.config
+        if cfg["use_batch_labels"]:
+            registered = cls._get_most_recent_anndata_manager(adata, required=True)
+            n_batch = registered.summary_stats.n_batch
+            if n_batch != cfg["n_batch_labels"]:
+                raise ValueError(
+                    f"the checkpoint has {cfg['n_batch_labels']} batch labels, but adata was set "
+                    f"up with {n_batch}; set it up with a batch_key of as many categories."
+                )
+        model = cls(
+            adata,
+            vocab=vocab,
+            d_model=cfg["d_model"],
+            n_heads=cfg["n_heads"],
+            d_hid=cfg["d_hid"],
+            n_layers=cfg["n_layers"],
+            n_bins=int(args.get("n_bins", OFFICIAL_N_BINS)),
+            max_seq_len=int(args.get("max_seq_len", 1200)) if max_seq_len is None else max_seq_len,
+            dropout=cfg["dropout"] if dropout is None else dropout,
+            use_batch_labels=cfg["use_batch_labels"],
+            pad_token=args.get("pad_token", "<pad>"),
+            n_layers_cls=cfg["n_layers_cls"],
+            n_cls=cfg["n_cls"],
+            pad_value=cfg["pad_value"],
+            mask_value=cfg["mask_value"],
+            do_mvc=cfg["do_mvc"],
+            explicit_zero_prob=cfg["explicit_zero_prob"],
+            norm_first=cfg["norm_first"],
+            max_value=cfg["max_value"],
+        )
+        # Same architecture by construction: every tensor must fit (keys the checkpoint lacked
+        # keep the fresh module's initialisation, as load_scgpt_folder reported).
+        model.module.load_state_dict(pretrained.state_dict())
+        model.module.eval()
+        model.pretrained_ = {
+            "source": source,
+            "weights_sha256": sha256,
+            "clean": report.clean,
+            "report": str(report),
+        }
+        return model
+
+    def export_folder(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the model as an scGPT checkpoint folder (official layout, safetensors weights).
+
+        The folder holds ``args.json`` and ``vocab.json`` as the official releases do and the
+        weights as ``model.safetensors``; :func:`~scfm_tools.models.scgpt.load_scgpt_folder`,
+        :meth:`from_pretrained` and ``sft.tl`` read it back.
+
+        Parameters
+        ----------
+        path
+            Folder to write (created when absent).
+        overwrite
+            Replace the checkpoint files of an existing folder.
+
+        Returns
+        -------
+        The folder.
+        """
+        files = write_scgpt_folder(path, self.module, self.vocab, self.args, overwrite=overwrite)
+        logger.info("wrote %s, %s and %s to %s", SAFETENSORS_FILE, ARGS_FILE, "vocab.json", path)
+        return files["weights"].parent
+
+    # training ----------------------------------------------------------------------------------
+    def _tokenizer_kwargs(self) -> dict[str, Any]:
+        return {
+            "gene_index": self.gene_match.index,
+            "cls_id": self.vocab["<cls>"],
+            "pad_id": self.module.pad_token_id,
+            "max_seq_len": self.max_seq_len,
+            "n_bins": self.n_bins,
+        }
+
+    def train(
+        self,
+        max_epochs: int = 10,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        batch_size: int = 64,
+        plan_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ):
+        """Pretrain or fine-tune with masked gene-expression prediction + MVC, through Lightning.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the training cells.
+        accelerator
+            Lightning accelerator (``"auto"``, ``"cpu"``, ``"gpu"`` ...).
+        devices
+            Devices to use; several GPUs train with DDP (``strategy="ddp"`` etc. in ``kwargs``).
+        batch_size
+            Cells per minibatch.
+        plan_kwargs
+            Passed to :class:`~scfm_tools.models.scgpt.SCGPTTrainingPlan`: ``lr`` (1e-3),
+            ``mask_ratio`` (0.4), ``random_state``, ``weight_decay``, ``lr_schedule``
+            (``"constant"`` or ``"cosine"`` with warm-up) ...
+        **kwargs
+            Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` (``train_size``,
+            ``check_val_every_n_epoch``, ``early_stopping``, ``datasplitter_kwargs`` ...) and on
+            to the Lightning trainer.
+
+        Returns
+        -------
+        What scvi-tools' training runner returns; the losses per epoch are in ``history``
+        (``train_loss_epoch``, ``gep_loss_train``, ``mvc_loss_train`` ...).
+        """
+        plan = dict(plan_kwargs or {})
+        clash = sorted(set(plan) & set(_TOKENIZER_KEYS))
+        if clash:
+            raise ValueError(
+                f"plan_kwargs {clash} are set by the model itself (its vocabulary, max_seq_len "
+                "and n_bins); change them on the model instead."
+            )
+        plan.setdefault("random_state", resolve_seed(None))
+        plan.update(self._tokenizer_kwargs())
+        with warnings.catch_warnings():
+            # Lightning notes that the plan's hook takes precedence over the data module's;
+            # that is the design here (the data module has none).
+            warnings.filterwarnings("ignore", message=".*overridden `on_before_batch_transfer`")
+            return super().train(
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                batch_size=batch_size,
+                plan_kwargs=plan,
+                **kwargs,
+            )
+
+    # outputs -----------------------------------------------------------------------------------
+    @property
+    def _layer(self) -> str | None:
+        return self.registry_["setup_args"].get("layer")
+
+    def _query(self, adata: AnnData | None, indices: Sequence[int] | None) -> AnnData:
+        if adata is None:
+            if self.adata is None:
+                raise ValueError("this model has no AnnData attached; pass `adata=`.")
+            adata = self.adata
+        else:
+            check_nonnegative(adata, self._layer)
+        if indices is not None:
+            adata = adata[np.asarray(indices)]
+        return adata
+
+    def _blocks(self, adata: AnnData, chunk_size: int = 10_000):
+        for _, block in iter_chunks(adata, self._layer, chunk_size=chunk_size):
+            yield block
+
+    def _gene_match(self, adata: AnnData) -> GeneMatch:
+        if self.adata is not None and (
+            adata is self.adata or adata.var_names.equals(self.adata.var_names)
+        ):
+            return self.gene_match
+        return match_adata_genes(adata, self.vocab, caller="SCGPT")
+
+    @torch.inference_mode()
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        batch_size: int = 64,
+        max_length: int | None = None,
+        random_state: int | None = 0,
+    ) -> np.ndarray:
+        """Cell embeddings: the L2-normalised ``<cls>`` output (the zero-shot scGPT embedding).
+
+        The same path as :func:`~scfm_tools.models.scgpt.embed_matrix` (official
+        ``embed_data``): the result does not depend on ``batch_size``. As in the official code,
+        the random tie-breaks of the binning come from one stream that runs over the cells in
+        order, so embedding a subset (``indices``) gives the subset's own draws.
+
+        Parameters
+        ----------
+        adata
+            Cells to embed (``None``: the AnnData of the model). Its genes are matched to the
+            vocabulary by name, so another gene set than the training one works; the values are
+            read from the layer registered in :meth:`setup_anndata`.
+        indices
+            Rows of ``adata`` to embed (``None``: all).
+        batch_size
+            Cells per forward pass.
+        max_length
+            Longest token sequence (``None``: the model's ``max_seq_len``).
+        random_state
+            Seed of the binning tie-breaks and of the subsampling of long cells (``None``:
+            ``sft.settings.seed``).
+
+        Returns
+        -------
+        ``(n_cells, d_model)`` float32 array of unit-norm embeddings.
+        """
+        adata = self._query(adata, indices)
+        match = self._gene_match(adata)
+        chunks = iter_embeddings(
+            self.module,
+            self.vocab,
+            self.args,
+            self._blocks(adata),
+            match,
+            batch_size=batch_size,
+            max_length=max_length,
+            n_bins=self.n_bins,
+            random_state=random_state,
+            device=self.device,
+        )
+        out = [emb for emb in chunks]
+        return np.concatenate(out) if out else np.empty((0, self.module.d_model), np.float32)
+
+    @torch.inference_mode()
+    def get_gene_embeddings(
+        self, genes: Sequence[str] | None = None, *, layer_norm: bool = True
+    ) -> pd.DataFrame:
+        """Gene-token embeddings (the input to gene-module and GRN analyses).
+
+        Parameters
+        ----------
+        genes
+            Vocabulary tokens to return; ``None`` returns the genes of the model's AnnData that
+            are in the vocabulary, in ``var`` order, under their ``var_names``.
+        layer_norm
+            Return the gene encoder's output (embedding row, then its layer norm), as the
+            official GRN tutorial uses; ``False`` returns the raw embedding-table rows.
+
+        Returns
+        -------
+        A DataFrame, genes x ``d_model``.
+        """
+        if genes is None:
+            names = np.asarray(self.adata.var_names)[self.gene_match.matched]
+            ids = self.gene_match.index[self.gene_match.matched]
+        else:
+            genes = [str(g) for g in ([genes] if isinstance(genes, str) else genes)]
+            missing = [g for g in genes if g not in self.vocab]
+            if missing:
+                raise KeyError(
+                    f"{len(missing)} genes are not in the model's vocabulary, e.g. {missing[:5]}."
+                )
+            names, ids = np.asarray(genes, dtype=object), [self.vocab[g] for g in genes]
+        encoder = self.module.encoder
+        idx = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)
+        emb = encoder(idx) if layer_norm else encoder.embedding(idx)
+        return pd.DataFrame(emb.float().cpu().numpy(), index=pd.Index(names, name="gene"))
+
+    @torch.inference_mode()
+    def get_attention(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        layer: int = -1,
+        genes: Sequence[str] | None = None,
+        batch_size: int = 16,
+        max_length: int | None = None,
+        random_state: int | None = 0,
+    ) -> pd.DataFrame:
+        """Gene x gene attention of one layer, heads averaged, averaged over cells.
+
+        Cells are tokenized as for embedding (expressed vocabulary genes, ``<cls>`` first);
+        entry ``(g, h)`` is the attention that query gene ``g`` pays to key gene ``h``, averaged
+        over the heads and over the cells in which both are tokens (0 where they never are).
+        ``<cls>`` is left out. Restricting ``genes`` (e.g. to highly variable genes) keeps the
+        sequences short and the matrix small.
+
+        Parameters
+        ----------
+        adata
+            Cells to run (``None``: the AnnData of the model).
+        indices
+            Rows of ``adata`` to use (``None``: all).
+        layer
+            Transformer layer (negative counts from the last).
+        genes
+            Genes (``var_names`` of ``adata``) to keep as tokens; ``None``: every gene in the
+            vocabulary (at most 5,000).
+        batch_size
+            Cells per forward pass.
+        max_length
+            Longest token sequence (``None``: the model's ``max_seq_len``).
+        random_state
+            Seed of the binning tie-breaks and of the subsampling.
+
+        Returns
+        -------
+        A genes x genes DataFrame (query genes as rows, key genes as columns).
+        """
+        n_layers = len(self.module.transformer_encoder.layers)
+        if not -n_layers <= layer < n_layers:
+            raise IndexError(f"layer {layer} does not exist: the model has {n_layers} layers.")
+        adata = self._query(adata, indices)
+        index = self._gene_match(adata).index.copy()
+        var_names = np.asarray(adata.var_names, dtype=object)
+        if genes is not None:
+            wanted = pd.Index([str(g) for g in genes])
+            absent = wanted.difference(adata.var_names)
+            if len(absent):
+                raise KeyError(
+                    f"{len(absent)} genes are not in adata.var_names, e.g. {list(absent[:5])}."
+                )
+            index[~np.isin(var_names, wanted)] = -1
+        keep = np.flatnonzero(index >= 0)
+        if keep.size == 0:
+            raise InputError("none of the chosen genes is in the model's vocabulary.")
+        if keep.size > MAX_ATTENTION_GENES:
+            raise ValueError(
+                f"{keep.size:,} genes would give a {keep.size:,} x {keep.size:,} matrix; pass "
+                f"`genes=` with at most {MAX_ATTENTION_GENES:,} (e.g. highly variable genes)."
+            )
+        position = np.full(max(self.vocab.values()) + 1, -1, dtype=np.int64)
+        position[index[keep]] = np.arange(keep.size)
+        tokenizer = CellTokenizer(
+            index,
+            cls_id=self.vocab["<cls>"],
+            pad_value=self.module.pad_value,
+            max_length=self.max_seq_len if max_length is None else max_length,
+            n_bins=self.n_bins,
+            random_state=resolve_seed(random_state),
+        )
+        sums = np.zeros((keep.size, keep.size))
+        counts = np.zeros((keep.size, keep.size), dtype=np.int64)
+        module, device, which = self.module, self.device, layer % n_layers
+        was_training = module.training
+        module.eval()
+        try:
+            for block in self._blocks(adata):
+                cells = tokenizer(block)
+                order = np.argsort([len(ids) for ids, _ in cells], kind="stable")
+                for start in range(0, len(order), batch_size):
+                    rows = [cells[i] for i in order[start : start + batch_size]]
+                    batch = pad_cells(rows, pad_id=module.pad_token_id, pad_value=module.pad_value)
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    out = module.encode(**batch, return_attention=[which])
+                    weights = out["attention"][which].mean(1).float().cpu().numpy()
+                    for w, (ids, _) in zip(weights, rows, strict=True):
+                        pos = position[ids[1:]]  # drop <cls>
+                        n = len(ids)
+                        grid = np.ix_(pos, pos)
+                        sums[grid] += w[1:n, 1:n]
+                        counts[grid] += 1
+        finally:
+            module.train(was_training)
+        mean = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+        names = pd.Index(var_names[keep], name="gene")
+        return pd.DataFrame(mean.astype(np.float32), index=names, columns=names)
+
+    def __repr__(self) -> str:
+        source = getattr(self, "pretrained_", None)
+        extra = f"; from {source['source']}" if source else ""
+        return f"{self._model_summary_string}{extra}; trained: {self.is_trained_}"

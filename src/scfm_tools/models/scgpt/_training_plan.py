@@ -1,0 +1,337 @@
+"""Lightning training plan for scGPT pretraining and fine-tuning on AnnData minibatches.
+
+scvi-tools' data loaders deliver dense expression rows (``tensors["X"]``, one column per
+registered gene). The plan turns them into scGPT token sequences in Lightning's
+``on_before_batch_transfer`` hook, which runs on the CPU in the main process of each rank before
+the batch moves to the device: per cell the expressed genes found in the vocabulary, ``<cls>``
+first, per-cell quantile bins, random subsampling to ``max_seq_len``, padding
+(:class:`~scfm_tools.models.scgpt.CellTokenizer`, :func:`~scfm_tools.models.scgpt.pad_cells`),
+then a random ``mask_ratio`` of each cell's gene values replaced by ``mask_value``
+(:func:`~scfm_tools.models.scgpt.mask_values`). The loss is
+:meth:`SCGPTModule.loss <scfm_tools.models.scgpt.SCGPTModule.loss>`: masked gene-expression
+prediction plus MVC, as in the official ``pretrain.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from scvi import REGISTRY_KEYS
+from scvi.module.base import LossOutput
+from scvi.train import TrainingPlan
+
+from ._module import BATCH_LABELS, PADDING_MASK, TARGET_VALUES, VALUES, SCGPTModule, mask_values
+from ._tokenizer import OFFICIAL_N_BINS, CellTokenizer, pad_cells
+
+__all__ = ["SCGPTTrainingPlan", "tokenize_minibatch"]
+
+logger = logging.getLogger("scfm_tools")
+
+LrSchedule = Literal["constant", "cosine"]
+# Official pretrain.py default (its "pcpt" task; the generative task is not implemented here).
+DEFAULT_MASK_RATIO = 0.4
+
+
+def tokenize_minibatch(
+    tensors: dict[str, torch.Tensor],
+    tokenizer: CellTokenizer,
+    *,
+    pad_id: int,
+    pad_value: float,
+    mask_value: float,
+    mask_ratio: float,
+    generator: torch.Generator,
+    use_batch_labels: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Turn an scvi-tools minibatch of expression rows into a masked scGPT minibatch.
+
+    Parameters
+    ----------
+    tensors
+        scvi-tools minibatch: ``X`` (cells x registered genes, dense or sparse) and, with
+        ``use_batch_labels``, ``batch`` (``(cells, 1)`` batch codes).
+    tokenizer
+        Tokenizer over the registered genes (consumes its random streams).
+    pad_id
+        Id of ``<pad>``.
+    pad_value
+        Value at ``<cls>`` and padding.
+    mask_value
+        Value written at masked positions.
+    mask_ratio
+        Fraction of each cell's gene positions to mask.
+    generator
+        Random stream of the masks.
+    use_batch_labels
+        Add ``batch_labels`` (long, ``(cells,)``) from ``tensors["batch"]``.
+
+    Returns
+    -------
+    ``gene_ids``, ``values`` (masked), ``padding_mask``, ``target_values`` (unmasked bins) and,
+    with ``use_batch_labels``, ``batch_labels``; all on the CPU.
+    """
+    X = tensors[REGISTRY_KEYS.X_KEY]
+    if X.layout != torch.strided:
+        X = X.to_dense()
+    cells = tokenizer(X.detach().cpu().numpy())
+    out = pad_cells(cells, pad_id=pad_id, pad_value=pad_value)
+    target = out["values"]
+    out[VALUES] = mask_values(
+        target,
+        mask_ratio=mask_ratio,
+        mask_value=mask_value,
+        pad_value=pad_value,
+        generator=generator,
+    )
+    out[TARGET_VALUES] = target
+    if use_batch_labels:
+        out[BATCH_LABELS] = tensors[REGISTRY_KEYS.BATCH_KEY].reshape(-1).long()
+    return out
+
+
+class SCGPTTrainingPlan(TrainingPlan):
+    """scvi-tools :class:`~scvi.train.TrainingPlan` that tokenizes and masks cells on the fly.
+
+    Built by :meth:`SCGPT.train <scfm_tools.models.SCGPT.train>`, which fills in the tokenizer
+    settings (``gene_index``, ``cls_id``, ``pad_id``, ``max_seq_len``, ``n_bins``) from the
+    model; users pass the rest through ``plan_kwargs``.
+
+    Training masks are random (seeded by ``random_state`` plus the process rank, so DDP ranks
+    draw different masks). Validation masks restart from the same seed every validation epoch,
+    so validation losses of different epochs are comparable.
+
+    Parameters
+    ----------
+    module
+        The :class:`~scfm_tools.models.scgpt.SCGPTModule` to train.
+    gene_index
+        Vocabulary id of each registered gene (-1 for genes outside the vocabulary).
+    cls_id
+        Id of ``<cls>``.
+    pad_id
+        Id of ``<pad>``.
+    max_seq_len
+        Longest token sequence (``<cls>`` included); longer cells are subsampled at random.
+    n_bins
+        Number of value bins (zero bin included).
+    mask_ratio
+        Fraction of each cell's gene values to mask (official default 0.4).
+    random_state
+        Seed of the binning tie-breaks, the subsampling and the masks.
+    lr
+        Learning rate.
+    weight_decay
+        Weight decay of the optimizer.
+    eps
+        Adam epsilon (the official scripts use 1e-8; scvi-tools' VAE default 0.01 slows
+        transformers down).
+    lr_schedule
+        ``"constant"``, or ``"cosine"``: linear warm-up over ``warmup_ratio`` of the steps, then
+        cosine decay to zero, as the official ``pretrain.py``. Ignored with
+        ``reduce_lr_on_plateau=True``.
+    warmup_ratio
+        Fraction of the training steps used for warm-up with ``lr_schedule="cosine"``.
+    length_buckets
+        Run a minibatch whose cells differ a lot in length as a few sub-batches of similar
+        length (each padded only to its own longest cell; a new sub-batch starts where the
+        length halves). The loss is the same as for the whole minibatch (masked errors summed,
+        divided by all masked positions); only the padding work is saved.
+    **kwargs
+        Passed to :class:`scvi.train.TrainingPlan` (``optimizer``, ``reduce_lr_on_plateau`` ...).
+    """
+
+    def __init__(
+        self,
+        module: SCGPTModule,
+        *,
+        gene_index: np.ndarray,
+        cls_id: int,
+        pad_id: int,
+        max_seq_len: int,
+        n_bins: int = OFFICIAL_N_BINS,
+        mask_ratio: float = DEFAULT_MASK_RATIO,
+        random_state: int = 0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        eps: float = 1e-8,
+        lr_schedule: LrSchedule = "constant",
+        warmup_ratio: float = 0.1,
+        length_buckets: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must lie in (0, 1), got {mask_ratio!r}.")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}.")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must lie in [0, 1), got {warmup_ratio!r}.")
+        super().__init__(module, lr=lr, weight_decay=weight_decay, eps=eps, **kwargs)
+        self.gene_index = np.asarray(gene_index, dtype=np.int64)
+        self.cls_id = int(cls_id)
+        self.pad_id = int(pad_id)
+        self.max_seq_len = int(max_seq_len)
+        self.n_bins = int(n_bins)
+        self.mask_ratio = float(mask_ratio)
+        self.random_state = int(random_state)
+        self.lr_schedule = lr_schedule
+        self.warmup_ratio = float(warmup_ratio)
+        self.length_buckets = bool(length_buckets)
+        self._streams: dict[str, tuple[CellTokenizer, torch.Generator]] = {}
+        self._warned_empty = False
+
+    # tokenization ------------------------------------------------------------------------------
+    def _new_streams(self, seed: int) -> tuple[CellTokenizer, torch.Generator]:
+        tokenizer = CellTokenizer(
+            self.gene_index,
+            cls_id=self.cls_id,
+            pad_value=self.module.pad_value,
+            max_length=self.max_seq_len,
+            n_bins=self.n_bins,
+            random_state=seed,
+        )
+        return tokenizer, torch.Generator().manual_seed(seed)
+
+    def _stage(self) -> str:
+        trainer = self._trainer
+        return "train" if trainer is None or trainer.training else "eval"
+
+    def on_validation_epoch_start(self) -> None:
+        """Restart the validation random streams, so every epoch sees the same masks."""
+        self._streams["eval"] = self._new_streams(self.random_state + 1_000_003)
+
+    def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int):
+        """Tokenize, pad and mask the expression rows (CPU, main process, before transfer)."""
+        if TARGET_VALUES in batch:  # already tokenized (e.g. a custom data module)
+            return batch
+        stage = self._stage()
+        if stage not in self._streams:
+            rank = self.global_rank if self._trainer is not None else 0
+            seed = self.random_state + (0 if stage == "train" else 1_000_003) + 7919 * rank
+            self._streams[stage] = self._new_streams(seed)
+        tokenizer, generator = self._streams[stage]
+        return tokenize_minibatch(
+            batch,
+            tokenizer,
+            pad_id=self.pad_id,
+            pad_value=self.module.pad_value,
+            mask_value=self.module.mask_value,
+            mask_ratio=self.mask_ratio,
+            generator=generator,
+            use_batch_labels=self.module.use_batch_labels,
+        )
+
+    # forward with length buckets ---------------------------------------------------------------
+    @staticmethod
+    def _buckets(lengths: torch.Tensor) -> list[torch.Tensor]:
+        order = torch.argsort(lengths, descending=True)
+        buckets, start = [], 0
+        sorted_lengths = lengths[order].tolist()
+        for i in range(1, len(sorted_lengths) + 1):
+            if i == len(sorted_lengths) or 2 * sorted_lengths[i] < sorted_lengths[start]:
+                buckets.append(order[start:i])
+                start = i
+        return buckets
+
+    def forward(self, *args, **kwargs):
+        """Run the module on a tokenized minibatch, by length buckets (see ``length_buckets``)."""
+        tensors = args[0] if args else kwargs.get("tensors")
+        if not (self.length_buckets and isinstance(tensors, dict) and PADDING_MASK in tensors):
+            return super().forward(*args, **kwargs)
+        lengths = (~tensors[PADDING_MASK]).sum(1)
+        buckets = self._buckets(lengths)
+        if len(buckets) == 1:
+            return super().forward(*args, **kwargs)
+        rest = {k: v for k, v in kwargs.items() if k != "tensors"}
+        masked = tensors[VALUES].eq(self.module.mask_value)
+        total = masked.sum().clamp_min(1)
+        loss, extra, per_cell = 0.0, {}, {}
+        for rows in buckets:
+            width = int(lengths[rows].max())
+            sub = {k: v[rows][:, :width] if v.dim() == 2 else v[rows] for k, v in tensors.items()}
+            _, _, out = super().forward(sub, *args[1:], **rest)
+            # Each term is a mean over the bucket's masked positions; weighting by their number
+            # gives the mean over the whole minibatch's masked positions.
+            weight = masked[rows].sum() / total
+            loss = loss + out.loss * weight
+            for key, value in out.extra_metrics.items():
+                extra[key] = extra.get(key, 0.0) + value * weight
+            for key, value in out.reconstruction_loss.items():
+                per_cell.setdefault(key, []).append(value)
+        output = LossOutput(
+            loss=loss,
+            reconstruction_loss={k: torch.cat(v) for k, v in per_cell.items()},
+            n_obs_minibatch=int(lengths.numel()),
+            extra_metrics=extra,
+        )
+        return None, None, output
+
+    def compute_and_log_metrics(self, loss_output: LossOutput, metrics, mode: str) -> None:
+        """Log scvi-tools' metrics, and the GEP/MVC terms outside inference mode.
+
+        scvi-tools logs extra metrics inside :func:`torch.inference_mode`; under DDP, Lightning
+        later averages the logged states across processes in place, which an inference-mode
+        tensor refuses. The terms are logged here under :func:`torch.no_grad` instead.
+        """
+        extra = dict(loss_output.extra_metrics)
+        loss_output.extra_metrics = {}
+        try:
+            super().compute_and_log_metrics(loss_output, metrics, mode)
+        finally:
+            loss_output.extra_metrics = extra
+        with torch.no_grad():
+            for key, value in extra.items():
+                self.log(
+                    f"{key}_{mode}",
+                    value.detach(),
+                    on_step=self.on_step,
+                    on_epoch=self.on_epoch,
+                    batch_size=loss_output.n_obs_minibatch,
+                    sync_dist=self.use_sync_dist,
+                )
+
+    def _has_masked(self, batch: dict[str, torch.Tensor]) -> bool:
+        if batch[VALUES].eq(self.module.mask_value).any():
+            return True
+        if not self._warned_empty:
+            self._warned_empty = True
+            logger.warning(
+                "a minibatch had no position to mask (its cells express fewer than %d "
+                "vocabulary genes each); it was skipped.",
+                math.ceil(1 / self.mask_ratio),
+            )
+        return False
+
+    def training_step(self, batch, batch_idx):
+        """Run a training step; a minibatch with nothing masked is skipped (returns ``None``)."""
+        if not self._has_masked(batch):
+            return None
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        """Run a validation step; a minibatch with nothing masked is skipped."""
+        if not self._has_masked(batch):
+            return None
+        return super().validation_step(batch, batch_idx)
+
+    # optimizer ---------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        """Optimizer of :class:`~scvi.train.TrainingPlan`, plus the optional cosine schedule."""
+        config = super().configure_optimizers()
+        if self.lr_schedule != "cosine" or self.reduce_lr_on_plateau:
+            return config
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(total * self.warmup_ratio)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(total - warmup, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(config["optimizer"], factor)
+        config["lr_scheduler"] = {"scheduler": scheduler, "interval": "step"}
+        return config
