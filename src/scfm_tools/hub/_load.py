@@ -205,7 +205,8 @@ def _family_of_file(path: Path) -> Family:
     raise ValueError(
         f"Cannot tell the model family of {path} from its name; pass family= (one of "
         f"{list(FAMILIES)}). Name conventions: scGPT best_model.pt (*.pt) or "
-        "model.safetensors, CellPLM <prefix>.best.ckpt, scFoundation models.ckpt (*.ckpt), scBERT *.pth."
+        "model.safetensors, CellPLM <prefix>.best.ckpt, scFoundation models.ckpt (*.ckpt), "
+        "scBERT *.pth."
     )
 
 
