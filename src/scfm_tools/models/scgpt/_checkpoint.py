@@ -14,12 +14,12 @@ import os
 import pickle
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._load_report import LoadReport, load_matching
 from ._module import SCGPTModule
 
 __all__ = [
@@ -50,54 +50,6 @@ _RENAMES = (
     (re.compile(r"self_attn\.Wqkv\."), "self_attn.in_proj_"),
     (re.compile(r"self_attn\._impl\.out_proj\."), "self_attn.out_proj."),
 )
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    """What happened to each checkpoint key when a folder was loaded.
-
-    Attributes
-    ----------
-    folder
-        The checkpoint folder.
-    loaded
-        Model keys filled from the checkpoint.
-    renamed
-        Checkpoint key -> model key, for the flash-attn names that were translated.
-    missing
-        Model keys the checkpoint has no value for (they keep their random initialisation).
-    unexpected
-        Checkpoint keys the model has no place for (ignored).
-    mismatched
-        Keys present in both with different shapes: key -> (checkpoint shape, model shape);
-        the model keeps its random initialisation there.
-    """
-
-    folder: str
-    loaded: tuple[str, ...] = ()
-    renamed: dict[str, str] = field(default_factory=dict)
-    missing: tuple[str, ...] = ()
-    unexpected: tuple[str, ...] = ()
-    mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
-
-    @property
-    def clean(self) -> bool:
-        """``True`` when every model key was loaded and every checkpoint key was used."""
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def __str__(self) -> str:
-        lines = [f"scGPT checkpoint {self.folder}: {len(self.loaded)} tensors loaded"]
-        if self.renamed:
-            lines.append(f"  renamed (flash-attn -> torch names): {len(self.renamed)}")
-        if self.missing:
-            lines.append(f"  missing (left at random init): {list(self.missing)}")
-        if self.unexpected:
-            lines.append(f"  unexpected (ignored): {list(self.unexpected)}")
-        for key, (ckpt, model) in self.mismatched.items():
-            lines.append(
-                f"  shape mismatch (left at random init): {key} checkpoint {ckpt} vs model {model}"
-            )
-        return "\n".join(lines)
 
 
 def _require_file(folder: Path, name: str) -> Path:
@@ -327,25 +279,9 @@ def load_scgpt_folder(
     state, renamed = _rename(_read_state_dict(weights_path))
     module = SCGPTModule(**_module_config(args, vocab, state))
 
-    own = module.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
-    report = LoadReport(
-        folder=str(folder),
-        loaded=tuple(usable),
-        renamed=renamed,
-        missing=tuple(k for k in own if k not in state),
-        unexpected=tuple(k for k in state if k not in own),
-        mismatched={
-            k: (tuple(v.shape), tuple(own[k].shape))
-            for k, v in state.items()
-            if k in own and v.shape != own[k].shape
-        },
+    report = load_matching(
+        module, state, source=str(folder), family="scGPT", renamed=renamed, strict=strict
     )
-    if not report.clean:
-        if strict:
-            raise ValueError(f"checkpoint does not match the model (strict=True):\n{report}")
-        logger.warning("%s", report)
-    module.load_state_dict(usable, strict=False)
     module.eval()
     return module, vocab, args, report
 
