@@ -97,7 +97,7 @@ def _gene2vec_table(gene2vec, n_genes: int, dim: int) -> torch.Tensor | None:
 
 
 class SCBERT(UnsupervisedTrainingMixin, BaseModelClass):
-    """scBERT (:cite:p:`Yang2022`) as an scvi-tools model: pretrain, fine-tune, embed, annotate.
+    """scBERT (Yang et al. 2022) as an scvi-tools model: pretrain, fine-tune, embed, annotate.
 
     Every cell is read on the model's gene list (16,906 genes for the published model; genes
     of ``adata`` are matched to it by symbol, missing ones are zero), depth-normalised,
