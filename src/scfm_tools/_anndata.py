@@ -17,6 +17,7 @@ __all__ = [
     "describe_source",
     "get_matrix",
     "iter_chunks",
+    "iter_row_blocks",
     "params_record",
     "resolve_adata",
     "resolve_seed",
@@ -48,16 +49,22 @@ def iter_chunks(
     Works on dense, sparse and backed (``backed="r"``) AnnData; a block is a dense array or a
     CSR matrix, never the whole matrix unless it fits in one chunk.
     """
-    X = get_matrix(adata, layer)
+    yield from iter_row_blocks(get_matrix(adata, layer), chunk_size=chunk_size)
+
+
+def iter_row_blocks(
+    X, *, chunk_size: int = 10_000
+) -> Iterator[tuple[int, np.ndarray | sparse.csr_matrix]]:
+    """Yield ``(start, block)`` over the rows of a matrix, ``chunk_size`` rows at a time.
+
+    ``X`` is anything whose row slices are dense arrays or sparse matrices (a numpy array, a
+    scipy sparse matrix, a backed AnnData's ``X``); a block is a dense array or a CSR matrix.
+    """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
-    for start in range(0, adata.n_obs, chunk_size):
+    for start in range(0, X.shape[0], chunk_size):
         block = X[start : start + chunk_size]
-        if sparse.issparse(block):
-            block = sparse.csr_matrix(block)
-        else:
-            block = np.asarray(block)
-        yield start, block
+        yield start, sparse.csr_matrix(block) if sparse.issparse(block) else np.asarray(block)
 
 
 def resolve_adata(data: Any, *, copy: bool = False, mod: str | None = None) -> tuple[Any, AnnData]:

@@ -31,7 +31,14 @@ from ._gene_ids import (
 if TYPE_CHECKING:
     from anndata import AnnData
 
-__all__ = ["GeneMatch", "load_vocab", "match_adata_genes", "match_genes", "match_to_vocab"]
+__all__ = [
+    "GeneMatch",
+    "as_gene_match",
+    "load_vocab",
+    "match_adata_genes",
+    "match_genes",
+    "match_to_vocab",
+]
 
 VocabLike = Mapping[str, int] | Sequence[str] | str | os.PathLike
 
@@ -373,6 +380,25 @@ def _hint(
 
 
 @doc_params(adata=DOC_ADATA, copy=DOC_COPY)
+def as_gene_match(
+    var_names: Sequence[str] | GeneMatch, vocab: VocabLike | None, *, n_columns: int
+) -> GeneMatch:
+    """Return ``var_names`` matched to ``vocab`` (or as given when already a :class:`GeneMatch`).
+
+    For the matrix-level embedding functions of the model families: checks that there is one
+    name per column of the matrix (``n_columns``).
+    """
+    if isinstance(var_names, GeneMatch):
+        match = var_names
+    else:
+        if vocab is None:
+            raise ValueError("pass the model's gene list (`genes`) to match var_names against.")
+        match = match_to_vocab(list(var_names), vocab)
+    if len(match.index) != n_columns:
+        raise ValueError(f"var_names has {len(match.index)} entries but X has {n_columns} columns.")
+    return match
+
+
 def match_adata_genes(
     ad: AnnData,
     vocab: VocabLike,

@@ -11,7 +11,7 @@ import torch
 
 from ..._anndata import get_matrix, resolve_seed
 from ..._settings import settings
-from ...pp._match_genes import GeneMatch, match_adata_genes, match_to_vocab
+from ...pp._match_genes import GeneMatch, as_gene_match, match_adata_genes
 from ._checkpoint import load_cellplm
 from ._module import CellPLMModule
 from ._sequences import batch_codes, iter_sequences, sequence_rows
@@ -109,11 +109,7 @@ def embed_matrix(
     -------
     ``(n_cells, post_latent_dim)`` float32 embeddings, in the order of ``X``.
     """
-    match = var_names if isinstance(var_names, GeneMatch) else match_to_vocab(var_names, gene_list)
-    if len(match.index) != X.shape[1]:
-        raise ValueError(
-            f"var_names has {len(match.index)} entries but X has {X.shape[1]} columns."
-        )
+    match = as_gene_match(var_names, gene_list, n_columns=X.shape[1])
     if match.n_matched == 0:
         raise ValueError(
             "none of the genes is in the CellPLM gene list; var_names must be human Ensembl IDs "

@@ -14,12 +14,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-from scipy import sparse
 
-from ..._anndata import get_matrix
+from ..._anndata import get_matrix, iter_row_blocks
 from ..._settings import settings
 from ..._validation import check_counts
-from ...pp._match_genes import GeneMatch, match_adata_genes, match_to_vocab
+from ...pp._match_genes import GeneMatch, as_gene_match, match_adata_genes
 from ._checkpoint import load_scbert_checkpoint
 from ._module import SCBERTModule
 from ._tokenizer import SCBERTTokenizer
@@ -236,30 +235,17 @@ def embed_matrix(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
-    if isinstance(var_names, GeneMatch):
-        match = var_names
-    else:
-        if genes is None:
-            raise ValueError("pass the model's gene list (`genes`) to match var_names against.")
-        match = match_to_vocab(list(var_names), list(genes))
-    if len(match.index) != X.shape[1]:
-        raise ValueError(
-            f"var_names has {len(match.index)} entries but X has {X.shape[1]} columns."
-        )
+    match = as_gene_match(var_names, None if genes is None else list(genes), n_columns=X.shape[1])
     if match.n_matched == 0:
         raise ValueError(
             "none of the genes is in the model's gene list; var_names must be gene symbols."
         )
     tokenizer = SCBERTTokenizer.from_match(match, module.n_genes, bin_num=module.num_tokens - 2)
 
-    def blocks():
-        for start in range(0, X.shape[0], chunk_size):
-            block = X[start : start + chunk_size]
-            yield block if sparse.issparse(block) else np.asarray(block)
-
+    blocks = (block for _, block in iter_row_blocks(X, chunk_size=chunk_size))
     parts = list(
         iter_embeddings(
-            module, tokenizer, blocks(), batch_size=batch_size, device=device, key_max=key_max
+            module, tokenizer, blocks, batch_size=batch_size, device=device, key_max=key_max
         )
     )
     if not parts:

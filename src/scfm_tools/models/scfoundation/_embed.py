@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from ..._anndata import get_matrix
+from ..._anndata import get_matrix, iter_row_blocks
 from ..._settings import settings
 from ..._validation import InputError, check_counts, check_lognorm
-from ...pp._match_genes import GeneMatch, match_adata_genes, match_to_vocab
+from ...pp._match_genes import GeneMatch, as_gene_match, match_adata_genes
 from ._checkpoint import entry_for, load_scfoundation
 from ._module import Pool, SCFoundationModule
 from ._preprocess import (
@@ -199,9 +199,8 @@ def prepare_blocks(
     """
 
     def raw_blocks():
-        for start in range(0, X.shape[0], chunk_size):
-            block = X[start : start + chunk_size]
-            yield start, reindexer(block if sparse.issparse(block) else np.asarray(block))
+        for start, block in iter_row_blocks(X, chunk_size=chunk_size):
+            yield start, reindexer(block)
 
     bulk_target = None
     warned = False
@@ -313,16 +312,7 @@ def embed_matrix(
     depth = parse_target_depth(target_depth)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
-    if isinstance(var_names, GeneMatch):
-        match = var_names
-    else:
-        if genes is None:
-            raise ValueError("pass the model's gene list (`genes`) to match var_names against.")
-        match = match_to_vocab(list(var_names), list(genes))
-    if len(match.index) != X.shape[1]:
-        raise ValueError(
-            f"var_names has {len(match.index)} entries but X has {X.shape[1]} columns."
-        )
+    match = as_gene_match(var_names, None if genes is None else list(genes), n_columns=X.shape[1])
     if match.n_matched == 0:
         raise InputError(
             "none of the genes is in the scFoundation gene list; var_names must be human gene "

@@ -9,11 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from scipy import sparse
 
-from ..._anndata import get_matrix, resolve_seed
+from ..._anndata import get_matrix, iter_row_blocks, resolve_seed
 from ..._settings import settings
-from ...pp._match_genes import GeneMatch, match_adata_genes, match_to_vocab
+from ...pp._match_genes import GeneMatch, as_gene_match, match_adata_genes, match_to_vocab
 from ._checkpoint import load_scgpt_folder
 from ._module import SCGPTModule
 from ._tokenizer import OFFICIAL_N_BINS, CellTokenizer, pad_cells
@@ -197,23 +196,16 @@ def embed_matrix(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     n_cells = X.shape[0]
-    n_var = len(var_names.index if isinstance(var_names, GeneMatch) else var_names)
-    if n_var != X.shape[1]:
-        raise ValueError(f"var_names has {n_var} entries but X has {X.shape[1]} columns.")
-
-    def blocks():
-        for start in range(0, n_cells, chunk_size):
-            block = X[start : start + chunk_size]
-            yield block if sparse.issparse(block) else np.asarray(block)
-
+    match = as_gene_match(var_names, vocab, n_columns=X.shape[1])
+    blocks = (block for _, block in iter_row_blocks(X, chunk_size=chunk_size))
     out = np.empty((n_cells, module.d_model), dtype=np.float32)
     start = 0
     for emb in iter_embeddings(
         module,
         vocab,
         args,
-        blocks(),
-        var_names,
+        blocks,
+        match,
         batch_size=batch_size,
         max_length=max_length,
         n_bins=n_bins,
