@@ -124,6 +124,31 @@ def test_sdpa_stack_equals_torch_encoder():
     torch.testing.assert_close(got[~mask], expected[~mask], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_last_layer_for_first_queries_only(norm_first):
+    torch.manual_seed(3)
+    ours = TransformerEncoder(3, D, HEADS, HID, 0.0, norm_first=norm_first).eval()
+    x, mask = _padded_input(4)
+    with torch.inference_mode():
+        full, _ = ours(x, mask, return_attention=[-1])
+        first, attn = ours(x, mask, return_attention=[-1], last_queries=2)
+    assert first.shape == (x.shape[0], 2, D)
+    torch.testing.assert_close(first, full[:, :2], atol=1e-6, rtol=1e-6)
+    assert attn[2].shape == (x.shape[0], HEADS, 2, x.shape[1])
+
+
+def test_cell_embedding_reads_cls_of_full_encoder(pbmc):
+    vocab = _vocab(pbmc.var_names)
+    module = _module(vocab, n_layers=3)
+    index = np.arange(pbmc.n_vars)
+    cells = CellTokenizer(index, cls_id=vocab["<cls>"], pad_value=-2, max_length=1200)(pbmc.X[:6])
+    batch = pad_cells(cells, pad_id=vocab["<pad>"], pad_value=-2.0)
+    with torch.inference_mode():
+        full = module.encode(**batch)["transformer_output"][:, 0]
+        emb = module.cell_embedding(**batch, normalize=False)
+    torch.testing.assert_close(emb, full, atol=1e-6, rtol=1e-6)
+
+
 def test_attention_weights_are_explicit_softmax():
     torch.manual_seed(3)
     ours = TransformerEncoder(2, D, HEADS, HID, 0.0).eval()

@@ -71,6 +71,7 @@ class MultiheadSelfAttention(nn.Module):
         key_padding_mask: Tensor | None = None,
         *,
         need_weights: bool = False,
+        n_queries: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Attend over ``x``.
 
@@ -81,16 +82,32 @@ class MultiheadSelfAttention(nn.Module):
         key_padding_mask
             Boolean ``(batch, seq_len)``, ``True`` at padded positions (never attended to).
         need_weights
-            Also return the attention probabilities, shape ``(batch, heads, seq_len, seq_len)``.
+            Also return the attention probabilities, shape ``(batch, heads, queries, seq_len)``.
+        n_queries
+            Compute the output of the first ``n_queries`` positions only (all positions remain
+            keys); ``None`` computes every position.
 
         Returns
         -------
-        The attention output ``(batch, seq_len, embed_dim)`` and the weights (or ``None``).
+        The attention output ``(batch, queries, embed_dim)`` and the weights (or ``None``).
         """
         bsz, seq_len, _ = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        qkv = qkv.view(bsz, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (batch, heads, seq_len, head_dim)
+        if n_queries is None:
+            n_queries = seq_len
+            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+            qkv = qkv.view(bsz, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)  # each (batch, heads, seq_len, head_dim)
+        else:
+            # Only a few outputs are wanted (e.g. <cls>): skip the other query projections.
+            d = self.embed_dim
+            bias = self.in_proj_bias
+            q = F.linear(
+                x[:, :n_queries], self.in_proj_weight[:d], None if bias is None else bias[:d]
+            )
+            kv = F.linear(x, self.in_proj_weight[d:], None if bias is None else bias[d:])
+            q = q.view(bsz, n_queries, self.num_heads, self.head_dim).transpose(1, 2)
+            kv = kv.view(bsz, seq_len, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            k, v = kv.unbind(0)
         keep = None
         if key_padding_mask is not None:
             if key_padding_mask.dtype != torch.bool:
@@ -106,7 +123,7 @@ class MultiheadSelfAttention(nn.Module):
             out = F.dropout(weights, p=dropout_p) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p)
-        out = out.transpose(1, 2).reshape(bsz, seq_len, self.embed_dim)
+        out = out.transpose(1, 2).reshape(bsz, n_queries, self.embed_dim)
         return self.out_proj(out), weights
 
 
@@ -165,9 +182,11 @@ class TransformerEncoderLayer(nn.Module):
         self.norm_first = norm_first
 
     def _attend(
-        self, x: Tensor, key_padding_mask: Tensor | None, need_weights: bool
+        self, x: Tensor, key_padding_mask: Tensor | None, need_weights: bool, n_queries: int | None
     ) -> tuple[Tensor, Tensor | None]:
-        out, weights = self.self_attn(x, key_padding_mask, need_weights=need_weights)
+        out, weights = self.self_attn(
+            x, key_padding_mask, need_weights=need_weights, n_queries=n_queries
+        )
         return self.dropout1(out), weights
 
     def _feed_forward(self, x: Tensor) -> Tensor:
@@ -179,6 +198,7 @@ class TransformerEncoderLayer(nn.Module):
         key_padding_mask: Tensor | None = None,
         *,
         need_weights: bool = False,
+        n_queries: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Run the layer on ``src`` ``(batch, seq_len, d_model)``.
 
@@ -189,20 +209,23 @@ class TransformerEncoderLayer(nn.Module):
         key_padding_mask
             Boolean ``(batch, seq_len)``, ``True`` at padded positions.
         need_weights
-            Also return the attention probabilities ``(batch, heads, seq_len, seq_len)``.
+            Also return the attention probabilities ``(batch, heads, queries, seq_len)``.
+        n_queries
+            Compute the output of the first ``n_queries`` positions only; ``None``: all.
 
         Returns
         -------
-        The layer output and the attention weights (or ``None``).
+        The layer output ``(batch, queries, d_model)`` and the attention weights (or ``None``).
         """
         x = src
+        residual = x if n_queries is None else x[:, :n_queries]
         if self.norm_first:
-            attn, weights = self._attend(self.norm1(x), key_padding_mask, need_weights)
-            x = x + attn
+            attn, weights = self._attend(self.norm1(x), key_padding_mask, need_weights, n_queries)
+            x = residual + attn
             x = x + self._feed_forward(self.norm2(x))
         else:
-            attn, weights = self._attend(x, key_padding_mask, need_weights)
-            x = self.norm1(x + attn)
+            attn, weights = self._attend(x, key_padding_mask, need_weights, n_queries)
+            x = self.norm1(residual + attn)
             x = self.norm2(x + self._feed_forward(x))
         return x, weights
 
@@ -267,6 +290,7 @@ class TransformerEncoder(nn.Module):
         key_padding_mask: Tensor | None = None,
         *,
         return_attention: bool | Sequence[int] = False,
+        last_queries: int | None = None,
     ) -> tuple[Tensor, dict[int, Tensor]]:
         """Run all layers.
 
@@ -279,11 +303,15 @@ class TransformerEncoder(nn.Module):
         return_attention
             ``True`` for the attention weights of every layer, or the indices of the layers
             whose weights are wanted (negative indices count from the end).
+        last_queries
+            Compute the last layer's output for the first ``last_queries`` positions only (a
+            cell embedding read from ``<cls>`` needs one); ``None``: every position.
 
         Returns
         -------
-        The output ``(batch, seq_len, d_model)`` and a dict layer index -> attention weights
-        ``(batch, heads, seq_len, seq_len)`` (empty unless asked for).
+        The output ``(batch, seq_len, d_model)`` (``last_queries`` positions when given) and a
+        dict layer index -> attention weights ``(batch, heads, queries, seq_len)`` (empty unless
+        asked for).
         """
         n = len(self.layers)
         if return_attention is True:
@@ -298,7 +326,8 @@ class TransformerEncoder(nn.Module):
         attentions: dict[int, Tensor] = {}
         x = src
         for i, layer in enumerate(self.layers):
-            x, weights = layer(x, key_padding_mask, need_weights=i in wanted)
+            queries = last_queries if i == n - 1 else None
+            x, weights = layer(x, key_padding_mask, need_weights=i in wanted, n_queries=queries)
             if weights is not None:
                 attentions[i] = weights
         if self.norm is not None:

@@ -340,6 +340,7 @@ class SCGPTModule(BaseModuleClass):
         padding_mask: Tensor,
         *,
         return_attention: bool | list[int] = False,
+        cls_only: bool = False,
     ) -> dict[str, Any]:
         """Run the embeddings and the transformer (official ``_encode``).
 
@@ -354,6 +355,9 @@ class SCGPTModule(BaseModuleClass):
         return_attention
             Layers whose attention weights to return (see
             :meth:`scfm_tools.nn.TransformerEncoder.forward`).
+        cls_only
+            Compute the last layer for ``<cls>`` only (``transformer_output`` then has one
+            position): the same cell embedding for less work.
 
         Returns
         -------
@@ -363,7 +367,10 @@ class SCGPTModule(BaseModuleClass):
         gene_embs = self.encoder(gene_ids)
         total = gene_embs + self.value_encoder(values)
         out, attention = self.transformer_encoder(
-            total, padding_mask.bool(), return_attention=return_attention
+            total,
+            padding_mask.bool(),
+            return_attention=return_attention,
+            last_queries=1 if cls_only else None,
         )
         return {"transformer_output": out, "gene_embs": gene_embs, "attention": attention}
 
@@ -563,5 +570,6 @@ class SCGPTModule(BaseModuleClass):
         -------
         ``(batch, d_model)`` float tensor.
         """
-        emb = self.encode(gene_ids, values, padding_mask)["transformer_output"][:, 0, :]
+        out = self.encode(gene_ids, values, padding_mask, cls_only=True)
+        emb = out["transformer_output"][:, 0, :]
         return F.normalize(emb.float(), dim=1) if normalize else emb
