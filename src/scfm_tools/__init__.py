@@ -20,10 +20,10 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-_SUBMODULES = ("pp", "tl", "pl", "models", "hub", "datasets", "nn")
+_SUBMODULES = ("pp", "tl", "pl", "models", "hub", "datasets", "nn", "dataloaders")
 
 if TYPE_CHECKING:
-    from . import datasets, hub, models, nn, pl, pp, tl
+    from . import dataloaders, datasets, hub, models, nn, pl, pp, tl
 
 
 def __getattr__(name: str):
@@ -39,4 +39,15 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_SUBMODULES])
 
 
-__all__ = ["__version__", "datasets", "hub", "models", "nn", "pl", "pp", "settings", "tl"]
+__all__ = [
+    "__version__",
+    "dataloaders",
+    "datasets",
+    "hub",
+    "models",
+    "nn",
+    "pl",
+    "pp",
+    "settings",
+    "tl",
+]

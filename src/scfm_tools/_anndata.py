@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,9 +21,15 @@ __all__ = [
     "iter_chunks",
     "iter_row_blocks",
     "params_record",
+    "report_rows",
     "resolve_adata",
     "resolve_seed",
 ]
+
+# Told (rows done, rows in all) after each block of every row pass; set by report_rows.
+_row_progress: ContextVar[Callable[[int, int], None] | None] = ContextVar(
+    "sft_row_progress", default=None
+)
 
 
 def describe_source(layer: str | None) -> str:
@@ -62,9 +70,28 @@ def iter_row_blocks(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
-    for start in range(0, X.shape[0], chunk_size):
+    report = _row_progress.get()
+    n_rows = X.shape[0]
+    for start in range(0, n_rows, chunk_size):
         block = X[start : start + chunk_size]
         yield start, sparse.csr_matrix(block) if sparse.issparse(block) else np.asarray(block)
+        if report is not None:  # the consumer is done with the block when it asks for the next
+            report(min(start + chunk_size, n_rows), n_rows)
+
+
+@contextlib.contextmanager
+def report_rows(callback: Callable[[int, int], None]) -> Iterator[None]:
+    """Call ``callback(rows_done, n_rows)`` after each block of every row pass in this context.
+
+    Each pass over a matrix (:func:`iter_row_blocks`: input checks, then the model) starts again
+    from zero; a progress bar (the command line's) can follow them without the functions taking
+    a callback argument.
+    """
+    token = _row_progress.set(callback)
+    try:
+        yield
+    finally:
+        _row_progress.reset(token)
 
 
 def resolve_adata(data: Any, *, copy: bool = False, mod: str | None = None) -> tuple[Any, AnnData]:
@@ -79,6 +106,12 @@ def resolve_adata(data: Any, *, copy: bool = False, mod: str | None = None) -> t
     if isinstance(data, AnnData):
         if mod is not None:
             raise ValueError("`mod` applies to MuData input only; drop it for an AnnData.")
+        if copy and data.isbacked:
+            raise ValueError(
+                "copy=True would load this backed AnnData into memory; drop copy= (results are "
+                "added to the object in memory, the file on disk is not changed) or load it "
+                "first with `adata.to_memory()`."
+            )
         obj = data.copy() if copy else data
         return obj, obj
     if type(data).__name__ == "MuData" and hasattr(data, "mod"):

@@ -8,6 +8,7 @@ URL of their own.
 """
 
 from ._fetch import DatasetChecksumError, DatasetNotFoundError, fetch
+from ._gmt import read_gmt
 from ._load import (
     cellbench,
     citeseq_pbmc_tiny,
@@ -36,5 +37,6 @@ __all__ = [
     "pbmc8k",
     "pbmc_3chemistries",
     "reactome_pathways",
+    "read_gmt",
     "scgpt_vocab",
 ]

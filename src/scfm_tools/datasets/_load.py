@@ -278,23 +278,12 @@ def reactome_pathways(*, as_dict: bool = False) -> pd.DataFrame | dict[str, list
     -----
     {source}
     """
-    import pandas as pd
+    from ._gmt import read_gmt
 
-    sets: dict[str, list[str]] = {}
-    ids: dict[str, str] = {}
-    with gzip.open(fetch("reactome_pathways"), "rt", encoding="utf-8") as fh:
-        for line in fh:
-            fields = line.rstrip("\n").split("\t")
-            if len(fields) < 3:
-                continue
-            name, rid, genes = fields[0], fields[1], [g for g in fields[2:] if g]
-            # dict.fromkeys keeps the file's gene order while dropping repeats
-            sets[name] = list(dict.fromkeys(genes))
-            ids[name] = rid
+    path = fetch("reactome_pathways")
     if as_dict:
-        return sets
-    rows = [(name, gene, ids[name]) for name, genes in sets.items() for gene in genes]
-    return pd.DataFrame(rows, columns=["source", "target", "reactome_id"])
+        return read_gmt(path, as_dict=True)
+    return read_gmt(path).rename(columns={"description": "reactome_id"})
 
 
 @_documented("panglao_markers")

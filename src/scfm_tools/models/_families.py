@@ -9,13 +9,19 @@ from typing import Any
 
 # family -> task -> "module:function"; imported only when a task runs.
 _TASKS: dict[str, dict[str, str]] = {
-    "scgpt": {"embed_cells": "scfm_tools.models.scgpt._embed:embed_resolved"},
+    "scgpt": {
+        "embed_cells": "scfm_tools.models.scgpt._embed:embed_resolved",
+        "embed_genes": "scfm_tools.models.scgpt._gene_embed:embed_genes_resolved",
+        "attention": "scfm_tools.models.scgpt._attention:attention_resolved",
+    },
     "scbert": {
         "embed_cells": "scfm_tools.models.scbert._embed:embed_resolved",
+        "embed_genes": "scfm_tools.models.scbert._gene_embed:embed_genes_resolved",
         "annotate": "scfm_tools.models.scbert._annotate:annotate_resolved",
     },
     "cellplm": {
         "embed_cells": "scfm_tools.models.cellplm._embed:embed_resolved",
+        "embed_genes": "scfm_tools.models.cellplm._gene_embed:embed_genes_resolved",
         "impute": "scfm_tools.models.cellplm._impute:impute_resolved",
     },
     "scfoundation": {

@@ -2,6 +2,10 @@
 
 from ._annotate import annotate
 from ._embed_cells import embed_cells
+from ._embed_genes import embed_genes
+from ._gene_modules import gene_modules
+from ._grn import grn
+from ._grn_score import grn_score
 from ._impute import impute
 
-__all__ = ["annotate", "embed_cells", "impute"]
+__all__ = ["annotate", "embed_cells", "embed_genes", "gene_modules", "grn", "grn_score", "impute"]

@@ -1,26 +1,29 @@
-"""``sft.tl.annotate``: cell types from a fine-tuned model, or fine-tuned on a reference."""
+"""``sft.tl.annotate``: cell types from a fine-tuned classifier, or from a labelled reference."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from .._anndata import params_record, resolve_adata
-from .._docs import DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
-from .._validation import check_counts, check_nonempty
-from ._model_arg import resolve_model
+from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
+from ._label_transfer import labels_from_proba, reference_labels, transfer_labels
+from ._model_arg import DEFAULT_MODEL, check_model_values, resolve_model
 
 if TYPE_CHECKING:
+    import pandas as pd
     from anndata import AnnData
 
 __all__ = ["annotate"]
 
 logger = logging.getLogger("scfm_tools")
 
+Method = Literal["knn", "logreg", "finetune"]
+_METHODS = ("knn", "logreg", "finetune")
 # What annotate passes to every family's annotate function itself.
 _STANDARD = (
     "layer",
@@ -33,15 +36,30 @@ _STANDARD = (
     "max_epochs",
     "random_state",
     "device",
+    "chunk_size",
 )
+# What annotate passes to every family's embed function itself (knn and logreg).
+_EMBED_STANDARD = (
+    "layer",
+    "gene_key",
+    "batch_size",
+    "max_length",
+    "random_state",
+    "device",
+    "chunk_size",
+)
+# Cells per forward pass: scBERT's official fine-tuning batch, embed_cells' default.
+_BATCH_SIZE = {"finetune": 8, "classifier": 8, "knn": 64, "logreg": 64}
 
-DOC_ANNOTATE_MODEL = """\
+DOC_ANNOTATE_MODEL = f"""\
 model
-    A fine-tuned model: an in-memory model with a classifier head (e.g. a fine-tuned
-    :class:`~scfm_tools.models.SCBERT`), or a path to a fine-tuned checkpoint (scBERT: the
-    ``.pth`` with ``gene_list.txt`` and ``classes.txt`` beside it). With ``reference=``, the
-    checkpoint to fine-tune: a registered name (e.g. ``"scbert"``) or a path to a pretrained or
-    fine-tuned checkpoint."""
+    The model: a registered name (see :func:`scfm_tools.hub.list_models`) or a checkpoint path,
+    or ``None`` for the default model that ships with the package (``"{DEFAULT_MODEL}"``). With
+    ``method="knn"`` or ``"logreg"``, any model that embeds cells. With ``method="finetune"``,
+    the checkpoint to fine-tune (pretrained or fine-tuned; scBERT). Without ``reference``, a
+    fine-tuned classifier: an in-memory model with a classifier head (e.g. a fine-tuned
+    :class:`~scfm_tools.models.SCBERT`) or a fine-tuned checkpoint (scBERT: the ``.pth`` with
+    ``gene_list.txt`` and ``classes.txt`` beside it)."""
 
 
 def _family_of(model: Any) -> str | None:
@@ -51,38 +69,201 @@ def _family_of(model: Any) -> str | None:
     return type(model).__name__.lower()
 
 
-@doc_params(model=DOC_ANNOTATE_MODEL, layer=DOC_LAYER, random_state=DOC_RANDOM_STATE, copy=DOC_COPY)
+def _fine_tuner(family: str):
+    """Return the family's annotate function; None when the family has no classifier head."""
+    from ..models._families import family_task
+
+    try:
+        return family_task(family, "annotate")
+    except NotImplementedError:
+        return None
+
+
+def _choose_method(
+    method: str | None, family: str, reference: Any, model: Any, in_memory: bool
+) -> str:
+    """Validate ``method`` against the other arguments; ``"classifier"`` means no reference."""
+    from ..models._families import family_task
+
+    if method is not None and method not in _METHODS:
+        raise ValueError(f"method must be one of {list(_METHODS)} or None, got {method!r}.")
+    if reference is None:
+        if method is not None:
+            raise ValueError(
+                f"method={method!r} learns from a labelled reference: pass reference= and "
+                "label_key=. Without a reference, model= must be a fine-tuned classifier and "
+                "method= is left out."
+            )
+        if _fine_tuner(family) is None:
+            raise ValueError(
+                f"a {family} model is not a fine-tuned classifier, so it cannot annotate without "
+                "a reference: pass a labelled reference= and label_key= to transfer its cell "
+                "types (method='knn' or 'logreg')."
+            )
+        return "classifier"
+    if method is None:
+        can_finetune = model is not None and _fine_tuner(family) is not None
+        method = "finetune" if can_finetune else "knn"
+    if method == "finetune":
+        try:
+            family_task(family, "annotate")
+        except NotImplementedError as err:
+            raise NotImplementedError(
+                f"method='finetune' cannot fine-tune {family} models: {err} Use method='knn' or "
+                f"method='logreg' to transfer the reference's cell types on {family} embeddings."
+            ) from None
+    elif in_memory:
+        raise ValueError(
+            f"method={method!r} embeds cells with a model name or checkpoint path; an in-memory "
+            "model object is only used as a classifier. Pass its checkpoint path instead."
+        )
+    return method
+
+
+def _embed(embed, resolved, adata: AnnData, **kwargs: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    emb, params = embed(resolved, adata, **kwargs)
+    return np.asarray(emb, dtype=np.float32), params
+
+
+def _transfer(
+    resolved,
+    query: AnnData,
+    reference: Any,
+    *,
+    method: str,
+    label_key: str,
+    layer: str | None,
+    reference_layer: str | None,
+    gene_key: str | None,
+    n_neighbors: int,
+    class_weight: Literal["balanced"] | None,
+    batch_size: int,
+    max_length: int | None,
+    random_state: int | None,
+    device,
+    chunk_size: int,
+    mod: str | None,
+    model_kwargs: dict[str, Any],
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Embed query and reference with the same model and carry the reference's labels over."""
+    from anndata import AnnData
+
+    from .._anndata import resolve_seed
+    from ..models._families import check_family_options, family_task
+
+    family = resolved.family
+    _, ref = resolve_adata(reference, mod=None if isinstance(reference, AnnData) else mod)
+    keep, labels = reference_labels(ref, label_key)
+    # A view of the labelled cells: nothing of the caller's reference is copied or written.
+    ref = ref if keep.all() else ref[keep]
+    check_model_values(ref, reference_layer, family, chunk_size=chunk_size, caller="annotate")
+    embed = family_task(family, "embed_cells")
+    check_family_options(embed, family, "annotate", model_kwargs, _EMBED_STANDARD)
+    seed = resolve_seed(random_state)
+    common = {
+        "gene_key": gene_key,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "random_state": seed,
+        "device": device,
+        "chunk_size": chunk_size,
+        **model_kwargs,
+    }
+    query_emb, params = _embed(embed, resolved, query, layer=layer, **common)
+    ref_emb, ref_params = _embed(embed, resolved, ref, layer=reference_layer, **common)
+    proba = transfer_labels(
+        method,
+        ref_emb,
+        labels,
+        query_emb,
+        n_neighbors=n_neighbors,
+        class_weight=class_weight,
+        random_state=seed,
+    )
+    params = dict(params)
+    if "n_genes_matched" in ref_params:
+        params["reference_n_genes_matched"] = ref_params["n_genes_matched"]
+    params.update(
+        {
+            "label_key": label_key,
+            "reference_layer": reference_layer,
+            "n_reference_cells": int(ref.n_obs),
+            "n_neighbors": min(n_neighbors, int(ref.n_obs)) if method == "knn" else None,
+            "class_weight": class_weight,
+            "classes": [str(c) for c in proba.columns],
+        }
+    )
+    return proba.set_axis(query.obs_names.copy(), axis=0), params
+
+
+def _write_to_mudata(obj: Any, ad: AnnData, mod: str | None, key: str) -> None:
+    """Put the labels where muon users look: ``mdata.obs["<mod>:<key>_label"]``, as update()."""
+    mod = "rna" if mod is None else mod
+    for column in (f"{key}_label", f"{key}_score"):
+        obj.obs[f"{mod}:{column}"] = ad.obs[column].reindex(obj.obs_names)
+    if obj.n_obs == ad.n_obs and (obj.obs_names == ad.obs_names).all():
+        obj.obsm[f"{key}_proba"] = ad.obsm[f"{key}_proba"]
+
+
+@doc_params(
+    model=DOC_ANNOTATE_MODEL,
+    layer=DOC_LAYER,
+    random_state=DOC_RANDOM_STATE,
+    chunk_size=DOC_CHUNK_SIZE,
+    copy=DOC_COPY,
+)
 def annotate(
     adata: AnnData,
     model: Any = None,
     *,
     reference: AnnData | None = None,
     label_key: str | None = None,
+    method: Method | None = None,
+    n_neighbors: int | None = None,
+    class_weight: Literal["balanced"] | None = None,
     layer: str | None = None,
     reference_layer: str | None = None,
     gene_key: str | None = None,
     key_added: str | None = None,
     threshold: float | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
+    max_length: int | None = None,
     max_epochs: int = 10,
     random_state: int | None = 0,
     device: str | None = None,
+    chunk_size: int = 10_000,
     mod: str | None = None,
     copy: bool = False,
     **model_kwargs: Any,
 ) -> AnnData | None:
-    """Annotate cell types with a fine-tuned foundation model.
+    """Annotate cell types with a foundation model.
 
-    With a fine-tuned model, each cell gets the most probable of the model's cell types and
-    that probability as its score. With a labelled ``reference`` (raw counts plus a cell-type
-    column ``label_key``), the model is first fine-tuned on it in the same call (scBERT: a
-    new classifier head over the pretrained encoder, trained as the official ``finetune.py``),
-    then applied to ``adata``. Cells whose score is below ``threshold`` are labelled
-    ``"Unassigned"`` (scBERT's novel-cell-type option; its published threshold is 0.5).
+    Three ways, by ``method``:
 
-    Genes are matched to the model's by symbol (or ``gene_key``); counts are needed, as the
-    models normalise them their own way. Fine-tuning runs through Lightning on ``device``
-    (a GPU when there is one with ``"auto"``); on CPU it is only practical for small models.
+    - ``"knn"`` (the default with a ``reference`` when the model cannot be fine-tuned, and
+      always with ``model=None``): the query and the labelled reference are embedded with the
+      same model (as :func:`~scfm_tools.tl.embed_cells`, genes matched per AnnData), and each
+      query cell takes the labels of its ``n_neighbors`` nearest reference cells (exact cosine
+      search), each vote weighted by ``1 / distance``; the score is the winner's share of the
+      votes.
+    - ``"logreg"``: a multinomial logistic regression (scikit-learn, on the reference
+      embeddings standardised per dimension) predicts each query cell; the score is its highest
+      probability.
+    - ``"finetune"`` (the default with a reference and a model that can be fine-tuned: scBERT):
+      the model gets a new classifier head for the reference's cell types, fine-tuned as the
+      official ``finetune.py``, then predicts.
+
+    Without a reference, ``model`` must be a fine-tuned classifier; each cell gets its most
+    probable cell type. Cells whose score is below ``threshold`` are labelled
+    ``"Unassigned"`` (scBERT's novel-cell-type option; its published threshold is 0.5). The
+    reference may come from another batch or protocol than the query; how well its labels
+    carry over depends on how well the model's embedding mixes the two.
+
+    Genes are matched to the model's by symbol (or ``gene_key``), in the query and in the
+    reference separately. The values are checked as :func:`~scfm_tools.tl.embed_cells` does
+    (raw counts; scGPT also takes log-normalised values, with a warning). Fine-tuning runs
+    through Lightning on ``device`` (a GPU when there is one with ``"auto"``); on CPU it is only
+    practical for small models.
 
     Parameters
     ----------
@@ -90,10 +271,22 @@ def annotate(
         Cells x genes raw counts to annotate. A :class:`mudata.MuData` is accepted with ``mod=``.
     {model}
     reference
-        Labelled cells (raw counts) to fine-tune on; the reference is not modified.
+        Labelled cells (raw counts) whose cell types are transferred; an AnnData (or a MuData,
+        whose modality ``mod`` is used). It is never modified.
     label_key
         Column of ``reference.obs`` with the cell types (needed with ``reference``); cells
-        without a label are left out of training.
+        without a label (NaN) are left out.
+    method
+        ``"knn"``, ``"logreg"`` or ``"finetune"`` (see above); ``None`` picks ``"finetune"``
+        for a given model that can be fine-tuned and ``"knn"`` otherwise. Leave it out without
+        a reference.
+    n_neighbors
+        Reference cells voting for each query cell (``method="knn"`` only; default 15, at most
+        the number of labelled reference cells).
+    class_weight
+        ``"balanced"`` weighs each cell type by the inverse of its frequency in the reference
+        (``method="logreg"`` only); ``None``: every cell counts the same. For scBERT
+        fine-tuning, see its ``class_weights`` option below.
     {layer}
     reference_layer
         Layer of ``reference`` with its counts; ``None`` reads ``reference.X``.
@@ -101,26 +294,33 @@ def annotate(
         Column of ``var`` (of ``adata`` and ``reference``) with gene symbols; ``None`` uses
         ``var_names``.
     key_added
-        Prefix of the keys written; default the model family (``"scbert"``).
+        Prefix of the keys written; default the model family (e.g. ``"scgpt"``, ``"scbert"``).
     threshold
-        Probability below which a cell is ``"Unassigned"``; ``None`` labels every cell.
+        Score below which a cell is ``"Unassigned"``; ``None`` labels every cell.
     batch_size
-        Cells per forward pass (and per training minibatch).
+        Cells per forward pass (and per training minibatch); ``None``: 8 for scBERT's
+        classifier and fine-tuning (the official value), 64 for embedding (knn, logreg).
+    max_length
+        Most genes per cell when embedding (``method="knn"`` or ``"logreg"``), as in
+        :func:`~scfm_tools.tl.embed_cells`; ``None`` uses the checkpoint's.
     max_epochs
-        Fine-tuning epochs over the reference.
+        Fine-tuning epochs over the reference (``method="finetune"``).
     {random_state}
     device
         ``"cpu"``, ``"cuda"``, ``"auto"``...; ``None`` uses ``sft.settings.device``.
+    {chunk_size}
     mod
         Modality of a MuData (default ``"rna"``).
     {copy}
     **model_kwargs
-        Options of the model family; an option the family does not take is refused. scBERT
-        takes ``class_weights`` (``"official"``, the default: ``(1 - n_c / N)^2`` per cell
-        type, against imbalanced references; ``"balanced"``; explicit weights; or ``None``),
-        ``train_kwargs`` (passed to :meth:`SCBERT.train <scfm_tools.models.SCBERT.train>`, e.g.
-        ``{{"plan_kwargs": {{"lr": 1e-4}}, "accumulate_grad_batches": 60}}``) and
-        ``chunk_size``.
+        Options of the model family; an option the family does not take is refused. With
+        ``"knn"`` or ``"logreg"``, the family's embedding options (see
+        :func:`~scfm_tools.tl.embed_cells`, e.g. CellPLM's ``batch_key``). With scBERT's
+        classifier or fine-tuning: ``class_weights`` (``"official"``, the default:
+        ``(1 - n_c / N)^2`` per cell type, against imbalanced references; ``"balanced"``;
+        explicit weights; or ``None``) and ``train_kwargs`` (passed to
+        :meth:`SCBERT.train <scfm_tools.models.SCBERT.train>`, e.g.
+        ``{{"plan_kwargs": {{"lr": 1e-4}}, "accumulate_grad_batches": 60}}``).
 
     Returns
     -------
@@ -128,31 +328,43 @@ def annotate(
 
     - ``adata.obs["<key>_label"]``: the cell type (categorical; ``"Unassigned"`` below
       ``threshold``);
-    - ``adata.obs["<key>_score"]``: the probability of that cell type (float32);
-    - ``adata.obsm["<key>_proba"]``: all class probabilities (DataFrame, cells x types);
-    - ``adata.uns["<key>"]["params"]``: model, family, weights sha256, threshold, classes,
-      reference size and training settings, package version.
+    - ``adata.obs["<key>_score"]``: its score (float32): the kNN vote share or the class
+      probability;
+    - ``adata.obsm["<key>_proba"]``: the scores of every cell type (DataFrame, cells x types,
+      rows summing to 1);
+    - ``adata.uns["<key>"]["params"]``: method, model, family, weights sha256, threshold,
+      classes, ``label_key``, reference size, ``n_neighbors`` or ``class_weight``, genes
+      matched, training settings, package version.
+
+    For a MuData, the label and score also go to ``mdata.obs["<mod>:<key>_label"]`` and
+    ``["<mod>:<key>_score"]`` (as ``mdata.update()`` names them), and the scores to
+    ``mdata.obsm["<key>_proba"]`` when the modality holds all of the MuData's cells.
 
     Raises
     ------
     InputError
         Non-count values, empty cells, duplicated gene names, too little gene overlap, or a
         reference without the ``label_key`` column or with fewer than two cell types.
+    NotImplementedError
+        ``method="finetune"`` with a family that cannot be fine-tuned for annotation.
     """
     from .._settings import settings
-    from ..models._families import check_family_options, family_task
+    from ..models._families import check_family_options
 
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"threshold must lie in [0, 1] or be None, got {threshold!r}.")
     if reference is not None and label_key is None:
         raise ValueError("reference= needs label_key=, the reference's obs column of cell types.")
+    if n_neighbors is not None and (isinstance(n_neighbors, bool) or int(n_neighbors) < 1):
+        raise ValueError(f"n_neighbors must be a positive integer, got {n_neighbors!r}.")
+    if class_weight not in (None, "balanced"):
+        raise ValueError(f"class_weight must be 'balanced' or None, got {class_weight!r}.")
     obj, ad = resolve_adata(adata, copy=copy, mod=mod)
-    check_counts(ad, layer)
-    check_nonempty(ad, layer)
 
     family = _family_of(model)
+    in_memory = family is not None
     if family is None:
         resolved = resolve_model(model)
         family, target, described = resolved.family, resolved, resolved.params()
@@ -164,26 +376,60 @@ def annotate(
             "family": family,
             "weights_sha256": source.get("weights_sha256"),
         }
-    run = family_task(family, "annotate")
-    check_family_options(run, family, "annotate", model_kwargs, _STANDARD)
+    chosen = _choose_method(method, family, reference, model, in_memory)
+    for name, value, owner in (
+        ("n_neighbors", n_neighbors, "knn"),
+        ("class_weight", class_weight, "logreg"),
+    ):
+        if value is not None and chosen != owner:
+            raise ValueError(f"{name}= applies to method={owner!r}, not to {chosen!r}.")
+    if max_length is not None and chosen not in ("knn", "logreg"):
+        raise ValueError("max_length= applies to method='knn' or 'logreg' (embedding).")
+    batch = _BATCH_SIZE[chosen] if batch_size is None else int(batch_size)
+    check_model_values(ad, layer, family, chunk_size=chunk_size, caller="annotate")
     dev = settings.resolve_device(device)
     settings.apply_threads()
     started = time.perf_counter()
-    prediction, proba, run_params = run(
-        target,
-        ad,
-        layer=layer,
-        gene_key=gene_key,
-        reference=reference,
-        label_key=label_key,
-        reference_layer=reference_layer,
-        threshold=threshold,
-        batch_size=batch_size,
-        max_epochs=max_epochs,
-        random_state=random_state,
-        device=dev,
-        **model_kwargs,
-    )
+    if chosen in ("knn", "logreg"):
+        proba, run_params = _transfer(
+            target,
+            ad,
+            reference,
+            method=chosen,
+            label_key=label_key,
+            layer=layer,
+            reference_layer=reference_layer,
+            gene_key=gene_key,
+            n_neighbors=15 if n_neighbors is None else int(n_neighbors),
+            class_weight=class_weight,
+            batch_size=batch,
+            max_length=max_length,
+            random_state=random_state,
+            device=dev,
+            chunk_size=chunk_size,
+            mod=mod,
+            model_kwargs=model_kwargs,
+        )
+        prediction = labels_from_proba(proba, threshold)
+    else:
+        run = _fine_tuner(family)
+        check_family_options(run, family, "annotate", model_kwargs, _STANDARD)
+        prediction, proba, run_params = run(
+            target,
+            ad,
+            layer=layer,
+            gene_key=gene_key,
+            reference=reference,
+            label_key=label_key,
+            reference_layer=reference_layer,
+            threshold=threshold,
+            batch_size=batch,
+            max_epochs=max_epochs,
+            random_state=random_state,
+            device=dev,
+            chunk_size=chunk_size,
+            **model_kwargs,
+        )
     elapsed = time.perf_counter() - started
 
     key = key_added or family
@@ -193,17 +439,21 @@ def annotate(
     ad.obsm[f"{key}_proba"] = proba.set_axis(ad.obs_names, axis=0)
     ad.uns[key] = {
         "params": params_record(
+            method=chosen,
             **described,
             layer=layer,
             gene_key=gene_key,
             threshold=threshold,
-            batch_size=batch_size,
+            batch_size=batch,
             **run_params,
         )
     }
+    if ad is not obj:
+        _write_to_mudata(obj, ad, mod, key)
     n_unassigned = int((prediction["label"] == "Unassigned").sum())
     logger.info(
-        "annotate: %d cells with %s on %s in %.1f s -> obs[%r], obs[%r]%s",
+        "annotate (%s): %d cells with %s on %s in %.1f s -> obs[%r], obs[%r]%s",
+        chosen,
         ad.n_obs,
         described["model"],
         dev,

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._anndata import params_record, resolve_adata
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
-from .._validation import check_counts, check_nonempty, check_nonnegative, first_non_integer
-from ._model_arg import DOC_MODEL, resolve_model
+from ._model_arg import DOC_MODEL, check_model_values, resolve_model
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -143,28 +142,14 @@ def embed_cells(
         overlap with the model's vocabulary; the message says what to do.
     """
     from .._settings import settings
-    from ..models._families import check_family_options, family_task, values_needed
+    from ..models._families import check_family_options, family_task
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     obj, ad = resolve_adata(adata, copy=copy, mod=mod)
     resolved = resolve_model(model)
     # Validate the data before any weights are loaded or anything is written.
-    needed = values_needed(resolved.family)
-    if needed == "counts":
-        check_counts(ad, layer, chunk_size=chunk_size)
-    else:
-        check_nonnegative(ad, layer, chunk_size=chunk_size)
-    check_nonempty(ad, layer, chunk_size=chunk_size)
-    if needed == "counts_or_lognorm":
-        non_integer = first_non_integer(ad, layer, chunk_size=chunk_size)
-        if non_integer is not None:
-            logger.warning(
-                "embed_cells: the values are not raw counts (%s). The model was trained on "
-                "counts; its per-cell rank binning gives nearly the same input for "
-                "log-normalised values, but pass the counts (`layer=`) where you have them.",
-                non_integer,
-            )
+    check_model_values(ad, layer, resolved.family, chunk_size=chunk_size, caller="embed_cells")
     embed = family_task(resolved.family, "embed_cells")
     check_family_options(embed, resolved.family, "embed_cells", model_kwargs, _STANDARD)
     dev = settings.resolve_device(device)

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from .._anndata import params_record, resolve_adata
-from .._docs import DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
+from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
+from .._h5ad import check_output_path
 from .._validation import check_counts, check_nonempty
 from ._model_arg import resolve_model
 
 if TYPE_CHECKING:
+    import h5py
     from anndata import AnnData
+
+    from ..hub import ResolvedModel
 
 __all__ = ["impute"]
 
@@ -24,6 +33,10 @@ _STANDARD = ("layer", "gene_key", "max_length", "random_state", "device")
 # Default layer name per family, "<family>_<suffix>": CellPLM's decoder denoises the observed
 # profile; scFoundation predicts it at another (read) depth.
 _KEY_SUFFIX = {"scfoundation": "imputed"}
+# Families that impute each cell on its own, so that a result file can be written a row chunk at
+# a time in bounded memory. CellPLM's cells attend to the other cells of their sequence (a whole
+# sample by default), so it runs on all cells at once and its result is held in memory.
+_PER_CELL = frozenset({"scfoundation"})
 
 DOC_IMPUTE_MODEL = """\
 model
@@ -33,7 +46,13 @@ model
     package's default model, which must then be able to."""
 
 
-@doc_params(model=DOC_IMPUTE_MODEL, layer=DOC_LAYER, random_state=DOC_RANDOM_STATE, copy=DOC_COPY)
+@doc_params(
+    model=DOC_IMPUTE_MODEL,
+    layer=DOC_LAYER,
+    random_state=DOC_RANDOM_STATE,
+    chunk_size=DOC_CHUNK_SIZE,
+    copy=DOC_COPY,
+)
 def impute(
     adata: AnnData,
     model: str | os.PathLike | None = None,
@@ -44,6 +63,8 @@ def impute(
     max_length: int | None = None,
     random_state: int | None = 0,
     device: str | None = None,
+    chunk_size: int = 10_000,
+    out: str | os.PathLike | None = None,
     mod: str | None = None,
     copy: bool = False,
     **model_kwargs: Any,
@@ -64,6 +85,12 @@ def impute(
     if the cell had been sequenced at that depth, in ``log1p``-normalised units (natural log of
     1 + counts per 10,000), the official ``get_embedding.py --output_type gene_expression``.
 
+    The result is dense (cells x genes, float32), so for large or backed data pass ``out=``:
+    the input is then written to a new ``.h5ad`` file with the result as one more layer, filled
+    ``chunk_size`` cells at a time (scFoundation: the input is read and imputed one chunk at a
+    time too, in bounded memory; CellPLM, whose cells attend to each other, still runs on all
+    cells at once). A backed AnnData (``anndata.read_h5ad(path, backed="r")``) needs ``out=``.
+
     Parameters
     ----------
     adata
@@ -82,6 +109,11 @@ def impute(
         Used with ``sample=True`` only.
     device
         ``"cpu"``, ``"cuda"``, ``"auto"``...; ``None`` uses ``sft.settings.device``.
+    {chunk_size}
+    out
+        Path of a new ``.h5ad`` file to write ``adata`` and the result to, instead of adding it
+        to ``adata`` (which is then left unchanged). Refused if the file exists; the file
+        appears only once complete. Needed for a backed AnnData; not with ``copy`` or a MuData.
     mod
         Modality of a MuData (default ``"rna"``).
     {copy}
@@ -102,12 +134,11 @@ def impute(
         (``1e4`` = ``"t4"``). Also ``entry`` (``"gene"``, default, the weights the official
         script uses for expression; ``"rde"``: the read-depth-enhancement weights),
         ``clip_negative`` (default ``True``: predictions below 0, impossible for ``log1p``
-        values, are set to 0), ``batch_size`` (cells per forward pass, default 8) and
-        ``chunk_size``.
+        values, are set to 0) and ``batch_size`` (cells per forward pass, default 8).
 
     Returns
     -------
-    ``None``, or the modified copy with ``copy=True``. Writes
+    ``None``, or the modified copy with ``copy=True``. Writes (with ``out``: into that file)
 
     - ``adata.layers["<family>_denoised" | "scfoundation_imputed" | key_added]``: dense
       float32 ``(n_cells, n_genes)`` denoised (CellPLM: expected counts) or depth-enhanced
@@ -123,46 +154,160 @@ def impute(
     InputError
         Values that are not raw counts, empty cells, duplicated gene names, too little overlap
         with the model's genes, or bad decoder batch ids; the message says what to do.
+    FileExistsError
+        ``out`` exists already.
     """
     from .._settings import settings
     from ..models._families import check_family_options, family_task
 
+    if out is not None and copy:
+        raise ValueError("pass either out= (write a new file) or copy=True, not both.")
     obj, ad = resolve_adata(adata, copy=copy, mod=mod)
+    if out is not None and ad is not obj:
+        raise ValueError(
+            "out= writes an AnnData file; for a MuData, pass its modality (`mdata.mod['rna']`)."
+        )
+    if out is None and ad.isbacked:
+        raise ValueError(
+            "adata is backed (read with backed='r'): its imputed values, a dense cells x genes "
+            "matrix, would have to be held in memory. Pass out='imputed.h5ad' to write them to "
+            "a new file chunk by chunk, or load the data first with `adata.to_memory()`."
+        )
+    if out is not None:
+        check_output_path(out)  # before any work
     # Validate the data before anything is loaded or written.
-    check_counts(ad, layer)
-    check_nonempty(ad, layer)
+    check_counts(ad, layer, chunk_size=chunk_size)
+    check_nonempty(ad, layer, chunk_size=chunk_size)
 
     resolved = resolve_model(model)
     run = family_task(resolved.family, "impute")
     check_family_options(run, resolved.family, "impute", model_kwargs, _STANDARD)
-    dev = settings.resolve_device(device)
-    settings.apply_threads()
-    started = time.perf_counter()
-    denoised, var_columns, run_params = run(
-        resolved,
-        ad,
+    options = dict(
         layer=layer,
         gene_key=gene_key,
         max_length=max_length,
         random_state=random_state,
-        device=dev,
+        device=settings.resolve_device(device),
         **model_kwargs,
     )
-    elapsed = time.perf_counter() - started
-
+    if "chunk_size" in inspect.signature(run).parameters:
+        options["chunk_size"] = chunk_size
+    settings.apply_threads()
     key = key_added or f"{resolved.family}_{_KEY_SUFFIX.get(resolved.family, 'denoised')}"
+    started = time.perf_counter()
+    if out is not None:
+        _impute_to_file(run, resolved, ad, out, key, options, chunk_size=chunk_size)
+        _log_done(ad, resolved, options["device"], started, f"layers[{key!r}] of {out}")
+        return None
+    denoised, var_columns, run_params = run(resolved, ad, **options)
+
     ad.layers[key] = denoised
     for name, values in var_columns.items():
         ad.var[f"{key}_{name}"] = values
-    ad.uns[key] = {
-        "params": params_record(**resolved.params(), layer=layer, gene_key=gene_key, **run_params)
-    }
+    ad.uns[key] = {"params": _params(resolved, options, run_params)}
+    _log_done(ad, resolved, options["device"], started, f"layers[{key!r}]")
+    return obj if copy else None
+
+
+def _params(resolved: ResolvedModel, options: dict[str, Any], run_params: dict[str, Any]):
+    return params_record(
+        **resolved.params(), layer=options["layer"], gene_key=options["gene_key"], **run_params
+    )
+
+
+def _log_done(ad: AnnData, resolved: ResolvedModel, device, started: float, where: str) -> None:
     logger.info(
-        "impute: %d cells with %s on %s in %.1f s -> layers[%r]",
+        "impute: %d cells with %s on %s in %.1f s -> %s",
         ad.n_obs,
         resolved.name,
-        dev,
-        elapsed,
-        key,
+        device,
+        time.perf_counter() - started,
+        where,
     )
-    return obj if copy else None
+
+
+def _impute_to_file(
+    run: Callable,
+    resolved: ResolvedModel,
+    ad: AnnData,
+    out: str | os.PathLike,
+    key: str,
+    options: dict[str, Any],
+    *,
+    chunk_size: int,
+) -> None:
+    """Write ``ad`` plus the imputed layer (and its var columns, uns params) to ``out``."""
+    import h5py
+    from anndata.io import write_elem
+
+    from .._h5ad import atomic_path, create_dense_layer, write_h5ad
+
+    with atomic_path(out) as tmp:
+        write_h5ad(ad, tmp)
+        with h5py.File(tmp, "r+") as f:
+            dataset = create_dense_layer(f, key, ad.shape)
+            var_columns, run_params = _fill_layer(run, resolved, ad, dataset, options, chunk_size)
+            if var_columns:
+                var = ad.var.copy()
+                for name, values in var_columns.items():
+                    var[f"{key}_{name}"] = values
+                del f["var"]
+                write_elem(f, "var", var)
+            if "uns" not in f:
+                write_elem(f, "uns", {})
+            write_elem(f["uns"], key, {"params": _params(resolved, options, run_params)})
+
+
+def _fill_layer(
+    run: Callable,
+    resolved: ResolvedModel,
+    ad: AnnData,
+    dataset: h5py.Dataset,
+    options: dict[str, Any],
+    chunk_size: int,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Impute into ``dataset`` a row chunk at a time; return the var columns and run params."""
+    n = ad.n_obs
+    if resolved.family not in _PER_CELL:
+        if ad.isbacked:
+            logger.warning(
+                "impute: %s models read the cells of a sequence together, so the %d x %d result "
+                "is computed in memory before it is written to the file.",
+                resolved.family,
+                *ad.shape,
+            )
+        values, var_columns, run_params = run(resolved, ad, **options)
+        for start in range(0, n, chunk_size):
+            dataset[start : start + chunk_size] = values[start : start + chunk_size]
+        return var_columns, run_params
+    first: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
+    # The model is run once per chunk: its per-run messages (gene overlap ...) are said once.
+    with _say_once(logger):
+        for start in range(0, n, chunk_size):
+            # A view: a backed AnnData reads only these rows from disk.
+            values, var_columns, run_params = run(
+                resolved, ad[start : start + chunk_size], **options
+            )
+            dataset[start : start + values.shape[0]] = values
+            if first is None:
+                first = (var_columns, run_params)
+    return first
+
+
+@contextlib.contextmanager
+def _say_once(log: logging.Logger) -> Iterator[None]:
+    """Let each distinct message through ``log`` once while the block runs."""
+    seen: set[str] = set()
+
+    def once(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in seen:
+            return False
+        seen.add(message)
+        return True
+
+    log.addFilter(once)
+    try:
+        yield
+    finally:
+        log.removeFilter(once)

@@ -14,11 +14,13 @@ import torch
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
-from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+from scvi.model.base import BaseModelClass
 
 from ..._anndata import get_matrix, resolve_seed
+from ..._docs import doc_params
 from ..._validation import InputError, check_counts, check_unique_names
 from ...pp._match_genes import GeneMatch, match_to_vocab
+from .._training import DOC_TRAIN_SCALE, TrainingMixin
 from ._checkpoint import load_cellplm
 from ._embed import embed_matrix
 from ._module import CellPLMModule
@@ -26,6 +28,7 @@ from ._training_plan import CellPLMTrainingPlan, SequenceDataSplitter
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from lightning.pytorch.strategies import Strategy
 
 __all__ = ["CellPLM"]
 
@@ -81,7 +84,7 @@ def _match(var_names, gene_list: Sequence[str]) -> GeneMatch:
     return match
 
 
-class CellPLM(UnsupervisedTrainingMixin, BaseModelClass):
+class CellPLM(TrainingMixin, BaseModelClass):
     """CellPLM (Wen et al., ICLR 2024) as an scvi-tools model: pretrain and embed on AnnData.
 
     Cells are the tokens: the cells of one sample (the ``batch_key`` of :meth:`setup_anndata`)
@@ -273,6 +276,7 @@ class CellPLM(UnsupervisedTrainingMixin, BaseModelClass):
         return weights_path
 
     # training ----------------------------------------------------------------------------------
+    @doc_params(scale=DOC_TRAIN_SCALE)
     def train(
         self,
         max_epochs: int = 10,
@@ -283,6 +287,12 @@ class CellPLM(UnsupervisedTrainingMixin, BaseModelClass):
         validation_size: float | None = None,
         random_state: int | None = None,
         plan_kwargs: dict[str, Any] | None = None,
+        *,
+        strategy: str | Strategy = "auto",
+        num_nodes: int = 1,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_kwargs: dict[str, Any] | None = None,
+        resume: bool | str | os.PathLike = False,
         **kwargs: Any,
     ):
         """Pretrain with the published corruption and objective, through Lightning.
@@ -295,11 +305,11 @@ class CellPLM(UnsupervisedTrainingMixin, BaseModelClass):
         Parameters
         ----------
         max_epochs
-            Passes over the training cells.
+            Passes over the training cells (counting those done before a resume).
         accelerator
             Lightning accelerator (``"auto"``, ``"cpu"``, ``"gpu"`` ...).
         devices
-            Devices to use; several GPUs train with DDP (``strategy="ddp"`` in ``kwargs``).
+            Devices (processes) per node: a number, a list of GPU indices, or ``"auto"`` (one).
         max_cells
             Most cells per sequence (the official data loader uses 2000).
         train_size
@@ -307,14 +317,17 @@ class CellPLM(UnsupervisedTrainingMixin, BaseModelClass):
         validation_size
             Fraction of cells for validation (default: the rest).
         random_state
-            Seed of the chunking and of the corruption (``None``: ``sft.settings.seed``).
+            Seed of the split, the chunking, the sequence order, the corruption and the dropout
+            (``None``: ``sft.settings.seed``).
         plan_kwargs
             Passed to :class:`~scfm_tools.models.cellplm.CellPLMTrainingPlan`: ``lr`` (2e-4),
             ``mask_node_rate`` (0.75), ``mask_feature_rate`` (0.25), ``drop_node_rate`` (0.3),
             ``mask_beta`` (True), ``weight_decay`` ...
+        {scale}
         **kwargs
             Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and on to the
-            Lightning trainer (``check_val_every_n_epoch``, ``early_stopping``, ``strategy`` ...).
+            Lightning trainer (``check_val_every_n_epoch``, ``early_stopping``,
+            ``precision`` ...).
 
         Returns
         -------
@@ -339,6 +352,11 @@ class CellPLM(UnsupervisedTrainingMixin, BaseModelClass):
             validation_size=validation_size,
             datasplitter_kwargs=splitter,
             plan_kwargs=plan,
+            strategy=strategy,
+            num_nodes=num_nodes,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_kwargs=checkpoint_kwargs,
+            resume=resume,
             **kwargs,
         )
 

@@ -3,8 +3,9 @@
 CellPLM attends across the cells of a sample, so a minibatch is not a random set of cells but
 one *sequence*: cells of one ``batch_key`` category (at most ``max_cells``, in random chunks).
 :class:`SequenceDataSplitter` splits the cells into training and validation sets as scvi-tools'
-:class:`~scvi.dataloaders.DataSplitter` does, then serves each set as sequences (with a
-:class:`~torch.utils.data.DistributedSampler` over sequences under DDP).
+:class:`~scvi.dataloaders.DataSplitter` does (seeded), then serves each set as sequences, in an
+order drawn from the seed and the epoch (with a :class:`~torch.utils.data.DistributedSampler`
+over sequences under DDP).
 :class:`CellPLMTrainingPlan` corrupts each training sequence on the CPU before it moves to the
 device (:func:`~scfm_tools.models.cellplm.mask_sequence`: dropped cells, masked cells and
 features) and optimises :meth:`CellPLMModule.loss <scfm_tools.models.cellplm.CellPLMModule.loss>`.
@@ -17,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from scvi import REGISTRY_KEYS
-from scvi.dataloaders import DataSplitter
 from scvi.train import TrainingPlan
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..._anndata import get_matrix
+from .._seeding import EpochShuffleSampler, SeededStreamsMixin, training_epoch
+from .._training import SeededDataSplitter
 from ._masking import mask_sequence
 from ._module import BATCH_KEY, GENE_MASK_KEY, X_KEY, CellPLMModule
 from ._sequences import to_model_genes
@@ -73,7 +75,7 @@ def _chunk(indices: np.ndarray, codes: np.ndarray, max_cells: int, rng) -> list[
     return out
 
 
-class SequenceDataSplitter(DataSplitter):
+class SequenceDataSplitter(SeededDataSplitter):
     """Split cells into train/validation/test like scvi-tools, serve them as sequences.
 
     Parameters
@@ -89,7 +91,7 @@ class SequenceDataSplitter(DataSplitter):
     use_batch_covariate
         Give the registered batch codes to the decoder's batch table.
     random_state
-        Seed of the chunking.
+        Seed of the split, the chunking and the order of the training sequences.
     **kwargs
         Passed to :class:`scvi.dataloaders.DataSplitter` (``train_size``, ``validation_size``,
         ``shuffle_set_split``, ``distributed_sampler`` ...); ``batch_size`` is ignored (a
@@ -110,10 +112,9 @@ class SequenceDataSplitter(DataSplitter):
         self.distributed = bool(kwargs.pop("distributed_sampler", False))
         kwargs.pop("load_sparse_tensor", None)
         kwargs["batch_size"] = 1  # one sequence per minibatch: no tiny-last-batch concerns
-        super().__init__(adata_manager, **kwargs)
+        super().__init__(adata_manager, random_state=random_state, **kwargs)
         self.match, self.n_genes, self.max_cells = match, n_genes, int(max_cells)
         self.use_batch_covariate = use_batch_covariate
-        self.random_state = random_state
         codes = adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)
         self.codes = np.asarray(codes).reshape(-1).astype(np.int64)
 
@@ -131,12 +132,13 @@ class SequenceDataSplitter(DataSplitter):
             self.n_genes,
             self.codes if self.use_batch_covariate else None,
         )
+        # The order is a function of (seed, epoch), so that a resumed run sees the same one.
+        epoch = training_epoch(self.trainer)
         if self.distributed:
             sampler = DistributedSampler(dataset, shuffle=shuffle, seed=self.random_state)
+            sampler.set_epoch(epoch)
         elif shuffle:
-            sampler = RandomSampler(
-                dataset, generator=torch.Generator().manual_seed(self.random_state)
-            )
+            sampler = EpochShuffleSampler(len(dataset), self.random_state, epoch)
         else:
             sampler = None
         return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=0)
@@ -154,13 +156,13 @@ class SequenceDataSplitter(DataSplitter):
         return self._loader(self.test_idx, False, 2)
 
 
-class CellPLMTrainingPlan(TrainingPlan):
+class CellPLMTrainingPlan(SeededStreamsMixin, TrainingPlan):
     """scvi-tools :class:`~scvi.train.TrainingPlan` that corrupts sequences as CellPLM pretraining.
 
     Training sequences go through :func:`~scfm_tools.models.cellplm.mask_sequence` (random,
-    seeded by ``random_state`` plus the process rank); validation sequences are not corrupted
-    (as the official model in eval mode), so the validation loss is the NB reconstruction of the
-    whole sequence from the most likely mixture component.
+    restarted each epoch from ``random_state``, the epoch and the process rank); validation
+    sequences are not corrupted (as the official model in eval mode), so the validation loss is
+    the NB reconstruction of the whole sequence from the most likely mixture component.
 
     Parameters
     ----------
@@ -212,15 +214,15 @@ class CellPLMTrainingPlan(TrainingPlan):
             "mask_beta": mask_beta,
         }
         self.random_state = int(random_state)
-        self._rng: np.random.Generator | None = None
+
+    def _new_streams(self, seed: int) -> np.random.Generator:
+        return np.random.default_rng(seed)
 
     def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int):
         """Corrupt a training sequence on the CPU before it moves to the device."""
         if self.trainer is None or not self.trainer.training:
             return batch
-        if self._rng is None:  # one stream per DDP rank
-            self._rng = np.random.default_rng([self.random_state, self.global_rank])
         extra = {BATCH_KEY: batch[BATCH_KEY]} if BATCH_KEY in batch else None
-        out = mask_sequence(batch[X_KEY], rng=self._rng, extra=extra, **self.mask_kwargs)
+        out = mask_sequence(batch[X_KEY], rng=self._stream(), extra=extra, **self.mask_kwargs)
         out[GENE_MASK_KEY] = batch[GENE_MASK_KEY]
         return out

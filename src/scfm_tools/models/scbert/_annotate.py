@@ -6,7 +6,6 @@ prediction (official ``finetune.py`` then ``predict.py``).
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,11 +13,12 @@ import pandas as pd
 import torch
 
 from ..._anndata import get_matrix, iter_chunks, resolve_seed
-from ..._validation import InputError, check_counts, check_nonempty
+from ..._validation import check_counts, check_nonempty
 from ...pp._match_genes import match_adata_genes, match_to_vocab
+from ...tl._label_transfer import labels_from_proba, reference_labels
 from ._checkpoint import load_scbert_checkpoint, read_gene_list
 from ._embed import iter_probabilities
-from ._model import CLASSES_FILE, SCBERT, ClassWeights, labels_from_proba
+from ._model import CLASSES_FILE, SCBERT, ClassWeights
 from ._tokenizer import SCBERTTokenizer
 
 if TYPE_CHECKING:
@@ -27,8 +27,6 @@ if TYPE_CHECKING:
     from ...hub import ResolvedModel
 
 __all__ = ["annotate_resolved"]
-
-logger = logging.getLogger("scfm_tools")
 
 
 def _accelerator(device: torch.device | str | None) -> str:
@@ -45,38 +43,19 @@ def _reference_adata(
     """
     import anndata as ad
 
-    if label_key not in reference.obs.columns:
-        raise InputError(
-            f"the reference has no obs column {label_key!r} (columns: "
-            f"{list(reference.obs.columns)}); pass label_key= naming the column with its cell "
-            "types."
-        )
+    keep, labels = reference_labels(reference, label_key)
     check_counts(reference, layer)
     check_nonempty(reference, layer)
-    labels = reference.obs[label_key]
-    keep = labels.notna().to_numpy()
-    if not keep.all():
-        logger.warning(
-            "annotate: %d reference cells have no %r label and are left out of training.",
-            int((~keep).sum()),
-            label_key,
-        )
     names = reference.var_names if gene_key is None else reference.var[gene_key].astype(str)
     X = get_matrix(reference, layer)
     out = ad.AnnData(
         X=X[np.flatnonzero(keep)] if not keep.all() else X.copy(),
         obs=pd.DataFrame(
-            {label_key: labels[keep].astype(str).astype("category")},
+            {label_key: pd.Categorical(labels)},
             index=reference.obs_names[keep],
         ),
         var=pd.DataFrame(index=pd.Index(np.asarray(names, dtype=str))),
     )
-    n_types = out.obs[label_key].nunique()
-    if n_types < 2:
-        raise InputError(
-            f"the reference has {n_types} cell type in obs[{label_key!r}]; annotation needs at "
-            "least 2."
-        )
     return out
 
 

@@ -14,11 +14,14 @@ import torch
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
-from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+from scvi.model.base import BaseModelClass
 
 from ..._anndata import get_matrix, iter_chunks, resolve_seed
+from ..._docs import doc_params
 from ..._validation import InputError, check_counts, check_unique_names
 from ...pp._match_genes import GeneMatch, match_adata_genes
+from ...tl._label_transfer import UNASSIGNED, labels_from_proba
+from .._training import DOC_TRAIN_SCALE, TrainingMixin
 from ._checkpoint import GENE_LIST_FILE, load_scbert_checkpoint, read_gene_list
 from ._embed import iter_embeddings, iter_probabilities
 from ._module import SCBERTModule
@@ -27,6 +30,7 @@ from ._training_plan import SCBERTTrainingPlan
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from lightning.pytorch.strategies import Strategy
 
 __all__ = [
     "CLASSES_FILE",
@@ -39,8 +43,6 @@ __all__ = [
 logger = logging.getLogger("scfm_tools")
 
 CLASSES_FILE = "classes.txt"
-#: Label given to cells whose best class probability is below the threshold (official novel type).
-UNASSIGNED = "Unassigned"
 Head = Literal["pretrain", "classifier"]
 Trainable = Literal["official", "all", "head"]
 ClassWeights = Literal["official", "balanced"] | Sequence[float] | np.ndarray | None
@@ -96,7 +98,7 @@ def _gene2vec_table(gene2vec, n_genes: int, dim: int) -> torch.Tensor | None:
     return torch.from_numpy(table.astype(np.float64))
 
 
-class SCBERT(UnsupervisedTrainingMixin, BaseModelClass):
+class SCBERT(TrainingMixin, BaseModelClass):
     """scBERT (Yang et al. 2022) as an scvi-tools model: pretrain, fine-tune, embed, annotate.
 
     Every cell is read on the model's gene list (16,906 genes for the published model; genes
@@ -428,6 +430,7 @@ class SCBERT(UnsupervisedTrainingMixin, BaseModelClass):
         return files["weights"]
 
     # training ------------------------------------------------------------------------------------
+    @doc_params(scale=DOC_TRAIN_SCALE)
     def train(
         self,
         max_epochs: int = 10,
@@ -436,6 +439,12 @@ class SCBERT(UnsupervisedTrainingMixin, BaseModelClass):
         batch_size: int = 8,
         class_weights: ClassWeights = None,
         plan_kwargs: dict[str, Any] | None = None,
+        *,
+        strategy: str | Strategy = "auto",
+        num_nodes: int = 1,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_kwargs: dict[str, Any] | None = None,
+        resume: bool | str | os.PathLike = False,
         **kwargs: Any,
     ):
         """Pretrain (masked bins) or fine-tune (cell types), through Lightning.
@@ -443,13 +452,13 @@ class SCBERT(UnsupervisedTrainingMixin, BaseModelClass):
         Parameters
         ----------
         max_epochs
-            Passes over the training cells.
+            Passes over the training cells (counting those done before a resume).
         accelerator
             Lightning accelerator (``"auto"``, ``"cpu"``, ``"gpu"`` ...).
         devices
-            Devices to use; several GPUs train with DDP (``strategy="ddp"`` in ``kwargs``).
+            Devices (processes) per node: a number, a list of GPU indices, or ``"auto"`` (one).
         batch_size
-            Cells per minibatch (the official scripts use 3, with 60-step gradient
+            Cells per minibatch and process (the official scripts use 3, with 60-step gradient
             accumulation: ``accumulate_grad_batches=60`` in ``kwargs``).
         class_weights
             Classifier only: loss weights for imbalanced cell types, ``"official"``
@@ -457,7 +466,9 @@ class SCBERT(UnsupervisedTrainingMixin, BaseModelClass):
             :func:`compute_class_weights`.
         plan_kwargs
             Passed to :class:`~scfm_tools.models.scbert.SCBERTTrainingPlan`: ``lr`` (1e-4),
-            ``mask_prob`` (0.15), ``replace_prob`` (0.9), ``random_state``, ``weight_decay`` ...
+            ``mask_prob`` (0.15), ``replace_prob`` (0.9), ``random_state`` (seed of the data order,
+            masks and dropout; default ``sft.settings.seed``), ``weight_decay`` ...
+        {scale}
         **kwargs
             Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` (``train_size``,
             ``early_stopping``, ``datasplitter_kwargs`` ...) and on to the Lightning trainer.
@@ -485,6 +496,11 @@ class SCBERT(UnsupervisedTrainingMixin, BaseModelClass):
             devices=devices,
             batch_size=batch_size,
             plan_kwargs=plan,
+            strategy=strategy,
+            num_nodes=num_nodes,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_kwargs=checkpoint_kwargs,
+            resume=resume,
             **kwargs,
         )
 
@@ -630,35 +646,3 @@ class SCBERT(UnsupervisedTrainingMixin, BaseModelClass):
             adata, indices, batch_size=batch_size, layer=layer, gene_key=gene_key
         )
         return labels_from_proba(proba, threshold)
-
-
-def labels_from_proba(proba: pd.DataFrame, threshold: float | None) -> pd.DataFrame:
-    """Best class and its probability per cell; ``"Unassigned"`` below ``threshold``.
-
-    Parameters
-    ----------
-    proba
-        Cells x classes probabilities.
-    threshold
-        Confidence below which a cell is ``"Unassigned"``; ``None`` never.
-
-    Returns
-    -------
-    DataFrame with ``label`` (categorical) and ``score``.
-    """
-    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"threshold must lie in [0, 1] or be None, got {threshold!r}.")
-    values = proba.to_numpy()
-    classes = np.asarray(proba.columns, dtype=object)
-    score = values.max(axis=1) if values.size else np.empty(0, np.float32)
-    labels = classes[values.argmax(axis=1)] if values.size else np.empty(0, object)
-    if threshold is not None:
-        labels = np.where(score < threshold, UNASSIGNED, labels)
-    categories = list(classes) + ([UNASSIGNED] if threshold is not None else [])
-    return pd.DataFrame(
-        {
-            "label": pd.Categorical(labels, categories=categories),
-            "score": score.astype(np.float32),
-        },
-        index=proba.index,
-    )

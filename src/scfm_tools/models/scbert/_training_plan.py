@@ -19,6 +19,7 @@ import torch
 from scvi import REGISTRY_KEYS
 from scvi.train import TrainingPlan
 
+from .._seeding import SeededStreamsMixin
 from ._module import LABELS, MASK_PROB, MLM_LABELS, REPLACE_PROB, TOKENS, SCBERTModule, mask_tokens
 from ._tokenizer import SCBERTTokenizer
 
@@ -26,16 +27,15 @@ __all__ = ["SCBERTTrainingPlan"]
 
 logger = logging.getLogger("scfm_tools")
 
-_EVAL_OFFSET = 1_000_003
 
-
-class SCBERTTrainingPlan(TrainingPlan):
+class SCBERTTrainingPlan(SeededStreamsMixin, TrainingPlan):
     """scvi-tools :class:`~scvi.train.TrainingPlan` that tokenizes (and masks) cells on the fly.
 
     Built by :meth:`SCBERT.train <scfm_tools.models.SCBERT.train>`, which passes the gene
-    mapping; users pass the rest through ``plan_kwargs``. Training masks are seeded by
-    ``random_state`` plus the process rank (DDP ranks draw different masks); validation masks
-    restart from the same seed every validation epoch, so validation losses are comparable.
+    mapping; users pass the rest through ``plan_kwargs``. Training masks restart each epoch from
+    ``random_state``, the epoch and the process rank (DDP ranks draw different masks; a resumed
+    run draws those of an uninterrupted one); validation masks restart from the same seed every
+    validation epoch, so validation losses are comparable.
 
     Parameters
     ----------
@@ -81,16 +81,10 @@ class SCBERTTrainingPlan(TrainingPlan):
         self.mask_prob = float(mask_prob)
         self.replace_prob = float(replace_prob)
         self.random_state = int(random_state)
-        self._generators: dict[str, torch.Generator] = {}
         self._warned_empty = False
 
-    def _stage(self) -> str:
-        trainer = self._trainer
-        return "train" if trainer is None or trainer.training else "eval"
-
-    def on_validation_epoch_start(self) -> None:
-        """Restart the validation masks, so every epoch is scored on the same ones."""
-        self._generators["eval"] = torch.Generator().manual_seed(self.random_state + _EVAL_OFFSET)
+    def _new_streams(self, seed: int) -> torch.Generator:
+        return torch.Generator().manual_seed(seed)
 
     def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int):
         """Tokenize (and mask) the count rows (CPU, main process, before transfer)."""
@@ -102,17 +96,12 @@ class SCBERTTrainingPlan(TrainingPlan):
         tokens = self.tokenizer(X.detach().cpu().numpy())
         if self.module.is_classifier:
             return {TOKENS: tokens, LABELS: batch[REGISTRY_KEYS.LABELS_KEY]}
-        stage = self._stage()
-        if stage not in self._generators:
-            rank = self.global_rank if self._trainer is not None else 0
-            seed = self.random_state + (0 if stage == "train" else _EVAL_OFFSET) + 7919 * rank
-            self._generators[stage] = torch.Generator().manual_seed(seed)
         masked, labels = mask_tokens(
             tokens,
             mask_token_id=self.module.mask_token_id,
             mask_prob=self.mask_prob,
             replace_prob=self.replace_prob,
-            generator=self._generators[stage],
+            generator=self._stream(),
         )
         return {TOKENS: masked, MLM_LABELS: labels}
 

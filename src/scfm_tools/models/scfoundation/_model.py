@@ -14,11 +14,13 @@ import torch
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import LayerField
-from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+from scvi.model.base import BaseModelClass
 
 from ..._anndata import get_matrix, resolve_seed
+from ..._docs import doc_params
 from ..._validation import InputError, check_counts, check_nonempty, check_unique_names
 from ...pp._match_genes import match_adata_genes
+from .._training import DOC_TRAIN_SCALE, TrainingMixin
 from ._checkpoint import Entry, load_scfoundation, official_entry
 from ._embed import embed_matrix
 from ._module import Pool, SCFoundationModule
@@ -27,6 +29,7 @@ from ._training_plan import RDA_KEY, SCFoundationTrainingPlan
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from lightning.pytorch.strategies import Strategy
 
 __all__ = ["SCFoundation"]
 
@@ -44,7 +47,7 @@ DEFAULT_ARCHITECTURE = {
 }
 
 
-class SCFoundation(UnsupervisedTrainingMixin, BaseModelClass):
+class SCFoundation(TrainingMixin, BaseModelClass):
     """scFoundation (xTrimoGene, Hao et al. 2024) as an scvi-tools model: RDA pretraining.
 
     Every cell is read on the model's genes (genes of ``adata`` matched by symbol; model genes
@@ -227,6 +230,7 @@ class SCFoundation(UnsupervisedTrainingMixin, BaseModelClass):
         return path
 
     # training ----------------------------------------------------------------------------------
+    @doc_params(scale=DOC_TRAIN_SCALE)
     def train(
         self,
         max_epochs: int = 10,
@@ -237,6 +241,12 @@ class SCFoundation(UnsupervisedTrainingMixin, BaseModelClass):
         batch_size: int = 32,
         random_state: int | None = None,
         plan_kwargs: dict[str, Any] | None = None,
+        *,
+        strategy: str | Strategy = "auto",
+        num_nodes: int = 1,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_kwargs: dict[str, Any] | None = None,
+        resume: bool | str | os.PathLike = False,
         **kwargs: Any,
     ):
         """Pretrain with the RDA objective, through Lightning (CPU, GPU, several GPUs).
@@ -244,26 +254,29 @@ class SCFoundation(UnsupervisedTrainingMixin, BaseModelClass):
         Parameters
         ----------
         max_epochs
-            Passes over the training cells.
+            Passes over the training cells (counting those done before a resume).
         accelerator
             Lightning accelerator (``"auto"``, ``"cpu"``, ``"gpu"`` ...).
         devices
-            Devices to use; several GPUs train with DDP (``strategy="ddp"`` in ``kwargs``).
+            Devices (processes) per node: a number, a list of GPU indices, or ``"auto"`` (one).
         train_size
             Fraction of cells for training (scvi-tools default 0.9).
         validation_size
             Fraction of cells for validation (default: the rest).
         batch_size
-            Cells per minibatch.
+            Cells per minibatch and process.
         random_state
-            Seed of the masks (``None``: ``sft.settings.seed``).
+            Seed of the split, the data order, the masks and the dropout (``None``:
+            ``sft.settings.seed``).
         plan_kwargs
             Passed to :class:`~scfm_tools.models.scfoundation.SCFoundationTrainingPlan`:
             ``lr`` (1e-4), ``value_mask_prob`` (0.3), ``zero_mask_prob`` (0.03),
             ``weight_decay`` ...
+        {scale}
         **kwargs
             Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and on to the
-            Lightning trainer (``check_val_every_n_epoch``, ``early_stopping``, ``strategy`` ...).
+            Lightning trainer (``check_val_every_n_epoch``, ``early_stopping``,
+            ``precision`` ...).
 
         Returns
         -------
@@ -283,6 +296,11 @@ class SCFoundation(UnsupervisedTrainingMixin, BaseModelClass):
             validation_size=validation_size,
             batch_size=batch_size,
             plan_kwargs=plan,
+            strategy=strategy,
+            num_nodes=num_nodes,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_kwargs=checkpoint_kwargs,
+            resume=resume,
             **kwargs,
         )
 

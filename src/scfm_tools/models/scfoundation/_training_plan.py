@@ -22,6 +22,7 @@ import torch
 from scipy import sparse
 from scvi.train import TrainingPlan
 
+from .._seeding import SeededStreamsMixin
 from ._module import MASK, TARGET, VALUES, SCFoundationModule
 from ._preprocess import GeneReindexer, sequences
 
@@ -34,7 +35,6 @@ RDA_KEY = "rda_X"
 # Published dataset config: share of non-zero / zero values masked.
 VALUE_MASK_PROB = 0.3
 ZERO_MASK_PROB = 0.03
-_EVAL_OFFSET = 1_000_003
 
 
 def mask_values(
@@ -119,13 +119,14 @@ def rda_pairs(
     return sequences(source, t, s), sequences(target, t, s), usable
 
 
-class SCFoundationTrainingPlan(TrainingPlan):
+class SCFoundationTrainingPlan(SeededStreamsMixin, TrainingPlan):
     """scvi-tools :class:`~scvi.train.TrainingPlan` that builds RDA pairs and masks on the fly.
 
     Built by :meth:`SCFoundation.train <scfm_tools.models.SCFoundation.train>`, which passes
-    the gene mapping; users pass the rest through ``plan_kwargs``. Training masks are seeded by
-    ``random_state`` plus the process rank (DDP ranks draw different masks); validation masks
-    restart from the same seed every validation epoch, so validation losses are comparable.
+    the gene mapping; users pass the rest through ``plan_kwargs``. Training masks restart each
+    epoch from ``random_state``, the epoch and the process rank (DDP ranks draw different masks;
+    a resumed run draws those of an uninterrupted one); validation masks restart from the same
+    seed every validation epoch, so validation losses are comparable.
 
     Parameters
     ----------
@@ -162,24 +163,10 @@ class SCFoundationTrainingPlan(TrainingPlan):
         self.value_mask_prob = float(value_mask_prob)
         self.zero_mask_prob = float(zero_mask_prob)
         self.random_state = int(random_state)
-        self._generators: dict[str, torch.Generator] = {}
         self._warned = False
 
-    def _stage(self) -> str:
-        trainer = self._trainer
-        return "train" if trainer is None or trainer.training else "eval"
-
-    def on_validation_epoch_start(self) -> None:
-        """Restart the validation masks, so every epoch is scored on the same ones."""
-        self._generators["eval"] = torch.Generator().manual_seed(self.random_state + _EVAL_OFFSET)
-
-    def _generator(self) -> torch.Generator:
-        stage = self._stage()
-        if stage not in self._generators:
-            rank = self.global_rank if self._trainer is not None else 0
-            seed = self.random_state + (0 if stage == "train" else _EVAL_OFFSET) + 7919 * rank
-            self._generators[stage] = torch.Generator().manual_seed(seed)
-        return self._generators[stage]
+    def _new_streams(self, seed: int) -> torch.Generator:
+        return torch.Generator().manual_seed(seed)
 
     def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int):
         """Build the RDA input/target pair and the mask (CPU, before transfer)."""
@@ -195,7 +182,7 @@ class SCFoundationTrainingPlan(TrainingPlan):
             self.module.n_genes,
             value_mask_prob=self.value_mask_prob,
             zero_mask_prob=self.zero_mask_prob,
-            generator=self._generator(),
+            generator=self._stream(),
         )
         keep = torch.from_numpy(usable)
         if not bool(keep.all()) and not self._warned:

@@ -12,7 +12,7 @@ from ._embed import embed_matrix, iter_embeddings
 from ._model import SCGPT
 from ._module import SCGPTModule, mask_values
 from ._tokenizer import OFFICIAL_N_BINS, CellTokenizer, pad_cells
-from ._training_plan import SCGPTTrainingPlan, tokenize_minibatch
+from ._training_plan import SCGPTTrainingPlan, TokenizeCells, tokenize_block, tokenize_minibatch
 
 __all__ = [
     "OFFICIAL_N_BINS",
@@ -22,6 +22,7 @@ __all__ = [
     "LoadReport",
     "SCGPTModule",
     "SCGPTTrainingPlan",
+    "TokenizeCells",
     "add_special_tokens",
     "embed_matrix",
     "iter_embeddings",
@@ -29,6 +30,7 @@ __all__ = [
     "mask_values",
     "pad_cells",
     "read_vocab",
+    "tokenize_block",
     "tokenize_minibatch",
     "write_scgpt_folder",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -22,7 +22,13 @@ if TYPE_CHECKING:
 
     from ...hub import ResolvedModel
 
-__all__ = ["embed_matrix", "embed_resolved", "iter_embeddings"]
+__all__ = [
+    "TokenBatch",
+    "embed_matrix",
+    "embed_resolved",
+    "iter_embeddings",
+    "iter_token_batches",
+]
 
 logger = logging.getLogger("scfm_tools")
 
@@ -42,6 +48,89 @@ def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+class TokenBatch(NamedTuple):
+    """One padded minibatch of tokenized cells, as :func:`iter_token_batches` yields it."""
+
+    block: int
+    """Index of the block the cells come from (blocks in the order given)."""
+    n_block: int
+    """Number of cells in that block."""
+    rows: np.ndarray
+    """Positions of the minibatch's cells within their block."""
+    tensors: dict[str, torch.Tensor]
+    """``gene_ids``, ``values`` and ``padding_mask`` on the run's device (``<cls>`` first)."""
+
+
+def iter_token_batches(
+    module: SCGPTModule,
+    vocab: dict[str, int],
+    args: dict[str, Any],
+    blocks: Iterable,
+    var_names: Sequence[str] | GeneMatch,
+    *,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    n_bins: int = OFFICIAL_N_BINS,
+    random_state: int | None = 0,
+    device: str | torch.device = "cpu",
+) -> Iterator[TokenBatch]:
+    """Tokenize consecutive blocks of cells into length-sorted minibatches on the device.
+
+    The input side shared by every scGPT pass over cells (cell embeddings, context-aware gene
+    embeddings): cells tokenized as the official ``embed_data`` does (see
+    :class:`CellTokenizer`), sorted by length within each block so that minibatches carry
+    little padding. While the iterator runs, ``module`` is on ``device`` in eval mode; its
+    training flag is restored when the iterator ends or is closed. The parameters are those of
+    :func:`iter_embeddings`.
+
+    Yields
+    ------
+    :class:`TokenBatch` es, block after block, every cell of a block in exactly one of them;
+    an empty block gives one batch with no rows and no tensors.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    pad_token = args.get("pad_token", "<pad>")
+    for token in ("<cls>", pad_token):
+        if token not in vocab:
+            raise ValueError(f"the vocabulary has no {token!r} token.")
+    pad_id, pad_value = vocab[pad_token], float(args.get("pad_value", -2))
+    max_length = int(args.get("max_seq_len", 1200)) if max_length is None else int(max_length)
+    tokenizer = CellTokenizer(
+        _gene_index(var_names, vocab),
+        cls_id=vocab["<cls>"],
+        pad_value=pad_value,
+        max_length=max_length,
+        n_bins=n_bins,
+        random_state=resolve_seed(random_state),
+    )
+    dev = settings.resolve_device(device) if isinstance(device, str) else torch.device(device)
+    was_training = module.training
+    module.to(dev).eval()
+    n_empty = 0
+    try:
+        for number, block in enumerate(blocks):
+            cells = tokenizer(block)
+            lengths = np.fromiter((len(ids) for ids, _ in cells), dtype=np.int64, count=len(cells))
+            n_empty += int((lengths == 1).sum())
+            if not cells:
+                yield TokenBatch(number, 0, np.empty(0, dtype=np.int64), {})
+                continue
+            order = np.argsort(lengths, kind="stable")
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                batch = pad_cells([cells[i] for i in rows], pad_id=pad_id, pad_value=pad_value)
+                batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+                yield TokenBatch(number, len(cells), rows, batch)
+    finally:
+        module.train(was_training)
+    if n_empty:
+        logger.warning(
+            "%d cells express no gene of the vocabulary; they are read as <cls> alone.",
+            n_empty,
+        )
 
 
 def iter_embeddings(
@@ -95,48 +184,33 @@ def iter_embeddings(
     ------
     L2-normalised ``<cls>`` embeddings, float32, one row per cell of the block.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    pad_token = args.get("pad_token", "<pad>")
-    for token in ("<cls>", pad_token):
-        if token not in vocab:
-            raise ValueError(f"the vocabulary has no {token!r} token.")
-    pad_id, pad_value = vocab[pad_token], float(args.get("pad_value", -2))
-    max_length = int(args.get("max_seq_len", 1200)) if max_length is None else int(max_length)
-    tokenizer = CellTokenizer(
-        _gene_index(var_names, vocab),
-        cls_id=vocab["<cls>"],
-        pad_value=pad_value,
+    out: np.ndarray | None = None
+    current = -1
+    for batch in iter_token_batches(
+        module,
+        vocab,
+        args,
+        blocks,
+        var_names,
+        batch_size=batch_size,
         max_length=max_length,
         n_bins=n_bins,
-        random_state=resolve_seed(random_state),
-    )
-    dev = settings.resolve_device(device) if isinstance(device, str) else torch.device(device)
-    was_training = module.training
-    module.to(dev).eval()
-    n_empty = 0
-    try:
-        for block in blocks:
-            cells = tokenizer(block)
-            lengths = np.fromiter((len(ids) for ids, _ in cells), dtype=np.int64, count=len(cells))
-            n_empty += int((lengths == 1).sum())
-            out = np.empty((len(cells), module.d_model), dtype=np.float32)
-            order = np.argsort(lengths, kind="stable")
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                batch = pad_cells([cells[i] for i in rows], pad_id=pad_id, pad_value=pad_value)
-                batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-                with torch.inference_mode(), _autocast(dev):
-                    emb = module.cell_embedding(**batch, normalize=True)
-                out[rows] = emb.float().cpu().numpy()
-            yield out
-    finally:
-        module.train(was_training)
-    if n_empty:
-        logger.warning(
-            "%d cells express no gene of the vocabulary; their embedding sees only <cls>.",
-            n_empty,
-        )
+        random_state=random_state,
+        device=device,
+    ):
+        if batch.block != current:
+            if out is not None:
+                yield out
+            out = np.empty((batch.n_block, module.d_model), dtype=np.float32)
+            current = batch.block
+        if not batch.n_block:
+            continue
+        dev = batch.tensors["gene_ids"].device
+        with torch.inference_mode(), _autocast(dev):
+            emb = module.cell_embedding(**batch.tensors, normalize=True)
+        out[batch.rows] = emb.float().cpu().numpy()
+    if out is not None:
+        yield out
 
 
 def embed_matrix(

@@ -15,11 +15,14 @@ import torch
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
-from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+from scvi.model.base import BaseModelClass
 
 from ..._anndata import iter_chunks, resolve_seed
-from ..._validation import InputError, check_nonnegative, check_unique_names
-from ...pp._match_genes import GeneMatch, load_vocab, match_adata_genes
+from ..._docs import doc_params
+from ..._validation import check_nonnegative, check_unique_names
+from ...pp._match_genes import _SPECIAL, GeneMatch, load_vocab, match_adata_genes
+from .._training import DOC_TRAIN_SCALE, TrainingMixin
+from ._attention import attention_sums, restrict_gene_index
 from ._checkpoint import (
     ARGS_FILE,
     SAFETENSORS_FILE,
@@ -31,19 +34,19 @@ from ._checkpoint import (
 )
 from ._embed import iter_embeddings
 from ._module import SCGPTModule
-from ._tokenizer import OFFICIAL_N_BINS, CellTokenizer, pad_cells
-from ._training_plan import SCGPTTrainingPlan
+from ._tokenizer import OFFICIAL_N_BINS
+from ._training_plan import SCGPTTrainingPlan, TokenizeCells
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from lightning import LightningDataModule
+    from lightning.pytorch.strategies import Strategy
 
 __all__ = ["SCGPT"]
 
 logger = logging.getLogger("scfm_tools")
 
 VocabLike = Mapping[str, int] | str | os.PathLike
-# Gene x gene attention sums are held in memory: 5,000 genes take 200 MB (sums and counts).
-MAX_ATTENTION_GENES = 5_000
 _TOKENIZER_KEYS = ("gene_index", "cls_id", "pad_id", "max_seq_len", "n_bins")
 
 
@@ -71,7 +74,7 @@ def _resolve_vocab(vocab: VocabLike | None, var_names: pd.Index) -> dict[str, in
     )
 
 
-class SCGPT(UnsupervisedTrainingMixin, BaseModelClass):
+class SCGPT(TrainingMixin, BaseModelClass):
     """scGPT (Cui et al., Nature Methods 2024) as an scvi-tools model: pretrain, fine-tune, embed.
 
     The transformer reads, per cell, the expressed genes as tokens with their per-cell quantile
@@ -371,6 +374,7 @@ class SCGPT(UnsupervisedTrainingMixin, BaseModelClass):
             "n_bins": self.n_bins,
         }
 
+    @doc_params(scale=DOC_TRAIN_SCALE)
     def train(
         self,
         max_epochs: int = 10,
@@ -378,6 +382,13 @@ class SCGPT(UnsupervisedTrainingMixin, BaseModelClass):
         devices: int | list[int] | str = "auto",
         batch_size: int = 64,
         plan_kwargs: dict[str, Any] | None = None,
+        *,
+        strategy: str | Strategy = "auto",
+        num_nodes: int = 1,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_kwargs: dict[str, Any] | None = None,
+        resume: bool | str | os.PathLike = False,
+        datamodule: LightningDataModule | None = None,
         **kwargs: Any,
     ):
         """Pretrain or fine-tune with masked gene-expression prediction + MVC, through Lightning.
@@ -385,21 +396,30 @@ class SCGPT(UnsupervisedTrainingMixin, BaseModelClass):
         Parameters
         ----------
         max_epochs
-            Passes over the training cells.
+            Passes over the training cells (counting those done before a resume).
         accelerator
             Lightning accelerator (``"auto"``, ``"cpu"``, ``"gpu"`` ...).
         devices
-            Devices to use; several GPUs train with DDP (``strategy="ddp"`` etc. in ``kwargs``).
+            Devices (processes) per node: a number, a list of GPU indices, or ``"auto"`` (one).
         batch_size
-            Cells per minibatch.
+            Cells per minibatch and process (with ``datamodule``: set on the data module).
         plan_kwargs
             Passed to :class:`~scfm_tools.models.scgpt.SCGPTTrainingPlan`: ``lr`` (1e-3),
-            ``mask_ratio`` (0.4), ``random_state``, ``weight_decay``, ``lr_schedule``
-            (``"constant"`` or ``"cosine"`` with warm-up) ...
+            ``mask_ratio`` (0.4), ``random_state`` (seed of the data order, masks and dropout;
+            default ``sft.settings.seed``), ``weight_decay``, ``lr_schedule`` (``"constant"`` or
+            ``"cosine"`` with warm-up) ...
+        {scale}
+        datamodule
+            Train on this Lightning data module instead of the model's AnnData. A
+            :class:`~scfm_tools.dataloaders.MultiFileDataModule` (many ``.h5ad`` files, read
+            lazily) is bound to the model: its files' genes are matched to the vocabulary and its
+            workers tokenize and mask the cells (:class:`~scfm_tools.models.scgpt.TokenizeCells`).
+            Another data module must yield the model's AnnData rows (``"X"``) or tokenized
+            minibatches.
         **kwargs
             Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` (``train_size``,
             ``check_val_every_n_epoch``, ``early_stopping``, ``datasplitter_kwargs`` ...) and on
-            to the Lightning trainer.
+            to the Lightning trainer (``precision="bf16-mixed"``, ``callbacks`` ...).
 
         Returns
         -------
@@ -415,6 +435,8 @@ class SCGPT(UnsupervisedTrainingMixin, BaseModelClass):
             )
         plan.setdefault("random_state", resolve_seed(None))
         plan.update(self._tokenizer_kwargs())
+        if datamodule is not None:
+            self._bind_datamodule(datamodule, plan)
         with warnings.catch_warnings():
             # Lightning notes that the plan's hook takes precedence over the data module's;
             # that is the design here (the data module has none).
@@ -425,8 +447,41 @@ class SCGPT(UnsupervisedTrainingMixin, BaseModelClass):
                 devices=devices,
                 batch_size=batch_size,
                 plan_kwargs=plan,
+                strategy=strategy,
+                num_nodes=num_nodes,
+                checkpoint_dir=checkpoint_dir,
+                checkpoint_kwargs=checkpoint_kwargs,
+                resume=resume,
+                datamodule=datamodule,
                 **kwargs,
             )
+
+    def _bind_datamodule(self, datamodule: LightningDataModule, plan: dict[str, Any]) -> None:
+        """Match a multi-file data module's genes to the vocabulary and give it the tokenizer."""
+        from ...dataloaders import MultiFileDataModule
+
+        if not isinstance(datamodule, MultiFileDataModule):
+            return
+        if self.module.use_batch_labels:
+            raise ValueError(
+                "a model with use_batch_labels=True needs batch labels, which "
+                "MultiFileDataModule does not provide; build the model without them."
+            )
+        from ._training_plan import DEFAULT_MASK_RATIO
+
+        specials = [i for token, i in self.vocab.items() if _SPECIAL.match(token)]
+        collate = TokenizeCells(
+            max(self.vocab.values()) + 1,
+            special_ids=specials,
+            cls_id=self.vocab["<cls>"],
+            pad_id=self.module.pad_token_id,
+            pad_value=self.module.pad_value,
+            mask_value=self.module.mask_value,
+            max_seq_len=self.max_seq_len,
+            n_bins=self.n_bins,
+            mask_ratio=plan.get("mask_ratio", DEFAULT_MASK_RATIO),
+        )
+        datamodule.bind(self.vocab, collate)
 
     # outputs -----------------------------------------------------------------------------------
     @property
@@ -544,7 +599,6 @@ class SCGPT(UnsupervisedTrainingMixin, BaseModelClass):
         emb = encoder(idx) if layer_norm else encoder.embedding(idx)
         return pd.DataFrame(emb.float().cpu().numpy(), index=pd.Index(names, name="gene"))
 
-    @torch.inference_mode()
     def get_attention(
         self,
         adata: AnnData | None = None,
@@ -562,7 +616,8 @@ class SCGPT(UnsupervisedTrainingMixin, BaseModelClass):
         entry ``(g, h)`` is the attention that query gene ``g`` pays to key gene ``h``, averaged
         over the heads and over the cells in which both are tokens (0 where they never are).
         ``<cls>`` is left out. Restricting ``genes`` (e.g. to highly variable genes) keeps the
-        sequences short and the matrix small.
+        sequences short and the matrix small. The same computation as
+        ``sft.tl.grn(method="attention")``, which turns it into a network.
 
         Parameters
         ----------
@@ -586,63 +641,22 @@ class SCGPT(UnsupervisedTrainingMixin, BaseModelClass):
         -------
         A genes x genes DataFrame (query genes as rows, key genes as columns).
         """
-        n_layers = len(self.module.transformer_encoder.layers)
-        if not -n_layers <= layer < n_layers:
-            raise IndexError(f"layer {layer} does not exist: the model has {n_layers} layers.")
         adata = self._query(adata, indices)
-        index = self._gene_match(adata).index.copy()
-        var_names = np.asarray(adata.var_names, dtype=object)
-        if genes is not None:
-            wanted = pd.Index([str(g) for g in genes])
-            absent = wanted.difference(adata.var_names)
-            if len(absent):
-                raise KeyError(
-                    f"{len(absent)} genes are not in adata.var_names, e.g. {list(absent[:5])}."
-                )
-            index[~np.isin(var_names, wanted)] = -1
-        keep = np.flatnonzero(index >= 0)
-        if keep.size == 0:
-            raise InputError("none of the chosen genes is in the model's vocabulary.")
-        if keep.size > MAX_ATTENTION_GENES:
-            raise ValueError(
-                f"{keep.size:,} genes would give a {keep.size:,} x {keep.size:,} matrix; pass "
-                f"`genes=` with at most {MAX_ATTENTION_GENES:,} (e.g. highly variable genes)."
-            )
-        position = np.full(max(self.vocab.values()) + 1, -1, dtype=np.int64)
-        position[index[keep]] = np.arange(keep.size)
-        tokenizer = CellTokenizer(
+        index = restrict_gene_index(self._gene_match(adata).index, adata.var_names, genes)
+        sums, counts, columns = attention_sums(
+            self.module,
+            self._blocks(adata),
             index,
             cls_id=self.vocab["<cls>"],
-            pad_value=self.module.pad_value,
+            layer=layer,
+            batch_size=batch_size,
             max_length=self.max_seq_len if max_length is None else max_length,
             n_bins=self.n_bins,
-            random_state=resolve_seed(random_state),
+            random_state=random_state,
+            device=self.device,
         )
-        sums = np.zeros((keep.size, keep.size))
-        counts = np.zeros((keep.size, keep.size), dtype=np.int64)
-        module, device, which = self.module, self.device, layer % n_layers
-        was_training = module.training
-        module.eval()
-        try:
-            for block in self._blocks(adata):
-                cells = tokenizer(block)
-                order = np.argsort([len(ids) for ids, _ in cells], kind="stable")
-                for start in range(0, len(order), batch_size):
-                    rows = [cells[i] for i in order[start : start + batch_size]]
-                    batch = pad_cells(rows, pad_id=module.pad_token_id, pad_value=module.pad_value)
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    out = module.encode(**batch, return_attention=[which])
-                    weights = out["attention"][which].mean(1).float().cpu().numpy()
-                    for w, (ids, _) in zip(weights, rows, strict=True):
-                        pos = position[ids[1:]]  # drop <cls>
-                        n = len(ids)
-                        grid = np.ix_(pos, pos)
-                        sums[grid] += w[1:n, 1:n]
-                        counts[grid] += 1
-        finally:
-            module.train(was_training)
-        mean = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
-        names = pd.Index(var_names[keep], name="gene")
+        mean = np.divide(sums[0], counts[0], out=np.zeros_like(sums[0]), where=counts[0] > 0)
+        names = pd.Index(np.asarray(adata.var_names, dtype=object)[columns], name="gene")
         return pd.DataFrame(mean.astype(np.float32), index=names, columns=names)
 
     def __repr__(self) -> str:

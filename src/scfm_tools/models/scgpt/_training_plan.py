@@ -24,16 +24,63 @@ from scvi import REGISTRY_KEYS
 from scvi.module.base import LossOutput
 from scvi.train import TrainingPlan
 
+from .._seeding import SeededStreamsMixin, derive_seed
 from ._module import BATCH_LABELS, PADDING_MASK, TARGET_VALUES, VALUES, SCGPTModule, mask_values
 from ._tokenizer import OFFICIAL_N_BINS, CellTokenizer, pad_cells
 
-__all__ = ["SCGPTTrainingPlan", "tokenize_minibatch"]
+__all__ = ["SCGPTTrainingPlan", "TokenizeCells", "tokenize_block", "tokenize_minibatch"]
 
 logger = logging.getLogger("scfm_tools")
 
 LrSchedule = Literal["constant", "cosine"]
 # Official pretrain.py default (its "pcpt" task; the generative task is not implemented here).
 DEFAULT_MASK_RATIO = 0.4
+
+
+def tokenize_block(
+    block,
+    tokenizer: CellTokenizer,
+    *,
+    pad_id: int,
+    pad_value: float,
+    mask_value: float,
+    mask_ratio: float,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Tokenize, pad and mask a block of expression rows (dense or sparse, numpy/scipy).
+
+    Parameters
+    ----------
+    block
+        Cells x genes, columns as ``tokenizer`` expects them.
+    tokenizer
+        Tokenizer over those columns (consumes its random streams).
+    pad_id
+        Id of ``<pad>``.
+    pad_value
+        Value at ``<cls>`` and padding.
+    mask_value
+        Value written at masked positions.
+    mask_ratio
+        Fraction of each cell's gene positions to mask.
+    generator
+        Random stream of the masks.
+
+    Returns
+    -------
+    ``gene_ids``, ``values`` (masked), ``padding_mask`` and ``target_values`` (unmasked bins).
+    """
+    out = pad_cells(tokenizer(block), pad_id=pad_id, pad_value=pad_value)
+    target = out["values"]
+    out[VALUES] = mask_values(
+        target,
+        mask_ratio=mask_ratio,
+        mask_value=mask_value,
+        pad_value=pad_value,
+        generator=generator,
+    )
+    out[TARGET_VALUES] = target
+    return out
 
 
 def tokenize_minibatch(
@@ -77,32 +124,99 @@ def tokenize_minibatch(
     X = tensors[REGISTRY_KEYS.X_KEY]
     if X.layout != torch.strided:
         X = X.to_dense()
-    cells = tokenizer(X.detach().cpu().numpy())
-    out = pad_cells(cells, pad_id=pad_id, pad_value=pad_value)
-    target = out["values"]
-    out[VALUES] = mask_values(
-        target,
-        mask_ratio=mask_ratio,
-        mask_value=mask_value,
+    out = tokenize_block(
+        X.detach().cpu().numpy(),
+        tokenizer,
+        pad_id=pad_id,
         pad_value=pad_value,
+        mask_value=mask_value,
+        mask_ratio=mask_ratio,
         generator=generator,
     )
-    out[TARGET_VALUES] = target
     if use_batch_labels:
         out[BATCH_LABELS] = tensors[REGISTRY_KEYS.BATCH_KEY].reshape(-1).long()
     return out
 
 
-class SCGPTTrainingPlan(TrainingPlan):
+class TokenizeCells:
+    """Worker-side tokenizer for :class:`~scfm_tools.dataloaders.MultiFileDataModule`.
+
+    Called on each minibatch in the data-loader workers with rows whose columns are vocabulary
+    ids (the data module puts every file's genes there); does what the training plan's hook
+    does for AnnData minibatches (tokenize, pad, mask), seeded by the minibatch's own seed.
+    Picklable, so that it travels to worker processes.
+
+    Parameters
+    ----------
+    n_columns
+        Width of the vocabulary-id space.
+    special_ids
+        Ids that are not genes (never tokens from the data).
+    cls_id, pad_id
+        Ids of ``<cls>`` and ``<pad>``.
+    pad_value, mask_value
+        Values at ``<cls>``/padding and at masked positions.
+    max_seq_len
+        Longest token sequence (``<cls>`` included).
+    n_bins
+        Number of value bins.
+    mask_ratio
+        Fraction of each cell's gene values masked.
+    """
+
+    def __init__(
+        self,
+        n_columns: int,
+        *,
+        special_ids: list[int],
+        cls_id: int,
+        pad_id: int,
+        pad_value: float,
+        mask_value: float,
+        max_seq_len: int,
+        n_bins: int,
+        mask_ratio: float,
+    ) -> None:
+        index = np.arange(n_columns, dtype=np.int64)
+        index[np.asarray(special_ids, dtype=np.int64)] = -1
+        self.gene_index = index
+        self.cls_id, self.pad_id = int(cls_id), int(pad_id)
+        self.pad_value, self.mask_value = float(pad_value), float(mask_value)
+        self.max_seq_len, self.n_bins = int(max_seq_len), int(n_bins)
+        self.mask_ratio = float(mask_ratio)
+
+    def __call__(self, X, seed: int) -> dict[str, torch.Tensor]:
+        """Tokenize and mask ``X`` (cells x vocabulary ids), with randomness from ``seed``."""
+        tokenizer = CellTokenizer(
+            self.gene_index,
+            cls_id=self.cls_id,
+            pad_value=self.pad_value,
+            max_length=self.max_seq_len,
+            n_bins=self.n_bins,
+            random_state=seed,
+        )
+        return tokenize_block(
+            X,
+            tokenizer,
+            pad_id=self.pad_id,
+            pad_value=self.pad_value,
+            mask_value=self.mask_value,
+            mask_ratio=self.mask_ratio,
+            generator=torch.Generator().manual_seed(derive_seed(seed, 1)),
+        )
+
+
+class SCGPTTrainingPlan(SeededStreamsMixin, TrainingPlan):
     """scvi-tools :class:`~scvi.train.TrainingPlan` that tokenizes and masks cells on the fly.
 
     Built by :meth:`SCGPT.train <scfm_tools.models.SCGPT.train>`, which fills in the tokenizer
     settings (``gene_index``, ``cls_id``, ``pad_id``, ``max_seq_len``, ``n_bins``) from the
     model; users pass the rest through ``plan_kwargs``.
 
-    Training masks are random (seeded by ``random_state`` plus the process rank, so DDP ranks
-    draw different masks). Validation masks restart from the same seed every validation epoch,
-    so validation losses of different epochs are comparable.
+    Training masks are random, restarted each epoch from ``random_state``, the epoch and the
+    process rank (DDP ranks draw different masks; a resumed run draws the masks of an
+    uninterrupted one). Validation masks restart from the same seed every validation epoch, so
+    validation losses of different epochs are comparable.
 
     Parameters
     ----------
@@ -180,7 +294,6 @@ class SCGPTTrainingPlan(TrainingPlan):
         self.lr_schedule = lr_schedule
         self.warmup_ratio = float(warmup_ratio)
         self.length_buckets = bool(length_buckets)
-        self._streams: dict[str, tuple[CellTokenizer, torch.Generator]] = {}
         self._warned_empty = False
 
     # tokenization ------------------------------------------------------------------------------
@@ -195,24 +308,11 @@ class SCGPTTrainingPlan(TrainingPlan):
         )
         return tokenizer, torch.Generator().manual_seed(seed)
 
-    def _stage(self) -> str:
-        trainer = self._trainer
-        return "train" if trainer is None or trainer.training else "eval"
-
-    def on_validation_epoch_start(self) -> None:
-        """Restart the validation random streams, so every epoch sees the same masks."""
-        self._streams["eval"] = self._new_streams(self.random_state + 1_000_003)
-
     def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int):
         """Tokenize, pad and mask the expression rows (CPU, main process, before transfer)."""
         if TARGET_VALUES in batch:  # already tokenized (e.g. a custom data module)
             return batch
-        stage = self._stage()
-        if stage not in self._streams:
-            rank = self.global_rank if self._trainer is not None else 0
-            seed = self.random_state + (0 if stage == "train" else 1_000_003) + 7919 * rank
-            self._streams[stage] = self._new_streams(seed)
-        tokenizer, generator = self._streams[stage]
+        tokenizer, generator = self._stream()
         return tokenize_minibatch(
             batch,
             tokenizer,

@@ -1,0 +1,338 @@
+"""Out-of-core cell embedding: throughput and peak memory of ``sft.tl.embed_cells`` on backed files.
+
+Cells: the 2,860 real full-transcriptome PBMCs of ``pbmc_10x_3chemistries_unlabeled.h5ad``
+(11,221 genes, raw counts), replicated in dataset order into an ``.h5ad`` file on disk of the
+size asked for (10k, 100k ... cells; CSR, uncompressed). The file is written 10,000 cells at a
+time (anndata's ``write_elem`` for the first block, ``sparse_dataset(...).append`` after), so
+even the 1M-cell file is never held in memory.
+
+Each size runs in a fresh process pinned to ``--threads`` torch threads: it loads the embedded
+default model (``scgpt-default``) and warms it up on 64 cells, opens the file with
+``anndata.read_h5ad(path, backed="r")``, notes its RSS, then times
+``sft.tl.embed_cells(adata, device="cpu")`` (input checks included) while a thread samples the
+RSS every 20 ms (``/proc/self/statm``). Reported: cells/s (wall clock) and CPU seconds, the RSS
+before, the sampled peak and their difference ("growth"), and the growth beyond the embedding
+matrix the call returns (``n_cells x 64`` float32, which necessarily grows with the cells).
+Memory is flat when that remainder does not grow with the number of cells: the check is that
+it stays within ``--flat-mib`` (64 MiB) of the smallest size's. The smallest size is also run
+with the file loaded in memory, for contrast, and its first 2,860 cells (the source file in
+order) are checked against an in-memory embedding of the source.
+
+Run ``python benchmarks/bench_out_of_core.py`` (10k and 100k cells, about 5 minutes on 2 idle
+cores), ``--sizes 10000 100000 1000000`` for the 1M-cell run (about 12 GB of disk in
+``--workdir`` and ~30 min more). Results go to ``benchmarks/results/out_of_core.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from _common import (
+    current_rss_mib,
+    display_path,
+    load_average,
+    machine_info,
+    markdown_table,
+    peak_rss_mib,
+    run_worker,
+    set_threads,
+    shared_path,
+    worker_reply,
+    write_results,
+)
+
+NAME = "out_of_core"
+DATA_FILE = "pbmc_10x_3chemistries_unlabeled.h5ad"
+WRITE_BLOCK = 10_000
+SAMPLE_EVERY_S = 0.02
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr (a worker's stderr is echoed by the parent)."""
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# the data ----------------------------------------------------------------------------------------
+def build_file(source: Path, n_cells: int, path: Path) -> dict[str, Any]:
+    """Replicate the source cells (in order) into a CSR ``.h5ad`` of ``n_cells``, in blocks."""
+    import anndata as ad
+    import h5py
+    import pandas as pd
+    from anndata.io import sparse_dataset, write_elem
+
+    started = time.perf_counter()
+    src = ad.read_h5ad(source)
+    X = src.X.tocsr()
+    rows = np.arange(n_cells) % src.n_obs
+    copy = (np.arange(n_cells) // src.n_obs).astype(str)
+    names = pd.Index(src.obs_names.to_numpy()[rows].astype(str)) + "-" + pd.Index(copy)
+    obs = pd.DataFrame({"batch": pd.Categorical(src.obs["batch"].to_numpy()[rows])}, index=names)
+    ad.AnnData(obs=obs, var=src.var).write_h5ad(path)
+    with h5py.File(path, "a") as f:
+        for start in range(0, n_cells, WRITE_BLOCK):
+            block = X[rows[start : start + WRITE_BLOCK]]
+            if start == 0:
+                write_elem(f, "X", block)
+            else:
+                sparse_dataset(f["X"]).append(block)
+    return {
+        "n_cells": n_cells,
+        "file_gib": path.stat().st_size / 2**30,
+        "build_s": time.perf_counter() - started,
+        "nnz_per_cell": float(X.nnz / src.n_obs),
+    }
+
+
+# worker ------------------------------------------------------------------------------------------
+class _RssSampler:
+    """Highest RSS seen by a background thread while the block runs."""
+
+    def __init__(self) -> None:
+        self.peak = current_rss_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss_mib())
+            self._stop.wait(SAMPLE_EVERY_S)
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss_mib())
+
+
+def job_embed(spec: dict[str, Any]) -> dict[str, Any]:
+    """Embed one file (backed or loaded) in this fresh process; time and memory."""
+    import anndata as ad
+
+    import scfm_tools as sft
+    from scfm_tools._anndata import iter_chunks
+
+    set_threads(spec["threads"])
+    source = ad.read_h5ad(spec["source"])
+    warm = source[:64].copy()
+    sft.tl.embed_cells(warm, device="cpu", batch_size=spec["batch_size"])  # model load, warm-up
+    del warm
+    backed = spec["mode"] == "backed"
+    adata = ad.read_h5ad(spec["path"], backed="r" if backed else None)
+    gc.collect()
+    rss_before = current_rss_mib()
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+    with _RssSampler() as sampler:
+        sft.tl.embed_cells(
+            adata, device="cpu", batch_size=spec["batch_size"], chunk_size=spec["chunk_size"]
+        )
+    wall, cpu = time.perf_counter() - wall0, _cpu_seconds() - cpu0
+    emb = adata.obsm["X_scgpt"]
+    out = {
+        "mode": spec["mode"],
+        "n_cells": int(adata.n_obs),
+        "seconds": wall,
+        "cells_per_s": adata.n_obs / wall,
+        "cpu_s": cpu,
+        "cpu_ms_per_cell": 1e3 * cpu / adata.n_obs,
+        "rss_before_mib": rss_before,
+        "peak_rss_sampled_mib": sampler.peak,
+        "ru_maxrss_mib": peak_rss_mib(),
+        "growth_mib": sampler.peak - rss_before,
+        "output_mib": emb.nbytes / 2**20,
+        "growth_beyond_output_mib": sampler.peak - rss_before - emb.nbytes / 2**20,
+    }
+    log(
+        f"{spec['mode']} {adata.n_obs} cells: {out['cells_per_s']:.0f} cells/s, "
+        f"+{out['growth_mib']:.0f} MiB"
+    )
+    # After the measurements: one bare read pass (page cache warm), and the check.
+    if backed:
+        started = time.perf_counter()
+        for _ in iter_chunks(adata, chunk_size=spec["chunk_size"]):
+            pass
+        out["read_pass_s"] = time.perf_counter() - started
+    if spec.get("check"):
+        # The file's first cells are the source in order; tokens are drawn in dataset order,
+        # so they must get the embeddings of the source embedded on its own.
+        sft.tl.embed_cells(source, device="cpu", batch_size=spec["batch_size"])
+        out["check_cells"] = int(source.n_obs)
+        out["max_abs_diff_vs_source"] = float(
+            np.abs(emb[: source.n_obs] - source.obsm["X_scgpt"]).max()
+        )
+    return out
+
+
+JOBS = {"embed": job_embed}
+
+
+# driver ------------------------------------------------------------------------------------------
+def _markdown(payload: dict[str, Any]) -> str:
+    m, st = payload["machine"], payload["settings"]
+    table = markdown_table(
+        payload["runs"],
+        [
+            ("mode", "input"),
+            ("n_cells", "cells"),
+            ("file_gib", "file (GiB)"),
+            ("cells_per_s", "cells/s"),
+            ("cpu_ms_per_cell", "CPU ms/cell"),
+            ("rss_before_mib", "RSS before (MiB)"),
+            ("peak_rss_sampled_mib", "peak RSS (MiB)"),
+            ("growth_mib", "growth (MiB)"),
+            ("output_mib", "embeddings (MiB)"),
+            ("growth_beyond_output_mib", "growth beyond embeddings (MiB)"),
+            ("read_pass_s", "one read pass (s)"),
+        ],
+    )
+
+    def load(values: list[float] | None) -> str:
+        return "/".join(f"{v:.1f}" for v in values) if values else "unknown"
+
+    lines = [
+        "# Out-of-core embedding (backed .h5ad)",
+        "",
+        f"`{payload['command']}` on {m['cpu_model']}, torch {m['torch']}, "
+        f"**{m['torch_threads']} torch threads**, commit {m['git_commit']}, "
+        f"{st['wall_s']:.0f} s in all; load average {load(m['load_average'])} at the start, "
+        f"{load(st['load_average_end'])} at the end ({m['logical_cpus']} logical CPUs). On a "
+        "shared machine wall-clock cells/s depend on the load; CPU ms per cell (user + system, "
+        "all threads) much less.",
+        "",
+        "`sft.tl.embed_cells(adata, device='cpu')` with the embedded `scgpt-default` "
+        f"(batch size {st['batch_size']}, chunks of {st['chunk_size']} cells; input checks "
+        f"included) on real PBMCs ({DATA_FILE}, 11,221 genes) replicated into an uncompressed "
+        "CSR .h5ad, read with `backed='r'`; each run in a fresh process. RSS before: after "
+        "imports, model warm-up and opening the file; peak: sampled every 20 ms during the "
+        "call; growth beyond embeddings: growth minus the returned n x 64 float32 matrix. "
+        "One read pass: a bare `iter_chunks` sweep afterwards (page cache warm).",
+        "",
+        table,
+        "",
+        "## Checks",
+        "",
+    ]
+    lines += [f"- {n}" for n in payload["notes"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or, with ``--worker``, one job of it)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[10_000, 100_000], help="cells per file"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--chunk-size", type=int, default=10_000)
+    parser.add_argument("--flat-mib", type=float, default=64.0, help="flatness bound (MiB)")
+    parser.add_argument("--workdir", help="folder for the generated files (default: a temp dir)")
+    parser.add_argument("--out", default=NAME, help="results/<out>.{json,md}")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        spec = json.loads(args.worker)
+        worker_reply(JOBS[spec["job"]](spec))
+        return 0
+
+    set_threads(args.threads)
+    machine = machine_info(args.threads)
+    source = shared_path("SFT_DATA", "../shared/data") / DATA_FILE
+    sizes = sorted(set(args.sizes))
+    script = Path(__file__).resolve()
+    wall = time.perf_counter()
+    runs, files = [], {}
+    with tempfile.TemporaryDirectory(prefix="bench_ooc_", dir=args.workdir) as tmp:
+        for n in sizes:
+            path = Path(tmp) / f"pbmc_{n}.h5ad"
+            files[n] = build_file(source, n, path)
+            print(f"== {n} cells: {files[n]['file_gib']:.2f} GiB in {files[n]['build_s']:.0f} s")
+            modes = ["backed", "memory"] if n == sizes[0] else ["backed"]
+            for mode in modes:
+                spec = {
+                    "job": "embed",
+                    "mode": mode,
+                    "path": str(path),
+                    "source": str(source),
+                    "threads": args.threads,
+                    "batch_size": args.batch_size,
+                    "chunk_size": args.chunk_size,
+                    "check": n == sizes[0] and mode == "backed",
+                }
+                reply = run_worker(script, spec, threads=args.threads)
+                runs.append({**reply, "file_gib": files[n]["file_gib"]})
+                print(
+                    f"   {mode:6s} {reply['cells_per_s']:7.1f} cells/s, RSS "
+                    f"{reply['rss_before_mib']:.0f} -> {reply['peak_rss_sampled_mib']:.0f} MiB "
+                    f"(+{reply['growth_mib']:.0f}, {reply['growth_beyond_output_mib']:.0f} "
+                    "beyond the embeddings)"
+                )
+            path.unlink()
+
+    backed = [r for r in runs if r["mode"] == "backed"]
+    base = backed[0]["growth_beyond_output_mib"]
+    spread = max(r["growth_beyond_output_mib"] for r in backed) - base
+    flat = spread <= args.flat_mib
+    check = backed[0]
+    notes = [
+        f"memory {'flat' if flat else 'NOT flat'}: growth beyond the embeddings ranges "
+        f"{base:.0f} MiB ({backed[0]['n_cells']:,} cells) to "
+        f"{base + spread:.0f} MiB ({backed[-1]['n_cells']:,} cells), within the bound of "
+        f"+{args.flat_mib:.0f} MiB over the smallest size: {flat}.",
+        f"correctness: the first {check['check_cells']:,} cells of the backed file vs the "
+        f"source embedded in memory: max abs diff {check['max_abs_diff_vs_source']:.1e}.",
+    ]
+    memory = [r for r in runs if r["mode"] == "memory"]
+    if memory:
+        notes.append(
+            f"the same {memory[0]['n_cells']:,} cells loaded in memory: RSS before "
+            f"{memory[0]['rss_before_mib']:.0f} MiB vs {check['rss_before_mib']:.0f} MiB backed "
+            "(the matrix itself), cells/s "
+            f"{memory[0]['cells_per_s']:.0f} vs {check['cells_per_s']:.0f}."
+        )
+    payload = {
+        "command": "python benchmarks/bench_out_of_core.py"
+        + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
+        "machine": machine,
+        "settings": {
+            "sizes": sizes,
+            "threads": args.threads,
+            "batch_size": args.batch_size,
+            "chunk_size": args.chunk_size,
+            "flat_bound_mib": args.flat_mib,
+            "data": display_path(source),
+            "wall_s": time.perf_counter() - wall,
+            "load_average_end": load_average(),
+        },
+        "files": list(files.values()),
+        "runs": runs,
+        "memory_flat": flat,
+        "notes": notes,
+    }
+    json_path, md_path = write_results(args.out, payload, _markdown(payload))
+    print("\n".join(notes))
+    print(f"wrote {display_path(json_path)} and {display_path(md_path)}")
+    return 0 if flat else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

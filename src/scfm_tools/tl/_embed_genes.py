@@ -1,0 +1,248 @@
+"""``sft.tl.embed_genes``: gene embeddings from a foundation model, one vector per gene."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from .._anndata import params_record, resolve_adata
+from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
+from .._validation import InputError
+from ._model_arg import DOC_MODEL, check_model_values, resolve_model
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ..hub import ResolvedModel
+    from ..models._gene_embeddings import GeneEmbeddings
+
+__all__ = ["embed_genes"]
+
+logger = logging.getLogger("scfm_tools")
+
+GeneMode = Literal["token", "context"]
+
+# What embed_genes passes to every family's embed_genes function itself.
+_STANDARD = (
+    "mode",
+    "layer",
+    "gene_key",
+    "batch_size",
+    "max_length",
+    "random_state",
+    "device",
+    "chunk_size",
+)
+
+
+def default_gene_key(family: str) -> str:
+    """Return the ``varm`` key ``embed_genes`` writes by default (read by gene_modules, grn)."""
+    return f"X_{family}_genes"
+
+
+def compute_gene_embeddings(
+    adata: AnnData,
+    resolved: ResolvedModel,
+    *,
+    mode: GeneMode = "token",
+    layer: str | None = None,
+    gene_key: str | None = None,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    random_state: int | None = 0,
+    device: str | None = None,
+    chunk_size: int = 10_000,
+    caller: str = "embed_genes",
+    **model_kwargs: Any,
+) -> GeneEmbeddings:
+    """Check the input and run the family's ``embed_genes``; writes nothing into ``adata``."""
+    from .._settings import settings
+    from ..models._families import check_family_options, family_task
+
+    if mode not in ("token", "context"):
+        raise ValueError(f"mode must be 'token' or 'context', got {mode!r}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if adata.n_vars == 0:
+        raise InputError("the AnnData has no genes: at least one gene is needed.")
+    fn = family_task(resolved.family, "embed_genes")
+    check_family_options(fn, resolved.family, "embed_genes", model_kwargs, _STANDARD)
+    if mode == "context":
+        # The values are read only in context mode; check them before weights are loaded.
+        check_model_values(adata, layer, resolved.family, chunk_size=chunk_size, caller=caller)
+    dev = settings.resolve_device(device)
+    settings.apply_threads()
+    started = time.perf_counter()
+    result = fn(
+        resolved,
+        adata,
+        mode=mode,
+        layer=layer,
+        gene_key=gene_key,
+        batch_size=batch_size,
+        max_length=max_length,
+        random_state=random_state,
+        device=dev,
+        chunk_size=chunk_size,
+        **model_kwargs,
+    )
+    n_embedded = int(np.isfinite(result.embeddings).all(axis=1).sum())
+    logger.info(
+        "%s: %d of %d genes embedded (%s mode) with %s on %s in %.1f s",
+        caller,
+        n_embedded,
+        adata.n_vars,
+        mode,
+        resolved.name,
+        dev,
+        time.perf_counter() - started,
+    )
+    result.params.update(
+        mode=mode,
+        n_cells=int(adata.n_obs) if mode == "context" else None,
+        layer=layer if mode == "context" else None,
+        gene_key=gene_key,
+        n_genes_embedded=n_embedded,
+    )
+    if mode == "context":
+        result.params["batch_size"] = batch_size
+    return result
+
+
+def write_gene_embeddings(
+    adata: AnnData, resolved: ResolvedModel, result: GeneEmbeddings, key: str
+) -> str:
+    """Write what :func:`compute_gene_embeddings` returned; returns the ``uns`` key used."""
+    uns_key = key[2:] if key.startswith("X_") else key
+    adata.varm[key] = result.embeddings
+    adata.var[f"{resolved.family}_in_vocab"] = np.asarray(result.in_vocab, dtype=bool)
+    if result.n_cells is not None:
+        adata.var[f"{uns_key}_n_cells"] = result.n_cells
+    adata.uns[uns_key] = {"params": params_record(**resolved.params(), **result.params)}
+    return uns_key
+
+
+@doc_params(
+    model=DOC_MODEL,
+    layer=DOC_LAYER,
+    random_state=DOC_RANDOM_STATE,
+    chunk_size=DOC_CHUNK_SIZE,
+    copy=DOC_COPY,
+)
+def embed_genes(
+    adata: AnnData,
+    model: str | os.PathLike | None = None,
+    *,
+    mode: GeneMode = "token",
+    layer: str | None = None,
+    gene_key: str | None = None,
+    key_added: str | None = None,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    random_state: int | None = 0,
+    device: str | None = None,
+    chunk_size: int = 10_000,
+    mod: str | None = None,
+    copy: bool = False,
+    **model_kwargs: Any,
+) -> AnnData | None:
+    """Embed genes with a single-cell foundation model: one vector per gene of ``adata``.
+
+    Two kinds of gene embedding:
+
+    - ``mode="token"`` (context-free): the model's own vector for each gene, read from its
+      weights; no expression value is read. scGPT: the gene encoder's output (the gene's
+      embedding-table row, then the encoder's layer norm), as the official GRN tutorial uses
+      (:meth:`SCGPT.get_gene_embeddings <scfm_tools.models.SCGPT.get_gene_embeddings>`).
+      scBERT: the gene's row of the frozen gene2vec table. CellPLM: the gene's row of the
+      embedder's gene table (``log1p(counts) @ E`` embeds a cell).
+    - ``mode="context"`` (context-aware, scGPT only): the cells are tokenized exactly as in
+      :func:`~scfm_tools.tl.embed_cells` (expressed vocabulary genes, per-cell binning, random
+      subsampling above ``max_length``), run through the transformer, and each gene's vector
+      is its last-layer output averaged over the cells of ``adata`` in which it is a token.
+      The result depends on the cells given; genes never expressed (or always subsampled
+      away) get no embedding.
+
+    Genes are matched to the model's vocabulary by symbol or Ensembl ID (offline); genes not in
+    it get NaN rows.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes. Token mode reads only the gene names; context mode reads the values
+        (raw counts preferred, as in :func:`~scfm_tools.tl.embed_cells`). A
+        :class:`mudata.MuData` is accepted with ``mod=``.
+    {model}
+    mode
+        ``"token"`` (context-free) or ``"context"`` (averaged transformer outputs).
+    {layer}
+        Context mode only.
+    gene_key
+        Column of ``adata.var`` with gene symbols or Ensembl IDs; ``None`` uses ``var_names``.
+    key_added
+        ``adata.varm`` key of the embeddings; default ``"X_<family>_genes"`` (e.g.
+        ``"X_scgpt_genes"``, which :func:`~scfm_tools.tl.gene_modules` and
+        :func:`~scfm_tools.tl.grn` read). The run's parameters go to
+        ``adata.uns[key_added without "X_"]["params"]``.
+    batch_size
+        Cells per forward pass (context mode).
+    max_length
+        Most genes per cell (plus ``<cls>``) in context mode; ``None`` uses the checkpoint's
+        ``max_seq_len``. Above it a random subset of each cell's genes is read, so a gene's
+        count of cells can be less than the cells that express it.
+    {random_state}
+        Context mode: the binning tie-breaks and the subsampling, as in ``embed_cells``.
+    device
+        ``"cpu"``, ``"cuda"``, ``"auto"``...; ``None`` uses ``sft.settings.device``.
+    {chunk_size}
+    mod
+        Modality of a MuData (default ``"rna"``); the results are written to that modality.
+    {copy}
+    **model_kwargs
+        Options of the model family; none of the current families takes any.
+
+    Returns
+    -------
+    ``None``, or the modified copy with ``copy=True``. Writes
+
+    - ``adata.varm["X_<family>_genes" | key_added]``: ``(n_genes, d)`` float32 embeddings, NaN
+      rows for genes not in the vocabulary (context mode: also for genes never a token);
+    - ``adata.var["<family>_in_vocab"]``: bool, the gene matched the vocabulary;
+    - context mode: ``adata.var["<uns key>_n_cells"]`` (e.g. ``"scgpt_genes_n_cells"``): the
+      number of cells in which each gene was a token (its average's sample size);
+    - ``adata.uns["<family>_genes" | key_added without "X_"]["params"]``: model name, family,
+      weights sha256, ``mode``, genes matched and embedded, ``n_cells`` (context mode),
+      ``max_length``, ``random_state`` and package version.
+
+    Raises
+    ------
+    InputError
+        Duplicated gene names or too little overlap with the vocabulary; in context mode also
+        NaN, infinite or negative values and empty cells.
+    NotImplementedError
+        The model's family has no gene embeddings of that ``mode`` (scFoundation; context
+        mode for scBERT and CellPLM).
+    """
+    obj, ad = resolve_adata(adata, copy=copy, mod=mod)
+    resolved = resolve_model(model)
+    result = compute_gene_embeddings(
+        ad,
+        resolved,
+        mode=mode,
+        layer=layer,
+        gene_key=gene_key,
+        batch_size=batch_size,
+        max_length=max_length,
+        random_state=random_state,
+        device=device,
+        chunk_size=chunk_size,
+        **model_kwargs,
+    )
+    key = key_added or default_gene_key(resolved.family)
+    write_gene_embeddings(ad, resolved, result, key)
+    logger.info("embed_genes: wrote varm[%r] (%s mode)", key, mode)
+    return obj if copy else None

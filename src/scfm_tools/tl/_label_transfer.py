@@ -1,0 +1,218 @@
+"""Label transfer on cell embeddings: a labelled reference's cell types carried to query cells.
+
+Pure array code (no model, no AnnData writes): ``sft.tl.annotate`` embeds the reference and the
+query with the same model, then calls :func:`transfer_labels`. :func:`labels_from_proba` turns
+class probabilities into labels for every annotation path (scBERT's classifier included).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+
+from .._validation import InputError
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+__all__ = [
+    "UNASSIGNED",
+    "knn_proba",
+    "labels_from_proba",
+    "logreg_proba",
+    "reference_labels",
+    "transfer_labels",
+]
+
+logger = logging.getLogger("scfm_tools")
+
+#: Label of cells whose best class probability is below the threshold (scBERT's novel type).
+UNASSIGNED = "Unassigned"
+
+Method = Literal["knn", "logreg"]
+# Cosine distance below which two cells count as identical: caps the 1/d vote weight.
+_MIN_DISTANCE = 1e-12
+
+
+def labels_from_proba(proba: pd.DataFrame, threshold: float | None) -> pd.DataFrame:
+    """Best class and its probability per cell; ``"Unassigned"`` below ``threshold``.
+
+    Parameters
+    ----------
+    proba
+        Cells x classes probabilities.
+    threshold
+        Confidence below which a cell is ``"Unassigned"``; ``None`` never.
+
+    Returns
+    -------
+    DataFrame with ``label`` (categorical) and ``score``.
+    """
+    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold must lie in [0, 1] or be None, got {threshold!r}.")
+    values = proba.to_numpy()
+    classes = np.asarray(proba.columns, dtype=object)
+    score = values.max(axis=1) if values.size else np.empty(0, np.float32)
+    labels = classes[values.argmax(axis=1)] if values.size else np.empty(0, object)
+    if threshold is not None:
+        labels = np.where(score < threshold, UNASSIGNED, labels)
+    categories = list(classes) + ([UNASSIGNED] if threshold is not None else [])
+    return pd.DataFrame(
+        {
+            "label": pd.Categorical(labels, categories=categories),
+            "score": score.astype(np.float32),
+        },
+        index=proba.index,
+    )
+
+
+def reference_labels(reference: AnnData, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate the reference's cell-type column; return ``(labelled_mask, labels_as_str)``.
+
+    Cells without a label (NaN) are left out, with a warning. Raises :class:`InputError` when the
+    column is missing or holds fewer than two cell types.
+    """
+    if label_key not in reference.obs.columns:
+        raise InputError(
+            f"the reference has no obs column {label_key!r} (columns: "
+            f"{list(reference.obs.columns)}); pass label_key= naming the column with its cell "
+            "types."
+        )
+    column = reference.obs[label_key]
+    keep = column.notna().to_numpy()
+    if not keep.all():
+        logger.warning(
+            "annotate: %d reference cells have no %r label and are left out.",
+            int((~keep).sum()),
+            label_key,
+        )
+    labels = column[keep].astype(str).to_numpy()
+    n_types = len(np.unique(labels))
+    if n_types < 2:
+        raise InputError(
+            f"the reference has {n_types} cell type in obs[{label_key!r}]; annotation needs at "
+            "least 2."
+        )
+    return keep, labels
+
+
+def _unit_rows(X: np.ndarray) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float32)
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    return X / np.where(norms > 0, norms, 1.0)
+
+
+def knn_proba(
+    reference: np.ndarray,
+    labels: np.ndarray,
+    query: np.ndarray,
+    *,
+    n_neighbors: int = 15,
+) -> pd.DataFrame:
+    """Distance-weighted kNN vote shares of each class (cosine distance on the embeddings).
+
+    Each query cell's ``n_neighbors`` nearest reference cells vote for their label with weight
+    ``1 / d`` (``d``: cosine distance); a class's probability is its share of the votes.
+
+    Parameters
+    ----------
+    reference
+        Reference embeddings, cells x dimensions.
+    labels
+        Cell type of each reference cell.
+    query
+        Query embeddings, cells x the same dimensions.
+    n_neighbors
+        Neighbours voting (at most the number of reference cells).
+
+    Returns
+    -------
+    Query cells x classes (sorted) vote shares; rows sum to 1.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    classes, codes = np.unique(labels, return_inverse=True)
+    k = min(int(n_neighbors), len(labels))
+    # On unit vectors the Euclidean distance orders neighbours as the cosine one does, and
+    # sklearn's exact brute-force Euclidean search is chunked, BLAS-backed and parallel.
+    index = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="euclidean")
+    index.fit(_unit_rows(reference))
+    dist, idx = index.kneighbors(_unit_rows(query))
+    cosine = np.square(dist, dtype=np.float64) / 2.0
+    weights = 1.0 / np.maximum(cosine, _MIN_DISTANCE)
+    votes = np.zeros((len(idx), len(classes)), dtype=np.float64)
+    np.add.at(votes, (np.repeat(np.arange(len(idx)), k), codes[idx].ravel()), weights.ravel())
+    votes /= votes.sum(axis=1, keepdims=True)
+    return pd.DataFrame(votes.astype(np.float32), columns=pd.Index(classes, dtype=object))
+
+
+def logreg_proba(
+    reference: np.ndarray,
+    labels: np.ndarray,
+    query: np.ndarray,
+    *,
+    class_weight: Literal["balanced"] | None = None,
+    random_state: int = 0,
+) -> pd.DataFrame:
+    """Class probabilities from a multinomial logistic regression fitted on the reference.
+
+    The embedding dimensions are standardised on the reference first: L2-normalised embeddings
+    have small per-dimension spread, against which the default L2 penalty would dominate.
+
+    Parameters
+    ----------
+    reference
+        Reference embeddings, cells x dimensions.
+    labels
+        Cell type of each reference cell.
+    query
+        Query embeddings, cells x the same dimensions.
+    class_weight
+        ``"balanced"`` weighs each class by the inverse of its frequency; ``None``: equal.
+    random_state
+        Seed of the solver.
+
+    Returns
+    -------
+    Query cells x classes (sorted) probabilities.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    head = make_pipeline(
+        StandardScaler(),
+        LogisticRegression(max_iter=1000, class_weight=class_weight, random_state=random_state),
+    )
+    head.fit(np.asarray(reference, dtype=np.float64), labels)
+    proba = head.predict_proba(np.asarray(query, dtype=np.float64))
+    classes = head.classes_
+    return pd.DataFrame(proba.astype(np.float32), columns=pd.Index(classes, dtype=object))
+
+
+def transfer_labels(
+    method: Method,
+    reference: np.ndarray,
+    labels: np.ndarray,
+    query: np.ndarray,
+    *,
+    n_neighbors: int = 15,
+    class_weight: Literal["balanced"] | None = None,
+    random_state: int = 0,
+) -> pd.DataFrame:
+    """Class probabilities of the query cells by ``method`` (``"knn"`` or ``"logreg"``)."""
+    if reference.shape[1] != query.shape[1]:
+        raise ValueError(
+            f"the reference embeddings have {reference.shape[1]} dimensions, the query's "
+            f"{query.shape[1]}: both must come from the same model."
+        )
+    if method == "knn":
+        return knn_proba(reference, labels, query, n_neighbors=n_neighbors)
+    if method == "logreg":
+        return logreg_proba(
+            reference, labels, query, class_weight=class_weight, random_state=random_state
+        )
+    raise ValueError(f"method must be 'knn' or 'logreg', got {method!r}.")

@@ -1,0 +1,91 @@
+"""sft.tl.embed_cells and sft.tl.annotate on a MuData (CITE-seq: rna + prot modalities).
+
+The tiny CITE-seq file has no cell-type labels, so annotate transfers the labels of a pbmc8k
+reference (another dataset, same model). One of its 200 cells has no RNA count in the 50 genes
+and is dropped: the models refuse empty cells.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import scfm_tools as sft
+
+mudata = pytest.importorskip("mudata")
+# mudata 0.3 announces its 0.4 behaviour of update() on every MuData it builds.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning:mudata"),
+    pytest.mark.filterwarnings("ignore:Cannot join columns:UserWarning:mudata"),
+]
+
+
+@pytest.fixture(scope="module")
+def mdata(data_dir):
+    full = mudata.read_h5mu(data_dir / "citeseq_pbmc_hao2021_tiny.h5mu")
+    keep = np.asarray(full["rna"].X.sum(axis=1)).ravel() > 0
+    assert (~keep).sum() == 1
+    return full[keep].copy()
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir):
+    pbmc = ad.read_h5ad(data_dir / "pbmc8k_200genes_labeled.h5ad")
+    pbmc = pbmc[pbmc.obs["cell_type"] != "NA"]
+    return pbmc[np.random.default_rng(0).permutation(pbmc.n_obs)[:300]].copy()
+
+
+def test_embed_cells_writes_into_the_modality_and_the_mudata(mdata):
+    m = mdata.copy()
+    prot_before = m["prot"].copy()
+    sft.tl.embed_cells(m, mod="rna")
+    emb = m["rna"].obsm["X_scgpt"]
+    assert emb.shape == (m.n_obs, 64)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    # the same as embedding the modality alone
+    alone = m["rna"].copy()
+    del alone.obsm["X_scgpt"]
+    sft.tl.embed_cells(alone)
+    np.testing.assert_array_equal(alone.obsm["X_scgpt"], emb)
+    assert m["rna"].uns["scgpt"]["params"]["n_genes_matched"] > 0
+    m.update()
+    np.testing.assert_array_equal(np.asarray(m.obsm["X_scgpt"]), emb)
+    assert "X_scgpt" not in m["prot"].obsm and m["prot"].obs.columns.equals(prot_before.obs.columns)
+
+
+def test_annotate_writes_rna_columns_where_muon_users_look(mdata, reference):
+    m = mdata.copy()
+    ref_snapshot = reference.obs.copy()
+    out = sft.tl.annotate(m, reference=reference, label_key="cell_type", mod="rna", copy=True)
+    assert isinstance(out, mudata.MuData)
+    assert "scgpt_label" not in m["rna"].obs and "rna:scgpt_label" not in m.obs
+    pd.testing.assert_frame_equal(reference.obs, ref_snapshot)
+    rna = out["rna"]
+    classes = sorted(reference.obs["cell_type"].astype(str).unique())
+    assert list(rna.obs["scgpt_label"].cat.categories) == classes
+    assert rna.uns["scgpt"]["params"]["method"] == "knn"
+    # identical to annotating the modality on its own
+    alone = mdata["rna"].copy()
+    sft.tl.annotate(alone, reference=reference, label_key="cell_type")
+    np.testing.assert_array_equal(rna.obs["scgpt_label"], alone.obs["scgpt_label"])
+    np.testing.assert_array_equal(rna.obs["scgpt_score"], alone.obs["scgpt_score"])
+    # in the MuData as mdata.update() names them, before and after update()
+    np.testing.assert_array_equal(out.obs["rna:scgpt_label"], rna.obs["scgpt_label"])
+    np.testing.assert_array_equal(np.asarray(out.obsm["scgpt_proba"]), rna.obsm["scgpt_proba"])
+    out.update()
+    np.testing.assert_array_equal(out.obs["rna:scgpt_label"], rna.obs["scgpt_label"])
+    np.testing.assert_allclose(out.obs["rna:scgpt_score"], rna.obs["scgpt_score"])
+    assert not any(c.startswith("prot:scgpt") for c in out.obs.columns)
+
+
+def test_modality_with_fewer_cells_aligns_by_name(mdata, reference):
+    rna = mdata["rna"][50:].copy()
+    m = mudata.MuData({"rna": rna, "prot": mdata["prot"].copy()})
+    sft.tl.embed_cells(m, mod="rna")
+    sft.tl.annotate(m, reference=reference, label_key="cell_type", mod="rna")
+    assert "X_scgpt" not in m.obsm and "scgpt_proba" not in m.obsm  # not all cells have one
+    labels = m.obs["rna:scgpt_label"]
+    assert labels.loc[mdata.obs_names[:50]].isna().all()
+    np.testing.assert_array_equal(labels.loc[rna.obs_names], m["rna"].obs["scgpt_label"])
