@@ -49,7 +49,7 @@ def _available() -> dict[str, Path]:
 def _report(runs: list[dict]) -> str:
     parts = [
         "# scfm_tools benchmark report\n",
-        f"`python benchmarks/run_all.py` finished "
+        f"Report built by `python benchmarks/run_all.py` at "
         f"{_dt.datetime.now(_dt.UTC).isoformat(timespec='minutes')}; each section below is "
         "the Markdown its script wrote (`benchmarks/results/<name>.md`), baselines measured in "
         "the same run as the models.\n",
@@ -91,7 +91,8 @@ def main() -> None:
     for name in names:
         run = {"name": name, "what": SUITE[name]}
         if args.report_only:
-            run["status"] = "from earlier run"
+            exists = (RESULTS_DIR / f"{name}.md").exists()
+            run["status"] = "results of an earlier run" if exists else "no results yet"
         else:
             started = time.perf_counter()
             print(f"[run_all] {name} ...", file=sys.stderr, flush=True)
@@ -106,7 +107,7 @@ def main() -> None:
     info = machine_info()
     print(
         f"[run_all] wrote {RESULTS_DIR.name}/REPORT.md ({len(runs)} benchmarks) on "
-        f"{info.get('cpu', 'this machine')}",
+        f"{info.get('cpu_model', 'this machine')}",
         file=sys.stderr,
     )
     if any(r["status"].startswith("failed") for r in runs):
