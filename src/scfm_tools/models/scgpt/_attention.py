@@ -9,6 +9,7 @@ added up, per group of cells when groups are given. ``<cls>`` and padding are le
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -17,11 +18,13 @@ import pandas as pd
 import torch
 
 from ..._anndata import get_matrix, iter_row_blocks, resolve_seed
+from ..._settings import settings
 from ..._validation import InputError
 from ...pp._match_genes import match_adata_genes
 from ._checkpoint import load_scgpt_folder
+from ._embed import token_batches
 from ._module import SCGPTModule
-from ._tokenizer import OFFICIAL_N_BINS, CellTokenizer, pad_cells
+from ._tokenizer import OFFICIAL_N_BINS, CellTokenizer
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -126,8 +129,6 @@ def attention_sums(
     ``(sums, counts, columns)``: sums ``(n_groups, n, n)`` float64, counts ``(n_groups, n, n)``
     int32, and the ``n`` columns that were tokens (positions in ``gene_index``), in column order.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     n_layers = len(module.transformer_encoder.layers)
     if not -n_layers <= layer < n_layers:
         raise IndexError(f"layer {layer} does not exist: the model has {n_layers} layers.")
@@ -151,7 +152,7 @@ def attention_sums(
         groups = np.asarray(groups, dtype=np.int64)
         if groups.size and (groups.min() < 0 or groups.max() >= n_groups):
             raise ValueError(f"groups must hold codes 0 .. {n_groups - 1}, one per cell.")
-    dev = torch.device(device)
+    dev = settings.resolve_device(device) if isinstance(device, str) else torch.device(device)
     acc_dtype = torch.float32 if dev.type == "mps" else torch.float64
     # vocabulary id -> position among the token genes; <cls>, <pad> and the rest map to -1
     lookup = torch.full((int(max(gene_index.max(), cls_id, module.pad_token_id)) + 1,), -1)
@@ -168,40 +169,43 @@ def attention_sums(
         random_state=resolve_seed(random_state),
     )
     which = layer % n_layers
-    was_training = module.training
-    module.to(dev).eval()
-    first = 0
-    try:
-        for block in blocks:
-            cells = tokenizer(block)
-            block_groups = (
-                np.zeros(len(cells), dtype=np.int64)
-                if groups is None
-                else groups[first : first + len(cells)]
-            )
-            if block_groups.size != len(cells):
-                raise ValueError("groups must give one code per cell; there are more cells.")
-            first += len(cells)
-            order = np.argsort([len(ids) for ids, _ in cells], kind="stable")
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                batch = pad_cells(
-                    [cells[i] for i in rows], pad_id=module.pad_token_id, pad_value=module.pad_value
+    current, first, block_groups = -1, 0, None
+    batches = token_batches(
+        module,
+        tokenizer,
+        blocks,
+        pad_id=module.pad_token_id,
+        pad_value=module.pad_value,
+        batch_size=batch_size,
+        device=dev,
+    )
+    # closing: an error below restores the module's training flag at once, not at collection
+    with contextlib.closing(batches):
+        for batch in batches:
+            if batch.block != current:
+                # a new block: its cells are the next n_block cells of `groups`
+                current = batch.block
+                block_groups = (
+                    np.zeros(batch.n_block, dtype=np.int64)
+                    if groups is None
+                    else groups[first : first + batch.n_block]
                 )
-                batch = {k: v.to(dev) for k, v in batch.items()}
-                with torch.inference_mode():
-                    out = module.encode(**batch, return_attention=[which])
-                    weights = out["attention"][which].mean(1)  # (cells, query, key)
-                    pos = lookup[batch["gene_ids"]]
-                    both = (pos[:, :, None] >= 0) & (pos[:, None, :] >= 0)
-                    offset = torch.as_tensor(block_groups[rows], device=dev) * (n * n)
-                    flat = offset[:, None, None] + pos[:, :, None] * n + pos[:, None, :]
-                    hits = flat[both]
-                    sums.index_add_(0, hits, weights[both].to(acc_dtype))
-                    ones = torch.ones(hits.shape, dtype=torch.int32, device=dev)
-                    counts.index_add_(0, hits, ones)
-    finally:
-        module.train(was_training)
+                if block_groups.size != batch.n_block:
+                    raise ValueError("groups must give one code per cell; there are more cells.")
+                first += batch.n_block
+            if not batch.n_block:
+                continue
+            with torch.inference_mode():
+                out = module.encode(**batch.tensors, return_attention=[which])
+                weights = out["attention"][which].mean(1)  # (cells, query, key)
+                pos = lookup[batch.tensors["gene_ids"]]
+                both = (pos[:, :, None] >= 0) & (pos[:, None, :] >= 0)
+                offset = torch.as_tensor(block_groups[batch.rows], device=dev) * (n * n)
+                flat = offset[:, None, None] + pos[:, :, None] * n + pos[:, None, :]
+                hits = flat[both]
+                sums.index_add_(0, hits, weights[both].to(acc_dtype))
+                ones = torch.ones(hits.shape, dtype=torch.int32, device=dev)
+                counts.index_add_(0, hits, ones)
     shape = (n_groups, n, n)
     return (
         sums.double().cpu().numpy().reshape(shape),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -28,6 +28,7 @@ __all__ = [
     "embed_resolved",
     "iter_embeddings",
     "iter_token_batches",
+    "token_batches",
 ]
 
 logger = logging.getLogger("scfm_tools")
@@ -90,8 +91,6 @@ def iter_token_batches(
     :class:`TokenBatch` es, block after block, every cell of a block in exactly one of them;
     an empty block gives one batch with no rows and no tensors.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     pad_token = args.get("pad_token", "<pad>")
     for token in ("<cls>", pad_token):
         if token not in vocab:
@@ -106,6 +105,49 @@ def iter_token_batches(
         n_bins=n_bins,
         random_state=resolve_seed(random_state),
     )
+    n_empty = yield from token_batches(
+        module,
+        tokenizer,
+        blocks,
+        pad_id=pad_id,
+        pad_value=pad_value,
+        batch_size=batch_size,
+        device=device,
+    )
+    if n_empty:
+        logger.warning(
+            "%d cells express no gene of the vocabulary; they are read as <cls> alone.",
+            n_empty,
+        )
+
+
+def token_batches(
+    module: SCGPTModule,
+    tokenizer: CellTokenizer,
+    blocks: Iterable,
+    *,
+    pad_id: int,
+    pad_value: float,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+) -> Generator[TokenBatch, None, int]:
+    """Tokenize blocks with ``tokenizer`` into length-sorted, padded minibatches on the device.
+
+    The loop under :func:`iter_token_batches`, for callers that build their own tokenizer
+    (e.g. attention over a chosen subset of genes). ``module`` is moved to ``device`` and kept
+    in eval mode while the generator runs; its training flag is restored when it ends or is
+    closed.
+
+    Yields
+    ------
+    :class:`TokenBatch` es, block after block (see :func:`iter_token_batches`).
+
+    Returns
+    -------
+    The number of cells read as ``<cls>`` alone (no gene of the tokenizer's).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     dev = settings.resolve_device(device) if isinstance(device, str) else torch.device(device)
     was_training = module.training
     module.to(dev).eval()
@@ -126,11 +168,7 @@ def iter_token_batches(
                 yield TokenBatch(number, len(cells), rows, batch)
     finally:
         module.train(was_training)
-    if n_empty:
-        logger.warning(
-            "%d cells express no gene of the vocabulary; they are read as <cls> alone.",
-            n_empty,
-        )
+    return n_empty
 
 
 def iter_embeddings(
