@@ -28,10 +28,12 @@ __all__ = [
     "REPO_ROOT",
     "RESULTS_DIR",
     "Stopwatch",
+    "cpu_seconds",
     "cuda_peak_mib",
     "current_rss_mib",
     "display_path",
     "load_average",
+    "log",
     "machine_info",
     "markdown_table",
     "peak_rss_mib",
@@ -41,6 +43,7 @@ __all__ = [
     "shared_path",
     "synchronize",
     "worker_reply",
+    "write_replicated_h5ad",
     "write_results",
 ]
 
@@ -48,6 +51,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # A worker prints its answer on one stdout line after this marker; anything else is log output.
 _REPLY_MARKER = "@@BENCH-RESULT@@ "
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr (a worker's stderr is echoed by the parent)."""
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 # paths -------------------------------------------------------------------------------------------
@@ -111,6 +119,12 @@ class Stopwatch:
 
 
 # memory ------------------------------------------------------------------------------------------
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads (less load-sensitive than wall)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def peak_rss_mib() -> float:
     """High-water mark of this process's resident memory, MiB (``ru_maxrss``)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -252,6 +266,44 @@ def run_worker(
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
         raise RuntimeError(f"worker {spec.get('job')} failed (exit {proc.returncode}):\n{tail}")
     return json.loads(replies[-1][len(_REPLY_MARKER) :])
+
+
+# data --------------------------------------------------------------------------------------------
+def write_replicated_h5ad(
+    source: Path, n_cells: int, path: Path, *, block: int = 10_000
+) -> dict[str, Any]:
+    """Replicate the cells of ``source`` (in order) into a CSR ``.h5ad`` of ``n_cells``.
+
+    Written ``block`` cells at a time, so the file can be far larger than memory; ``obs`` keeps
+    the source's ``batch`` column. Returns the size, build time and non-zeros per cell.
+    """
+    import anndata as ad
+    import h5py
+    import numpy as np
+    import pandas as pd
+    from anndata.io import sparse_dataset, write_elem
+
+    started = time.perf_counter()
+    src = ad.read_h5ad(source)
+    X = src.X.tocsr()
+    rows = np.arange(n_cells) % src.n_obs
+    copy = (np.arange(n_cells) // src.n_obs).astype(str)
+    names = pd.Index(src.obs_names.to_numpy()[rows].astype(str)) + "-" + pd.Index(copy)
+    obs = pd.DataFrame({"batch": pd.Categorical(src.obs["batch"].to_numpy()[rows])}, index=names)
+    ad.AnnData(obs=obs, var=src.var).write_h5ad(path)
+    with h5py.File(path, "a") as f:
+        for start in range(0, n_cells, block):
+            part = X[rows[start : start + block]]
+            if start == 0:
+                write_elem(f, "X", part)
+            else:
+                sparse_dataset(f["X"]).append(part)
+    return {
+        "n_cells": n_cells,
+        "file_gib": path.stat().st_size / 2**30,
+        "build_s": time.perf_counter() - started,
+        "nnz_per_cell": float(X.nnz / src.n_obs),
+    }
 
 
 # results -----------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ import numpy as np
 from _common import (
     display_path,
     load_average,
+    log,
     machine_info,
     markdown_table,
     set_threads,
@@ -64,10 +65,6 @@ NAME = "annotation"
 LABEL = "cell_type"
 MIN_CELLS = 10
 TRAIN_QUIET = {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False}
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 # data --------------------------------------------------------------------------------------------

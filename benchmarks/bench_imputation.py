@@ -59,6 +59,7 @@ import numpy as np
 from _common import (
     display_path,
     load_average,
+    log,
     machine_info,
     markdown_table,
     set_threads,
@@ -81,10 +82,6 @@ SCF_ARCH = {
 }
 CELLPLM_ARCH = {"enc_hid": 128, "enc_layers": 2, "enc_heads": 8, "post_latent_dim": 32}
 TRAIN_QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 # data --------------------------------------------------------------------------------------------

@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -64,9 +63,11 @@ import numpy as np
 
 from _common import (
     Stopwatch,
+    cpu_seconds,
     current_rss_mib,
     display_path,
     load_average,
+    log,
     machine_info,
     markdown_table,
     peak_rss_mib,
@@ -74,6 +75,7 @@ from _common import (
     set_threads,
     shared_path,
     worker_reply,
+    write_replicated_h5ad,
     write_results,
 )
 
@@ -103,15 +105,6 @@ DESCRIPTION = {
 }
 SCBERT_SHAPE = {"num_tokens": 7, "dim": 200, "depth": 6, "heads": 10, "dim_head": 64}
 SCBERT_GENES = 16_906
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 # models (random weights, published shapes) -------------------------------------------------------
@@ -161,24 +154,6 @@ def load_cells(data: Path, n: int, seed: int):
     adata = ad.read_h5ad(data / DATA_FILE)
     rows = np.sort(np.random.default_rng(seed).choice(adata.n_obs, size=n, replace=False))
     return sparse.csr_matrix(adata.X[rows]), list(adata.var_names)
-
-
-def replicated_h5ad(data: Path, n: int, folder: Path) -> Path:
-    """Write ``n`` cells (the PBMC file's cells, repeated in order) as an uncompressed h5ad."""
-    import anndata as ad
-    from scipy import sparse
-
-    path = folder / f"pbmc_replicated_{n}.h5ad"
-    if path.exists():
-        return path
-    src = ad.read_h5ad(data / DATA_FILE)
-    reps = -(-n // src.n_obs)
-    X = sparse.vstack([src.X] * reps, format="csr")[:n]
-    obs = {"batch": np.tile(src.obs["batch"].astype(str).to_numpy(), reps)[:n]}
-    out = ad.AnnData(X=X, obs=dict(obs), var=src.var.copy(), uns={"note": "real cells, replicated"})
-    out.obs_names = [f"cell{i}" for i in range(n)]
-    out.write_h5ad(path)
-    return path
 
 
 # official-style Performer (stand-in) --------------------------------------------------------------
@@ -425,10 +400,10 @@ def job_run(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["warmup"]:
         run(X[: spec["warmup"]])
     sw = Stopwatch("cpu")
-    cpu_start = _cpu_seconds()
+    cpu_start = cpu_seconds()
     with sw("run"):
         out = run(X)
-    cpu_s = _cpu_seconds() - cpu_start
+    cpu_s = cpu_seconds() - cpu_start
     n = X.shape[0]
     reply = {
         "model": spec["model"],
@@ -609,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
             if model == "cellplm":
                 for n in args.cellplm_cells:
                     print(f"== writing {n:,} replicated cells to a temporary h5ad")
-                    h5ad = replicated_h5ad(data, n, tmp)
+                    h5ad = tmp / f"pbmc_replicated_{n}.h5ad"
+                    write_replicated_h5ad(data / DATA_FILE, n, h5ad)
                     plans.append((model, f"cellplm_{n}", {"h5ad": str(h5ad), "warmup": 0}))
             else:
                 plans.append((model, model, {"n": sizes[model], "warmup": 0}))

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import resource
 import sys
 import tempfile
 import threading
@@ -39,9 +38,11 @@ from typing import Any
 import numpy as np
 
 from _common import (
+    cpu_seconds,
     current_rss_mib,
     display_path,
     load_average,
+    log,
     machine_info,
     markdown_table,
     peak_rss_mib,
@@ -49,6 +50,7 @@ from _common import (
     set_threads,
     shared_path,
     worker_reply,
+    write_replicated_h5ad,
     write_results,
 )
 
@@ -58,47 +60,7 @@ WRITE_BLOCK = 10_000
 SAMPLE_EVERY_S = 0.02
 
 
-def log(msg: str) -> None:
-    """Progress line on stderr (a worker's stderr is echoed by the parent)."""
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 # the data ----------------------------------------------------------------------------------------
-def build_file(source: Path, n_cells: int, path: Path) -> dict[str, Any]:
-    """Replicate the source cells (in order) into a CSR ``.h5ad`` of ``n_cells``, in blocks."""
-    import anndata as ad
-    import h5py
-    import pandas as pd
-    from anndata.io import sparse_dataset, write_elem
-
-    started = time.perf_counter()
-    src = ad.read_h5ad(source)
-    X = src.X.tocsr()
-    rows = np.arange(n_cells) % src.n_obs
-    copy = (np.arange(n_cells) // src.n_obs).astype(str)
-    names = pd.Index(src.obs_names.to_numpy()[rows].astype(str)) + "-" + pd.Index(copy)
-    obs = pd.DataFrame({"batch": pd.Categorical(src.obs["batch"].to_numpy()[rows])}, index=names)
-    ad.AnnData(obs=obs, var=src.var).write_h5ad(path)
-    with h5py.File(path, "a") as f:
-        for start in range(0, n_cells, WRITE_BLOCK):
-            block = X[rows[start : start + WRITE_BLOCK]]
-            if start == 0:
-                write_elem(f, "X", block)
-            else:
-                sparse_dataset(f["X"]).append(block)
-    return {
-        "n_cells": n_cells,
-        "file_gib": path.stat().st_size / 2**30,
-        "build_s": time.perf_counter() - started,
-        "nnz_per_cell": float(X.nnz / src.n_obs),
-    }
-
-
 # worker ------------------------------------------------------------------------------------------
 class _RssSampler:
     """Highest RSS seen by a background thread while the block runs."""
@@ -139,12 +101,12 @@ def job_embed(spec: dict[str, Any]) -> dict[str, Any]:
     adata = ad.read_h5ad(spec["path"], backed="r" if backed else None)
     gc.collect()
     rss_before = current_rss_mib()
-    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+    cpu0, wall0 = cpu_seconds(), time.perf_counter()
     with _RssSampler() as sampler:
         sft.tl.embed_cells(
             adata, device="cpu", batch_size=spec["batch_size"], chunk_size=spec["chunk_size"]
         )
-    wall, cpu = time.perf_counter() - wall0, _cpu_seconds() - cpu0
+    wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
     emb = adata.obsm["X_scgpt"]
     out = {
         "mode": spec["mode"],
@@ -264,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_ooc_", dir=args.workdir) as tmp:
         for n in sizes:
             path = Path(tmp) / f"pbmc_{n}.h5ad"
-            files[n] = build_file(source, n, path)
+            files[n] = write_replicated_h5ad(source, n, path, block=WRITE_BLOCK)
             print(f"== {n} cells: {files[n]['file_gib']:.2f} GiB in {files[n]['build_s']:.0f} s")
             modes = ["backed", "memory"] if n == sizes[0] else ["backed"]
             for mode in modes:

@@ -48,10 +48,12 @@ import numpy as np
 
 from _common import (
     Stopwatch,
+    cpu_seconds,
     cuda_peak_mib,
     current_rss_mib,
     display_path,
     load_average,
+    log,
     machine_info,
     markdown_table,
     peak_rss_mib,
@@ -101,11 +103,6 @@ PLANS = {
 # Batch-invariance check: ours again with small batches and chunks, so each cell meets other
 # companions and another padded length than in the timed run.
 CHECK_BATCH_SIZE, CHECK_CHUNK_SIZE = 5, 7
-
-
-def log(msg: str) -> None:
-    """Progress line on stderr (a worker's stderr is echoed by the parent)."""
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 # setup (in workers) ------------------------------------------------------------------------------
@@ -292,14 +289,6 @@ def _token_stats(setup: dict[str, Any], X, batch_size: int) -> dict[str, Any]:
     }
 
 
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process, all threads (less load-sensitive than wall)."""
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 # worker jobs -------------------------------------------------------------------------------------
 def job_run(spec: dict[str, Any]) -> dict[str, Any]:
     """One path on ``spec['n']`` cells in this fresh process: time, peak memory, checks."""
@@ -324,10 +313,10 @@ def job_run(spec: dict[str, Any]) -> dict[str, Any]:
     reset_cuda_peak()
     run(X[: spec["warmup"]])
     sw = Stopwatch(device)
-    cpu_start = _cpu_seconds()
+    cpu_start = cpu_seconds()
     with sw("run"):
         emb = run(X)
-    cpu_s = _cpu_seconds() - cpu_start
+    cpu_s = cpu_seconds() - cpu_start
     out = {
         "model": setup["model"],
         "path": path,
