@@ -13,6 +13,7 @@ import torch
 from ..._anndata import get_matrix, iter_row_blocks, resolve_seed
 from ..._settings import settings
 from ...pp._match_genes import GeneMatch, as_gene_match, match_adata_genes, match_to_vocab
+from .._length_batches import length_batches
 from ._checkpoint import load_scgpt_folder
 from ._module import SCGPTModule
 from ._tokenizer import OFFICIAL_N_BINS, CellTokenizer, pad_cells
@@ -160,9 +161,7 @@ def token_batches(
             if not cells:
                 yield TokenBatch(number, 0, np.empty(0, dtype=np.int64), {})
                 continue
-            order = np.argsort(lengths, kind="stable")
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
+            for rows in length_batches(lengths, batch_size):
                 batch = pad_cells([cells[i] for i in rows], pad_id=pad_id, pad_value=pad_value)
                 batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
                 yield TokenBatch(number, len(cells), rows, batch)
