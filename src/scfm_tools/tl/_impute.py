@@ -16,7 +16,7 @@ from .._anndata import params_record, resolve_adata
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from .._h5ad import check_output_path
 from .._validation import check_counts, check_nonempty
-from ._model_arg import resolve_model
+from ._model_arg import DEFAULT_MODEL, resolve_model
 
 if TYPE_CHECKING:
     import h5py
@@ -42,8 +42,9 @@ DOC_IMPUTE_MODEL = """\
 model
     A registered model name (see :func:`scfm_tools.hub.list_models`) or a path to a checkpoint
     of a family that can reconstruct expression (CellPLM: ``<prefix>.best.ckpt`` beside
-    ``<prefix>.config.json``, or their folder; scFoundation: ``models.ckpt``); ``None`` uses the
-    package's default model, which must then be able to."""
+    ``<prefix>.config.json``, or their folder; scFoundation: ``models.ckpt``). ``None`` means the
+    package's default model, a small scGPT that cannot, so the call then fails with a message
+    saying what to pass."""
 
 
 @doc_params(
@@ -180,7 +181,18 @@ def impute(
     check_nonempty(ad, layer, chunk_size=chunk_size)
 
     resolved = resolve_model(model)
-    run = family_task(resolved.family, "impute")
+    try:
+        run = family_task(resolved.family, "impute")
+    except NotImplementedError as err:
+        if model is not None:
+            raise
+        raise NotImplementedError(
+            f"no model was given, and the default model that ships with the package "
+            f"({DEFAULT_MODEL}) cannot reconstruct expression ({err}) No imputation model "
+            "ships with the package: pass model= a CellPLM or scFoundation checkpoint (a path, "
+            "or a name from sft.hub.list_models()); tutorials/04_imputation.ipynb trains a small "
+            "CellPLM for the purpose."
+        ) from None
     check_family_options(run, resolved.family, "impute", model_kwargs, _STANDARD)
     options = dict(
         layer=layer,
