@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -103,20 +104,25 @@ def trained(cellbench):
     CellPLM.setup_anndata(adata, batch_key="batch")
     model = CellPLM(adata, **SMALL)
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
-    model.train(
-        max_epochs=2,
-        accelerator="cpu",
-        max_cells=24,
-        random_state=0,
-        plan_kwargs={"lr": 1e-2},
-        check_val_every_n_epoch=1,
-        enable_progress_bar=False,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.train(
+            max_epochs=2,
+            accelerator="cpu",
+            max_cells=24,
+            random_state=0,
+            plan_kwargs={"lr": 1e-2},
+            check_val_every_n_epoch=1,
+            enable_progress_bar=False,
+        )
+    model.caught_warnings = [str(w.message) for w in caught]
     return adata, model, before
 
 
 def test_training_runs_the_published_objective(trained):
     adata, model, before = trained
+    # Losses are weighted by the cells of each sequence, not by a size Lightning guesses.
+    assert not [w for w in model.caught_warnings if "infer the `batch_size`" in w]
     history = model.history
     for key in ("train_loss", "nb_loss_train", "latent_loss_train", "validation_loss"):
         assert key in history, sorted(history)

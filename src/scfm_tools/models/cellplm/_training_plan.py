@@ -218,6 +218,30 @@ class CellPLMTrainingPlan(SeededStreamsMixin, TrainingPlan):
     def _new_streams(self, seed: int) -> np.random.Generator:
         return np.random.default_rng(seed)
 
+    def _count_cells(self, batch: dict[str, torch.Tensor]) -> None:
+        self._n_cells = int(batch[X_KEY].shape[0])
+
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Note the cells of the sequence, the weight of its losses in epoch averages."""
+        self._count_cells(batch)
+
+    def on_validation_batch_start(
+        self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Note the cells of the sequence, the weight of its losses in epoch averages."""
+        self._count_cells(batch)
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """Log as Lightning does, weighting by the sequence's cells unless told otherwise.
+
+        A minibatch here is a dict of a (cells x genes) matrix and per-gene tensors, from which
+        Lightning cannot tell the batch size; scvi-tools' plan logs its losses without one.
+        """
+        n_cells = getattr(self, "_n_cells", None)
+        if n_cells is not None:
+            kwargs.setdefault("batch_size", n_cells)
+        super().log(name, value, *args, **kwargs)
+
     def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int):
         """Corrupt a training sequence on the CPU before it moves to the device."""
         if self.trainer is None or not self.trainer.training:
