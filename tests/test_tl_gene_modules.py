@@ -222,8 +222,6 @@ def test_embed_genes_bad_inputs(small, fixtures_dir):
     snap = _snapshot(adata)
     with pytest.raises(ValueError, match="mode must be 'token' or 'context'"):
         sft.tl.embed_genes(adata, mode="contextual")
-    with pytest.raises(NotImplementedError, match="embed_genes is not available for scfoundation"):
-        sft.tl.embed_genes(adata, fixtures_dir / "scfoundation" / "fixture_models.ckpt")
     with pytest.raises(TypeError, match="do not take"):
         sft.tl.embed_genes(adata, pool="max")
     adata.layers["neg"] = -adata.X

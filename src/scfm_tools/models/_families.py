@@ -26,6 +26,7 @@ _TASKS: dict[str, dict[str, str]] = {
     },
     "scfoundation": {
         "embed_cells": "scfm_tools.models.scfoundation._embed:embed_resolved",
+        "embed_genes": "scfm_tools.models.scfoundation._gene_embed:embed_genes_resolved",
         "impute": "scfm_tools.models.scfoundation._impute:impute_resolved",
     },
 }

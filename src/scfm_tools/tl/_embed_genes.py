@@ -159,13 +159,22 @@ def embed_genes(
       embedding-table row, then the encoder's layer norm), as the official GRN tutorial uses
       (:meth:`SCGPT.get_gene_embeddings <scfm_tools.models.SCGPT.get_gene_embeddings>`).
       scBERT: the gene's row of the frozen gene2vec table. CellPLM: the gene's row of the
-      embedder's gene table (``log1p(counts) @ E`` embeds a cell).
-    - ``mode="context"`` (context-aware, scGPT only): the cells are tokenized exactly as in
-      :func:`~scfm_tools.tl.embed_cells` (expressed vocabulary genes, per-cell binning, random
-      subsampling above ``max_length``), run through the transformer, and each gene's vector
-      is its last-layer output averaged over the cells of ``adata`` in which it is a token.
-      The result depends on the cells given; genes never expressed (or always subsampled
-      away) get no embedding.
+      embedder's gene table (``log1p(counts) @ E`` embeds a cell). scFoundation: the gene's
+      row of the position embedding ``pos_emb`` (a gene is identified by its position in the
+      model's gene list; ``enc_dim`` wide), from the ``gene`` weights of ``models.ckpt``.
+    - ``mode="context"`` (context-aware; scGPT and scFoundation): the cells are run through
+      the model and each gene's output averaged over cells; the result depends on the cells
+      given. scGPT: the cells are tokenized exactly as in :func:`~scfm_tools.tl.embed_cells`
+      (expressed vocabulary genes, per-cell binning, random subsampling above
+      ``max_length``), and each gene's vector is its last-layer output averaged over the
+      cells in which it is a token; genes never expressed (or always subsampled away) get no
+      embedding. scFoundation: the cells are prepared as in ``embed_cells`` (the
+      ``model_kwargs`` below) and each gene's vector is the decoder's gene embedding (official
+      ``get_embedding.py --output_type gene``, ``dec_dim`` wide, from the ``gene`` weights)
+      averaged over **all** cells, since the decoder reads every gene of every cell, expressed
+      or not; every matched gene is embedded. Cells are streamed one forward pass at a time:
+      the per-cell ``cells x genes x d`` outputs are never held for all cells (for them, use
+      :func:`scfm_tools.models.scfoundation.embed_matrix` with ``output="gene"`` on a subset).
 
     Genes are matched to the model's vocabulary by symbol or Ensembl ID (offline); genes not in
     it get NaN rows.
@@ -193,9 +202,11 @@ def embed_genes(
     max_length
         Most genes per cell (plus ``<cls>``) in context mode; ``None`` uses the checkpoint's
         ``max_seq_len``. Above it a random subset of each cell's genes is read, so a gene's
-        count of cells can be less than the cells that express it.
+        count of cells can be less than the cells that express it. scFoundation, whose encoder
+        reads every expressed gene: must be ``None``.
     {random_state}
-        Context mode: the binning tie-breaks and the subsampling, as in ``embed_cells``.
+        Context mode: the binning tie-breaks and the subsampling, as in ``embed_cells``
+        (scFoundation is deterministic: no role).
     device
         ``"cpu"``, ``"cuda"``, ``"auto"``...; ``None`` uses ``sft.settings.device``.
     {chunk_size}
@@ -203,20 +214,27 @@ def embed_genes(
         Modality of a MuData (default ``"rna"``); the results are written to that modality.
     {copy}
     **model_kwargs
-        Options of the model family; none of the current families takes any.
+        Options of the model family; an option the family does not take is refused.
+        scFoundation takes those of :func:`~scfm_tools.tl.embed_cells` that prepare the cells
+        (context mode; checked but unused in token mode): ``target_depth``,
+        ``pre_normalized``, ``input_type`` and ``total_counts_key``. The other families take
+        none.
 
     Returns
     -------
     ``None``, or the modified copy with ``copy=True``. Writes
 
     - ``adata.varm["X_<family>_genes" | key_added]``: ``(n_genes, d)`` float32 embeddings, NaN
-      rows for genes not in the vocabulary (context mode: also for genes never a token);
+      rows for genes not in the vocabulary (scGPT context mode: also for genes never a token);
     - ``adata.var["<family>_in_vocab"]``: bool, the gene matched the vocabulary;
-    - context mode: ``adata.var["<uns key>_n_cells"]`` (e.g. ``"scgpt_genes_n_cells"``): the
-      number of cells in which each gene was a token (its average's sample size);
+    - context mode: ``adata.var["<uns key>_n_cells"]`` (e.g. ``"scgpt_genes_n_cells"``): scGPT,
+      the number of cells in which each gene was a token (its average's sample size);
+      scFoundation, the number of cells that express the gene (a positive value: the cells
+      whose encoder read it), while its average is over all cells;
     - ``adata.uns["<family>_genes" | key_added without "X_"]["params"]``: model name, family,
       weights sha256, ``mode``, genes matched and embedded, ``n_cells`` (context mode),
-      ``max_length``, ``random_state`` and package version.
+      ``max_length``, ``random_state`` and package version (scFoundation: ``entry`` and the
+      preprocessing options instead of the last two).
 
     Raises
     ------
@@ -224,8 +242,8 @@ def embed_genes(
         Duplicated gene names or too little overlap with the vocabulary; in context mode also
         NaN, infinite or negative values and empty cells.
     NotImplementedError
-        The model's family has no gene embeddings of that ``mode`` (scFoundation; context
-        mode for scBERT and CellPLM).
+        The model's family has no gene embeddings of that ``mode`` (context mode for scBERT
+        and CellPLM).
     """
     obj, ad = resolve_adata(adata, copy=copy, mod=mod)
     resolved = resolve_model(model)

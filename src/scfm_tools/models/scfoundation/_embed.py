@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -22,6 +22,7 @@ from ..._anndata import get_matrix, iter_row_blocks
 from ..._settings import settings
 from ..._validation import InputError, check_counts, check_lognorm
 from ...pp._match_genes import GeneMatch, as_gene_match, match_adata_genes
+from .._length_batches import length_batches
 from ._checkpoint import entry_for, load_scfoundation
 from ._module import Pool, SCFoundationModule
 from ._preprocess import (
@@ -44,11 +45,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Output",
+    "block_passes",
     "check_values",
     "embed_matrix",
     "embed_resolved",
     "iter_outputs",
     "prepare_blocks",
+    "prepare_options",
     "total_counts_of",
 ]
 
@@ -93,24 +96,6 @@ def _check_output(output: str, pool: str) -> None:
         raise ValueError(f"pool must be 'all' or 'max', got {pool!r}.")
 
 
-def _batches(lengths: np.ndarray, batch_size: int, fits: Callable[[int, int], bool]):
-    """Yield row groups of a chunk: cells sorted by length, each group as large as ``fits``.
-
-    ``fits(n, longest)`` says whether ``n`` cells whose longest encoder sequence has
-    ``longest`` tokens may share a pass; a group holds at least one cell.
-    """
-    order = np.argsort(lengths, kind="stable")
-    start = 0
-    while start < len(order):
-        stop = start + 1
-        while stop < len(order) and stop - start < batch_size:
-            if not fits(stop - start + 1, int(lengths[order[stop]]) + 2):
-                break
-            stop += 1
-        yield order[start:stop]
-        start = stop
-
-
 def iter_outputs(
     module: SCFoundationModule,
     blocks: Iterator[tuple[sparse.csr_matrix, np.ndarray, np.ndarray]],
@@ -149,15 +134,6 @@ def iter_outputs(
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     dev = _device(device)
-    tokens = _TOKENS_PER_PASS.get(dev.type, _TOKENS_PER_PASS["cpu"])
-    scores = _SCORES_PER_PASS.get(dev.type, _SCORES_PER_PASS["cpu"])
-    heads = module.config["enc_heads"]
-    decoder = output != "cell"
-
-    def fits(n: int, longest: int) -> bool:
-        per_cell = module.seq_len if decoder else longest
-        return n * per_cell <= tokens and n * heads * longest * longest <= scores
-
     with _eval_on(module, dev):
         for values, t, s in blocks:
             n = values.shape[0]
@@ -168,16 +144,50 @@ def iter_outputs(
             else:
                 width = (module.n_genes,)
             out = np.empty((n, *width), dtype=np.float32)
-            lengths = np.diff(values.indptr)
-            for rows in _batches(lengths, batch_size, fits):
-                x = sequences(values[rows], t[rows], s[rows]).to(dev)
-                with torch.inference_mode(), _autocast(dev):
-                    if output == "cell":
-                        result = module.cell_embedding(x, pool)
-                    else:
-                        result = module.gene_outputs(x, head=output == "gene_expression")
+            passes = block_passes(
+                module, values, t, s, output=output, pool=pool, batch_size=batch_size, device=dev
+            )
+            for rows, result in passes:
                 out[rows] = result.float().cpu().numpy()
             yield out
+
+
+def block_passes(
+    module: SCFoundationModule,
+    values: sparse.csr_matrix,
+    t: np.ndarray,
+    s: np.ndarray,
+    *,
+    output: Output,
+    pool: Pool = "all",
+    batch_size: int,
+    device: torch.device,
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Run the model on one prepared block, one forward pass at a time.
+
+    The module must already be in eval mode on ``device``; arguments as in
+    :func:`iter_outputs`, whose checks this skips. Yields ``(rows, outputs)`` per pass: the
+    block's rows (grouped by length, so not in block order) and their outputs on ``device``,
+    for callers that reduce over cells instead of keeping every cell's output.
+    """
+    tokens = _TOKENS_PER_PASS.get(device.type, _TOKENS_PER_PASS["cpu"])
+    scores = _SCORES_PER_PASS.get(device.type, _SCORES_PER_PASS["cpu"])
+    heads = module.config["enc_heads"]
+    decoder = output != "cell"
+
+    def fits(n: int, longest: int) -> bool:
+        longest += 2  # T and S
+        per_cell = module.seq_len if decoder else longest
+        return n * per_cell <= tokens and n * heads * longest * longest <= scores
+
+    for rows in length_batches(np.diff(values.indptr), batch_size, fits=fits):
+        x = sequences(values[rows], t[rows], s[rows]).to(device)
+        with torch.inference_mode(), _autocast(device):
+            if output == "cell":
+                result = module.cell_embedding(x, pool)
+            else:
+                result = module.gene_outputs(x, head=output == "gene_expression")
+        yield rows, result
 
 
 def prepare_blocks(
@@ -378,6 +388,40 @@ def total_counts_of(adata: AnnData, key: str | None, pre_normalized: str) -> np.
     return values
 
 
+def prepare_options(
+    adata: AnnData,
+    layer: str | None,
+    *,
+    max_length: int | None,
+    target_depth: TargetDepth,
+    pre_normalized: PreNormalized,
+    input_type: InputType,
+    total_counts_key: str | None,
+) -> tuple[ParsedDepth, np.ndarray | None, dict[str, Any]]:
+    """Check the official preprocessing options of a tl function and the values they imply.
+
+    Shared by the tl tasks that read cells (see :func:`embed_resolved` for the options).
+    Returns the parsed target depth, the per-cell total counts (``pre_normalized="A"`` only)
+    and the options to record in ``uns[key]["params"]``. Writes nothing.
+    """
+    check_options(pre_normalized, input_type)
+    depth = parse_target_depth(target_depth)
+    if max_length is not None:
+        raise ValueError(
+            "max_length does not apply to scFoundation, whose encoder reads every expressed "
+            "gene; leave it at None."
+        )
+    totals = total_counts_of(adata, total_counts_key, pre_normalized)
+    check_values(adata, layer, pre_normalized, input_type)
+    options = {
+        "target_depth": depth.text if input_type == "singlecell" else None,
+        "pre_normalized": pre_normalized,
+        "input_type": input_type,
+        "total_counts_key": total_counts_key,
+    }
+    return depth, totals, options
+
+
 def embed_resolved(
     resolved: ResolvedModel,
     adata: AnnData,
@@ -406,17 +450,17 @@ def embed_resolved(
     reads every expressed gene: ``random_state`` plays no role and ``max_length`` must be
     ``None``. Returns the embeddings and what to record in ``uns[key]["params"]``.
     """
-    check_options(pre_normalized, input_type)
-    depth = parse_target_depth(target_depth)
     _check_output("cell", pool)
     entry = entry_for("cell", version)
-    if max_length is not None:
-        raise ValueError(
-            "max_length does not apply to scFoundation, whose encoder reads every expressed "
-            "gene; leave it at None."
-        )
-    totals = total_counts_of(adata, total_counts_key, pre_normalized)
-    check_values(adata, layer, pre_normalized, input_type)
+    depth, totals, options = prepare_options(
+        adata,
+        layer,
+        max_length=max_length,
+        target_depth=target_depth,
+        pre_normalized=pre_normalized,
+        input_type=input_type,
+        total_counts_key=total_counts_key,
+    )
     module, genes, _, _ = load_scfoundation(resolved, entry)
     match = match_adata_genes(adata, genes, gene_key=gene_key, caller="embed_cells")
     emb = embed_matrix(
@@ -439,9 +483,6 @@ def embed_resolved(
         "n_genes_model": module.n_genes,
         "entry": entry,
         "pool": pool,
-        "target_depth": depth.text if input_type == "singlecell" else None,
-        "pre_normalized": pre_normalized,
-        "input_type": input_type,
-        "total_counts_key": total_counts_key,
+        **options,
     }
     return emb, params
