@@ -21,7 +21,7 @@ from ._module import (
     pool_cells,
 )
 from ._preprocess import GeneReindexer, ParsedDepth, model_values, parse_target_depth, sequences
-from ._training_plan import SCFoundationTrainingPlan, mask_values, rda_pairs
+from ._training_plan import SCFoundationTrainingPlan, corrupt_selected, mask_values, rda_pairs
 
 __all__ = [
     "ENTRIES",
@@ -34,6 +34,7 @@ __all__ = [
     "SCFoundationEncoder",
     "SCFoundationModule",
     "SCFoundationTrainingPlan",
+    "corrupt_selected",
     "embed_matrix",
     "entry_for",
     "gather_tokens",

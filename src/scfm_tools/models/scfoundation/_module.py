@@ -44,6 +44,8 @@ Pool = Literal["all", "max"]
 VALUES = "values"
 MASK = "mask"
 TARGET = "target"
+# Positions hidden from the encoder (mask embedding in the decoder); without it, ``MASK``.
+HIDDEN = "hidden"
 
 
 class AutoDiscretizationEmbedding(nn.Module):
@@ -297,14 +299,22 @@ def pool_cells(hidden: Tensor, padding: Tensor, pool: Pool = "all") -> Tensor:
     return torch.cat([s_token, t_token, gene_max, gene_mean], dim=1)
 
 
+def _hidden(tensors: dict[str, Tensor]) -> Tensor | None:
+    hidden = tensors.get(HIDDEN)
+    return tensors.get(MASK) if hidden is None else hidden
+
+
 class SCFoundationModule(BaseModuleClass):
     """The scFoundation model (official ``MaeAutobin``) as a scvi-tools module.
 
     A minibatch is a dict of tensors: ``values`` ``(batch, n_genes + 2)`` (log-normalised
     expression of the model's genes, then ``T`` and ``S``); for training also ``mask``
-    (boolean ``(batch, n_genes + 2)``, the positions to predict, hidden from the encoder and
-    given the mask embedding in the decoder) and ``target`` (``(batch, n_genes + 2)`` or
-    ``(batch, n_genes)``, the values to predict there).
+    (boolean ``(batch, n_genes + 2)``, the positions the loss scores), ``target``
+    (``(batch, n_genes + 2)`` or ``(batch, n_genes)``, the values to predict there) and
+    optionally ``hidden`` (boolean, the positions hidden from the encoder and given the mask
+    embedding in the decoder; without it every scored position is hidden). The published
+    pretraining hides only part of the scored positions (see
+    :func:`~scfm_tools.models.scfoundation.corrupt_selected`).
 
     Parameters
     ----------
@@ -514,7 +524,7 @@ class SCFoundationModule(BaseModuleClass):
 
     # scvi-tools module interface -----------------------------------------------------------------
     def _get_inference_input(self, tensors: dict[str, Tensor], **kwargs) -> dict[str, Any]:
-        return {"values": tensors[VALUES], "mask": tensors.get(MASK)}
+        return {"values": tensors[VALUES], "mask": _hidden(tensors)}
 
     @auto_move_data
     def inference(self, values: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
@@ -529,7 +539,7 @@ class SCFoundationModule(BaseModuleClass):
             "hidden": inference_outputs["hidden"],
             "positions": inference_outputs["positions"],
             "padding": inference_outputs["padding"],
-            "mask": tensors.get(MASK),
+            "mask": _hidden(tensors),
         }
 
     @auto_move_data
@@ -558,7 +568,11 @@ class SCFoundationModule(BaseModuleClass):
         inference_outputs: dict[str, Any],
         generative_outputs: dict[str, Tensor],
     ) -> LossOutput:
-        """Mean squared error of the predictions at the masked positions.
+        """Mean squared error of the predictions at the scored (``mask``) positions.
+
+        The scored positions include those left visible or given a random value by
+        :func:`~scfm_tools.models.scfoundation.corrupt_selected`, so the model also learns to
+        predict at positions whose value it reads, as it does for every gene at inference.
 
         Parameters
         ----------

@@ -5,11 +5,17 @@ count ``T``) and, when registered, the downsampled counts made from them by
 :func:`scfm_tools.pp.downsample_rda` (the *input*, total count ``S``). In Lightning's
 ``on_before_batch_transfer`` hook (CPU, before the batch moves to the device) the plan puts
 both on the model's genes, normalises them (``log1p`` of counts per 10,000), appends the
-``T = log10(target total)`` and ``S = log10(input total)`` tokens to the input, and masks a
-share of the input's values (:func:`mask_values`): the encoder does not see them, the decoder
-gets the mask embedding there, and the loss
-(:meth:`SCFoundationModule.loss <scfm_tools.models.scfoundation.SCFoundationModule.loss>`) is
-the mean squared error of the predicted *target* values at those positions.
+``T = log10(target total)`` and ``S = log10(input total)`` tokens to the input, and selects a
+share of the input's values (:func:`mask_values`). As the published dataset config
+(``replace_prob=0.8``, ``random_token_prob=0.1``), BERT-style, 80% of the selected values are
+masked (the encoder does not see them, the decoder gets the mask embedding there), 10% are
+replaced by a random expression value and 10% are left as they are (:func:`corrupt_selected`).
+The loss (:meth:`SCFoundationModule.loss
+<scfm_tools.models.scfoundation.SCFoundationModule.loss>`) is the mean squared error of the
+predicted *target* values at all selected positions. The unmasked share matters: inference
+(``sft.tl.impute``, ``output_type="gene_expression"``) masks nothing, so every prediction is
+made at a position whose value the model reads; a model scored only at masked positions never
+learns to predict there.
 """
 
 from __future__ import annotations
@@ -23,10 +29,10 @@ from scipy import sparse
 from scvi.train import TrainingPlan
 
 from .._seeding import SeededStreamsMixin
-from ._module import MASK, TARGET, VALUES, SCFoundationModule
+from ._module import HIDDEN, MASK, TARGET, VALUES, SCFoundationModule
 from ._preprocess import GeneReindexer, sequences
 
-__all__ = ["RDA_KEY", "SCFoundationTrainingPlan", "mask_values", "rda_pairs"]
+__all__ = ["RDA_KEY", "SCFoundationTrainingPlan", "corrupt_selected", "mask_values", "rda_pairs"]
 
 logger = logging.getLogger("scfm_tools")
 
@@ -35,6 +41,10 @@ RDA_KEY = "rda_X"
 # Published dataset config: share of non-zero / zero values masked.
 VALUE_MASK_PROB = 0.3
 ZERO_MASK_PROB = 0.03
+# Published dataset config: of the selected values, share masked / replaced by a random value
+# (the rest, 0.1, are left unchanged).
+REPLACE_PROB = 0.8
+RANDOM_TOKEN_PROB = 0.1
 
 
 def mask_values(
@@ -82,6 +92,68 @@ def mask_values(
         )
         mask[:, :n_genes] |= (rank < n_pick) & group
     return mask
+
+
+def _check_corruption(replace_prob: float, random_token_prob: float) -> None:
+    for name, p in (("replace_prob", replace_prob), ("random_token_prob", random_token_prob)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {p!r}.")
+    if replace_prob + random_token_prob > 1.0 + 1e-12:
+        raise ValueError(
+            f"replace_prob + random_token_prob must be at most 1, got {replace_prob!r} + "
+            f"{random_token_prob!r}."
+        )
+
+
+def corrupt_selected(
+    values: torch.Tensor,
+    selected: torch.Tensor,
+    n_genes: int,
+    *,
+    replace_prob: float = REPLACE_PROB,
+    random_token_prob: float = RANDOM_TOKEN_PROB,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corrupt the selected values BERT-style: mask most, randomise some, leave the rest.
+
+    Each selected position is, independently, hidden with probability ``replace_prob`` (the
+    encoder skips it, the decoder gets the mask embedding), given a random value with
+    probability ``random_token_prob``, and left unchanged otherwise; the loss scores all of
+    them. The published dataset config has ``replace_prob=0.8`` and ``random_token_prob=0.1``;
+    the official pretraining code is not public, so how its random value is drawn is not known:
+    here it is a non-zero gene value drawn uniformly from the whole minibatch (the continuous
+    counterpart of BERT's random vocabulary token).
+
+    Parameters
+    ----------
+    values
+        ``(batch, n_genes + 2)`` input values.
+    selected
+        Boolean ``(batch, n_genes + 2)``, the positions to predict (:func:`mask_values`).
+    n_genes
+        Number of gene positions.
+    replace_prob, random_token_prob
+        Shares of the selected positions hidden and randomised (their sum at most 1).
+    generator
+        Random generator (CPU), for reproducible corruption.
+
+    Returns
+    -------
+    ``(corrupted, hidden)``: the input values with the random replacements, and the boolean
+    ``(batch, n_genes + 2)`` positions to hide.
+    """
+    _check_corruption(replace_prob, random_token_prob)
+    u = torch.rand(selected.shape, generator=generator)
+    hidden = selected & (u < replace_prob)
+    randomised = selected & (u >= replace_prob) & (u < replace_prob + random_token_prob)
+    genes = values[:, :n_genes]
+    pool = genes[genes > 0]
+    corrupted = values
+    if pool.numel() and bool(randomised.any()):
+        pick = torch.randint(pool.numel(), (int(randomised.sum()),), generator=generator)
+        corrupted = values.clone()
+        corrupted[randomised] = pool[pick]
+    return corrupted, hidden
 
 
 def _lognorm(x: sparse.csr_matrix) -> tuple[sparse.csr_matrix, np.ndarray]:
@@ -135,13 +207,20 @@ class SCFoundationTrainingPlan(SeededStreamsMixin, TrainingPlan):
     gene_index
         Model gene position of each registered gene (-1 for genes not in the model).
     value_mask_prob, zero_mask_prob
-        Shares of each cell's non-zero and zero values masked (published 0.3 and 0.03).
+        Shares of each cell's non-zero and zero values selected for prediction (published 0.3
+        and 0.03).
+    replace_prob, random_token_prob
+        Shares of the selected values masked and replaced by a random value; the rest are left
+        unchanged (published 0.8 and 0.1; see :func:`corrupt_selected`). ``replace_prob=1``
+        masks every selected value.
     random_state
         Seed of the masks.
     lr
         Learning rate.
     weight_decay
         Weight decay of the optimizer.
+    eps
+        Adam epsilon (PyTorch's 1e-8; scvi-tools' VAE default 0.01 slows transformers down).
     **kwargs
         Passed to :class:`scvi.train.TrainingPlan` (``optimizer``, ``reduce_lr_on_plateau`` ...).
     """
@@ -153,15 +232,21 @@ class SCFoundationTrainingPlan(SeededStreamsMixin, TrainingPlan):
         gene_index: np.ndarray,
         value_mask_prob: float = VALUE_MASK_PROB,
         zero_mask_prob: float = ZERO_MASK_PROB,
+        replace_prob: float = REPLACE_PROB,
+        random_token_prob: float = RANDOM_TOKEN_PROB,
         random_state: int = 0,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
+        eps: float = 1e-8,
         **kwargs: Any,
     ) -> None:
-        super().__init__(module, lr=lr, weight_decay=weight_decay, **kwargs)
+        super().__init__(module, lr=lr, weight_decay=weight_decay, eps=eps, **kwargs)
         self.reindexer = GeneReindexer(gene_index, module.n_genes)
         self.value_mask_prob = float(value_mask_prob)
         self.zero_mask_prob = float(zero_mask_prob)
+        _check_corruption(replace_prob, random_token_prob)
+        self.replace_prob = float(replace_prob)
+        self.random_token_prob = float(random_token_prob)
         self.random_state = int(random_state)
         self._warned = False
 
@@ -177,12 +262,21 @@ class SCFoundationTrainingPlan(SeededStreamsMixin, TrainingPlan):
         rows = [t.to_dense() if t.layout != torch.strided else t for t in (target, source)]
         target_np, source_np = (t.detach().cpu().numpy() for t in rows)
         values, target_seq, usable = rda_pairs(target_np, source_np, self.reindexer)
+        generator = self._stream()
         mask = mask_values(
             values,
             self.module.n_genes,
             value_mask_prob=self.value_mask_prob,
             zero_mask_prob=self.zero_mask_prob,
-            generator=self._stream(),
+            generator=generator,
+        )
+        values, hidden = corrupt_selected(
+            values,
+            mask,
+            self.module.n_genes,
+            replace_prob=self.replace_prob,
+            random_token_prob=self.random_token_prob,
+            generator=generator,
         )
         keep = torch.from_numpy(usable)
         if not bool(keep.all()) and not self._warned:
@@ -190,7 +284,12 @@ class SCFoundationTrainingPlan(SeededStreamsMixin, TrainingPlan):
             logger.warning(
                 "some cells have no counts on the model's genes; they are left out of training."
             )
-        return {VALUES: values[keep], TARGET: target_seq[keep], MASK: mask[keep]}
+        return {
+            VALUES: values[keep],
+            TARGET: target_seq[keep],
+            MASK: mask[keep],
+            HIDDEN: hidden[keep],
+        }
 
     def _has_targets(self, batch: dict[str, torch.Tensor]) -> bool:
         return batch[VALUES].shape[0] > 0 and bool(batch[MASK].any())
