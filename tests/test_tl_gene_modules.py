@@ -197,7 +197,7 @@ def test_scbert_and_cellplm_token_tables(fixtures_dir, tmp_path):
     emb = adata.varm["X_scbert_genes"]
     np.testing.assert_allclose(emb[:30], table[[genes.index(g) for g in var_names[:30]]])
     assert np.isnan(emb[30:]).all()
-    with pytest.raises(NotImplementedError, match="available for scGPT models only"):
+    with pytest.raises(NotImplementedError, match="for scGPT and scFoundation models only"):
         sft.tl.embed_genes(adata, folder / "fixture_ckpt.pth", mode="context", key_added="c")
     assert "c" not in adata.varm
 

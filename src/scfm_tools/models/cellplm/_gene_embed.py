@@ -38,8 +38,8 @@ def embed_genes_resolved(
     """
     if mode != "token":
         raise NotImplementedError(
-            f"embed_genes(mode={mode!r}) is available for scGPT models only; CellPLM's tokens "
-            "are cells, so use mode='token' (its gene-embedding table)."
+            f"embed_genes(mode={mode!r}) is available for scGPT and scFoundation models "
+            "only; CellPLM's tokens are cells, so use mode='token' (its gene-embedding table)."
         )
     module, gene_list, _, _ = load_cellplm(resolved)
     match = match_adata_genes(adata, gene_list, gene_key=gene_key, caller="embed_genes")

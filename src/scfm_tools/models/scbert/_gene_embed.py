@@ -39,8 +39,8 @@ def embed_genes_resolved(
     """
     if mode != "token":
         raise NotImplementedError(
-            f"embed_genes(mode={mode!r}) is available for scGPT models only; use mode='token' "
-            "for scBERT (its gene2vec table)."
+            f"embed_genes(mode={mode!r}) is available for scGPT and scFoundation models "
+            "only; use mode='token' for scBERT (its gene2vec table)."
         )
     gene_list = resolved.files.get("gene_list")
     if gene_list is None:
