@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import scfm_tools as sft
+from _scfoundation_tiny import TINY as SHARED_TINY
 from scfm_tools.models.scfoundation import (
     GeneReindexer,
     SCFoundationModule,
@@ -26,16 +27,7 @@ from scfm_tools.models.scfoundation import (
 from scfm_tools.models.scfoundation._module import HIDDEN, MASK, TARGET, VALUES
 
 PBMC8K = "pbmc8k_200genes_labeled.h5ad"
-TINY = {
-    "enc_dim": 8,
-    "enc_depth": 1,
-    "enc_heads": 2,
-    "dec_dim": 8,
-    "dec_depth": 1,
-    "dec_heads": 2,
-    "dec_dim_head": 4,
-    "bin_num": 10,
-}
+TINY = {**SHARED_TINY, "bin_num": 10}
 
 
 @pytest.fixture(scope="module")
