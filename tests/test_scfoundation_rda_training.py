@@ -134,6 +134,7 @@ def test_plan_uses_adam_epsilon_of_transformers():
     assert optimizer.param_groups[0]["eps"] == 1e-8
 
 
+@pytest.mark.slow
 def test_rda_training_learns_to_impute_shallow_cells(pbmc):
     """Trained on 96 cells, the model's output for 48 other, 4x thinned cells follows them.
 

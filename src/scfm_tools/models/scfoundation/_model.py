@@ -55,7 +55,8 @@ class SCFoundation(TrainingMixin, BaseModelClass):
     depth tokens. Training is the published read-depth-aware objective: the input is a
     downsampled copy of the cell (``sft.pp.downsample_rda``, registered as ``rda_layer``; its
     total count is ``S``), the target the original cell (total count ``T``); a share of the
-    input's values is masked (30% of the non-zero, 3% of the zero ones), and the model predicts
+    input's values is selected (30% of the non-zero, 3% of the zero ones; of those, as published,
+    80% are masked, 10% given a random value and 10% left visible), and the model predicts
     the original values there, knowing ``T`` and ``S`` (mean squared error). The encoder sees
     only the expressed, unmasked genes; the Performer decoder the whole gene sequence.
 
@@ -271,7 +272,8 @@ class SCFoundation(TrainingMixin, BaseModelClass):
         plan_kwargs
             Passed to :class:`~scfm_tools.models.scfoundation.SCFoundationTrainingPlan`:
             ``lr`` (1e-4), ``value_mask_prob`` (0.3), ``zero_mask_prob`` (0.03),
-            ``weight_decay`` ...
+            ``replace_prob`` (0.8), ``random_token_prob`` (0.1), ``weight_decay``, ``eps``
+            (1e-8) ...
         {scale}
         **kwargs
             Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and on to the
