@@ -43,6 +43,14 @@ def fixtures_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def scfoundation_ckpt(fixtures_dir) -> Path:
+    """The scFoundation fixture's ``models.ckpt``-layout checkpoint (exactly one ``*.ckpt``)."""
+    found = sorted((fixtures_dir / "scfoundation").glob("*.ckpt"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.fixture(scope="session")
 def reference_dir() -> Path:
     return require_path(REFERENCE_DIR, "official reference files")
 

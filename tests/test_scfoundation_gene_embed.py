@@ -25,15 +25,8 @@ KEY = "X_scfoundation_genes"
 
 
 @pytest.fixture(scope="module")
-def fixture_ckpt(fixtures_dir):
-    found = sorted((fixtures_dir / "scfoundation").glob("*.ckpt"))
-    assert len(found) == 1
-    return found[0]
-
-
-@pytest.fixture(scope="module")
-def gene_module(fixture_ckpt):
-    return load_scfoundation(fixture_ckpt, "gene")
+def gene_module(scfoundation_ckpt):
+    return load_scfoundation(scfoundation_ckpt, "gene")
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +40,10 @@ def pbmc(data_dir):
 
 
 @pytest.fixture(scope="module")
-def context(fixture_ckpt, pbmc):
+def context(scfoundation_ckpt, pbmc):
     """``pbmc`` with context-mode gene embeddings (default options)."""
     adata = pbmc.copy()
-    sft.tl.embed_genes(adata, fixture_ckpt, mode="context")
+    sft.tl.embed_genes(adata, scfoundation_ckpt, mode="context")
     return adata
 
 
@@ -70,11 +63,11 @@ def _assert_unchanged(adata: ad.AnnData, snap: dict) -> None:
     assert set(adata.uns.keys()) == snap["uns"]
 
 
-def test_token_mode_is_the_gene_weights_position_table(fixture_ckpt, gene_module, pbmc):
+def test_token_mode_is_the_gene_weights_position_table(scfoundation_ckpt, gene_module, pbmc):
     module, genes, _, _ = gene_module
     adata = pbmc.copy()
     X_before = adata.X.copy()
-    sft.tl.embed_genes(adata, fixture_ckpt, mode="token")
+    sft.tl.embed_genes(adata, scfoundation_ckpt, mode="token")
     match = sft.pp.match_to_vocab(list(adata.var_names), genes)
     emb = adata.varm[KEY]
     assert emb.shape == (adata.n_vars, module.enc_dim) and emb.dtype == np.float32
@@ -83,7 +76,7 @@ def test_token_mode_is_the_gene_weights_position_table(fixture_ckpt, gene_module
     assert np.isnan(emb[~match.matched]).all() and (~match.matched).sum() > 0
     np.testing.assert_array_equal(adata.var["scfoundation_in_vocab"], match.matched)
     # the fixture's "cell" weights differ: token mode reads the "gene" entry
-    cell_table = load_scfoundation(fixture_ckpt, "cell")[0].pos_emb.weight.detach().numpy()
+    cell_table = load_scfoundation(scfoundation_ckpt, "cell")[0].pos_emb.weight.detach().numpy()
     assert not np.allclose(emb[match.matched], cell_table[match.index[match.matched]])
     params = adata.uns["scfoundation_genes"]["params"]
     assert params["mode"] == "token" and params["entry"] == "gene"
@@ -93,13 +86,13 @@ def test_token_mode_is_the_gene_weights_position_table(fixture_ckpt, gene_module
     assert (adata.X != X_before).nnz == 0
 
 
-def test_token_mode_reads_no_values(fixture_ckpt, pbmc):
+def test_token_mode_reads_no_values(scfoundation_ckpt, pbmc):
     adata = pbmc[:2].copy()
-    sft.tl.embed_genes(adata, fixture_ckpt, mode="token")
+    sft.tl.embed_genes(adata, scfoundation_ckpt, mode="token")
     lognorm = adata.copy()
     sc.pp.normalize_total(lognorm)
     sc.pp.log1p(lognorm)  # not counts: context mode with pre_normalized="F" would refuse it
-    sft.tl.embed_genes(lognorm, fixture_ckpt, mode="token")
+    sft.tl.embed_genes(lognorm, scfoundation_ckpt, mode="token")
     np.testing.assert_array_equal(lognorm.varm[KEY], adata.varm[KEY])
 
 
@@ -130,22 +123,22 @@ def test_context_mode_is_the_mean_decoder_output(context, gene_module, pbmc):
     assert params["n_genes_embedded"] == match.n_matched and params["batch_size"] == 64
 
 
-def test_context_mode_does_not_depend_on_batches(context, fixture_ckpt, pbmc):
+def test_context_mode_does_not_depend_on_batches(context, scfoundation_ckpt, pbmc):
     adata = pbmc.copy()
     # 2 cells per pass and chunks of 4 and 2 cells, against 6 cells in one chunk and pass
-    sft.tl.embed_genes(adata, fixture_ckpt, mode="context", batch_size=2, chunk_size=4)
+    sft.tl.embed_genes(adata, scfoundation_ckpt, mode="context", batch_size=2, chunk_size=4)
     np.testing.assert_allclose(adata.varm[KEY], context.varm[KEY], atol=1e-6, rtol=1e-5)
     np.testing.assert_array_equal(
         adata.var["scfoundation_genes_n_cells"], context.var["scfoundation_genes_n_cells"]
     )
 
 
-def test_context_mode_preprocessing_options(context, fixture_ckpt, pbmc):
-    genes = load_scfoundation(fixture_ckpt, "gene")[1]
+def test_context_mode_preprocessing_options(context, scfoundation_ckpt, pbmc):
+    genes = load_scfoundation(scfoundation_ckpt, "gene")[1]
     match = sft.pp.match_to_vocab(list(pbmc.var_names), genes)
     # the model's genes only, so that the totals are those the "F" path normalises by
     adata = pbmc[:, match.matched].copy()
-    sft.tl.embed_genes(adata, fixture_ckpt, mode="context")
+    sft.tl.embed_genes(adata, scfoundation_ckpt, mode="context")
     # log-normalised values with each cell's total count ("A") equal the counts ("F") path
     norm = adata.copy()
     sc.pp.normalize_total(norm, target_sum=1e4)
@@ -154,7 +147,7 @@ def test_context_mode_preprocessing_options(context, fixture_ckpt, pbmc):
     adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel()
     sft.tl.embed_genes(
         adata,
-        fixture_ckpt,
+        scfoundation_ckpt,
         mode="context",
         layer="lognorm",
         pre_normalized="A",
@@ -164,17 +157,17 @@ def test_context_mode_preprocessing_options(context, fixture_ckpt, pbmc):
     np.testing.assert_allclose(adata.varm["a"], adata.varm[KEY], atol=1e-5, rtol=1e-4)
     assert adata.uns["a"]["params"]["total_counts_key"] == "total_counts"
     # the target depth is the T token, which the decoder reads
-    sft.tl.embed_genes(adata, fixture_ckpt, mode="context", target_depth="t6", key_added="t6")
+    sft.tl.embed_genes(adata, scfoundation_ckpt, mode="context", target_depth="t6", key_added="t6")
     # (one token among ~19k moves the fixture's tiny decoder little: ~2e-4, against ~5e-7 of
     # float noise between the "A" and "F" paths above)
     assert np.abs(adata.varm["t6"] - adata.varm[KEY]).max() > 2e-5
     assert adata.uns["t6"]["params"]["target_depth"] == "t6"
 
 
-def test_copy_returns_the_embedded_copy(context, fixture_ckpt, pbmc):
+def test_copy_returns_the_embedded_copy(context, scfoundation_ckpt, pbmc):
     adata = pbmc.copy()
     snap = _snapshot(adata)
-    out = sft.tl.embed_genes(adata, fixture_ckpt, mode="context", copy=True)
+    out = sft.tl.embed_genes(adata, scfoundation_ckpt, mode="context", copy=True)
     _assert_unchanged(adata, snap)
     np.testing.assert_array_equal(out.varm[KEY], context.varm[KEY])
 
@@ -189,25 +182,25 @@ def test_copy_returns_the_embedded_copy(context, fixture_ckpt, pbmc):
         ({"mode": "context", "key_max": "batch"}, TypeError, "do not take"),
     ],
 )
-def test_bad_options(fixture_ckpt, pbmc, kwargs, error, match):
+def test_bad_options(scfoundation_ckpt, pbmc, kwargs, error, match):
     adata = pbmc[:2].copy()
     snap = _snapshot(adata)
     with pytest.raises(error, match=match):
-        sft.tl.embed_genes(adata, fixture_ckpt, **kwargs)
+        sft.tl.embed_genes(adata, scfoundation_ckpt, **kwargs)
     _assert_unchanged(adata, snap)
 
 
-def test_context_mode_refuses_non_counts(fixture_ckpt, pbmc):
+def test_context_mode_refuses_non_counts(scfoundation_ckpt, pbmc):
     adata = pbmc[:2].copy()
     adata.X = adata.X.astype(np.float32)
     adata.X.data = np.log1p(adata.X.data * 1.37)
     snap = _snapshot(adata)
     with pytest.raises(InputError, match="non-integer values"):
-        sft.tl.embed_genes(adata, fixture_ckpt, mode="context")  # pre_normalized="F"
+        sft.tl.embed_genes(adata, scfoundation_ckpt, mode="context")  # pre_normalized="F"
     _assert_unchanged(adata, snap)
 
 
-def test_context_mode_refuses_a_cell_without_model_genes(fixture_ckpt, pbmc):
+def test_context_mode_refuses_a_cell_without_model_genes(scfoundation_ckpt, pbmc):
     # cell 1 has counts only in a gene outside the model's list
     X = np.hstack([pbmc.X[:2].toarray(), np.array([[0], [5]])]).astype(np.float32)
     X[1, :-1] = 0
@@ -219,5 +212,5 @@ def test_context_mode_refuses_a_cell_without_model_genes(fixture_ckpt, pbmc):
     snap = _snapshot(adata)
     named = re.escape(f"['{adata.obs_names[1]}']) express none of the scFoundation model's genes")
     with pytest.raises(InputError, match=named):
-        sft.tl.embed_genes(adata, fixture_ckpt, mode="context")
+        sft.tl.embed_genes(adata, scfoundation_ckpt, mode="context")
     _assert_unchanged(adata, snap)

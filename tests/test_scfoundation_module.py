@@ -35,13 +35,6 @@ PBMC = "pbmc_10x_3chemistries_unlabeled.h5ad"
 
 
 @pytest.fixture(scope="module")
-def fixture_ckpt(fixtures_dir):
-    found = sorted((fixtures_dir / "scfoundation").glob("*.ckpt"))
-    assert len(found) == 1
-    return found[0]
-
-
-@pytest.fixture(scope="module")
 def pbmc(data_dir):
     """24 real PBMCs (8 per chemistry), raw counts, gene symbols."""
     adata = ad.read_h5ad(data_dir / PBMC)
@@ -74,8 +67,8 @@ def _assert_unchanged(adata: ad.AnnData, snap: dict) -> None:
 
 
 # batch independence ------------------------------------------------------------------------------
-def test_cell_embedding_does_not_depend_on_the_batch(fixture_ckpt, pbmc):
-    module, genes, _, _ = load_scfoundation(fixture_ckpt, "cell")
+def test_cell_embedding_does_not_depend_on_the_batch(scfoundation_ckpt, pbmc):
+    module, genes, _, _ = load_scfoundation(scfoundation_ckpt, "cell")
     X = pbmc.X[np.r_[0:4, 8:12, 16:20]]  # four cells per chemistry
     match = sft.pp.match_to_vocab(list(pbmc.var_names), genes)
     lengths = np.diff(X.indptr)
@@ -89,8 +82,8 @@ def test_cell_embedding_does_not_depend_on_the_batch(fixture_ckpt, pbmc):
     np.testing.assert_allclose(rev[::-1], together, atol=1e-5, rtol=1e-4)
 
 
-def test_gene_expression_does_not_depend_on_the_batch(fixture_ckpt, pbmc):
-    module, genes, _, _ = load_scfoundation(fixture_ckpt, "gene")
+def test_gene_expression_does_not_depend_on_the_batch(scfoundation_ckpt, pbmc):
+    module, genes, _, _ = load_scfoundation(scfoundation_ckpt, "gene")
     X = pbmc.X[[0, 8, 16]]  # one cell per chemistry
     match = sft.pp.match_to_vocab(list(pbmc.var_names), genes)
     kw = {"output": "gene_expression"}
@@ -176,12 +169,12 @@ def test_packaged_gene_list_is_the_official_one(reference_dir):
     assert read_gene_index() == official["gene_name"].tolist()
 
 
-def test_embed_cells_pre_normalized_and_rde(fixture_ckpt, pbmc):
+def test_embed_cells_pre_normalized_and_rde(scfoundation_ckpt, pbmc):
     import scanpy as sc
 
     match = sft.pp.match_to_vocab(list(pbmc.var_names), read_gene_index())
     adata = pbmc[:6, match.matched].copy()  # the model's genes only
-    sft.tl.embed_cells(adata, fixture_ckpt, key_added="X_counts")
+    sft.tl.embed_cells(adata, scfoundation_ckpt, key_added="X_counts")
     # "A": the same cells log-normalised beforehand, with their total counts given
     norm = adata.copy()
     sc.pp.normalize_total(norm, target_sum=1e4)
@@ -190,7 +183,7 @@ def test_embed_cells_pre_normalized_and_rde(fixture_ckpt, pbmc):
     adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel()
     sft.tl.embed_cells(
         adata,
-        fixture_ckpt,
+        scfoundation_ckpt,
         layer="lognorm",
         pre_normalized="A",
         total_counts_key="total_counts",
@@ -199,10 +192,12 @@ def test_embed_cells_pre_normalized_and_rde(fixture_ckpt, pbmc):
     np.testing.assert_allclose(adata.obsm["X_a"], adata.obsm["X_counts"], atol=1e-5, rtol=1e-4)
     assert adata.uns["a"]["params"]["total_counts_key"] == "total_counts"
     # "T": S is the sum of the given values (official quirk), so the S token differs
-    sft.tl.embed_cells(adata, fixture_ckpt, layer="lognorm", pre_normalized="T", key_added="X_t")
+    sft.tl.embed_cells(
+        adata, scfoundation_ckpt, layer="lognorm", pre_normalized="T", key_added="X_t"
+    )
     assert not np.allclose(adata.obsm["X_t"], adata.obsm["X_counts"], atol=1e-3)
     # the read-depth-enhancement weights (the fixture's equal the cell ones), max pooling
-    sft.tl.embed_cells(adata, fixture_ckpt, version="rde", pool="max", key_added="X_rde")
+    sft.tl.embed_cells(adata, scfoundation_ckpt, version="rde", pool="max", key_added="X_rde")
     assert adata.obsm["X_rde"].shape == (6, adata.obsm["X_counts"].shape[1] // 4)
     params = adata.uns["rde"]["params"]
     assert params["entry"] == "rde" and params["pool"] == "max"
@@ -210,33 +205,33 @@ def test_embed_cells_pre_normalized_and_rde(fixture_ckpt, pbmc):
 
 
 # bad inputs ------------------------------------------------------------------------------
-def test_no_gene_overlap(fixture_ckpt, pbmc):
+def test_no_gene_overlap(scfoundation_ckpt, pbmc):
     adata = pbmc[:4].copy()
     adata.var_names = [f"NOTAGENE{i}" for i in range(adata.n_vars)]
     snap = _snapshot(adata)
     with pytest.raises(InputError, match="too few genes match"):
-        sft.tl.embed_cells(adata, fixture_ckpt)
+        sft.tl.embed_cells(adata, scfoundation_ckpt)
     _assert_unchanged(adata, snap)
 
 
-def test_non_counts_with_pre_normalized_f(fixture_ckpt, pbmc):
+def test_non_counts_with_pre_normalized_f(scfoundation_ckpt, pbmc):
     adata = pbmc[:4].copy()
     adata.X = adata.X.astype(np.float32)
     adata.X.data = np.log1p(adata.X.data * 1.37)
     snap = _snapshot(adata)
     with pytest.raises(InputError, match="non-integer values"):
-        sft.tl.embed_cells(adata, fixture_ckpt)  # pre_normalized="F" (the default)
+        sft.tl.embed_cells(adata, scfoundation_ckpt)  # pre_normalized="F" (the default)
     _assert_unchanged(adata, snap)
     with pytest.raises(InputError, match="non-integer values"):
-        sft.tl.impute(adata, fixture_ckpt)
+        sft.tl.impute(adata, scfoundation_ckpt)
     _assert_unchanged(adata, snap)
 
 
-def test_counts_with_pre_normalized_t(fixture_ckpt, pbmc):
+def test_counts_with_pre_normalized_t(scfoundation_ckpt, pbmc):
     adata = pbmc[:4].copy()
     snap = _snapshot(adata)
     with pytest.raises(InputError, match="raw counts"):
-        sft.tl.embed_cells(adata, fixture_ckpt, pre_normalized="T")
+        sft.tl.embed_cells(adata, scfoundation_ckpt, pre_normalized="T")
     _assert_unchanged(adata, snap)
 
 
@@ -256,7 +251,7 @@ def test_another_familys_checkpoint(fixtures_dir, tmp_path, pbmc, family, source
         read_scfoundation_entry(tmp_path / "models.ckpt")
 
 
-def test_cell_without_model_genes(fixture_ckpt, pbmc):
+def test_cell_without_model_genes(scfoundation_ckpt, pbmc):
     # cell 3 has counts only in a gene outside the model's list
     X = np.hstack([pbmc.X[:4].toarray(), np.array([[0], [0], [0], [5]])]).astype(np.float32)
     X[3, :-1] = 0
@@ -268,7 +263,7 @@ def test_cell_without_model_genes(fixture_ckpt, pbmc):
     snap = _snapshot(adata)
     named = re.escape(f"['{adata.obs_names[3]}']) express none of the scFoundation model's")
     with pytest.raises(InputError, match=named):
-        sft.tl.embed_cells(adata, fixture_ckpt)
+        sft.tl.embed_cells(adata, scfoundation_ckpt)
     _assert_unchanged(adata, snap)
 
 
@@ -284,11 +279,11 @@ def test_cell_without_model_genes(fixture_ckpt, pbmc):
         ({"max_length": 100}, ValueError, "max_length"),
     ],
 )
-def test_bad_options(fixture_ckpt, pbmc, kwargs, error, match):
+def test_bad_options(scfoundation_ckpt, pbmc, kwargs, error, match):
     adata = pbmc[:2].copy()
     snap = _snapshot(adata)
     with pytest.raises(error, match=match):
-        sft.tl.embed_cells(adata, fixture_ckpt, **kwargs)
+        sft.tl.embed_cells(adata, scfoundation_ckpt, **kwargs)
     _assert_unchanged(adata, snap)
 
 
