@@ -14,9 +14,12 @@ RSS every 20 ms (``/proc/self/statm``). Reported: cells/s (wall clock) and CPU s
 before, the sampled peak and their difference ("growth"), and the growth beyond the embedding
 matrix the call returns (``n_cells x 64`` float32, which necessarily grows with the cells).
 Memory is flat when that remainder does not grow with the number of cells: the check is that
-it stays within ``--flat-mib`` (64 MiB) of the smallest size's. The smallest size is also run
-with the file loaded in memory, for contrast, and its first 2,860 cells (the source file in
-order) are checked against an in-memory embedding of the source.
+it stays within ``--flat-mib`` (64 MiB) of the smallest size's; the peak RSS must also stay
+under a fixed bound at every size (``--peak-gib``, 4 GiB). Time is linear in the cells when the
+CPU time per cell of the largest size stays within ``--linear-tolerance`` (1.25x) of the
+smallest size's (CPU time, since wall clock follows the machine's load). The smallest size is
+also run with the file loaded in memory, for contrast, and its first 2,860 cells (the source
+file in order) are checked against an in-memory embedding of the source.
 
 Run ``python benchmarks/bench_out_of_core.py`` (10k and 100k cells, about 5 minutes on 2 idle
 cores), ``--sizes 10000 100000 1000000`` for the 1M-cell run (about 12 GB of disk in
@@ -206,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--chunk-size", type=int, default=10_000)
     parser.add_argument("--flat-mib", type=float, default=64.0, help="flatness bound (MiB)")
+    parser.add_argument("--peak-gib", type=float, default=4.0, help="peak RSS bound (GiB)")
+    parser.add_argument(
+        "--linear-tolerance",
+        type=float,
+        default=1.25,
+        help="largest / smallest size's CPU ms per cell still counted as linear time",
+    )
     parser.add_argument("--workdir", help="folder for the generated files (default: a temp dir)")
     parser.add_argument("--out", default=NAME, help="results/<out>.{json,md}")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -254,12 +264,22 @@ def main(argv: list[str] | None = None) -> int:
     base = backed[0]["growth_beyond_output_mib"]
     spread = max(r["growth_beyond_output_mib"] for r in backed) - base
     flat = spread <= args.flat_mib
+    peak_gib = max(r["peak_rss_sampled_mib"] for r in backed) / 1024
+    bounded = peak_gib < args.peak_gib
+    time_ratio = backed[-1]["cpu_ms_per_cell"] / backed[0]["cpu_ms_per_cell"]
+    linear = time_ratio <= args.linear_tolerance
     check = backed[0]
     notes = [
         f"memory {'flat' if flat else 'NOT flat'}: growth beyond the embeddings ranges "
         f"{base:.0f} MiB ({backed[0]['n_cells']:,} cells) to "
         f"{base + spread:.0f} MiB ({backed[-1]['n_cells']:,} cells), within the bound of "
         f"+{args.flat_mib:.0f} MiB over the smallest size: {flat}.",
+        f"memory bounded: the largest peak RSS, {peak_gib:.2f} GiB, is under the fixed bound of "
+        f"{args.peak_gib:g} GiB: {bounded}.",
+        f"time linear: CPU ms per cell {backed[-1]['cpu_ms_per_cell']:.2f} at "
+        f"{backed[-1]['n_cells']:,} cells vs {backed[0]['cpu_ms_per_cell']:.2f} at "
+        f"{backed[0]['n_cells']:,} (x{time_ratio:.2f}; linear within x{args.linear_tolerance:g}): "
+        f"{linear}.",
         f"correctness: the first {check['check_cells']:,} cells of the backed file vs the "
         f"source embedded in memory: max abs diff {check['max_abs_diff_vs_source']:.1e}.",
     ]
@@ -281,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": args.batch_size,
             "chunk_size": args.chunk_size,
             "flat_bound_mib": args.flat_mib,
+            "peak_bound_gib": args.peak_gib,
+            "linear_tolerance": args.linear_tolerance,
             "data": display_path(source),
             "wall_s": time.perf_counter() - wall,
             "load_average_end": load_average(),
@@ -288,12 +310,14 @@ def main(argv: list[str] | None = None) -> int:
         "files": list(files.values()),
         "runs": runs,
         "memory_flat": flat,
+        "memory_bounded": bounded,
+        "time_linear": linear,
         "notes": notes,
     }
     json_path, md_path = write_results(args.out, payload, _markdown(payload))
     print("\n".join(notes))
     print(f"wrote {display_path(json_path)} and {display_path(md_path)}")
-    return 0 if flat else 1
+    return 0 if flat and bounded and linear else 1
 
 
 if __name__ == "__main__":

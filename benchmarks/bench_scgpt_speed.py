@@ -70,6 +70,11 @@ DATA_FILE = "pbmc_10x_3chemistries_unlabeled.h5ad"
 CENSUS_VOCAB = "scgpt/default_census_vocab.json"
 DEFAULT_MODEL = "scgpt-default"
 MAX_LENGTH = 1200
+# The official code's cells/s at the published size on 2 CPU threads
+# (../shared/reference/README.md, "CPU throughput anchors"), and the target for ours
+# over it. Another run of another job: indicative, unlike the same-run stand-in ratio.
+OFFICIAL_PUBLISHED_CPU = 0.26
+TARGET_VS_OFFICIAL = 3.0
 PAD_VALUE = -2.0
 PATHS = ("baseline", "ours")
 SHAPES = {
@@ -448,6 +453,7 @@ def _markdown(payload: dict[str, Any]) -> str:
             ("speedup", "speed-up"),
             ("speedup_range", "speed-up range"),
             ("speedup_cpu_time", "speed-up in CPU time"),
+            ("ours_vs_official", "ours / official anchor"),
             ("baseline_peak_rss_mib", "baseline peak RSS (MiB)"),
             ("ours_peak_rss_mib", "ours peak RSS (MiB)"),
             ("max_abs_diff_vs_baseline", "max abs diff vs baseline"),
@@ -500,7 +506,10 @@ def _markdown(payload: dict[str, Any]) -> str:
         "largest `ru_maxrss` of those processes (it includes ~600 MiB of imports: torch, "
         "scvi-tools). Max abs diff: between the unit-norm embeddings of the two paths; across "
         f"batchings: ours with batch size {st['batch_invariance_check']['batch_size']} and "
-        f"chunks of {st['batch_invariance_check']['chunk_size']} cells against the timed run.",
+        f"chunks of {st['batch_invariance_check']['chunk_size']} cells against the timed run. "
+        f"Official anchor: the official code's {OFFICIAL_PUBLISHED_CPU} cells/s at the "
+        "published size on 2 CPU threads (`../shared/reference/README.md`; another run, so "
+        f"indicative); the issue's target is x{TARGET_VS_OFFICIAL:g} that.",
         "",
         table,
         "",
@@ -574,6 +583,11 @@ def _run_config(
         "baseline_cells_per_s": speed["baseline"],
         "ours_cells_per_s": speed["ours"],
         "speedup": float(np.median(ratios)),
+        "ours_vs_official": (
+            speed["ours"] / OFFICIAL_PUBLISHED_CPU
+            if config == "published" and base_spec["device"] == "cpu"
+            else None
+        ),
         "speedup_per_round": ratios,
         "speedup_range": f"{min(ratios):.2f}-{max(ratios):.2f}",
         "speedup_cpu_time": float(np.median(cpu_ratios)),
@@ -685,10 +699,14 @@ def main(argv: list[str] | None = None) -> int:
 
     tol = 1e-5 if device == "cpu" else 1e-2
     for row in results:
-        if row["config"] == "published" and row["speedup"] < 3:
+        if row["ours_vs_official"] is not None:
+            met = row["ours_vs_official"] >= TARGET_VS_OFFICIAL
             notes.append(
-                f"published size: ours is x{row['speedup']:.2f} the baseline, below the 3x "
-                "target (see benchmarks/README.md)."
+                f"published size: ours is x{row['ours_vs_official']:.2f} the official anchor "
+                f"({OFFICIAL_PUBLISHED_CPU} cells/s), {'meeting' if met else 'below'} the "
+                f"x{TARGET_VS_OFFICIAL:g} target, and x{row['speedup']:.2f} the stand-in "
+                "baseline of this run (which is faster than the official code; see "
+                "benchmarks/README.md)."
             )
         if row["max_abs_diff_batch_invariance"] > tol:
             notes.append(
