@@ -9,6 +9,9 @@ how long each took and which failed.
     python benchmarks/run_all.py --only perturbation embedding_quality
     python benchmarks/run_all.py --skip scgpt_speed --extra "--threads 2"
 
+The report always covers every benchmark: those not run this time appear with the results of
+their last run (their own headers give its date, commit and machine).
+
 Every figure in the report is measured in the same run as its baseline by the script that made
 it; the report only puts them side by side.
 """
@@ -88,9 +91,10 @@ def main() -> None:
         parser.error(f"unknown benchmark(s) {unknown}; known: {list(SUITE)}")
     names = [n for n in (args.only or scripts) if n in scripts and n not in args.skip]
     runs = []
-    for name in names:
+    # The report covers the whole suite: what is not run now shows its earlier results.
+    for name in scripts:
         run = {"name": name, "what": SUITE[name]}
-        if args.report_only:
+        if args.report_only or name not in names:
             exists = (RESULTS_DIR / f"{name}.md").exists()
             run["status"] = "results of an earlier run" if exists else "no results yet"
         else:

@@ -14,6 +14,7 @@ import torch
 from scipy import sparse, stats
 
 import scfm_tools as sft
+from _unchanged import assert_unchanged, snapshot
 from scfm_tools._validation import InputError
 from scfm_tools.models.cellplm import (
     CellPLMModule,
@@ -103,20 +104,6 @@ def tiny_ckpt(cellbench, tmp_path_factory):
     # the model knows 250 of the 300 genes (plus genes the data lacks), in another order
     genes = [*list(cellbench.var["gene_ids"].astype(str))[:250][::-1], "ENSG00000000003"]
     return _write_checkpoint(tmp_path_factory.mktemp("cellplm_tiny"), genes)
-
-
-def _snapshot(adata):
-    X = adata.X.toarray() if sparse.issparse(adata.X) else np.array(adata.X)
-    return X, set(adata.obsm), set(adata.uns), adata.obs.copy(), adata.var_names.copy()
-
-
-def _assert_unchanged(adata, snap):
-    X, obsm, uns, obs, var_names = snap
-    now = adata.X.toarray() if sparse.issparse(adata.X) else np.asarray(adata.X)
-    np.testing.assert_array_equal(now, X)
-    assert set(adata.obsm) == obsm and set(adata.uns) == uns
-    pd.testing.assert_frame_equal(adata.obs, obs)
-    assert (adata.var_names == var_names).all()
 
 
 # --- Flowformer layers ----------------------------------------------------------------------
@@ -301,10 +288,10 @@ def test_other_family_checkpoint_is_refused(fixtures_dir, tmp_path):
         load_cellplm(tmp_path / "x.best.ckpt")
     # a CellPLM-only option given for an scGPT model: refused before anything is written
     adata = ad.AnnData(np.ones((3, 4), dtype=np.float32), var=pd.DataFrame(index=list("ABCD")))
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(TypeError, match=r"\['batch_key'\] that scgpt models do not take"):
         sft.tl.embed_cells(adata, scgpt, batch_key="batch")
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 # --- embedding through sft.tl.embed_cells, real data -------------------------------------------
@@ -400,32 +387,32 @@ def test_symbol_named_fixture_input_works_offline(fixtures_dir):
 def test_barely_overlapping_genes_are_refused(cellbench, tiny_ckpt):
     adata = cellbench.copy()
     adata.var_names = [f"NOTAGENE{i}" if i > 3 else g for i, g in enumerate(adata.var_names)]
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(InputError, match="too few genes match the vocabulary"):
         sft.tl.embed_cells(adata, tiny_ckpt, batch_key="batch")
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 def test_bad_batch_key_leaves_adata_unchanged(cellbench, tiny_ckpt):
     adata = cellbench.copy()
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(KeyError, match="batch_key 'sample' is not a column of adata.obs"):
         sft.tl.embed_cells(adata, tiny_ckpt, batch_key="sample")
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)
     adata.obs["with_nan"] = adata.obs["batch"].astype(object)
     adata.obs.iloc[2, adata.obs.columns.get_loc("with_nan")] = np.nan
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(InputError, match=r"adata.obs\['with_nan'\] is missing for 1 cells"):
         sft.tl.embed_cells(adata, tiny_ckpt, batch_key="with_nan")
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 def test_unknown_option_is_refused(cellbench, tiny_ckpt):
     adata = cellbench.copy()
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(TypeError, match=r"it takes \['batch_key', 'sample'\]"):
         sft.tl.embed_cells(adata, tiny_ckpt, samples=True)
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 # --- imputation through sft.tl.impute ---------------------------------------------------------
@@ -466,24 +453,24 @@ def test_impute_decoder_batch(cellbench, tiny_ckpt):
     assert adata.uns["b"]["params"]["decoder_batch_key"] == "ids"
     # ids outside the decoder's table (3 rows here) are refused, nothing written
     adata.obs["ids"] = 7
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(
         InputError, match=r"integer ids into the decoder's batch table, in \[0, 3\)"
     ):
         sft.tl.impute(adata, tiny_ckpt, decoder_batch_key="ids", key_added="c")
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)
     assert "c" not in adata.layers
 
 
 def test_impute_refuses_bad_input(cellbench, tiny_ckpt, tmp_path, fixtures_dir):
     adata = cellbench.copy()
     adata.X = adata.X.multiply(1.5).tocsr()  # not counts
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(InputError, match="non-integer values"):
         sft.tl.impute(adata, tiny_ckpt)
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)
     adata = cellbench.copy()
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(NotImplementedError, match="impute is not available for scgpt models"):
         sft.tl.impute(adata, fixtures_dir / "scgpt" / "ckpt_folder")
     with pytest.raises(NotImplementedError, match="no model was given.*CellPLM or scFoundation"):
@@ -492,4 +479,4 @@ def test_impute_refuses_bad_input(cellbench, tiny_ckpt, tmp_path, fixtures_dir):
     headless = _write_checkpoint(tmp_path, genes, drop=("decoder.",))
     with pytest.raises(ValueError, match="no decoder weights"):
         sft.tl.impute(adata, headless)
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)

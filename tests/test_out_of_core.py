@@ -52,6 +52,26 @@ def test_embed_cells_on_backed_equals_in_memory(cells_file, backed):
     assert len(passes) % 3 == 0 and passes[-1] == (100, 100) and len(passes) >= 6
 
 
+def test_gene_tasks_on_backed_equal_in_memory(cells_file, backed):
+    """Context gene embeddings and the attention GRN read a backed file chunk by chunk."""
+    memory = ad.read_h5ad(cells_file)
+    counts = np.asarray((memory.X > 0).sum(axis=0)).ravel()
+    genes = list(memory.var_names[np.argsort(-counts, kind="stable")[:40]])
+    for adata, chunk_size in ((memory, 10_000), (backed, 30)):
+        sft.tl.embed_genes(adata, mode="context", chunk_size=chunk_size)
+        sft.tl.grn(adata, genes=genes, top_k=5, chunk_size=chunk_size)
+    assert backed.isbacked
+    got, want = backed.varm["X_scgpt_genes"], memory.varm["X_scgpt_genes"]
+    assert np.isfinite(want).sum() > 0
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_array_equal(
+        backed.var["scgpt_genes_n_cells"], memory.var["scgpt_genes_n_cells"]
+    )
+    got, want = backed.varp["scgpt_grn_attention"], memory.varp["scgpt_grn_attention"]
+    assert want.nnz > 0
+    np.testing.assert_allclose(got.toarray(), want.toarray(), atol=1e-6)
+
+
 def test_copy_of_backed_is_refused_clearly(backed):
     with pytest.raises(ValueError, match=r"copy=True would load this backed AnnData"):
         sft.tl.embed_cells(backed, copy=True)

@@ -11,6 +11,7 @@ import pytest
 from scipy import sparse
 
 import scfm_tools as sft
+from _unchanged import assert_unchanged, snapshot
 from scfm_tools._validation import InputError
 from scfm_tools.pp import _binning
 from scfm_tools.pp._binning import quantile_bin, scbert_log2_norm
@@ -37,26 +38,6 @@ def _reference_scgpt(X: np.ndarray, n_bins: int, seed: int) -> tuple[np.ndarray,
         out[i, nz] = np.ceil(rng.rand(nz.size) * (hi - lo) + lo)
         edges_out[i, 1:] = edges
     return out, edges_out
-
-
-def _snapshot(adata: ad.AnnData) -> dict:
-    X = adata.X.toarray() if sparse.issparse(adata.X) else np.array(adata.X, copy=True)
-    return {
-        "X": X,
-        "layers": sorted(adata.layers.keys()),
-        "obsm": sorted(adata.obsm.keys()),
-        "uns": sorted(adata.uns.keys()),
-        "obs": adata.obs.copy(),
-    }
-
-
-def _assert_unchanged(adata: ad.AnnData, snap: dict) -> None:
-    X = adata.X.toarray() if sparse.issparse(adata.X) else np.asarray(adata.X)
-    np.testing.assert_array_equal(X, snap["X"])
-    assert sorted(adata.layers.keys()) == snap["layers"]
-    assert sorted(adata.obsm.keys()) == snap["obsm"]
-    assert sorted(adata.uns.keys()) == snap["uns"]
-    assert adata.obs.equals(snap["obs"])
 
 
 def _row_ids(m: sparse.csr_matrix) -> np.ndarray:
@@ -314,15 +295,15 @@ def test_empty_cells_stay_zero(pbmc, caplog):
 # API: keys, params, copy, seeds, layers, MuData
 # --------------------------------------------------------------------------------------------
 def test_copy_semantics(pbmc):
-    snap = _snapshot(pbmc)
+    snap = snapshot(pbmc)
     out = sft.pp.bin_values(pbmc, copy=True)
     assert isinstance(out, ad.AnnData) and out is not pbmc
     assert "X_binned" in out.layers and "bin_edges" in out.obsm
-    _assert_unchanged(pbmc, snap)
+    assert_unchanged(pbmc, snap)
 
     assert sft.pp.bin_values(pbmc) is None
     assert (pbmc.layers["X_binned"] != out.layers["X_binned"]).nnz == 0
-    np.testing.assert_array_equal(pbmc.X.toarray(), snap["X"])  # X itself is never touched
+    np.testing.assert_array_equal(pbmc.X.toarray(), snap.X.toarray())  # X itself is never touched
 
 
 def test_uns_params_and_keys(pbmc):
@@ -402,36 +383,36 @@ def test_nan_is_refused(pbmc, flavor):
     data = _float_cells(pbmc)
     data.X = data.X.toarray()
     data.X[5, 7] = np.nan
-    snap = _snapshot(data)
+    snap = snapshot(data)
     with pytest.raises(InputError, match="NaN or infinite"):
         sft.pp.bin_values(data, flavor=flavor)
-    _assert_unchanged(data, snap)
+    assert_unchanged(data, snap)
 
 
 @pytest.mark.parametrize("flavor", ["scgpt", "scbert"])
 def test_negative_is_refused(pbmc, flavor):
     data = _float_cells(pbmc)
     data.X.data[3] = -2.0
-    snap = _snapshot(data)
+    snap = snapshot(data)
     with pytest.raises(InputError, match="negative values"):
         sft.pp.bin_values(data, flavor=flavor)
-    _assert_unchanged(data, snap)
+    assert_unchanged(data, snap)
 
 
 def test_non_integer_is_refused_for_scbert_only(pbmc):
     data = _float_cells(pbmc)
     data.X.data[0] = 0.5
-    snap = _snapshot(data)
+    snap = snapshot(data)
     with pytest.raises(InputError, match="non-integer values"):
         sft.pp.bin_values(data, flavor="scbert")
-    _assert_unchanged(data, snap)
+    assert_unchanged(data, snap)
     sft.pp.bin_values(data, flavor="scgpt")  # normalised values are fine for quantile bins
     assert data.layers["X_binned"].nnz == data.X.nnz
 
 
 def test_bad_arguments_are_refused(pbmc):
     data = pbmc[:30].copy()
-    snap = _snapshot(data)
+    snap = snapshot(data)
     with pytest.raises(ValueError, match="flavor must be one of"):
         sft.pp.bin_values(data, flavor="scfoundation")
     with pytest.raises(KeyError, match="layer 'counts' is not in adata.layers"):
@@ -446,7 +427,7 @@ def test_bad_arguments_are_refused(pbmc):
         sft.pp.bin_values(data, random_state="seed")
     with pytest.raises(ValueError, match="`mod` applies to MuData"):
         sft.pp.bin_values(data, mod="rna")
-    _assert_unchanged(data, snap)
+    assert_unchanged(data, snap)
 
 
 def test_string_matrix_is_refused():

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import scfm_tools as sft
+from _unchanged import assert_unchanged, snapshot
 from scfm_tools._validation import InputError
 from scfm_tools.pp import load_vocab, match_genes, match_to_vocab
 from scfm_tools.pp._gene_ids import (
@@ -44,17 +45,6 @@ def scfoundation_path(reference_dir):
 def cellplm_genes(reference_dir):
     with open(reference_dir / "cellplm" / "20230926_85M.config.json") as fh:
         return json.load(fh)["gene_list"]
-
-
-def _snapshot(adata):
-    return adata.var.copy(), set(adata.uns.keys()), list(adata.var_names)
-
-
-def _assert_unchanged(adata, snap):
-    var, uns, names = snap
-    pd.testing.assert_frame_equal(adata.var, var)
-    assert set(adata.uns.keys()) == uns
-    assert list(adata.var_names) == names
 
 
 # --- the shipped table ---------------------------------------------------------------------------
@@ -235,7 +225,7 @@ def test_special_tokens_are_not_genes():
 def test_no_overlap_is_refused_and_adata_unchanged(read_shared, census_path):
     adata = read_shared(CELLBENCH)
     adata.var_names = [f"feature_{i}" for i in range(adata.n_vars)]
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(InputError) as err:
         match_genes(adata, census_path)
     msg = str(err.value)
@@ -243,7 +233,7 @@ def test_no_overlap_is_refused_and_adata_unchanged(read_shared, census_path):
     assert "query symbol, vocabulary symbol" in msg
     assert "feature_0" in msg
     assert "gene_key='gene_ids'" in msg
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 def test_ensembl_ids_without_gene_key_hint(read_shared, scfoundation_path):
@@ -272,22 +262,22 @@ def test_duplicated_names_refused(read_shared, census_path):
     names = adata.var_names.to_list()
     names[1] = names[0]
     adata.var_names = names
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(InputError, match=r"duplicated names"):
         match_genes(adata, census_path)
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
     adata = read_shared(CELLBENCH)
     adata.var["dup"] = ["TP53"] * adata.n_vars
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(InputError, match=r"adata.var\['dup'\] contains duplicated names"):
         match_genes(adata, census_path, gene_key="dup")
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 def test_bad_arguments_leave_adata_unchanged(read_shared, census_path, reference_dir):
     adata = read_shared(CELLBENCH)
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(KeyError, match=r"gene_key 'symbols' is not a column"):
         match_genes(adata, census_path, gene_key="symbols")
     with pytest.raises(ValueError, match=r"min_fraction"):
@@ -296,7 +286,7 @@ def test_bad_arguments_leave_adata_unchanged(read_shared, census_path, reference
         match_genes(adata, reference_dir / "no_such_vocab.json")
     with pytest.raises(InputError, match=r"gene_list"):
         match_genes(adata, reference_dir / "cellplm" / "20230926_85M.config.json")
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 # --- API semantics -------------------------------------------------------------------------------

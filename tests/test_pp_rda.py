@@ -8,6 +8,7 @@ import pytest
 from scipy import sparse, stats
 
 import scfm_tools as sft
+from _unchanged import assert_unchanged, snapshot
 from scfm_tools._validation import InputError
 from scfm_tools.pp import downsample_rda
 
@@ -31,25 +32,6 @@ def pbmc_rda(pbmc):
 
 def _row_sums(x):
     return np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
-
-
-def _snapshot(adata):
-    return (
-        adata.X.copy(),
-        list(adata.obs.columns),
-        list(adata.layers.keys()),
-        list(adata.uns.keys()),
-    )
-
-
-def _assert_unchanged(adata, snap):
-    X, obs, layers, uns = snap
-    assert sparse.issparse(adata.X) == sparse.issparse(X)
-    dense = (lambda m: m.toarray()) if sparse.issparse(X) else np.asarray
-    np.testing.assert_array_equal(dense(adata.X), dense(X))  # NaN == NaN here
-    assert list(adata.obs.columns) == obs
-    assert list(adata.layers.keys()) == layers
-    assert list(adata.uns.keys()) == uns
 
 
 def test_totals_recorded_and_consistent(pbmc, pbmc_rda):
@@ -214,10 +196,10 @@ def test_layer_key_added_copy_and_mudata(pbmc, data_dir):
 )
 def test_bad_parameters(pbmc, kwargs, match):
     sub = pbmc[:50].copy()
-    snap = _snapshot(sub)
+    snap = snapshot(sub)
     with pytest.raises(ValueError, match=match):
         downsample_rda(sub, **kwargs)
-    _assert_unchanged(sub, snap)
+    assert_unchanged(sub, snap)
 
 
 def test_bad_inputs_leave_adata_unchanged(pbmc):
@@ -226,37 +208,37 @@ def test_bad_inputs_leave_adata_unchanged(pbmc):
     normalised = sub.copy()
     normalised.X = sparse.csr_matrix(normalised.X, dtype=np.float32)
     normalised.X.data = normalised.X.data / 3.0
-    snap = _snapshot(normalised)
+    snap = snapshot(normalised)
     with pytest.raises(InputError, match=r"non-integer values"):
         downsample_rda(normalised)
-    _assert_unchanged(normalised, snap)
+    assert_unchanged(normalised, snap)
 
     negative = sub.copy()
     negative.X.data[0] = -1
-    snap = _snapshot(negative)
+    snap = snapshot(negative)
     with pytest.raises(InputError, match=r"negative values"):
         downsample_rda(negative)
-    _assert_unchanged(negative, snap)
+    assert_unchanged(negative, snap)
 
     nan = sub.copy()
     nan.X = sparse.csr_matrix(nan.X, dtype=np.float64)
     nan.X.data[5] = np.nan
-    snap = _snapshot(nan)
+    snap = snapshot(nan)
     with pytest.raises(InputError, match=r"NaN or infinite"):
         downsample_rda(nan)
-    _assert_unchanged(nan, snap)
+    assert_unchanged(nan, snap)
 
     empty = sub.copy()
     X = empty.X.tolil()
     X[3, :] = 0
     empty.X = X.tocsr()
     empty.X.eliminate_zeros()
-    snap = _snapshot(empty)
+    snap = snapshot(empty)
     with pytest.raises(InputError, match=r"empty cells"):
         downsample_rda(empty)
-    _assert_unchanged(empty, snap)
+    assert_unchanged(empty, snap)
 
-    snap = _snapshot(sub)
+    snap = snapshot(sub)
     with pytest.raises(KeyError, match=r"layer 'counts' is not in adata.layers"):
         downsample_rda(sub, layer="counts")
-    _assert_unchanged(sub, snap)
+    assert_unchanged(sub, snap)

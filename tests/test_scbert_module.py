@@ -14,6 +14,7 @@ import torch
 from scipy import sparse
 
 import scfm_tools as sft
+from _unchanged import assert_unchanged, snapshot
 from scfm_tools._validation import InputError
 from scfm_tools.models.scbert import (
     SCBERTModule,
@@ -84,17 +85,6 @@ def _adata_for(folder, seed=0, n_cells=12):
         obs=pd.DataFrame(index=[f"c{i}" for i in range(n_cells)]),
         var=pd.DataFrame(index=genes),
     )
-
-
-def _snapshot(adata):
-    return adata.X.copy(), set(adata.obsm), set(adata.uns), adata.var_names.copy()
-
-
-def _unchanged(adata, snap):
-    X, obsm, uns, var_names = snap
-    assert (adata.X != X).nnz == 0
-    assert set(adata.obsm) == obsm and set(adata.uns) == uns
-    assert (adata.var_names == var_names).all()
 
 
 # --- module -----------------------------------------------------------------------------------
@@ -247,10 +237,10 @@ def test_gene_list_of_wrong_length(ckpt):
     with pytest.raises(ValueError, match="gene list has"):
         load_scbert_checkpoint(ckpt / "model.pth", gene_list=[*genes, "EXTRA"])
     # through the public API: refused, nothing written
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(ValueError, match="gene list has"):
         sft.tl.embed_cells(adata, ckpt / "model.pth")
-    _unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 def test_gene_list_file_errors(tmp_path):
@@ -280,10 +270,10 @@ def test_other_family_checkpoint_is_refused(fixtures_dir, ckpt, family, path, la
     with pytest.raises(ValueError, match=f"not an scBERT checkpoint.*looks like a {label}"):
         load_scbert_checkpoint(ckpt / "model.pth")
     adata = _adata_for(ckpt)
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(ValueError, match="not an scBERT checkpoint"):
         sft.tl.embed_cells(adata, ckpt / "model.pth")
-    _unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 def test_unreadable_and_foreign_files(ckpt):
@@ -363,24 +353,24 @@ def test_embed_cells_needs_the_gene_list(ckpt):
     adata = ad.AnnData(
         sparse.csr_matrix(np.ones((3, len(genes)), dtype=np.float32)), var=pd.DataFrame(index=genes)
     )
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(FileNotFoundError, match="gene_list.txt"):
         sft.tl.embed_cells(adata, ckpt / "model.pth")
-    _unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 def test_embed_cells_needs_counts_and_no_max_length(ckpt):
     adata = _adata_for(ckpt)
     adata.X = adata.X.multiply(0.5).tocsr()
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(InputError, match="non-integer"):
         sft.tl.embed_cells(adata, ckpt / "model.pth")
-    _unchanged(adata, snap)
+    assert_unchanged(adata, snap)
     adata = _adata_for(ckpt)
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(ValueError, match="max_length does not apply"):
         sft.tl.embed_cells(adata, ckpt / "model.pth", max_length=100)
-    _unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 def test_embed_cells_copy_and_key(ckpt):
@@ -393,9 +383,9 @@ def test_embed_cells_copy_and_key(ckpt):
 
 def test_embed_cells_model_options(ckpt):
     adata = _adata_for(ckpt)
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(TypeError, match="do not take"):
         sft.tl.embed_cells(adata, ckpt / "model.pth", sample=True)
     with pytest.raises(ValueError, match="key_max must be"):
         sft.tl.embed_cells(adata, ckpt / "model.pth", key_max="all")
-    _unchanged(adata, snap)
+    assert_unchanged(adata, snap)

@@ -17,6 +17,7 @@ import scanpy as sc
 from scipy import sparse
 
 import scfm_tools as sft
+from _unchanged import assert_unchanged, snapshot
 from scfm_tools._validation import InputError
 from scfm_tools.models.scfoundation import embed_matrix, load_scfoundation
 
@@ -45,22 +46,6 @@ def context(scfoundation_ckpt, pbmc):
     adata = pbmc.copy()
     sft.tl.embed_genes(adata, scfoundation_ckpt, mode="context")
     return adata
-
-
-def _snapshot(adata: ad.AnnData) -> dict:
-    return {
-        "X": adata.X.copy(),
-        "var": adata.var.copy(),
-        "varm": set(adata.varm.keys()),
-        "uns": set(adata.uns.keys()),
-    }
-
-
-def _assert_unchanged(adata: ad.AnnData, snap: dict) -> None:
-    assert (adata.X != snap["X"]).nnz == 0
-    pd.testing.assert_frame_equal(adata.var, snap["var"])
-    assert set(adata.varm.keys()) == snap["varm"]
-    assert set(adata.uns.keys()) == snap["uns"]
 
 
 def test_token_mode_is_the_gene_weights_position_table(scfoundation_ckpt, gene_module, pbmc):
@@ -166,9 +151,9 @@ def test_context_mode_preprocessing_options(context, scfoundation_ckpt, pbmc):
 
 def test_copy_returns_the_embedded_copy(context, scfoundation_ckpt, pbmc):
     adata = pbmc.copy()
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     out = sft.tl.embed_genes(adata, scfoundation_ckpt, mode="context", copy=True)
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)
     np.testing.assert_array_equal(out.varm[KEY], context.varm[KEY])
 
 
@@ -184,20 +169,20 @@ def test_copy_returns_the_embedded_copy(context, scfoundation_ckpt, pbmc):
 )
 def test_bad_options(scfoundation_ckpt, pbmc, kwargs, error, match):
     adata = pbmc[:2].copy()
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(error, match=match):
         sft.tl.embed_genes(adata, scfoundation_ckpt, **kwargs)
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 def test_context_mode_refuses_non_counts(scfoundation_ckpt, pbmc):
     adata = pbmc[:2].copy()
     adata.X = adata.X.astype(np.float32)
     adata.X.data = np.log1p(adata.X.data * 1.37)
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(InputError, match="non-integer values"):
         sft.tl.embed_genes(adata, scfoundation_ckpt, mode="context")  # pre_normalized="F"
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 def test_context_mode_refuses_a_cell_without_model_genes(scfoundation_ckpt, pbmc):
@@ -209,8 +194,8 @@ def test_context_mode_refuses_a_cell_without_model_genes(scfoundation_ckpt, pbmc
         obs=pbmc.obs.iloc[:2].copy(),
         var=pd.DataFrame(index=[*pbmc.var_names, "NOTAGENE"]),
     )
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     named = re.escape(f"['{adata.obs_names[1]}']) express none of the scFoundation model's genes")
     with pytest.raises(InputError, match=named):
         sft.tl.embed_genes(adata, scfoundation_ckpt, mode="context")
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)

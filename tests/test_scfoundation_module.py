@@ -19,6 +19,7 @@ from scipy import sparse
 
 import scfm_tools as sft
 from _scfoundation_tiny import tiny_checkpoint, tiny_module
+from _unchanged import assert_unchanged, snapshot
 from scfm_tools._validation import InputError
 from scfm_tools.models.scfoundation import (
     AutoDiscretizationEmbedding,
@@ -42,28 +43,6 @@ def pbmc(data_dir):
         [np.flatnonzero(adata.obs["batch"] == b)[:8] for b in adata.obs["batch"].unique()]
     )
     return adata[rows].copy()
-
-
-def _snapshot(adata: ad.AnnData) -> dict:
-    return {
-        "X": adata.X.copy(),
-        "obs": adata.obs.copy(),
-        "var": adata.var.copy(),
-        "obsm": set(adata.obsm.keys()),
-        "layers": set(adata.layers.keys()),
-        "uns": set(adata.uns.keys()),
-    }
-
-
-def _assert_unchanged(adata: ad.AnnData, snap: dict) -> None:
-    X = adata.X.toarray() if sparse.issparse(adata.X) else adata.X
-    ref = snap["X"].toarray() if sparse.issparse(snap["X"]) else snap["X"]
-    np.testing.assert_array_equal(X, ref)
-    pd.testing.assert_frame_equal(adata.obs, snap["obs"])
-    pd.testing.assert_frame_equal(adata.var, snap["var"])
-    assert set(adata.obsm.keys()) == snap["obsm"]
-    assert set(adata.layers.keys()) == snap["layers"]
-    assert set(adata.uns.keys()) == snap["uns"]
 
 
 # batch independence ------------------------------------------------------------------------------
@@ -208,31 +187,31 @@ def test_embed_cells_pre_normalized_and_rde(scfoundation_ckpt, pbmc):
 def test_no_gene_overlap(scfoundation_ckpt, pbmc):
     adata = pbmc[:4].copy()
     adata.var_names = [f"NOTAGENE{i}" for i in range(adata.n_vars)]
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(InputError, match="too few genes match"):
         sft.tl.embed_cells(adata, scfoundation_ckpt)
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 def test_non_counts_with_pre_normalized_f(scfoundation_ckpt, pbmc):
     adata = pbmc[:4].copy()
     adata.X = adata.X.astype(np.float32)
     adata.X.data = np.log1p(adata.X.data * 1.37)
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(InputError, match="non-integer values"):
         sft.tl.embed_cells(adata, scfoundation_ckpt)  # pre_normalized="F" (the default)
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)
     with pytest.raises(InputError, match="non-integer values"):
         sft.tl.impute(adata, scfoundation_ckpt)
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 def test_counts_with_pre_normalized_t(scfoundation_ckpt, pbmc):
     adata = pbmc[:4].copy()
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(InputError, match="raw counts"):
         sft.tl.embed_cells(adata, scfoundation_ckpt, pre_normalized="T")
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 @pytest.mark.parametrize(
@@ -243,10 +222,10 @@ def test_another_familys_checkpoint(fixtures_dir, tmp_path, pbmc, family, source
     # named like an scFoundation checkpoint, so the hub takes it for one
     shutil.copyfile(fixtures_dir.joinpath(*source), tmp_path / "models.ckpt")
     adata = pbmc[:4].copy()
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(ValueError, match=f"not an scFoundation checkpoint.*{family}"):
         sft.tl.embed_cells(adata, tmp_path / "models.ckpt")
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)
     with pytest.raises(ValueError, match=f"not an scFoundation checkpoint.*{family}"):
         read_scfoundation_entry(tmp_path / "models.ckpt")
 
@@ -260,11 +239,11 @@ def test_cell_without_model_genes(scfoundation_ckpt, pbmc):
         obs=pbmc.obs.iloc[:4].copy(),
         var=pd.DataFrame(index=[*pbmc.var_names, "NOTAGENE"]),
     )
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     named = re.escape(f"['{adata.obs_names[3]}']) express none of the scFoundation model's")
     with pytest.raises(InputError, match=named):
         sft.tl.embed_cells(adata, scfoundation_ckpt)
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 @pytest.mark.parametrize(
@@ -281,10 +260,10 @@ def test_cell_without_model_genes(scfoundation_ckpt, pbmc):
 )
 def test_bad_options(scfoundation_ckpt, pbmc, kwargs, error, match):
     adata = pbmc[:2].copy()
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(error, match=match):
         sft.tl.embed_cells(adata, scfoundation_ckpt, **kwargs)
-    _assert_unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 def test_gene_list_length_must_match(tmp_path, pbmc):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import scanpy as sc
 import torch
-from scipy import sparse
 
 import scfm_tools as sft
+from _unchanged import assert_unchanged, snapshot
 from scfm_tools._validation import InputError
 from scfm_tools.models import SCGPT
 from scfm_tools.models.scgpt import (
@@ -65,19 +65,6 @@ def trained(pbmc):
         plan_kwargs={"lr": 1e-2, "random_state": 0, "lr_schedule": "cosine", "warmup_ratio": 0.1},
     )
     return model
-
-
-def _state(adata):
-    """What must not change when a call fails."""
-    X = adata.X.toarray() if sparse.issparse(adata.X) else np.array(adata.X)
-    return X, list(adata.obs.columns), list(adata.var.columns), sorted(adata.uns.keys())
-
-
-def _assert_unchanged(adata, before):
-    X, obs, var, uns = before
-    after = _state(adata)
-    np.testing.assert_array_equal(after[0], X)
-    assert (after[1], after[2], after[3]) == (obs, var, uns)
 
 
 # --- setup and training ---------------------------------------------------------------------
@@ -331,11 +318,11 @@ def test_from_pretrained_unknown_model(pbmc):
 def test_no_overlap_with_given_vocab_is_refused(pbmc):
     adata = pbmc[:50].copy()
     SCGPT.setup_anndata(adata)
-    before = _state(adata)
+    before = snapshot(adata)
     vocab = {f"GENE{i}": i for i in range(100)}
     with pytest.raises(InputError, match=r"too few genes match the vocabulary: only 0 of 200"):
         SCGPT(adata, vocab=vocab, **TINY)
-    _assert_unchanged(adata, before)
+    assert_unchanged(adata, before)
 
 
 @pytest.mark.parametrize(
@@ -345,10 +332,10 @@ def test_bad_values_are_refused_before_registration(pbmc, value, message):
     adata = pbmc[:50].copy()
     adata.X = adata.X.toarray()
     adata.X[3, 7] = value
-    before = _state(adata)
+    before = snapshot(adata)
     with pytest.raises(InputError, match=message):
         SCGPT.setup_anndata(adata)
-    _assert_unchanged(adata, before)
+    assert_unchanged(adata, before)
     assert "_scvi_uuid" not in adata.uns
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import scfm_tools as sft
+from _unchanged import assert_unchanged, snapshot
 from scfm_tools._validation import InputError
 from scfm_tools.models import SCBERT
 
@@ -51,16 +52,6 @@ def annotated(cells, checkpoint):
     return query, ref_before
 
 
-def _snapshot(adata):
-    return adata.X.copy(), list(adata.obs.columns), set(adata.obsm), set(adata.uns)
-
-
-def _unchanged(adata, snap):
-    X, obs, obsm, uns = snap
-    assert (adata.X != X).nnz == 0
-    assert list(adata.obs.columns) == obs and set(adata.obsm) == obsm and set(adata.uns) == uns
-
-
 def test_reference_annotation_writes_labels_and_scores(cells, annotated):
     ref, _ = cells
     query, ref_before = annotated
@@ -83,7 +74,7 @@ def test_reference_annotation_writes_labels_and_scores(cells, annotated):
     assert params["class_weights"] == "official" and params["fine_tuned"] == "reference"
     assert params["n_genes_matched"] == 200 and np.isfinite(params["final_train_loss"])
     # the reference was neither registered nor changed
-    _unchanged(ref, _snapshot(ref_before))
+    assert_unchanged(ref, ref_before)
 
 
 def test_threshold_and_copy(cells, checkpoint):
@@ -121,51 +112,51 @@ def test_fine_tuned_checkpoint_and_model_object(cells, checkpoint, tmp_path):
     # without its class names, a fine-tuned checkpoint cannot label cells
     (path.parent / "classes.txt").unlink()
     c = query.copy()
-    snap = _snapshot(c)
+    snap = snapshot(c)
     with pytest.raises(FileNotFoundError, match=r"classes\.txt"):
         sft.tl.annotate(c, path)
-    _unchanged(c, snap)
+    assert_unchanged(c, snap)
 
 
 def test_reference_without_label_column(cells, checkpoint):
     ref, query = cells
     query = query.copy()
-    snap = _snapshot(query)
+    snap = snapshot(query)
     with pytest.raises(InputError, match="no obs column 'celltype'"):
         sft.tl.annotate(query, checkpoint, reference=ref, label_key="celltype", **FAST)
-    _unchanged(query, snap)
+    assert_unchanged(query, snap)
     with pytest.raises(ValueError, match="needs label_key"):
         sft.tl.annotate(query, checkpoint, reference=ref)
-    _unchanged(query, snap)
+    assert_unchanged(query, snap)
     one_type = ref[ref.obs["cell_type"] == "B-cells"].copy()
     with pytest.raises(InputError, match="at least 2"):
         sft.tl.annotate(query, checkpoint, reference=one_type, label_key="cell_type", **FAST)
-    _unchanged(query, snap)
+    assert_unchanged(query, snap)
 
 
 def test_pretrained_checkpoint_needs_a_reference(cells, checkpoint):
     _, query = cells
     query = query.copy()
-    snap = _snapshot(query)
+    snap = snapshot(query)
     with pytest.raises(ValueError, match="pretrained scBERT checkpoint"):
         sft.tl.annotate(query, checkpoint)
-    _unchanged(query, snap)
+    assert_unchanged(query, snap)
 
 
 def test_bad_inputs_are_refused(cells, checkpoint, fixtures_dir, tmp_path):
     ref, query = cells
     query = query.copy()
-    snap = _snapshot(query)
+    snap = snapshot(query)
     with pytest.raises(TypeError, match="do not take"):
         sft.tl.annotate(query, checkpoint, reference=ref, label_key="cell_type", sample=True)
     with pytest.raises(ValueError, match="threshold"):
         sft.tl.annotate(query, checkpoint, threshold=2.0)
     lognorm = query.copy()
     lognorm.X = lognorm.X.astype(np.float32) * 0.5
-    lsnap = _snapshot(lognorm)
+    lsnap = snapshot(lognorm)
     with pytest.raises(InputError, match="non-integer"):
         sft.tl.annotate(lognorm, checkpoint, reference=ref, label_key="cell_type")
-    _unchanged(lognorm, lsnap)
+    assert_unchanged(lognorm, lsnap)
     # another family's checkpoint under a .pth name
     other = tmp_path / "other"
     other.mkdir()
@@ -173,4 +164,4 @@ def test_bad_inputs_are_refused(cells, checkpoint, fixtures_dir, tmp_path):
     shutil.copyfile(checkpoint.parent / "gene_list.txt", other / "gene_list.txt")
     with pytest.raises(ValueError, match="not an scBERT checkpoint"):
         sft.tl.annotate(query, other / "model.pth", reference=ref, label_key="cell_type", **FAST)
-    _unchanged(query, snap)
+    assert_unchanged(query, snap)

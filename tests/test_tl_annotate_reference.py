@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 import scfm_tools as sft
+from _unchanged import assert_unchanged, snapshot
 from scfm_tools._validation import InputError
 
 
@@ -45,30 +46,12 @@ def pbmc(data_dir):
     return adata[order[:750]].copy(), adata[order[750:]].copy()
 
 
-def _snapshot(adata):
-    return (
-        adata.X.copy(),
-        adata.obs.copy(),
-        set(adata.obsm),
-        set(adata.uns),
-        list(adata.var_names),
-    )
-
-
-def _unchanged(adata, snap):
-    X, obs, obsm, uns, var_names = snap
-    assert (adata.X != X).nnz == 0
-    pd.testing.assert_frame_equal(adata.obs, obs)
-    assert set(adata.obsm) == obsm and set(adata.uns) == uns
-    assert list(adata.var_names) == var_names
-
-
 @pytest.fixture(scope="module")
 def pbmc_knn(pbmc):
     ref, query = pbmc
-    query, snap = query.copy(), _snapshot(ref)
+    query, snap = query.copy(), snapshot(ref)
     sft.tl.annotate(query, reference=ref, label_key="cell_type")  # model=None: knn
-    _unchanged(ref, snap)
+    assert_unchanged(ref, snap)
     return query
 
 
@@ -94,11 +77,11 @@ def pbmc_logreg(pbmc):
 @pytest.fixture(scope="module")
 def cellbench_knn(cellbench):
     ref, query = cellbench
-    snap = _snapshot(query)
+    snap = snapshot(query)
     out = sft.tl.annotate(
         query, reference=ref, label_key="cell_type", method="knn", threshold=0.6, copy=True
     )
-    _unchanged(query, snap)
+    assert_unchanged(query, snap)
     return out
 
 
@@ -222,7 +205,7 @@ def test_threshold_gives_unassigned_below_it(cellbench, cellbench_knn):
 def test_bad_inputs_are_refused_and_change_nothing(pbmc):
     ref, query = pbmc
     query = query[:30].copy()
-    snap, ref_snap = _snapshot(query), _snapshot(ref)
+    snap, ref_snap = snapshot(query), snapshot(ref)
     one_type = ref[ref.obs["cell_type"] == "B-cells"].copy()
     cases = [
         (InputError, "no obs column 'celltype'", {"reference": ref, "label_key": "celltype"}),
@@ -244,19 +227,19 @@ def test_bad_inputs_are_refused_and_change_nothing(pbmc):
     for error, message, kwargs in cases:
         with pytest.raises(error, match=message):
             sft.tl.annotate(query, **kwargs)
-        _unchanged(query, snap)
-    _unchanged(ref, ref_snap)
+        assert_unchanged(query, snap)
+    assert_unchanged(ref, ref_snap)
 
 
 def test_reference_without_model_genes_fails_cleanly(pbmc):
     ref, query = pbmc
     query = query[:30].copy()
-    snap = _snapshot(query)
+    snap = snapshot(query)
     alien = ref[:50].copy()
     alien.var_names = [f"NOT_A_GENE_{i}" for i in range(alien.n_vars)]
     with pytest.raises(InputError, match="vocabulary|overlap"):
         sft.tl.annotate(query, reference=alien, label_key="cell_type")
-    _unchanged(query, snap)
+    assert_unchanged(query, snap)
 
 
 # --- sft.pl.annotation ---------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 from scipy import sparse
 
 import scfm_tools as sft
+from _unchanged import assert_unchanged, snapshot
 from scfm_tools._validation import InputError
 
 
@@ -29,19 +30,6 @@ def _fixture_adata(arrays):
         obs=pd.DataFrame(index=[f"cell{i}" for i in range(counts.shape[0])]),
         var=pd.DataFrame(index=[str(g) for g in arrays["var_names"]]),
     )
-
-
-def _snapshot(adata):
-    X = adata.X.toarray() if sparse.issparse(adata.X) else np.array(adata.X)
-    return X, set(adata.obsm), set(adata.uns), adata.var_names.copy()
-
-
-def _unchanged(adata, snap):
-    X, obsm, uns, var_names = snap
-    now = adata.X.toarray() if sparse.issparse(adata.X) else np.asarray(adata.X)
-    np.testing.assert_array_equal(now, X)
-    assert set(adata.obsm) == obsm and set(adata.uns) == uns
-    assert (adata.var_names == var_names).all()
 
 
 @pytest.mark.conformance
@@ -116,19 +104,19 @@ def test_bad_input_is_refused_and_adata_unchanged(scgpt_fixture, problem):
         adata.var_names = names
         match = "duplicated"
     adata.X = sparse.csr_matrix(X)
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(InputError, match=match):
         sft.tl.embed_cells(adata, root / "ckpt_folder")
-    _unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 def test_no_gene_overlap_is_refused(scgpt_fixture, read_shared):
     root, _, _ = scgpt_fixture
     adata = read_shared("pbmc8k_200genes_labeled.h5ad")[:40].copy()
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(InputError, match="too few genes match"):
         sft.tl.embed_cells(adata, root / "ckpt_folder")
-    _unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 def test_bad_model_arguments(scgpt_fixture, tmp_path):
@@ -164,7 +152,7 @@ def test_count_models_refuse_lognormalised_values(fixtures_dir):
         sparse.csr_matrix(lognorm),
         var=pd.DataFrame(index=[str(g) for g in arrays["var_names"]]),
     )
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(InputError, match="non-integer values"):
         sft.tl.embed_cells(adata, fixtures_dir / "cellplm" / "fixture.best.ckpt")
-    _unchanged(adata, snap)
+    assert_unchanged(adata, snap)

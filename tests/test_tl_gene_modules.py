@@ -15,6 +15,7 @@ from scipy.stats import hypergeom
 from sklearn.metrics import adjusted_rand_score
 
 import scfm_tools as sft
+from _unchanged import assert_unchanged, snapshot
 from scfm_tools._validation import InputError
 
 matplotlib.use("Agg")
@@ -49,27 +50,6 @@ def modules_run(pbmc, data_dir):
         adata, genes="highly_variable", gene_sets=data_dir / REACTOME, random_state=0
     )
     return adata
-
-
-def _snapshot(adata):
-    X = adata.X.toarray() if sparse.issparse(adata.X) else np.array(adata.X)
-    return (
-        X,
-        adata.var.copy(),
-        set(adata.varm),
-        set(adata.obsm),
-        set(adata.uns),
-        set(adata.layers),
-    )
-
-
-def _unchanged(adata, snap):
-    X, var, varm, obsm, uns, layers = snap
-    now = adata.X.toarray() if sparse.issparse(adata.X) else np.asarray(adata.X)
-    np.testing.assert_array_equal(now, X)
-    pd.testing.assert_frame_equal(adata.var, var)
-    assert set(adata.varm) == varm and set(adata.obsm) == obsm
-    assert set(adata.uns) == uns and set(adata.layers) == layers
 
 
 def _zscore_means(lognorm, modules):
@@ -219,22 +199,22 @@ def test_scbert_and_cellplm_token_tables(fixtures_dir, tmp_path):
 
 def test_embed_genes_bad_inputs(small, fixtures_dir):
     adata = small.copy()
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(ValueError, match="mode must be 'token' or 'context'"):
         sft.tl.embed_genes(adata, mode="contextual")
     with pytest.raises(TypeError, match="do not take"):
         sft.tl.embed_genes(adata, pool="max")
     adata.layers["neg"] = -adata.X
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(InputError, match="negative values"):
         sft.tl.embed_genes(adata, mode="context", layer="neg")
-    _unchanged(adata, snap)
+    assert_unchanged(adata, snap)
     renamed = adata.copy()
     renamed.var_names = [f"X{i}" for i in range(adata.n_vars)]
-    snap = _snapshot(renamed)
+    snap = snapshot(renamed)
     with pytest.raises(InputError, match="too few genes match"):
         sft.tl.embed_genes(renamed)
-    _unchanged(renamed, snap)
+    assert_unchanged(renamed, snap)
 
 
 # gene_modules ------------------------------------------------------------------------------
@@ -401,7 +381,7 @@ def test_gene_set_forms_and_gmt_reader(planted, tmp_path):
 
 def test_gene_modules_bad_inputs_leave_adata_unchanged(planted):
     adata = planted[0].copy()
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     cases = [
         (KeyError, "use_rep='nope' is not in adata.varm", {"use_rep": "nope"}),
         (InputError, "not in adata.var_names", {"use_rep": "planted", "genes": ["g1", "CD3E"]}),
@@ -428,13 +408,13 @@ def test_gene_modules_bad_inputs_leave_adata_unchanged(planted):
     for error, match, kwargs in cases:
         with pytest.raises(error, match=match):
             sft.tl.gene_modules(adata, **kwargs)
-        _unchanged(adata, snap)
+        assert_unchanged(adata, snap)
     negative = adata.copy()
     negative.X = -negative.X
-    snap = _snapshot(negative)
+    snap = snapshot(negative)
     with pytest.raises(InputError, match="negative values"):
         sft.tl.gene_modules(negative, use_rep="planted")
-    _unchanged(negative, snap)
+    assert_unchanged(negative, snap)
 
 
 def test_gene_modules_on_mudata(planted):

@@ -12,6 +12,7 @@ import torch
 from scipy import sparse
 
 import scfm_tools as sft
+from _unchanged import assert_unchanged, snapshot
 from scfm_tools._validation import InputError
 
 matplotlib.use("Agg")
@@ -55,25 +56,6 @@ def attention_grn(pbmc, hvg100):
     adata = pbmc.copy()
     sft.tl.grn(adata, genes=hvg100, groupby="batch", top_k=10)
     return adata
-
-
-def _snapshot(adata):
-    return (
-        adata.X.copy(),
-        list(adata.uns.keys()),
-        list(adata.varp.keys()),
-        list(adata.varm.keys()),
-        list(adata.var.columns),
-    )
-
-
-def _unchanged(adata, snap):
-    X, uns, varp, varm, var = snap
-    assert (adata.X != X).nnz == 0
-    assert list(adata.uns.keys()) == uns
-    assert list(adata.varp.keys()) == varp
-    assert list(adata.varm.keys()) == varm
-    assert list(adata.var.columns) == var
 
 
 # --- attention --------------------------------------------------------------------------------
@@ -305,23 +287,23 @@ def test_mudata_modality():
 )
 def test_bad_grn_input_leaves_adata_unchanged(pbmc, kwargs, error, message):
     adata = pbmc[:30].copy()
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(error, match=message):
         sft.tl.grn(adata, **kwargs)
-    _unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 def test_family_without_attention_is_refused(pbmc, fixtures_dir, hvg100):
     adata = pbmc[:30].copy()
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(NotImplementedError, match=r"families that can: \['scgpt'\]"):
         sft.tl.grn(adata, fixtures_dir / "cellplm" / "fixture.best.ckpt", genes=hvg100)
-    _unchanged(adata, snap)
+    assert_unchanged(adata, snap)
 
 
 def test_bad_prior_leaves_adata_unchanged(attention_grn):
     adata = attention_grn.copy()
-    snap = _snapshot(adata)
+    snap = snapshot(adata)
     with pytest.raises(InputError, match="needs a 'source' \\(or 'tf'\\) and a 'target'"):
         sft.tl.grn_score(adata, pd.DataFrame({"regulator": ["A"], "gene": ["B"]}))
     far = pd.DataFrame({"source": ["NOT_SCORED", "CD3E"], "target": ["CD3E", "ALSO_NOT"]})
@@ -331,7 +313,7 @@ def test_bad_prior_leaves_adata_unchanged(attention_grn):
         sft.tl.grn_score(adata, far, key="scgpt")
     with pytest.raises(ValueError, match="min_targets"):
         sft.tl.grn_score(adata, far, min_targets=0)
-    _unchanged(adata, snap)
+    assert_unchanged(adata, snap)
     assert "score" not in adata.uns[KEY]
 
 

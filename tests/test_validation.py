@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 from scipy import sparse
 
+from _unchanged import assert_unchanged, snapshot
 from scfm_tools._anndata import iter_chunks, resolve_adata
 from scfm_tools._validation import (
     InputError,
@@ -18,18 +19,6 @@ def pbmc(read_shared):
     return read_shared("pbmc8k_200genes_labeled.h5ad")
 
 
-def _snapshot(adata):
-    X = adata.X.toarray() if sparse.issparse(adata.X) else np.array(adata.X)
-    return X.copy(), adata.obs.copy(), adata.var.copy(), dict(adata.uns)
-
-
-def _assert_unchanged(adata, snap):
-    X, obs, var, uns = snap
-    now = adata.X.toarray() if sparse.issparse(adata.X) else np.asarray(adata.X)
-    np.testing.assert_array_equal(now, X)
-    assert adata.obs.equals(obs) and adata.var.equals(var) and set(adata.uns) == set(uns)
-
-
 def test_real_counts_pass(pbmc):
     check_counts(pbmc)
     check_nonempty(pbmc)
@@ -40,12 +29,12 @@ def test_lognorm_data_is_not_counts(pbmc):
 
     sc.pp.normalize_total(pbmc)
     sc.pp.log1p(pbmc)
-    snap = _snapshot(pbmc)
+    snap = snapshot(pbmc)
     with pytest.raises(InputError, match="non-integer values") as err:
         check_counts(pbmc)
     assert "layer=" in str(err.value) and "at cell" in str(err.value)
     check_lognorm(pbmc)
-    _assert_unchanged(pbmc, snap)
+    assert_unchanged(pbmc, snap)
 
 
 def test_counts_are_not_lognorm(pbmc):

@@ -19,7 +19,7 @@ import pandas as pd
 from scipy import sparse
 
 from .._anndata import params_record, resolve_adata
-from .._docs import DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
+from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from .._validation import InputError
 from ._model_arg import DOC_MODEL, check_model_values, resolve_model
 
@@ -161,7 +161,13 @@ def _embedding_scores(emb: np.ndarray, rows: slice) -> np.ndarray:
     return block
 
 
-@doc_params(model=DOC_MODEL, layer=DOC_LAYER, random_state=DOC_RANDOM_STATE, copy=DOC_COPY)
+@doc_params(
+    model=DOC_MODEL,
+    layer=DOC_LAYER,
+    random_state=DOC_RANDOM_STATE,
+    chunk_size=DOC_CHUNK_SIZE,
+    copy=DOC_COPY,
+)
 def grn(
     adata: AnnData,
     model: str | os.PathLike | None = None,
@@ -177,6 +183,7 @@ def grn(
     max_length: int | None = None,
     random_state: int | None = 0,
     device: str | None = None,
+    chunk_size: int = 10_000,
     key_added: str | None = None,
     mod: str | None = None,
     copy: bool = False,
@@ -235,6 +242,7 @@ def grn(
         The binning tie-breaks and the subsampling, as in ``embed_cells``.
     device
         ``"cpu"``, ``"cuda"``, ``"auto"``...; ``None`` uses ``sft.settings.device``.
+    {chunk_size} Attention only.
     key_added
         Key of the results; default ``"<family>_grn_<method>"`` (e.g.
         ``"scgpt_grn_attention"``), so that both methods can sit side by side.
@@ -306,7 +314,7 @@ def grn(
                 f"method='attention' needs access to the model's attention weights: {err} "
                 "Use method='embedding' for this model."
             ) from None
-        check_model_values(ad, layer, resolved.family, chunk_size=10_000, caller="grn")
+        check_model_values(ad, layer, resolved.family, chunk_size=chunk_size, caller="grn")
         dev = settings.resolve_device(device)
         settings.apply_threads()
         n_groups = len(group_names)
@@ -324,6 +332,7 @@ def grn(
             max_length=max_length,
             random_state=random_state,
             device=dev,
+            chunk_size=chunk_size,
         )
         if columns.size < 2:
             raise InputError(
