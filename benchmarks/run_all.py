@@ -38,7 +38,7 @@ SUITE = {
     "perturbation": "perturbation-response frame: mean and additive baselines",
     "scgpt_speed": "scGPT embedding speed and memory vs the official path",
     "model_speed": "scBERT / scFoundation / CellPLM speed and memory at published sizes",
-    "out_of_core": "embedding throughput and memory from backed files (10k-100k cells)",
+    "out_of_core": "embedding throughput and memory from backed files (10k-1M cells)",
     "training": "training throughput, 1 vs 2 DDP processes",
 }
 
