@@ -1,4 +1,4 @@
-"""sft.tl.embed_cells and sft.tl.annotate on a MuData (CITE-seq: rna + prot modalities).
+"""sft.tl functions on a MuData (CITE-seq: rna + prot modalities): cells and genes.
 
 The tiny CITE-seq file has no cell-type labels, so annotate transfers the labels of a pbmc8k
 reference (another dataset, same model). One of its 200 cells has no RNA count in the 50 genes
@@ -89,3 +89,32 @@ def test_modality_with_fewer_cells_aligns_by_name(mdata, reference):
     labels = m.obs["rna:scgpt_label"]
     assert labels.loc[mdata.obs_names[:50]].isna().all()
     np.testing.assert_array_equal(labels.loc[rna.obs_names], m["rna"].obs["scgpt_label"])
+
+
+def test_gene_level_tasks_write_into_the_modality(mdata):
+    """embed_genes, grn and gene_modules on a MuData equal the same calls on its RNA modality."""
+    m = mdata.copy()
+    prot_before = m["prot"].copy()
+    alone = m["rna"].copy()
+    for target in (m, alone):
+        sft.tl.embed_genes(target, mode="context")
+        sft.tl.grn(target, top_k=5)
+        sft.tl.gene_modules(target, use_rep="X_scgpt_genes", n_neighbors=5, min_module_size=2)
+    rna = m["rna"]
+    emb = rna.varm["X_scgpt_genes"]
+    assert emb.shape[0] == rna.n_vars and np.isfinite(emb).all(axis=1).sum() > 10
+    np.testing.assert_array_equal(emb, alone.varm["X_scgpt_genes"])
+    assert rna.varp["scgpt_grn_attention"].nnz > 0
+    assert (rna.varp["scgpt_grn_attention"] != alone.varp["scgpt_grn_attention"]).nnz == 0
+    pd.testing.assert_series_equal(rna.var["gene_module"], alone.var["gene_module"])
+    assert rna.var["gene_module"].notna().sum() > 0
+    # nothing leaked into the other modality
+    assert not m["prot"].varm and not m["prot"].varp
+    assert m["prot"].var.columns.equals(prot_before.var.columns)
+    # after update() the module labels show in the MuData's var, prefixed by the modality
+    m.update()
+    # (rna and prot share some names, so rows are found through varmap, not by name)
+    where = np.asarray(m.varmap["rna"]).ravel()
+    rows = np.flatnonzero(where)[np.argsort(where[where > 0])]
+    modules = m.var["rna:gene_module"].to_numpy()[rows]
+    np.testing.assert_array_equal(modules.astype(str), rna.var["gene_module"].astype(str))
