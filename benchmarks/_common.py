@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "OFFICIAL_CPU_CELLS_PER_S",
     "REPO_ROOT",
     "RESULTS_DIR",
+    "SPEED_TARGETS",
     "Stopwatch",
     "cpu_seconds",
     "cuda_peak_mib",
@@ -49,6 +51,24 @@ __all__ = [
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The official implementations' cells/s on 2 CPU threads at the published sizes, random
+# weights (../shared/reference/README.md, "CPU throughput anchors"): other runs on another job,
+# so ratios against them are indicative, unlike the same-run baselines of each script.
+OFFICIAL_CPU_CELLS_PER_S = {
+    "scgpt": 0.26,
+    "scbert": 0.060,
+    "scfoundation_cell": 0.072,
+    "scfoundation_expression": 0.045,
+    "cellplm": 122.0,
+}
+# The issues' speed targets: ours / official anchor.
+SPEED_TARGETS = {
+    "scgpt": 3.0,
+    "scbert": 5.0,
+    "scfoundation_cell": 10.0,
+    "scfoundation_expression": 10.0,
+    "cellplm": 2.0,
+}
 # A worker prints its answer on one stdout line after this marker; anything else is log output.
 _REPLY_MARKER = "@@BENCH-RESULT@@ "
 

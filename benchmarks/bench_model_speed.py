@@ -67,6 +67,8 @@ from typing import Any
 import numpy as np
 
 from _common import (
+    OFFICIAL_CPU_CELLS_PER_S,
+    SPEED_TARGETS,
     Stopwatch,
     cpu_seconds,
     current_rss_mib,
@@ -88,20 +90,6 @@ NAME = "model_speed"
 DATA_FILE = "pbmc_10x_3chemistries_unlabeled.h5ad"
 CELLPLM_CONFIG = "cellplm/20230926_85M.config.json"
 PATHS = ("baseline", "ours")
-# Official cells/s on 2 CPU threads, random weights at the published size
-# (../shared/reference/README.md, "CPU throughput anchors").
-OFFICIAL = {
-    "scbert": 0.060,
-    "scfoundation_cell": 0.072,
-    "scfoundation_expression": 0.045,
-    "cellplm": 122.0,
-}
-TARGETS = {  # issue targets: ours / official anchor
-    "scbert": 5.0,
-    "scfoundation_cell": 10.0,
-    "scfoundation_expression": 10.0,
-    "cellplm": 2.0,
-}
 DESCRIPTION = {
     "scbert": "scBERT embedding (6 x 200, 10 heads of 64, 16,907 tokens)",
     "scfoundation_cell": "scFoundation cell embedding (encoder 12 x 768)",
@@ -499,10 +487,10 @@ def _summary(model: str, runs: list[dict[str, Any]], tmp: Path, tag: str) -> dic
         "speedup": float(np.median(ratios)),
         "speedup_per_round": ratios,
         "speedup_cpu_time": float(np.median(cpu_ratios)),
-        "official_cells_per_s": OFFICIAL[model],
-        "ours_vs_official": speed["ours"] / OFFICIAL[model],
-        "baseline_vs_official": speed["baseline"] / OFFICIAL[model],
-        "target_vs_official": TARGETS[model],
+        "official_cells_per_s": OFFICIAL_CPU_CELLS_PER_S[model],
+        "ours_vs_official": speed["ours"] / OFFICIAL_CPU_CELLS_PER_S[model],
+        "baseline_vs_official": speed["baseline"] / OFFICIAL_CPU_CELLS_PER_S[model],
+        "target_vs_official": SPEED_TARGETS[model],
         "baseline_peak_rss_mib": max(r["peak_rss_mib"] for r in timed["baseline"]),
         "ours_peak_rss_mib": max(r["peak_rss_mib"] for r in timed["ours"]),
         "baseline_growth_mib": max(r["rss_growth_mib"] for r in timed["baseline"]),

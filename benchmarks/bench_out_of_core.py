@@ -315,8 +315,6 @@ def main(argv: list[str] | None = None) -> int:
             path.unlink()
 
     checks = _checks(runs, args.flat_mib, args.peak_gib, args.linear_tolerance)
-    flat, bounded, linear = checks["memory_flat"], checks["memory_bounded"], checks["time_linear"]
-    notes = checks["notes"]
     payload = {
         "command": _command(argv if argv is not None else sys.argv[1:]),
         "machine": machine,
@@ -334,15 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         },
         "files": list(files.values()),
         "runs": runs,
-        "memory_flat": flat,
-        "memory_bounded": bounded,
-        "time_linear": linear,
-        "notes": notes,
+        **checks,
     }
     json_path, md_path = write_results(args.out, payload, _markdown(payload))
-    print("\n".join(notes))
+    print("\n".join(checks["notes"]))
     print(f"wrote {display_path(json_path)} and {display_path(md_path)}")
-    return 0 if flat and bounded and linear else 1
+    passed = checks["memory_flat"] and checks["memory_bounded"] and checks["time_linear"]
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

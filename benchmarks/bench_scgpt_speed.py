@@ -47,6 +47,8 @@ from typing import Any
 import numpy as np
 
 from _common import (
+    OFFICIAL_CPU_CELLS_PER_S,
+    SPEED_TARGETS,
     Stopwatch,
     cpu_seconds,
     cuda_peak_mib,
@@ -70,11 +72,8 @@ DATA_FILE = "pbmc_10x_3chemistries_unlabeled.h5ad"
 CENSUS_VOCAB = "scgpt/default_census_vocab.json"
 DEFAULT_MODEL = "scgpt-default"
 MAX_LENGTH = 1200
-# The official code's cells/s at the published size on 2 CPU threads
-# (../shared/reference/README.md, "CPU throughput anchors"), and the target for ours
-# over it. Another run of another job: indicative, unlike the same-run stand-in ratio.
-OFFICIAL_PUBLISHED_CPU = 0.26
-TARGET_VS_OFFICIAL = 3.0
+OFFICIAL_PUBLISHED_CPU = OFFICIAL_CPU_CELLS_PER_S["scgpt"]
+TARGET_VS_OFFICIAL = SPEED_TARGETS["scgpt"]
 PAD_VALUE = -2.0
 PATHS = ("baseline", "ours")
 SHAPES = {
