@@ -1,9 +1,13 @@
-"""A tiny random-weight scFoundation checkpoint in the official ``models.ckpt`` layout."""
+"""scFoundation test helpers: a tiny random-weight checkpoint in the official ``models.ckpt``
+layout, and the log-normalised input with total counts of the official ``pre_normalized="A"``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import anndata as ad
+import numpy as np
+import scanpy as sc
 import torch
 
 from scfm_tools.models.scfoundation import SCFoundationModule, official_entry, read_gene_index
@@ -32,3 +36,12 @@ def tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
     path = Path(folder) / "models.ckpt"
     torch.save({"cell": entry, "gene": entry, "rde": entry}, path)
     return path
+
+
+def add_lognorm_and_totals(adata: ad.AnnData) -> None:
+    """Add ``layers["lognorm"]`` (log1p per 10,000) and ``obs["total_counts"]`` of its counts."""
+    norm = adata.copy()
+    sc.pp.normalize_total(norm, target_sum=1e4)
+    sc.pp.log1p(norm)
+    adata.layers["lognorm"] = norm.X
+    adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel()

@@ -17,6 +17,7 @@ import scanpy as sc
 from scipy import sparse
 
 import scfm_tools as sft
+from _scfoundation_tiny import add_lognorm_and_totals
 from _unchanged import assert_unchanged, snapshot
 from scfm_tools._validation import InputError
 from scfm_tools.models.scfoundation import embed_matrix, load_scfoundation
@@ -125,11 +126,7 @@ def test_context_mode_preprocessing_options(context, scfoundation_ckpt, pbmc):
     adata = pbmc[:, match.matched].copy()
     sft.tl.embed_genes(adata, scfoundation_ckpt, mode="context")
     # log-normalised values with each cell's total count ("A") equal the counts ("F") path
-    norm = adata.copy()
-    sc.pp.normalize_total(norm, target_sum=1e4)
-    sc.pp.log1p(norm)
-    adata.layers["lognorm"] = norm.X
-    adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel()
+    add_lognorm_and_totals(adata)
     sft.tl.embed_genes(
         adata,
         scfoundation_ckpt,

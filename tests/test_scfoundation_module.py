@@ -18,7 +18,7 @@ import torch
 from scipy import sparse
 
 import scfm_tools as sft
-from _scfoundation_tiny import tiny_checkpoint, tiny_module
+from _scfoundation_tiny import add_lognorm_and_totals, tiny_checkpoint, tiny_module
 from _unchanged import assert_unchanged, snapshot
 from scfm_tools._validation import InputError
 from scfm_tools.models.scfoundation import (
@@ -149,17 +149,11 @@ def test_packaged_gene_list_is_the_official_one(reference_dir):
 
 
 def test_embed_cells_pre_normalized_and_rde(scfoundation_ckpt, pbmc):
-    import scanpy as sc
-
     match = sft.pp.match_to_vocab(list(pbmc.var_names), read_gene_index())
     adata = pbmc[:6, match.matched].copy()  # the model's genes only
     sft.tl.embed_cells(adata, scfoundation_ckpt, key_added="X_counts")
     # "A": the same cells log-normalised beforehand, with their total counts given
-    norm = adata.copy()
-    sc.pp.normalize_total(norm, target_sum=1e4)
-    sc.pp.log1p(norm)
-    adata.layers["lognorm"] = norm.X
-    adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel()
+    add_lognorm_and_totals(adata)
     sft.tl.embed_cells(
         adata,
         scfoundation_ckpt,
