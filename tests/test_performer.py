@@ -247,3 +247,24 @@ def test_feed_forward_chunks_do_not_change_results():
         performer.chunk_size = 7
         chunked = performer(x)
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("key_max", ["batch", "sample"])
+@pytest.mark.parametrize("qkv_bias", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_streamed_inference_equals_blockwise_path(key_max, qkv_bias, chunk_size):
+    # Inference streams each block over chunks; with autograd on, the same eval-mode model runs
+    # block by block (attention over the whole sequence, then the feed-forward).
+    torch.manual_seed(2)
+    performer = Performer(
+        12, 2, 3, 4, qkv_bias=qkv_bias, key_max=key_max, chunk_size=chunk_size
+    ).eval()
+    # growing token scales, so that the key stabiliser changes across chunks
+    x = torch.randn(3, 40, 12) * torch.linspace(0.3, 4.0, 40)[None, :, None]
+    with torch.enable_grad():
+        blockwise = performer(x)
+    with torch.inference_mode():
+        streamed = performer(x)
+    torch.testing.assert_close(streamed, blockwise.detach(), atol=1e-5, rtol=1e-5)
+    # and it is not the identity or a no-op on the input
+    assert (streamed - x).abs().max() > 0.1

@@ -21,7 +21,10 @@ are streamed in chunks that accumulate ``phi(K)^T V`` and ``phi(K)^T 1`` (the ke
 kept as a running maximum and earlier sums rescaled when it grows, which is exact), then queries
 are streamed against those sums. Memory is bounded by ``chunk_size`` tokens (by default about
 1 M elements per intermediate, a size that stays in cache), and results equal the unchunked
-formulas to float rounding.
+formulas to float rounding. For inference (eval mode, no autograd) the whole block is
+streamed the same way, its projections, output and feed-forward included, and on CPU the
+samples of a batch run one at a time when they are independent (``key_max="sample"``): chunks
+then stay long within the same memory budget.
 The feature maps are computed in float32 even under autocast: the ``+1e-4`` floor is below
 bfloat16's resolution near 1.
 """
@@ -199,6 +202,70 @@ def _exp_shifted(dash: Tensor, shift: Tensor, inplace: bool) -> Tensor:
     return torch.exp(dash - shift)
 
 
+class _FavorStream:
+    """FAVOR+ attention fed chunk by chunk: all key chunks first, then query chunks.
+
+    Chunks are token-major ``(batch, chunk, heads, d)`` float32. Keys accumulate ``phi(K)^T
+    [V, 1]`` under a running maximum (earlier sums are rescaled by ``exp(old - new)`` when it
+    grows, which is exact); :meth:`queries` then attends a chunk of queries against the sums.
+    """
+
+    def __init__(
+        self, projection_matrix: Tensor, b: int, h: int, *, key_max: KeyMax, eps: float
+    ) -> None:
+        m, d = projection_matrix.shape
+        # d^-1/4 is folded into the (small) projection instead of scaling q and k.
+        normalizer = d**-0.25
+        self.proj_t = (normalizer * projection_matrix.float()).T.contiguous()
+        self.half_norm2 = normalizer**2 / 2.0
+        self.key_max = key_max
+        self.eps = eps
+        # Outside autograd the (batch, chunk, heads, m) intermediates are updated in place.
+        self.inplace = not torch.is_grad_enabled()
+        self.kv1 = self.proj_t.new_zeros(b, h, m, d + 1)
+        self.v1_sum = self.proj_t.new_zeros(b, h, d + 1)
+        self.running: Tensor | None = None
+        self.context: Tensor | None = None
+        self.floor: Tensor | None = None
+
+    def keys(self, kc: Tensor, vc: Tensor) -> None:
+        """Add a chunk of keys and values ``(batch, chunk, heads, d)``."""
+        dash = kc @ self.proj_t
+        diag = (kc**2).sum(-1, keepdim=True) * self.half_norm2
+        if self.key_max == "batch":
+            chunk_max = dash.amax().reshape(1, 1, 1, 1)
+        else:
+            chunk_max = dash.amax(dim=(1, 2, 3), keepdim=True)
+        if self.running is None:
+            self.running = chunk_max
+        else:
+            new = torch.maximum(self.running, chunk_max)
+            self.kv1 = self.kv1 * torch.exp(self.running - new)
+            self.running = new
+        feats = _exp_shifted(dash, diag + self.running, self.inplace)
+        v1 = torch.cat([vc, vc.new_ones(*vc.shape[:-1], 1)], dim=-1)
+        self.kv1 = self.kv1 + feats.permute(0, 2, 3, 1) @ v1.transpose(1, 2)
+        self.v1_sum = self.v1_sum + v1.sum(dim=1)
+
+    def _finish_keys(self) -> None:
+        m = self.proj_t.shape[1]
+        # Every key feature's eps floor adds eps * [sum(v), n]; m^-1/2 scales both.
+        self.context = (m**-0.5) * (self.kv1 + self.eps * self.v1_sum.unsqueeze(2))
+        # The same floor on the query side, applied to the sums instead of each feature.
+        self.floor = self.eps * self.context.sum(dim=-2, keepdim=True)
+
+    def queries(self, qc: Tensor) -> Tensor:
+        """Attend a chunk of queries ``(batch, chunk, heads, d)``, after every key chunk."""
+        if self.context is None:
+            self._finish_keys()
+        dash = qc @ self.proj_t
+        shift = (qc**2).sum(-1, keepdim=True) * self.half_norm2 + dash.amax(dim=-1, keepdim=True)
+        # The query features' m^-1/2 cancels between numerator and denominator.
+        feats = _exp_shifted(dash, shift, self.inplace).transpose(1, 2)
+        num_den = feats @ self.context + self.floor
+        return (num_den[..., :-1] / num_den[..., -1:]).transpose(1, 2)
+
+
 def favor_attention(
     q: Tensor,
     k: Tensor,
@@ -251,51 +318,14 @@ def favor_attention(
         # Work token-major, (batch, seq_len, heads, d): the layout the projections produce, so
         # one matmul maps every head of a chunk through the (shared) random features.
         q, k, v = (t.float().transpose(1, 2) for t in (q, k, v))
-        # d^-1/4 is folded into the (small) projection instead of scaling q and k.
-        normalizer = d**-0.25
-        proj_t = (normalizer * projection_matrix.float()).T.contiguous()
-        half_norm2 = normalizer**2 / 2.0
         step = _chunk_len(chunk_size, n, b * h * m)
-        # Outside autograd the (batch, chunk, heads, m) intermediates are updated in place.
-        inplace = not torch.is_grad_enabled()
-
-        # Keys: accumulate exp-features against [V, 1] under a running maximum.
-        kv1 = k.new_zeros(b, h, m, d + 1)
-        ones = v.new_ones(b, min(step, n), h, 1)
-        running = None
+        stream = _FavorStream(projection_matrix, b, h, key_max=key_max, eps=eps)
         for start in range(0, n, step):
-            kc = k[:, start : start + step]
-            dash = kc @ proj_t
-            diag = (kc**2).sum(-1, keepdim=True) * half_norm2
-            if key_max == "batch":
-                chunk_max = dash.amax().reshape(1, 1, 1, 1)
-            else:
-                chunk_max = dash.amax(dim=(1, 2, 3), keepdim=True)
-            if running is None:
-                running = chunk_max
-            else:
-                new = torch.maximum(running, chunk_max)
-                kv1 = kv1 * torch.exp(running - new)
-                running = new
-            feats = _exp_shifted(dash, diag + running, inplace)
-            v1 = torch.cat([v[:, start : start + step], ones[:, : kc.shape[1]]], dim=-1)
-            kv1 = kv1 + feats.permute(0, 2, 3, 1) @ v1.transpose(1, 2)
-        # Every key feature's eps floor adds eps * [sum(v), n]; m^-1/2 scales both.
-        v1_sum = torch.cat([v.sum(dim=1), v.new_full((b, h, 1), float(n))], dim=-1)
-        context = (m**-0.5) * (kv1 + eps * v1_sum.unsqueeze(2))
-        # The same floor on the query side, applied to the sums instead of each feature.
-        floor = eps * context.sum(dim=-2, keepdim=True)
-
+            stream.keys(k[:, start : start + step], v[:, start : start + step])
         out = q.new_empty(b, n, h, d)
         for start in range(0, n, step):
-            qc = q[:, start : start + step]
-            dash = qc @ proj_t
-            shift = (qc**2).sum(-1, keepdim=True) * half_norm2 + dash.amax(dim=-1, keepdim=True)
-            # The query features' m^-1/2 cancels between numerator and denominator.
-            num_den = _exp_shifted(dash, shift, inplace).transpose(1, 2) @ context + floor
-            out[:, start : start + step] = (num_den[..., :-1] / num_den[..., -1:]).transpose(1, 2)
-        out = out.transpose(1, 2)
-    return out.to(out_dtype)
+            out[:, start : start + step] = stream.queries(q[:, start : start + step])
+    return out.transpose(1, 2).to(out_dtype)
 
 
 class FastAttention(nn.Module):
@@ -565,10 +595,56 @@ class Performer(nn.Module):
             self.calls_since_last_redraw += 1
 
     def forward(self, x: Tensor) -> Tensor:
-        """Run the blocks on ``x`` ``(batch, seq_len, dim)``."""
+        """Run the blocks on ``x`` ``(batch, seq_len, dim)``.
+
+        In eval mode without autograd each block runs in two passes over chunks of the
+        sequence, keys then queries with the output projection and the feed-forward, so no
+        intermediate spans the whole sequence (the same computation, faster on CPU where
+        the chunks stay in cache).
+        """
         _check_key_max(self.key_max)
         self._maybe_redraw()
+        streamed = not self.training and not torch.is_grad_enabled()
+        if streamed and self.key_max == "sample" and x.device.type == "cpu" and len(x) > 1:
+            # Samples are independent here; one at a time, chunks stay long (fast matmuls)
+            # within the same cache-sized budget.
+            return torch.cat([self(x[i : i + 1]) for i in range(len(x))])
         for attn, ff in self.net.layers:
-            x = x + attn(x, key_max=self.key_max, chunk_size=self.chunk_size)
-            x = x + ff(x, chunk_size=self.chunk_size)
+            if streamed:
+                x = _streamed_block(attn, ff, x, key_max=self.key_max, chunk_size=self.chunk_size)
+            else:
+                x = x + attn(x, key_max=self.key_max, chunk_size=self.chunk_size)
+                x = x + ff(x, chunk_size=self.chunk_size)
         return x
+
+
+def _streamed_block(
+    attn: PreLayerNorm,
+    ff: PreLayerNorm,
+    x: Tensor,
+    *,
+    key_max: KeyMax,
+    chunk_size: int | None,
+) -> Tensor:
+    """``x + attn(x)``, then ``+ ff(.)``, for inference, chunk by chunk (no dropout)."""
+    sa: PerformerSelfAttention = attn.fn
+    feed: FeedForward = ff.fn.fn
+    b, n, _ = x.shape
+    h = sa.heads
+    fast = sa.fast_attention
+    step = _chunk_len(chunk_size, n, b * h * fast.nb_features)
+    stream = _FavorStream(fast.projection_matrix, b, h, key_max=key_max, eps=_EPS)
+    for start in range(0, n, step):
+        xn = attn.norm(x[:, start : start + step])
+        k, v = (proj(xn).unflatten(-1, (h, -1)) for proj in (sa.to_k, sa.to_v))
+        with _no_autocast(x.device.type):
+            stream.keys(k.float(), v.float())
+    out = torch.empty_like(x)
+    for start in range(0, n, step):
+        xc = x[:, start : start + step]
+        q = sa.to_q(attn.norm(xc)).unflatten(-1, (h, -1))
+        with _no_autocast(x.device.type):
+            heads_out = stream.queries(q.float()).to(q.dtype)
+        xc = xc + sa.to_out(heads_out.flatten(2))
+        out[:, start : start + step] = xc + feed(ff.norm(xc))
+    return out
