@@ -643,6 +643,8 @@ def _streamed_block(
     out = torch.empty_like(x)
     for start in range(0, n, step):
         xc = x[:, start : start + step]
+        # The LayerNorm is recomputed rather than kept from the key pass: about 1% of the
+        # block's time, against a second whole-sequence tensor.
         q = sa.to_q(attn.norm(xc)).unflatten(-1, (h, -1))
         with _no_autocast(x.device.type):
             heads_out = stream.queries(q.float()).to(q.dtype)
