@@ -196,18 +196,13 @@ def _no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-def _exp_shifted(dash: Tensor, shift: Tensor, inplace: bool) -> Tensor:
-    if inplace:
-        return dash.sub_(shift).exp_()
-    return torch.exp(dash - shift)
-
-
 class _FavorStream:
     """FAVOR+ attention fed chunk by chunk: all key chunks first, then query chunks.
 
-    Chunks are token-major ``(batch, chunk, heads, d)`` float32. Keys accumulate ``phi(K)^T
-    [V, 1]`` under a running maximum (earlier sums are rescaled by ``exp(old - new)`` when it
-    grows, which is exact); :meth:`queries` then attends a chunk of queries against the sums.
+    Chunks come token-major, ``(batch, chunk, heads, d)``, the layout the projections produce.
+    Keys accumulate ``phi(K)^T [V, 1]`` under a running maximum (earlier sums are rescaled by
+    ``exp(old - new)`` when it grows, which is exact); :meth:`queries` then attends a chunk of
+    queries against the sums. Everything is float32.
     """
 
     def __init__(
@@ -220,9 +215,10 @@ class _FavorStream:
         self.half_norm2 = normalizer**2 / 2.0
         self.key_max = key_max
         self.eps = eps
-        # Outside autograd the (batch, chunk, heads, m) intermediates are updated in place.
+        # Outside autograd the (batch, heads, chunk, m) intermediates and the sums are updated
+        # in place: each avoided pass over a chunk's features is about 1% of a Performer.
         self.inplace = not torch.is_grad_enabled()
-        self.kv1 = self.proj_t.new_zeros(b, h, m, d + 1)
+        self.kv1 = self.proj_t.new_zeros(b * h, m, d + 1)
         self.v1_sum = self.proj_t.new_zeros(b, h, d + 1)
         self.running: Tensor | None = None
         self.context: Tensor | None = None
@@ -230,40 +226,60 @@ class _FavorStream:
 
     def keys(self, kc: Tensor, vc: Tensor) -> None:
         """Add a chunk of keys and values ``(batch, chunk, heads, d)``."""
-        dash = kc @ self.proj_t
-        diag = (kc**2).sum(-1, keepdim=True) * self.half_norm2
+        b, c, h, d = kc.shape
+        # Head-major features make phi(K)^T [V, 1] a plain batched product (about 1.3x
+        # faster than on the token-major layout); the copy of k is 4x smaller than phi(K).
+        kh = kc.transpose(1, 2).contiguous()
+        dash = kh @ self.proj_t
         if self.key_max == "batch":
-            chunk_max = dash.amax().reshape(1, 1, 1, 1)
+            chunk_max = dash.amax().expand(b)
         else:
-            chunk_max = dash.amax(dim=(1, 2, 3), keepdim=True)
+            chunk_max = dash.amax(dim=(1, 2, 3))
         if self.running is None:
             self.running = chunk_max
         else:
             new = torch.maximum(self.running, chunk_max)
-            self.kv1 = self.kv1 * torch.exp(self.running - new)
+            scale = torch.exp(self.running - new).repeat_interleave(h)[:, None, None]
+            self.kv1 = self.kv1.mul_(scale) if self.inplace else self.kv1 * scale
             self.running = new
-        feats = _exp_shifted(dash, diag + self.running, self.inplace)
-        v1 = torch.cat([vc, vc.new_ones(*vc.shape[:-1], 1)], dim=-1)
-        self.kv1 = self.kv1 + feats.permute(0, 2, 3, 1) @ v1.transpose(1, 2)
-        self.v1_sum = self.v1_sum + v1.sum(dim=1)
+        shift = (kh**2).sum(-1, keepdim=True) * self.half_norm2 + self.running[:, None, None, None]
+        feats = dash.sub_(shift).exp_() if self.inplace else torch.exp(dash - shift)
+        v1 = torch.cat([vc.transpose(1, 2), vc.new_ones(b, h, c, 1)], dim=-1)
+        feats_t = feats.view(b * h, c, -1).transpose(1, 2)
+        if self.inplace:
+            self.kv1.baddbmm_(feats_t, v1.view(b * h, c, d + 1))
+        else:
+            self.kv1 = torch.baddbmm(self.kv1, feats_t, v1.view(b * h, c, d + 1))
+        self.v1_sum = self.v1_sum + v1.sum(dim=2)
 
     def _finish_keys(self) -> None:
+        b, h, d1 = self.v1_sum.shape
         m = self.proj_t.shape[1]
         # Every key feature's eps floor adds eps * [sum(v), n]; m^-1/2 scales both.
-        self.context = (m**-0.5) * (self.kv1 + self.eps * self.v1_sum.unsqueeze(2))
+        floor_sums = self.eps * self.v1_sum.view(b * h, 1, d1)
+        self.context = (m**-0.5) * (self.kv1 + floor_sums)
         # The same floor on the query side, applied to the sums instead of each feature.
         self.floor = self.eps * self.context.sum(dim=-2, keepdim=True)
 
     def queries(self, qc: Tensor) -> Tensor:
-        """Attend a chunk of queries ``(batch, chunk, heads, d)``, after every key chunk."""
+        """Attend a chunk of queries ``(batch, chunk, heads, d)``, after every key chunk.
+
+        Returns the heads' outputs token-major and contiguous, ``(batch, chunk, heads, d)``.
+        """
         if self.context is None:
             self._finish_keys()
-        dash = qc @ self.proj_t
-        shift = (qc**2).sum(-1, keepdim=True) * self.half_norm2 + dash.amax(dim=-1, keepdim=True)
+        b, c, h, d = qc.shape
+        qh = qc.transpose(1, 2).contiguous()
+        dash = qh @ self.proj_t
+        shift = (qh**2).sum(-1, keepdim=True) * self.half_norm2 + dash.amax(dim=-1, keepdim=True)
         # The query features' m^-1/2 cancels between numerator and denominator.
-        feats = _exp_shifted(dash, shift, self.inplace).transpose(1, 2)
-        num_den = feats @ self.context + self.floor
-        return (num_den[..., :-1] / num_den[..., -1:]).transpose(1, 2)
+        feats = dash.sub_(shift).exp_() if self.inplace else torch.exp(dash - shift)
+        num_den = torch.baddbmm(self.floor, feats.view(b * h, c, -1), self.context)
+        num_den = num_den.view(b, h, c, d + 1).transpose(1, 2)
+        if not self.inplace:
+            return (num_den[..., :-1] / num_den[..., -1:]).contiguous()
+        # The division writes the token-major result directly, so no copy follows it.
+        return torch.div(num_den[..., :-1], num_den[..., -1:], out=qc.new_empty(b, c, h, d))
 
 
 def favor_attention(
