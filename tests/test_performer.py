@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import scfm_tools.nn._performer as performer_module
 from scfm_tools.nn import FastAttention, Performer, favor_attention
 from scfm_tools.nn._performer import (
     default_nb_features,
@@ -268,3 +269,79 @@ def test_streamed_inference_equals_blockwise_path(key_max, qkv_bias, chunk_size)
     torch.testing.assert_close(streamed, blockwise.detach(), atol=1e-5, rtol=1e-5)
     # and it is not the identity or a no-op on the input
     assert (streamed - x).abs().max() > 0.1
+
+
+def _with_shared_rows(b, n=45, dim=12, frac=0.85, seed=3):
+    """Inputs equal to a shared ``(n, dim)`` input where ``is_shared``, random elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(n, dim, generator=g) * torch.linspace(0.3, 4.0, n)[:, None]
+    is_shared = torch.rand(b, n, generator=g) < frac
+    x = torch.where(is_shared[..., None], shared, torch.randn(b, n, dim, generator=g))
+    return x, shared, is_shared
+
+
+@pytest.mark.parametrize("key_max", ["batch", "sample"])
+@pytest.mark.parametrize("frac", [0.0, 0.5, 0.85, 1.0])
+@pytest.mark.parametrize("b", [1, 3])
+def test_shared_input_reuses_first_block_exactly(key_max, frac, b):
+    torch.manual_seed(4)
+    performer = Performer(12, 2, 3, 4, qkv_bias=True, key_max=key_max, chunk_size=7).eval()
+    x, shared, is_shared = _with_shared_rows(b, frac=frac)
+    with torch.inference_mode():
+        plain = performer(x)
+        built = performer(x, shared_input=shared, is_shared=is_shared)
+        cached = performer(x, shared_input=shared, is_shared=is_shared)
+    torch.testing.assert_close(built, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_input_fallback_when_cached_stabiliser_is_far(monkeypatch):
+    # A negative limit sends every sample through the fallback (streaming the cached keys).
+    monkeypatch.setattr(performer_module, "_MAX_SHARED_GAP", -math.inf)
+    torch.manual_seed(5)
+    performer = Performer(12, 2, 3, 4, chunk_size=6).eval()
+    x, shared, is_shared = _with_shared_rows(2)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            performer(x, shared_input=shared, is_shared=is_shared),
+            performer(x),
+            atol=1e-5,
+            rtol=1e-5,
+        )
+
+
+def test_shared_input_cache_follows_weights_and_input():
+    torch.manual_seed(6)
+    performer = Performer(12, 2, 3, 4).eval()
+    x, shared, is_shared = _with_shared_rows(1)
+    with torch.inference_mode():
+        performer(x, shared_input=shared, is_shared=is_shared)
+    with torch.no_grad():
+        performer.net.layers[0][0].fn.to_k.weight.mul_(1.5)
+        performer.net.layers[0][0].norm.bias.add_(0.3)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            performer(x, shared_input=shared, is_shared=is_shared),
+            performer(x),
+            atol=1e-5,
+            rtol=1e-5,
+        )
+        shared2 = shared.flip(0)
+        x2 = torch.where(is_shared[..., None], shared2, x)
+        torch.testing.assert_close(
+            performer(x2, shared_input=shared2, is_shared=is_shared),
+            performer(x2),
+            atol=1e-5,
+            rtol=1e-5,
+        )
+
+
+def test_shared_input_arguments_are_checked():
+    performer = Performer(12, 1, 3, 4).eval()
+    x, shared, is_shared = _with_shared_rows(2)
+    with pytest.raises(ValueError, match="together"):
+        performer(x, shared_input=shared)
+    with pytest.raises(ValueError, match="seq_len"):
+        performer(x, shared_input=shared[:-1], is_shared=is_shared)
+    with pytest.raises(ValueError, match="seq_len"):
+        performer(x, shared_input=shared, is_shared=is_shared[:1])

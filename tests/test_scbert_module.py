@@ -225,6 +225,19 @@ def test_embedding_does_not_depend_on_batch_chunk_or_gene_order(pbmc):
     assert np.abs(ref[0] - ref[1]).max() > 1e-3
 
 
+def test_encode_reuses_zero_gene_inputs_exactly(pbmc):
+    # In inference the Performer reuses the first-block projections of zero-expression genes
+    # (bin 0 plus gene2vec, the same in every cell); the plain path recomputes them per cell.
+    module = _tiny(pbmc.n_vars).eval()
+    tokens = _tokens(pbmc)
+    assert 0.3 < float((tokens == 0).float().mean()) < 1.0
+    with torch.inference_mode():
+        reused = module.encode(tokens)
+        plain = module.norm(module.performer(module.embed(tokens)))
+    torch.testing.assert_close(reused, plain, atol=1e-5, rtol=1e-5)
+    assert module.performer._shared_first_block is not None
+
+
 # --- checkpoint loading -------------------------------------------------------------------------
 def test_gene_list_of_wrong_length(ckpt):
     genes = read_gene_list(ckpt / "gene_list.txt")

@@ -25,6 +25,9 @@ formulas to float rounding. For inference on CPU (eval mode, no autograd) the wh
 streamed the same way, its projections, output and feed-forward included, and the samples of
 a batch run one at a time when they are independent (``key_max="sample"``): chunks then stay
 long within the same memory budget.
+A model can also name the tokens whose input is the same in every sample (scBERT's
+zero-expression genes): the first block then reuses their projections and key sums from a
+cache instead of recomputing them for each sample (see :meth:`Performer.forward`).
 The feature maps are computed in float32 even under autocast: the ``+1e-4`` floor is below
 bfloat16's resolution near 1.
 """
@@ -236,13 +239,7 @@ class _FavorStream:
             chunk_max = dash.amax().expand(b)
         else:
             chunk_max = dash.amax(dim=(1, 2, 3))
-        if self.running is None:
-            self.running = chunk_max
-        else:
-            new = torch.maximum(self.running, chunk_max)
-            scale = torch.exp2(self.running - new).repeat_interleave(h)[:, None, None]
-            self.kv1 = self.kv1.mul_(scale) if self.inplace else self.kv1 * scale
-            self.running = new
+        self._raise_to(chunk_max)
         shift = (kh**2).sum(-1, keepdim=True) * self.half_norm2 + self.running[:, None, None, None]
         feats = dash.sub_(shift).exp2_() if self.inplace else torch.exp2(dash - shift)
         v1 = torch.cat([vc.transpose(1, 2), vc.new_ones(b, h, c, 1)], dim=-1)
@@ -252,6 +249,31 @@ class _FavorStream:
         else:
             self.kv1 = torch.baddbmm(self.kv1, feats_t, v1.view(b * h, c, d + 1))
         self.v1_sum = self.v1_sum + v1.sum(dim=2)
+
+    def _raise_to(self, top: Tensor) -> None:
+        """Make the running maximum at least ``top`` ``(batch,)``, rescaling the sums so far."""
+        if self.running is None:
+            self.running = top
+            return
+        new = torch.maximum(self.running, top)
+        scale = torch.exp2(self.running - new).repeat_interleave(self.v1_sum.shape[1])
+        self.kv1 = self.kv1 * scale[:, None, None]
+        self.running = new
+
+    def key_maxima(self, kc: Tensor) -> Tensor:
+        """Each key's largest projection ``(batch, chunk)``, in the units of the stabiliser."""
+        return (kc @ self.proj_t).amax(dim=(-2, -1))
+
+    def add_sums(self, kv1: Tensor, v1_sum: Tensor, *, at: Tensor, top: Tensor) -> None:
+        """Add key sums made elsewhere under stabiliser ``at``, over keys whose maximum is ``top``.
+
+        ``kv1`` ``(batch * heads, m, d + 1)`` and ``v1_sum`` ``(batch, heads, d + 1)`` are what
+        :meth:`keys` accumulates; ``at`` and ``top`` are ``(batch,)``.
+        """
+        self._raise_to(top)
+        scale = torch.exp2(at - self.running).repeat_interleave(self.v1_sum.shape[1])
+        self.kv1 = self.kv1 + kv1 * scale[:, None, None]
+        self.v1_sum = self.v1_sum + v1_sum
 
     def _finish_keys(self) -> None:
         b, h, d1 = self.v1_sum.shape
@@ -591,6 +613,8 @@ class Performer(nn.Module):
         self.key_max: KeyMax = key_max
         self.chunk_size = chunk_size
         self.register_buffer("calls_since_last_redraw", torch.tensor(0))
+        # First-block cache for ``shared_input`` (see :meth:`forward`); not part of the state.
+        self._shared_first_block: _SharedFirstBlock | None = None
 
     def fast_attentions(self) -> list[FastAttention]:
         """Return the :class:`FastAttention` of every block, in order."""
@@ -611,29 +635,84 @@ class Performer(nn.Module):
         else:
             self.calls_since_last_redraw += 1
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, *, shared_input: Tensor | None = None, is_shared: Tensor | None = None
+    ) -> Tensor:
         """Run the blocks on ``x`` ``(batch, seq_len, dim)``.
 
         On CPU in eval mode without autograd each block runs in two passes over chunks of
         the sequence, keys then queries with the output projection and the feed-forward, so
         no intermediate spans the whole sequence (the same computation, with the chunks in
         cache). Elsewhere blocks run one after the other, attention then feed-forward.
+
+        Parameters
+        ----------
+        x
+            The blocks' input.
+        shared_input
+            Optional, for speed: ``(seq_len, dim)``, the input a token has when it carries
+            nothing of its own sample (scBERT: bin 0 plus the gene's gene2vec row). Must come
+            with ``is_shared``.
+        is_shared
+            ``(batch, seq_len)`` bool, true where ``x`` equals ``shared_input`` (the caller
+            guarantees it). On the streamed CPU path, with one sample per pass, the first
+            block then takes the keys, values and queries of those tokens from a cache built
+            once per ``shared_input`` and weights, and their key sums from the cached totals
+            minus the sample's own rows. Results are the same up to float rounding; elsewhere
+            both are ignored.
         """
         _check_key_max(self.key_max)
+        if (shared_input is None) != (is_shared is None):
+            raise ValueError("shared_input and is_shared must be given together.")
+        if shared_input is not None and (
+            shared_input.shape != x.shape[1:] or is_shared.shape != x.shape[:2]
+        ):
+            raise ValueError(
+                f"shared_input must be (seq_len, dim) = {tuple(x.shape[1:])} and is_shared "
+                f"(batch, seq_len) = {tuple(x.shape[:2])}; got {tuple(shared_input.shape)} "
+                f"and {tuple(is_shared.shape)}."
+            )
         self._maybe_redraw()
         # Measured on CPU only: on a GPU the per-chunk projections would only add launches.
         streamed = x.device.type == "cpu" and not self.training and not torch.is_grad_enabled()
         if streamed and self.key_max == "sample" and len(x) > 1:
             # Samples are independent here; one at a time, chunks stay long (fast matmuls)
             # within the same cache-sized budget.
-            return torch.cat([self(x[i : i + 1]) for i in range(len(x))])
-        for attn, ff in self.net.layers:
+            return torch.cat(
+                [
+                    self(
+                        x[i : i + 1],
+                        shared_input=shared_input,
+                        is_shared=None if is_shared is None else is_shared[i : i + 1],
+                    )
+                    for i in range(len(x))
+                ]
+            )
+        shared = None
+        if streamed and shared_input is not None and len(x) == 1:
+            shared = (self._first_block_cache(shared_input), is_shared[0].bool())
+        for i, (attn, ff) in enumerate(self.net.layers):
             if streamed:
-                x = _streamed_block(attn, ff, x, key_max=self.key_max, chunk_size=self.chunk_size)
+                x = _streamed_block(
+                    attn,
+                    ff,
+                    x,
+                    key_max=self.key_max,
+                    chunk_size=self.chunk_size,
+                    shared=shared if i == 0 else None,
+                )
             else:
                 x = x + attn(x, key_max=self.key_max, chunk_size=self.chunk_size)
                 x = x + ff(x, chunk_size=self.chunk_size)
         return x
+
+    def _first_block_cache(self, shared_input: Tensor) -> _SharedFirstBlock:
+        attn = self.net.layers[0][0]
+        cache = self._shared_first_block
+        if cache is None or not cache.matches(attn, shared_input):
+            cache = _SharedFirstBlock(attn, shared_input, self.chunk_size)
+            self._shared_first_block = cache
+        return cache
 
 
 def _streamed_block(
@@ -643,8 +722,13 @@ def _streamed_block(
     *,
     key_max: KeyMax,
     chunk_size: int | None,
+    shared: tuple[_SharedFirstBlock, Tensor] | None = None,
 ) -> Tensor:
-    """``x + attn(x)``, then ``+ ff(.)``, for inference, chunk by chunk (no dropout)."""
+    """``x + attn(x)``, then ``+ ff(.)``, for inference, chunk by chunk (no dropout).
+
+    With ``shared = (cache, is_shared)`` (one sample, ``is_shared`` ``(seq_len,)``), the
+    attention of the tokens marked shared starts from the cache's keys, values and queries.
+    """
     sa: PerformerSelfAttention = attn.fn
     feed: FeedForward = ff.fn.fn
     b, n, _ = x.shape
@@ -652,19 +736,122 @@ def _streamed_block(
     fast = sa.fast_attention
     step = _chunk_len(chunk_size, n, b * h * fast.nb_features)
     stream = _FavorStream(fast.projection_matrix, b, h, key_max=key_max, eps=_EPS)
-    for start in range(0, n, step):
-        xn = attn.norm(x[:, start : start + step])
+    own = x if shared is None else x[:, ~shared[1]]
+    for start in range(0, own.shape[1], step):
+        xn = attn.norm(own[:, start : start + step])
         k, v = (proj(xn).unflatten(-1, (h, -1)) for proj in (sa.to_k, sa.to_v))
         with _no_autocast(x.device.type):
             stream.keys(k.float(), v.float())
+    if shared is not None:
+        shared[0].add_keys(stream, shared[1], step)
     out = torch.empty_like(x)
     for start in range(0, n, step):
         xc = x[:, start : start + step]
-        # The LayerNorm is recomputed rather than kept from the key pass: about 1% of the
-        # block's time, against a second whole-sequence tensor.
-        q = sa.to_q(attn.norm(xc)).unflatten(-1, (h, -1))
+        if shared is None:
+            # The LayerNorm is recomputed rather than kept from the key pass: about 1% of the
+            # block's time, against a second whole-sequence tensor.
+            q = sa.to_q(attn.norm(xc)).unflatten(-1, (h, -1))
+        else:
+            q = shared[0].queries(attn, xc, shared[1][start : start + step], start)
         with _no_autocast(x.device.type):
-            heads_out = stream.queries(q.float()).to(q.dtype)
+            heads_out = stream.queries(q.float()).to(x.dtype)
         xc = xc + sa.to_out(heads_out.flatten(2))
         out[:, start : start + step] = xc + feed(ff.norm(xc))
     return out
+
+
+# In base-2 units of the key stabiliser: beyond this gap between the cached sums' stabiliser and
+# a cell's, subtracting its own rows from the cached totals would lose more than ~4 bits.
+_MAX_SHARED_GAP = 4.0
+
+
+class _SharedFirstBlock:
+    """The first block's keys, values and queries of a shared input, and its key sums.
+
+    See :meth:`Performer.forward`: for a sample whose tokens equal ``shared_input`` where
+    ``is_shared``, the keys of the shared tokens add ``total - (rows the sample replaces)`` to
+    the stream, and their queries come from the cache. Built once per input and weights.
+    """
+
+    def __init__(self, attn: PreLayerNorm, shared_input: Tensor, chunk_size: int | None) -> None:
+        sa: PerformerSelfAttention = attn.fn
+        h = sa.heads
+        self.shared_input = shared_input.detach().clone()
+        self.weights = _weights_key(attn)
+        self.proj = sa.fast_attention.projection_matrix
+        n = shared_input.shape[0]
+        step = _chunk_len(chunk_size, n, h * sa.fast_attention.nb_features)
+        x = self.shared_input.unsqueeze(0)
+        parts = [
+            [proj(attn.norm(x[:, s : s + step])).float() for proj in (sa.to_k, sa.to_v, sa.to_q)]
+            for s in range(0, n, step)
+        ]
+        self.k, self.v, self.q = (
+            torch.cat([p[i] for p in parts], dim=1).unflatten(-1, (h, -1)) for i in range(3)
+        )
+        totals = self._stream(None)
+        for s in range(0, n, step):
+            totals.keys(self.k[:, s : s + step], self.v[:, s : s + step])
+        self.totals = totals
+        self.key_max = torch.cat(
+            [totals.key_maxima(self.k[:, s : s + step])[0] for s in range(0, n, step)]
+        )
+
+    def _stream(self, running: Tensor | None) -> _FavorStream:
+        stream = _FavorStream(self.proj, 1, self.k.shape[2], key_max="sample", eps=_EPS)
+        stream.running = running
+        return stream
+
+    def matches(self, attn: PreLayerNorm, shared_input: Tensor) -> bool:
+        """Whether this cache holds ``shared_input`` under the block's current weights."""
+        return (
+            self.weights == _weights_key(attn)
+            and self.shared_input.shape == shared_input.shape
+            and torch.equal(self.shared_input, shared_input)
+        )
+
+    def add_keys(self, stream: _FavorStream, is_shared: Tensor, step: int) -> None:
+        """Add the keys of the shared tokens ``is_shared`` ``(seq_len,)`` to ``stream``."""
+        if not bool(is_shared.any()):
+            return
+        top = self.key_max[is_shared].max().reshape(1)
+        at = self.totals.running
+        new = top if stream.running is None else torch.maximum(stream.running, top)
+        if float(at - new) > _MAX_SHARED_GAP:
+            index = is_shared.nonzero()[:, 0]
+            for s in range(0, len(index), step):
+                rows = index[s : s + step]
+                stream.keys(self.k[:, rows], self.v[:, rows])
+            return
+        # The sample's own rows, under the totals' stabiliser (no chunk exceeds it).
+        replaced = self._stream(at)
+        index = (~is_shared).nonzero()[:, 0]
+        for s in range(0, len(index), step):
+            rows = index[s : s + step]
+            replaced.keys(self.k[:, rows], self.v[:, rows])
+        at = replaced.running
+        scale = torch.exp2(self.totals.running - at)
+        kv1 = self.totals.kv1 * scale - replaced.kv1
+        stream.add_sums(kv1, self.totals.v1_sum - replaced.v1_sum, at=at, top=top)
+
+    def queries(self, attn: PreLayerNorm, xc: Tensor, is_shared: Tensor, start: int) -> Tensor:
+        """Return the queries ``(1, chunk, heads, d)`` of ``xc`` (the tokens from ``start``)."""
+        sa: PerformerSelfAttention = attn.fn
+        q = self.q[:, start : start + xc.shape[1]].clone()
+        own = ~is_shared
+        if bool(own.any()):
+            q[:, own] = sa.to_q(attn.norm(xc[:, own])).float().unflatten(-1, (sa.heads, -1))
+        return q
+
+
+def _weights_key(attn: PreLayerNorm) -> tuple:
+    """Identity and version of every tensor the first block's projections read."""
+    sa: PerformerSelfAttention = attn.fn
+    tensors = [
+        *attn.norm.parameters(),
+        *sa.to_q.parameters(),
+        *sa.to_k.parameters(),
+        *sa.to_v.parameters(),
+        sa.fast_attention.projection_matrix,
+    ]
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)

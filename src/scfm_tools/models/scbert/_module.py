@@ -346,15 +346,23 @@ class SCBERTModule(BaseModuleClass):
                 f"sequences have {tokens.shape[1]} tokens, but this model reads at most "
                 f"{self.seq_len} (its {self.n_genes} genes + 1)."
             )
-        x = self.token_emb(tokens)
+        return self.dropout(self._add_gene2vec(self.token_emb(tokens)))
+
+    def _add_gene2vec(self, x: Tensor) -> Tensor:
         if self.pos_emb is not None:
             # In place on purpose: the official float32 += float64 rounds the float64 sum once.
-            x += self.pos_emb(tokens.shape[1])
-        return self.dropout(x)
+            x += self.pos_emb(x.shape[-2])
+        return x
 
     def encode(self, tokens: Tensor) -> Tensor:
         """Per-gene encodings after the final LayerNorm ``(batch, seq_len, dim)``."""
-        return self.norm(self.performer(self.embed(tokens)))
+        x = self.embed(tokens)
+        if self.training:
+            return self.norm(self.performer(x))
+        # A zero-expression gene's input (bin 0 plus its gene2vec row) is the same in every
+        # cell, so the Performer can reuse its first-block projections across cells.
+        bin0 = self._add_gene2vec(self.token_emb.weight[0].expand(tokens.shape[1], -1).clone())
+        return self.norm(self.performer(x, shared_input=bin0, is_shared=tokens == 0))
 
     # scvi-tools module interface -----------------------------------------------------------------
     def _get_inference_input(self, tensors: dict[str, Tensor], **kwargs) -> dict[str, Any]:
