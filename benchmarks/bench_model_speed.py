@@ -13,7 +13,10 @@ package's batching, chunking or ``torch.inference_mode``:
   head, ``phi(Q)`` and ``phi(K)`` materialised for the whole sequence with ``einsum``, then
   the three ``einsum`` of its non-causal linear attention; unchunked feed-forward. Ours:
   ``scfm_tools.models.scbert.embed_matrix``. Output compared: the mean encoding over genes.
-  Official anchor: 0.060 cells/s (``../shared/reference/README.md``).
+  Official anchor: 0.060 cells/s (``../shared/reference/README.md``), timed on the official
+  ``PerformerLM.forward`` with 4 cells per pass: ``--scbert-baseline-batch 4`` runs the
+  stand-in that way (its FAVOR+ key stabiliser is then shared by the 4 cells, as in the
+  official batched forward, so outputs differ from ours by that ``1e-4``-floor effect).
 * **scFoundation** (``MaeAutobin``: encoder 12 x 768, 12 heads over the expressed genes + T, S;
   Performer decoder 6 x 512, 8 heads of 64 over 19,266 tokens; official ``get_embedding.py``):
   cells densified onto the 19,264 genes (the official ``main_gene_selection`` builds a dense
@@ -238,13 +241,14 @@ def scbert_paths(spec: dict[str, Any]):
 
         tokenizer = SCBERTTokenizer.from_match(match, module.n_genes, bin_num=5)
         out = np.empty((cells.shape[0], module.dim), dtype=np.float32)
+        step = spec["scbert_baseline_batch"]  # predict.py: 1 cell per forward pass
         with torch.no_grad():
-            for i in range(cells.shape[0]):  # predict.py: one cell per forward pass
-                tokens = tokenizer(cells[i : i + 1])
+            for i in range(0, cells.shape[0], step):
+                tokens = tokenizer(cells[i : i + step])
                 x = module.token_emb(tokens)
                 x += module.pos_emb.emb.weight[: tokens.shape[1]]
                 x = module.norm(official_performer(module.performer, x))
-                out[i] = x[0, :-1].mean(dim=0).numpy()
+                out[i : i + step] = x[:, :-1].mean(dim=1).numpy()
         return out
 
     def ours(cells):
@@ -550,8 +554,9 @@ def _markdown(payload: dict[str, Any]) -> str:
         f"{st['load_average_end']} at the end ({m['logical_cpus']} logical CPUs).",
         "",
         "Random weights at the published shapes; real PBMCs. Baseline: a stand-in of each "
-        "official inference path rebuilt around the same weights (one cell per pass for "
-        "scBERT and scFoundation, official-style FAVOR+ with materialised features, torch "
+        "official inference path rebuilt around the same weights "
+        f"({st.get('scbert_baseline_batch', 1)} cell(s) per pass for scBERT, one for "
+        "scFoundation, official-style FAVOR+ with materialised features, torch "
         "`TransformerEncoderLayer` encoder, whole dataset in memory for CellPLM; "
         "`torch.no_grad`); see the script's notes. Ours: the package's inference functions. "
         f"{st['rounds']} alternating round(s); each run in a fresh process; speed-ups are "
@@ -594,6 +599,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="alternating (baseline, ours)")
     parser.add_argument("--n-scbert", type=int, default=2, help="cells per scBERT run")
+    parser.add_argument(
+        "--scbert-baseline-batch",
+        type=int,
+        default=1,
+        help="cells per forward pass of the scBERT stand-in (1: predict.py; 4: the anchor's run)",
+    )
     parser.add_argument("--n-scf-cell", type=int, default=4, help="cells, scFoundation cell")
     parser.add_argument("--n-scf-expr", type=int, default=2, help="cells, scFoundation expression")
     parser.add_argument("--cellplm-cells", type=int, nargs="+", default=[10_000])
@@ -622,6 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": str(data),
         "reference": str(reference),
         "cellplm_seq": args.cellplm_seq,
+        "scbert_baseline_batch": args.scbert_baseline_batch,
     }
     sizes = {
         "scbert": args.n_scbert,
@@ -713,6 +725,7 @@ def main(argv: list[str] | None = None) -> int:
             "cells": sizes,
             "cellplm_cells": args.cellplm_cells,
             "cellplm_seq": args.cellplm_seq,
+            "scbert_baseline_batch": args.scbert_baseline_batch,
             "seed": args.seed,
             "data": DATA_FILE,
             "wall_s": time.perf_counter() - wall,
