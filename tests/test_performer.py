@@ -280,27 +280,8 @@ def _with_shared_rows(b, n=45, dim=12, frac=0.85, seed=3):
     return x, shared, is_shared
 
 
-@pytest.mark.parametrize("key_max", ["batch", "sample"])
-@pytest.mark.parametrize("frac", [0.0, 0.5, 0.85, 1.0])
-@pytest.mark.parametrize("b", [1, 3])
-def test_shared_input_reuses_first_block_exactly(key_max, frac, b):
-    torch.manual_seed(4)
-    performer = Performer(12, 2, 3, 4, qkv_bias=True, key_max=key_max, chunk_size=7).eval()
-    x, shared, is_shared = _with_shared_rows(b, frac=frac)
-    with torch.inference_mode():
-        plain = performer(x)
-        built = performer(x, shared_input=shared, is_shared=is_shared)
-        cached = performer(x, shared_input=shared, is_shared=is_shared)
-    torch.testing.assert_close(built, plain, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
-
-
-def test_shared_input_fallback_when_cached_stabiliser_is_far(monkeypatch):
-    # A negative limit sends every sample through the fallback (streaming the cached keys).
-    monkeypatch.setattr(performer_module, "_MAX_SHARED_GAP", -math.inf)
-    torch.manual_seed(5)
-    performer = Performer(12, 2, 3, 4, chunk_size=6).eval()
-    x, shared, is_shared = _with_shared_rows(2)
+def _assert_reuse_is_exact(performer, x, shared, is_shared):
+    """The shared first-block path gives the plain path's output (inference mode)."""
     with torch.inference_mode():
         torch.testing.assert_close(
             performer(x, shared_input=shared, is_shared=is_shared),
@@ -308,6 +289,25 @@ def test_shared_input_fallback_when_cached_stabiliser_is_far(monkeypatch):
             atol=1e-5,
             rtol=1e-5,
         )
+
+
+@pytest.mark.parametrize("key_max", ["batch", "sample"])
+@pytest.mark.parametrize("frac", [0.0, 0.5, 0.85, 1.0])
+@pytest.mark.parametrize("b", [1, 3])
+def test_shared_input_reuses_first_block_exactly(key_max, frac, b):
+    torch.manual_seed(4)
+    performer = Performer(12, 2, 3, 4, qkv_bias=True, key_max=key_max, chunk_size=7).eval()
+    x, shared, is_shared = _with_shared_rows(b, frac=frac)
+    _assert_reuse_is_exact(performer, x, shared, is_shared)  # builds the cache
+    _assert_reuse_is_exact(performer, x, shared, is_shared)  # reads it
+
+
+def test_shared_input_fallback_when_cached_stabiliser_is_far(monkeypatch):
+    # A negative limit sends every sample through the fallback (streaming the cached keys).
+    monkeypatch.setattr(performer_module, "_MAX_SHARED_GAP", -math.inf)
+    torch.manual_seed(5)
+    performer = Performer(12, 2, 3, 4, chunk_size=6).eval()
+    _assert_reuse_is_exact(performer, *_with_shared_rows(2))
 
 
 def test_shared_input_cache_follows_weights_and_input():
@@ -319,21 +319,10 @@ def test_shared_input_cache_follows_weights_and_input():
     with torch.no_grad():
         performer.net.layers[0][0].fn.to_k.weight.mul_(1.5)
         performer.net.layers[0][0].norm.bias.add_(0.3)
-    with torch.inference_mode():
-        torch.testing.assert_close(
-            performer(x, shared_input=shared, is_shared=is_shared),
-            performer(x),
-            atol=1e-5,
-            rtol=1e-5,
-        )
-        shared2 = shared.flip(0)
-        x2 = torch.where(is_shared[..., None], shared2, x)
-        torch.testing.assert_close(
-            performer(x2, shared_input=shared2, is_shared=is_shared),
-            performer(x2),
-            atol=1e-5,
-            rtol=1e-5,
-        )
+    _assert_reuse_is_exact(performer, x, shared, is_shared)
+    shared2 = shared.flip(0)
+    x2 = torch.where(is_shared[..., None], shared2, x)
+    _assert_reuse_is_exact(performer, x2, shared2, is_shared)
 
 
 def test_shared_input_arguments_are_checked():
