@@ -183,6 +183,11 @@ class SCBERTModule(BaseModuleClass):
     ``mask_token_id`` elsewhere; see :func:`mask_tokens`) or ``labels`` (classifier head: class
     indices ``(batch,)`` or ``(batch, 1)``).
 
+    In CPU inference the first Performer block of the zero-expression genes (bin 0 plus
+    gene2vec, the same in every cell) is computed once and cached with the module, about 145 MB
+    at the published size (see :meth:`scfm_tools.nn.Performer.forward`); it is rebuilt whenever
+    the weights change.
+
     Parameters
     ----------
     n_genes
