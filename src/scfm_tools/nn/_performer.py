@@ -818,21 +818,22 @@ class _SharedFirstBlock:
         at = self.totals.running
         new = top if stream.running is None else torch.maximum(stream.running, top)
         if float(at - new) > _MAX_SHARED_GAP:
-            index = is_shared.nonzero()[:, 0]
-            for s in range(0, len(index), step):
-                rows = index[s : s + step]
-                stream.keys(self.k[:, rows], self.v[:, rows])
+            self._add_rows(stream, is_shared, step)
             return
         # The sample's own rows, under the totals' stabiliser (no chunk exceeds it).
         replaced = self._stream(at)
-        index = (~is_shared).nonzero()[:, 0]
-        for s in range(0, len(index), step):
-            rows = index[s : s + step]
-            replaced.keys(self.k[:, rows], self.v[:, rows])
+        self._add_rows(replaced, ~is_shared, step)
         at = replaced.running
         scale = torch.exp2(self.totals.running - at)
         kv1 = self.totals.kv1 * scale - replaced.kv1
         stream.add_sums(kv1, self.totals.v1_sum - replaced.v1_sum, at=at, top=top)
+
+    def _add_rows(self, stream: _FavorStream, rows: Tensor, step: int) -> None:
+        """Stream the cached keys and values of the positions ``rows`` (bool) in chunks."""
+        index = rows.nonzero()[:, 0]
+        for s in range(0, len(index), step):
+            chunk = index[s : s + step]
+            stream.keys(self.k[:, chunk], self.v[:, chunk])
 
     def queries(self, attn: PreLayerNorm, xc: Tensor, is_shared: Tensor, start: int) -> Tensor:
         """Return the queries ``(1, chunk, heads, d)`` of ``xc`` (the tokens from ``start``)."""
