@@ -46,6 +46,23 @@ def test_chunked_equals_unchunked(key_max, chunk_size):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("m", [3, 20])
+def test_padded_features_keep_negative_maxima(m):
+    # Every projection negative: the stabilisers are then negative too, and features added
+    # only to round m up for speed must not raise them (a zero feature would, and the 1e-4
+    # floor would then weigh more). m = 3 is smaller than the padding itself.
+    q, k, v = _qkv(d=4, seed=7)
+    q, k = q.abs() + 0.5, k.abs() + 0.5
+    proj = -gaussian_orthogonal_random_matrix(
+        m, 4, generator=torch.Generator().manual_seed(8)
+    ).abs()
+    for key_max in ("batch", "sample"):
+        expected = _reference(q, k, v, proj, key_max)
+        with torch.inference_mode():
+            got = favor_attention(q, k, v, proj, key_max=key_max, chunk_size=6)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_chunked_gradients_equal_reference():
     q, k, v = (t.requires_grad_() for t in _qkv(n=23))
     proj = gaussian_orthogonal_random_matrix(16, 8, generator=torch.Generator().manual_seed(2))
