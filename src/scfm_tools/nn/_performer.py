@@ -216,7 +216,7 @@ class _FavorStream:
         # d^-1/4 and log2 e are folded into the (small) projection instead of scaling q and k.
         normalizer = d**-0.25
         proj = math.log2(math.e) * normalizer * projection_matrix.float()
-        # Products over a multiple of 8 features run ~15% faster on CPU (AVX2 width). The
+        # Products over a multiple of 8 features run 8-15% faster on CPU (AVX2 width). The
         # extra features repeat the first ones, so every maximum is unchanged, and their sums
         # are zeroed before any query reads them.
         self.m = m
@@ -863,10 +863,8 @@ class _SharedFirstBlock:
         self._add_rows(replaced, ~is_shared, step)
         at = replaced.running
         scale = torch.exp2(self.totals.running - at)
-        (kv, k_sum, v_sum, count), (kv_own, k_sum_own, v_sum_own, count_own) = (
-            self.totals.sums(),
-            replaced.sums(),
-        )
+        kv, k_sum, v_sum, count = self.totals.sums()
+        kv_own, k_sum_own, v_sum_own, count_own = replaced.sums()
         sums = (
             kv * scale - kv_own,
             k_sum * scale - k_sum_own,
