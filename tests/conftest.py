@@ -12,6 +12,30 @@ from pathlib import Path
 
 import pytest
 
+
+def _split_threads() -> None:
+    """Give each pytest-xdist worker its share of the cores, before torch starts its pools.
+
+    Two workers that each run torch on every core make OpenMP threads wait on each other: on
+    2 cores the scBERT training tests took 25 s with one thread per worker and 130-650 s with
+    two. Subprocesses (the DDP tests) inherit the limit through the environment.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2:
+        return
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(name, threads)
+    # numpy's BLAS is loaded before this file runs, so its pool is resized directly.
+    import threadpoolctl
+    import torch
+
+    threadpoolctl.threadpool_limits(int(os.environ["OPENBLAS_NUM_THREADS"]))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+_split_threads()
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DATA_DIR = Path(os.environ.get("SFT_DATA", SHARED / "data"))
