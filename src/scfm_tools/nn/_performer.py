@@ -681,7 +681,8 @@ class Performer(nn.Module):
             with ``is_shared``.
         is_shared
             ``(batch, seq_len)`` bool, true where ``x`` equals ``shared_input`` (the caller
-            guarantees it). On the streamed CPU path, with one sample per pass, the first
+            guarantees it, up to float rounding). On the streamed CPU path, with one sample
+            per pass (see :meth:`reuses_shared_input`), the first
             block then takes the keys, values and queries of those tokens from a cache built
             once per ``shared_input`` and weights, and their key sums from the cached totals
             minus the sample's own rows. Results are the same up to float rounding; elsewhere
@@ -699,8 +700,7 @@ class Performer(nn.Module):
                 f"and {tuple(is_shared.shape)}."
             )
         self._maybe_redraw()
-        # Measured on CPU only: on a GPU the per-chunk projections would only add launches.
-        streamed = x.device.type == "cpu" and not self.training and not torch.is_grad_enabled()
+        streamed = self._streams(x)
         if streamed and self.key_max == "sample" and len(x) > 1:
             # Samples are independent here; one at a time, chunks stay long (fast matmuls)
             # within the same cache-sized budget.
@@ -731,6 +731,18 @@ class Performer(nn.Module):
                 x = x + attn(x, key_max=self.key_max, chunk_size=self.chunk_size)
                 x = x + ff(x, chunk_size=self.chunk_size)
         return x
+
+    def _streams(self, x: Tensor) -> bool:
+        # Measured on CPU only: on a GPU the per-chunk projections would only add launches.
+        return x.device.type == "cpu" and not self.training and not torch.is_grad_enabled()
+
+    def reuses_shared_input(self, x: Tensor) -> bool:
+        """Whether :meth:`forward` on ``x`` would use a ``shared_input``.
+
+        True on the streamed CPU inference path with one sample per pass; callers can skip
+        building the shared input elsewhere.
+        """
+        return self._streams(x) and (self.key_max == "sample" or len(x) == 1)
 
     def _first_block_cache(self, shared_input: Tensor) -> _SharedFirstBlock:
         attn = self.net.layers[0][0]

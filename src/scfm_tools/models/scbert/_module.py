@@ -362,7 +362,7 @@ class SCBERTModule(BaseModuleClass):
     def encode(self, tokens: Tensor) -> Tensor:
         """Per-gene encodings after the final LayerNorm ``(batch, seq_len, dim)``."""
         x = self.embed(tokens)
-        if self.training:
+        if not self.performer.reuses_shared_input(x):
             return self.norm(self.performer(x))
         # A zero-expression gene's input (bin 0 plus its gene2vec row) is the same in every
         # cell, so the Performer can reuse its first-block projections across cells.
