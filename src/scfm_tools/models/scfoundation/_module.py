@@ -214,14 +214,9 @@ class SCFoundationDecoder(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
 
-    def forward(
-        self, x: Tensor, *, shared_input: Tensor | None = None, is_shared: Tensor | None = None
-    ) -> Tensor:
-        """Decode ``x`` ``(batch, seq_len, dim)``.
-
-        ``shared_input`` and ``is_shared`` are passed on to :meth:`Performer.forward`.
-        """
-        return self.norm(self.performer(x, shared_input=shared_input, is_shared=is_shared))
+    def forward(self, x: Tensor) -> Tensor:
+        """Decode ``x`` ``(batch, seq_len, dim)``."""
+        return self.norm(self.performer(x))
 
 
 def gather_tokens(
@@ -523,15 +518,9 @@ class SCFoundationModule(BaseModuleClass):
         valid = ~padding
         rows = torch.arange(values.shape[0], device=values.device).unsqueeze(1).expand_as(positions)
         x = x.index_put((rows[valid], positions[valid]), hidden[valid].to(x.dtype))
-        x = self.decoder_embed(x + self.pos_emb.weight[: self.seq_len])
-        if not self.decoder.performer.reuses_shared_input(x):
-            return self.norm(self.decoder(x))
-        # An unmasked zero (never an encoder token: the encoder reads positive values) has the
-        # same decoder input in every cell, the value embedding of 0 plus the gene's position,
-        # so the decoder's first block can reuse those genes' projections across cells.
-        zero = self.token_emb(values.new_zeros(1, values.shape[1]))
-        shared = self.decoder_embed(zero + self.pos_emb.weight[: self.seq_len])[0]
-        return self.norm(self.decoder(x, shared_input=shared, is_shared=values == 0))
+        x = x + self.pos_emb.weight[: self.seq_len]
+        x = self.decoder(self.decoder_embed(x))
+        return self.norm(x)
 
     # scvi-tools module interface -----------------------------------------------------------------
     def _get_inference_input(self, tensors: dict[str, Tensor], **kwargs) -> dict[str, Any]:
