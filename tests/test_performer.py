@@ -319,6 +319,23 @@ def test_shared_input_reuses_first_block_exactly(key_max, frac, b):
     _assert_reuse_is_exact(performer, x, shared, is_shared)  # reads it
 
 
+def test_reuses_shared_input_only_where_forward_does():
+    performer = Performer(12, 1, 3, 4).eval()
+    one, two = torch.randn(1, 9, 12), torch.randn(2, 9, 12)
+    with torch.no_grad():
+        assert performer.reuses_shared_input(one) and performer.reuses_shared_input(two)
+        performer.key_max = "batch"  # a batch then runs as one pass, without the cache
+        assert performer.reuses_shared_input(one) and not performer.reuses_shared_input(two)
+        performer.key_max = "sample"
+        performer.train()
+        assert not performer.reuses_shared_input(one)
+        performer.eval()
+    assert not performer.reuses_shared_input(one)  # autograd on: the plain path
+    with torch.no_grad():
+        performer(one, shared_input=one[0], is_shared=torch.ones(1, 9, dtype=torch.bool))
+        assert performer._shared_first_block is not None
+
+
 def test_shared_input_fallback_when_cached_stabiliser_is_far(monkeypatch):
     # A negative limit sends every sample through the fallback (streaming the cached keys).
     monkeypatch.setattr(performer_module, "_MAX_SHARED_GAP", -math.inf)
