@@ -682,11 +682,10 @@ class Performer(nn.Module):
         is_shared
             ``(batch, seq_len)`` bool, true where ``x`` equals ``shared_input`` (the caller
             guarantees it, up to float rounding). On the streamed CPU path, with one sample
-            per pass (see :meth:`reuses_shared_input`), the first
-            block then takes the keys, values and queries of those tokens from a cache built
-            once per ``shared_input`` and weights, and their key sums from the cached totals
-            minus the sample's own rows. Results are the same up to float rounding; elsewhere
-            both are ignored.
+            per pass (see :meth:`reuses_shared_input`), the first block then takes the keys,
+            values and queries of those tokens from a cache built once per ``shared_input``
+            and weights, and their key sums from the cached totals minus the sample's own
+            rows. Results are the same up to float rounding; elsewhere both are ignored.
         """
         _check_key_max(self.key_max)
         if (shared_input is None) != (is_shared is None):
@@ -715,7 +714,7 @@ class Performer(nn.Module):
                 ]
             )
         shared = None
-        if streamed and shared_input is not None and len(x) == 1:
+        if shared_input is not None and self.reuses_shared_input(x):
             shared = (self._first_block_cache(shared_input), is_shared[0].bool())
         for i, (attn, ff) in enumerate(self.net.layers):
             if streamed:
