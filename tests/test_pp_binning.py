@@ -120,10 +120,16 @@ def test_bin_values_reproduces_scbert_tokens(fixtures_dir):
     counts = io["counts"]
     assert counts.shape[1] == n_genes
 
-    # The float arithmetic of scanpy's normalize_total + log1p(base=2), bit for bit.
+    # scanpy's normalize_total + log1p(base=2) in float32. The float library's log1p may round
+    # the last bit either way (numpy 2.4.6 differs from the fixture's in 14 of 384 values: 13
+    # by one float32 step, one by two after the division by log 2), so the values are held to
+    # two steps, few of them off at all; the tokens derived from them must be exact.
     csr = sparse.csr_matrix(counts)
     log2 = sparse.csr_matrix((scbert_log2_norm(csr), csr.indices, csr.indptr), shape=csr.shape)
-    np.testing.assert_array_equal(log2.toarray(), io["log2_norm"])
+    expected = io["log2_norm"]
+    assert log2.dtype == expected.dtype == np.float32
+    np.testing.assert_array_max_ulp(log2.toarray(), expected, maxulp=2)
+    assert (np.abs(log2.toarray() - expected) > 0).sum() <= expected.size // 10
 
     adata = ad.AnnData(counts)
     sft.pp.bin_values(adata, flavor="scbert", n_bins=bin_num)
