@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -12,11 +11,22 @@ import numpy as np
 from .._anndata import params_record, resolve_adata
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from ._label_transfer import labels_from_proba, reference_labels, transfer_labels
-from ._model_arg import DEFAULT_MODEL, check_model_values, resolve_model
+from ._model_arg import (
+    DEFAULT_MODEL,
+    LocatedModel,
+    call_model,
+    check_model_values,
+    load_for,
+    locate_model,
+    prepare_device,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
+    import torch
     from anndata import AnnData
+
+    from ..models.base import PretrainedMixin
 
 __all__ = ["annotate"]
 
@@ -24,67 +34,25 @@ logger = logging.getLogger("scfm_tools")
 
 Method = Literal["knn", "logreg", "finetune"]
 _METHODS = ("knn", "logreg", "finetune")
-# What annotate passes to every family's annotate function itself.
-_STANDARD = (
-    "layer",
-    "gene_key",
-    "reference",
-    "label_key",
-    "reference_layer",
-    "threshold",
-    "batch_size",
-    "max_epochs",
-    "random_state",
-    "device",
-    "chunk_size",
-)
-# What annotate passes to every family's embed function itself (knn and logreg).
-_EMBED_STANDARD = (
-    "layer",
-    "gene_key",
-    "batch_size",
-    "max_length",
-    "random_state",
-    "device",
-    "chunk_size",
-)
-# Cells per forward pass: scBERT's official fine-tuning batch, embed_cells' default.
-_BATCH_SIZE = {"finetune": 8, "classifier": 8, "knn": 64, "logreg": 64}
+# Cells per forward pass: scBERT's official fine-tuning batch; embedding: the family's default.
+_BATCH_SIZE = {"finetune": 8, "classifier": 8}
 
 DOC_ANNOTATE_MODEL = f"""\
 model
-    The model: a registered name (see :func:`scfm_tools.hub.list_models`) or a checkpoint path,
-    or ``None`` for the default model that ships with the package (``"{DEFAULT_MODEL}"``). With
-    ``method="knn"`` or ``"logreg"``, any model that embeds cells. With ``method="finetune"``,
-    the checkpoint to fine-tune (pretrained or fine-tuned; scBERT). Without ``reference``, a
-    fine-tuned classifier: an in-memory model with a classifier head (e.g. a fine-tuned
-    :class:`~scfm_tools.models.SCBERT`) or a fine-tuned checkpoint (scBERT: the ``.pth`` with
-    ``gene_list.txt`` and ``classes.txt`` beside it)."""
+    The model: a registered name (see :func:`scfm_tools.hub.list_models`), a checkpoint path or
+    a model object, or ``None`` for the default model that ships with the package
+    (``"{DEFAULT_MODEL}"``). With ``method="knn"`` or ``"logreg"``, any model that embeds
+    cells. With ``method="finetune"``, the model to fine-tune (pretrained or fine-tuned;
+    scBERT), which is left as it is: a fine-tuned copy does the predicting. Without
+    ``reference``, a fine-tuned classifier: a model object with a classifier head (e.g. a
+    fine-tuned :class:`~scfm_tools.models.SCBERT`) or a fine-tuned checkpoint (scBERT: the
+    ``.pth`` with ``gene_list.txt`` and ``classes.txt`` beside it)."""
 
 
-def _family_of(model: Any) -> str | None:
-    """Return the family of an in-memory model (its class name); None for names and paths."""
-    if isinstance(model, str | os.PathLike) or model is None:
-        return None
-    return type(model).__name__.lower()
-
-
-def _fine_tuner(family: str):
-    """Return the family's annotate function; None when the family has no classifier head."""
-    from ..models._families import family_task
-
-    try:
-        return family_task(family, "annotate")
-    except NotImplementedError:
-        return None
-
-
-def _choose_method(
-    method: str | None, family: str, reference: Any, model: Any, in_memory: bool
-) -> str:
+def _choose_method(method: str | None, located: LocatedModel, reference: Any, model: Any) -> str:
     """Validate ``method`` against the other arguments; ``"classifier"`` means no reference."""
-    from ..models._families import family_task
-
+    family = located.family
+    can_finetune = hasattr(located.cls, "fine_tune_classifier")
     if method is not None and method not in _METHODS:
         raise ValueError(f"method must be one of {list(_METHODS)} or None, got {method!r}.")
     if reference is None:
@@ -94,7 +62,7 @@ def _choose_method(
                 "label_key=. Without a reference, model= must be a fine-tuned classifier and "
                 "method= is left out."
             )
-        if _fine_tuner(family) is None:
+        if not hasattr(located.cls, "predict_proba"):
             raise ValueError(
                 f"a {family} model is not a fine-tuned classifier, so it cannot annotate without "
                 "a reference: pass a labelled reference= and label_key= to transfer its cell "
@@ -102,31 +70,103 @@ def _choose_method(
             )
         return "classifier"
     if method is None:
-        can_finetune = model is not None and _fine_tuner(family) is not None
-        method = "finetune" if can_finetune else "knn"
-    if method == "finetune":
-        try:
-            family_task(family, "annotate")
-        except NotImplementedError as err:
-            raise NotImplementedError(
-                f"method='finetune' cannot fine-tune {family} models: {err} Use method='knn' or "
-                f"method='logreg' to transfer the reference's cell types on {family} embeddings."
-            ) from None
-    elif in_memory:
-        raise ValueError(
-            f"method={method!r} embeds cells with a model name or checkpoint path; an in-memory "
-            "model object is only used as a classifier. Pass its checkpoint path instead."
+        method = "finetune" if model is not None and can_finetune else "knn"
+    if method == "finetune" and not can_finetune:
+        raise NotImplementedError(
+            f"method='finetune' cannot fine-tune {family} models (scBERT models can). Use "
+            f"method='knn' or method='logreg' to transfer the reference's cell types on {family} "
+            "embeddings."
         )
     return method
 
 
-def _embed(embed, resolved, adata: AnnData, **kwargs: Any) -> tuple[np.ndarray, dict[str, Any]]:
-    emb, params = embed(resolved, adata, **kwargs)
-    return np.asarray(emb, dtype=np.float32), params
+def _accelerator(device: torch.device) -> str:
+    return {"cuda": "gpu", "cpu": "cpu", "mps": "mps"}.get(device.type, "auto")
+
+
+def _reference_adata(
+    reference: AnnData, label_key: str, layer: str | None, gene_key: str | None
+) -> AnnData:
+    """Copy what training needs from the reference (counts, labels, gene symbols).
+
+    The caller's reference is never registered or modified.
+    """
+    import anndata as ad
+    import pandas as pd
+
+    from .._anndata import get_matrix
+    from .._validation import check_counts, check_nonempty
+
+    keep, labels = reference_labels(reference, label_key)
+    check_counts(reference, layer)
+    check_nonempty(reference, layer)
+    names = reference.var_names if gene_key is None else reference.var[gene_key].astype(str)
+    X = get_matrix(reference, layer)
+    return ad.AnnData(
+        X=X[np.flatnonzero(keep)] if not keep.all() else X.copy(),
+        obs=pd.DataFrame({label_key: pd.Categorical(labels)}, index=reference.obs_names[keep]),
+        var=pd.DataFrame(index=pd.Index(np.asarray(names, dtype=str))),
+    )
+
+
+def _fine_tune(
+    loaded: PretrainedMixin,
+    located: LocatedModel,
+    query: AnnData,
+    reference: AnnData,
+    *,
+    label_key: str,
+    layer: str | None,
+    reference_layer: str | None,
+    gene_key: str | None,
+    batch_size: int,
+    max_epochs: int,
+    random_state: int | None,
+    device: torch.device,
+    chunk_size: int,
+    options: dict[str, Any],
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Fine-tune a copy of ``loaded`` on the reference's cell types, then predict the query."""
+    from .._anndata import resolve_seed
+
+    seed = resolve_seed(random_state)
+    ref = _reference_adata(reference, label_key, reference_layer, gene_key)
+    located.cls.setup_anndata(ref, labels_key=label_key)
+    options = dict(options)
+    train_kwargs = dict(options.pop("train_kwargs", None) or {})
+    train_kwargs.setdefault("accelerator", _accelerator(device))
+    classifier, _ = call_model(
+        loaded.fine_tune_classifier,
+        ref,
+        label_key,
+        task="annotate",
+        family=located.family,
+        given={},
+        quiet={"batch_size": batch_size, "max_epochs": max_epochs, "random_state": seed},
+        options=options,
+        train_kwargs=train_kwargs,
+    )
+    proba = classifier.predict_proba(
+        query, layer=layer, gene_key=gene_key, batch_size=batch_size, chunk_size=chunk_size
+    )
+    history = getattr(classifier, "history", None) or {}
+    class_weights = options.get("class_weights", "official")
+    params: dict[str, Any] = {
+        "random_state": seed,
+        "label_key": label_key,
+        "n_reference_cells": int(ref.n_obs),
+        "max_epochs": max_epochs,
+        "class_weights": class_weights if isinstance(class_weights, str | None) else "custom",
+        "fine_tuned": "reference",
+    }
+    if "train_loss" in history:
+        params["final_train_loss"] = float(np.asarray(history["train_loss"]).ravel()[-1])
+    return proba, params
 
 
 def _transfer(
-    resolved,
+    loaded: PretrainedMixin,
+    located: LocatedModel,
     query: AnnData,
     reference: Any,
     *,
@@ -137,40 +177,45 @@ def _transfer(
     gene_key: str | None,
     n_neighbors: int,
     class_weight: Literal["balanced"] | None,
-    batch_size: int,
+    batch_size: int | None,
     max_length: int | None,
     random_state: int | None,
-    device,
     chunk_size: int,
     mod: str | None,
-    model_kwargs: dict[str, Any],
+    options: dict[str, Any],
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Embed query and reference with the same model and carry the reference's labels over."""
     from anndata import AnnData
 
     from .._anndata import resolve_seed
-    from ..models._families import check_family_options, family_task
 
-    family = resolved.family
     _, ref = resolve_adata(reference, mod=None if isinstance(reference, AnnData) else mod)
     keep, labels = reference_labels(ref, label_key)
     # A view of the labelled cells: nothing of the caller's reference is copied or written.
     ref = ref if keep.all() else ref[keep]
-    check_model_values(ref, reference_layer, family, chunk_size=chunk_size, caller="annotate")
-    embed = family_task(family, "embed_cells")
-    check_family_options(embed, family, "annotate", model_kwargs, _EMBED_STANDARD)
+    check_model_values(ref, reference_layer, located, chunk_size=chunk_size, caller="annotate")
     seed = resolve_seed(random_state)
-    common = {
-        "gene_key": gene_key,
-        "batch_size": batch_size,
-        "max_length": max_length,
-        "random_state": seed,
-        "device": device,
-        "chunk_size": chunk_size,
-        **model_kwargs,
-    }
-    query_emb, params = _embed(embed, resolved, query, layer=layer, **common)
-    ref_emb, ref_params = _embed(embed, resolved, ref, layer=reference_layer, **common)
+
+    def embed(cells: AnnData, cells_layer: str | None) -> tuple[np.ndarray, dict[str, Any]]:
+        (emb, info), used = call_model(
+            loaded.get_latent_representation,
+            cells,
+            task="annotate",
+            family=located.family,
+            given={"batch_size": batch_size, "max_length": max_length},
+            quiet={
+                "layer": cells_layer,
+                "gene_key": gene_key,
+                "random_state": seed,
+                "chunk_size": chunk_size,
+            },
+            options=options,
+            return_info=True,
+        )
+        return np.asarray(emb, dtype=np.float32), {**info, "batch_size": used.get("batch_size")}
+
+    query_emb, params = embed(query, layer)
+    ref_emb, ref_params = embed(ref, reference_layer)
     proba = transfer_labels(
         method,
         ref_emb,
@@ -180,7 +225,6 @@ def _transfer(
         class_weight=class_weight,
         random_state=seed,
     )
-    params = dict(params)
     if "n_genes_matched" in ref_params:
         params["reference_n_genes_matched"] = ref_params["n_genes_matched"]
     params.update(
@@ -190,7 +234,6 @@ def _transfer(
             "n_reference_cells": int(ref.n_obs),
             "n_neighbors": min(n_neighbors, int(ref.n_obs)) if method == "knn" else None,
             "class_weight": class_weight,
-            "classes": [str(c) for c in proba.columns],
         }
     )
     return proba.set_axis(query.obs_names.copy(), axis=0), params
@@ -348,9 +391,6 @@ def annotate(
     NotImplementedError
         ``method="finetune"`` with a family that cannot be fine-tuned for annotation.
     """
-    from .._settings import settings
-    from ..models._families import check_family_options
-
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
@@ -362,21 +402,9 @@ def annotate(
     if class_weight not in (None, "balanced"):
         raise ValueError(f"class_weight must be 'balanced' or None, got {class_weight!r}.")
     obj, ad = resolve_adata(adata, copy=copy, mod=mod)
-
-    family = _family_of(model)
-    in_memory = family is not None
-    if family is None:
-        resolved = resolve_model(model)
-        family, target, described = resolved.family, resolved, resolved.params()
-    else:
-        target = model
-        source = getattr(model, "pretrained_", None) or {}
-        described = {
-            "model": source.get("source", type(model).__name__),
-            "family": family,
-            "weights_sha256": source.get("weights_sha256"),
-        }
-    chosen = _choose_method(method, family, reference, model, in_memory)
+    located = locate_model(model)
+    family = located.family
+    chosen = _choose_method(method, located, reference, model)
     for name, value, owner in (
         ("n_neighbors", n_neighbors, "knn"),
         ("class_weight", class_weight, "logreg"),
@@ -385,14 +413,17 @@ def annotate(
             raise ValueError(f"{name}= applies to method={owner!r}, not to {chosen!r}.")
     if max_length is not None and chosen not in ("knn", "logreg"):
         raise ValueError("max_length= applies to method='knn' or 'logreg' (embedding).")
-    batch = _BATCH_SIZE[chosen] if batch_size is None else int(batch_size)
-    check_model_values(ad, layer, family, chunk_size=chunk_size, caller="annotate")
-    dev = settings.resolve_device(device)
-    settings.apply_threads()
+    batch = _BATCH_SIZE.get(chosen) if batch_size is None else int(batch_size)
+    check_model_values(ad, layer, located, chunk_size=chunk_size, caller="annotate")
+    task = "get_latent_representation" if chosen in ("knn", "logreg") else "predict_proba"
+    loaded, options = load_for(located, task, model_kwargs)
+    dev = prepare_device(loaded, device)
+    described = loaded.params()
     started = time.perf_counter()
     if chosen in ("knn", "logreg"):
         proba, run_params = _transfer(
-            target,
+            loaded,
+            located,
             ad,
             reference,
             method=chosen,
@@ -405,31 +436,48 @@ def annotate(
             batch_size=batch,
             max_length=max_length,
             random_state=random_state,
-            device=dev,
             chunk_size=chunk_size,
             mod=mod,
-            model_kwargs=model_kwargs,
+            options=options,
         )
-        prediction = labels_from_proba(proba, threshold)
-    else:
-        run = _fine_tuner(family)
-        check_family_options(run, family, "annotate", model_kwargs, _STANDARD)
-        prediction, proba, run_params = run(
-            target,
+        batch = run_params.pop("batch_size")
+    elif chosen == "finetune":
+        proba, run_params = _fine_tune(
+            loaded,
+            located,
             ad,
-            layer=layer,
-            gene_key=gene_key,
-            reference=reference,
+            reference,
             label_key=label_key,
+            layer=layer,
             reference_layer=reference_layer,
-            threshold=threshold,
+            gene_key=gene_key,
             batch_size=batch,
             max_epochs=max_epochs,
             random_state=random_state,
             device=dev,
             chunk_size=chunk_size,
-            **model_kwargs,
+            options=options,
         )
+    else:
+        proba, _ = call_model(
+            loaded.predict_proba,
+            ad,
+            task="annotate",
+            family=family,
+            given={},
+            quiet={
+                "layer": layer,
+                "gene_key": gene_key,
+                "batch_size": batch,
+                "chunk_size": chunk_size,
+            },
+            options=options,
+        )
+        run_params = {"fine_tuned": "model"}
+    if "n_genes_matched" not in run_params:
+        run_params["n_genes_matched"] = int(loaded.match_genes(ad, gene_key).n_matched)
+    run_params["classes"] = [str(c) for c in proba.columns]
+    prediction = labels_from_proba(proba, threshold)
     elapsed = time.perf_counter() - started
 
     key = key_added or family

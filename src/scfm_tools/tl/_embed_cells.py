@@ -9,25 +9,23 @@ from typing import TYPE_CHECKING, Any
 
 from .._anndata import params_record, resolve_adata
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
-from ._model_arg import DOC_MODEL, check_model_values, resolve_model
+from ._model_arg import (
+    DOC_MODEL,
+    call_model,
+    check_model_values,
+    load_for,
+    locate_model,
+    prepare_device,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
+    from ..models.base import PretrainedMixin
+
 __all__ = ["embed_cells"]
 
 logger = logging.getLogger("scfm_tools")
-
-# What embed_cells passes to every family's embed function itself.
-_STANDARD = (
-    "layer",
-    "gene_key",
-    "batch_size",
-    "max_length",
-    "random_state",
-    "device",
-    "chunk_size",
-)
 
 
 @doc_params(
@@ -39,12 +37,12 @@ _STANDARD = (
 )
 def embed_cells(
     adata: AnnData,
-    model: str | os.PathLike | None = None,
+    model: str | os.PathLike | PretrainedMixin | None = None,
     *,
     layer: str | None = None,
     gene_key: str | None = None,
     key_added: str | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     max_length: int | None = None,
     random_state: int | None = 0,
     device: str | None = None,
@@ -82,12 +80,13 @@ def embed_cells(
         ``adata.obsm`` key of the embedding; default ``"X_<family>"`` (e.g. ``"X_scgpt"``).
         The run's parameters go to ``adata.uns[key_added without "X_"]["params"]``.
     batch_size
-        Cells per forward pass (CellPLM: one sequence per pass, so not used). Fewer cells go in
-        a pass when it would hold too many tokens.
+        Cells per forward pass; ``None``: the family's default (scGPT 64, scBERT and
+        scFoundation 8). Fewer cells go in a pass when it would hold too many tokens. CellPLM
+        runs one sequence of cells per pass, so it refuses a ``batch_size``.
     max_length
-        Most genes per cell (plus ``<cls>``); ``None`` uses the checkpoint's ``max_seq_len``.
-        CellPLM, whose tokens are cells: most cells per sequence, longer ones are cut into
-        chunks; ``None`` keeps each sample whole (the official default).
+        Most genes per cell (plus ``<cls>``) for scGPT; ``None`` uses the checkpoint's
+        ``max_seq_len``. scBERT and scFoundation read every gene and refuse it, as does CellPLM
+        (whose tokens are cells: its cells per sequence are the option ``max_cells``).
     {random_state}
         ``0`` reproduces the official run after ``np.random.seed(0)``.
     device
@@ -100,7 +99,9 @@ def embed_cells(
         Options of the model family, passed on to it; an option the family does not take is
         refused. CellPLM takes ``batch_key`` (the ``obs`` column naming each cell's sample: the
         cells of one sample form one sequence and attend to each other, as the official pipeline
-        does with ``obs["batch"]``; default ``None``, all cells in one sequence) and ``sample``
+        does with ``obs["batch"]``; default ``None``, all cells in one sequence), ``max_cells``
+        (most cells per sequence, longer samples cut into chunks; ``None`` keeps each sample
+        whole, the official default) and ``sample``
         (``True`` draws the Gaussian-mixture component as the official model does in eval mode,
         so the embedding is random and ``random_state=s`` reproduces the official run after
         ``torch.manual_seed(s)`` on CPU; default ``False`` takes the most likely component,
@@ -141,43 +142,41 @@ def embed_cells(
         NaN, infinite or negative values, empty cells, duplicated gene names, or too little
         overlap with the model's vocabulary; the message says what to do.
     """
-    from .._settings import settings
-    from ..models._families import check_family_options, family_task
-
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     obj, ad = resolve_adata(adata, copy=copy, mod=mod)
-    resolved = resolve_model(model)
+    located = locate_model(model)
     # Validate the data before any weights are loaded or anything is written.
-    check_model_values(ad, layer, resolved.family, chunk_size=chunk_size, caller="embed_cells")
-    embed = family_task(resolved.family, "embed_cells")
-    check_family_options(embed, resolved.family, "embed_cells", model_kwargs, _STANDARD)
-    dev = settings.resolve_device(device)
-    settings.apply_threads()
+    check_model_values(ad, layer, located, chunk_size=chunk_size, caller="embed_cells")
+    loaded, options = load_for(located, "get_latent_representation", model_kwargs)
+    dev = prepare_device(loaded, device)
     started = time.perf_counter()
-    emb, run_params = embed(
-        resolved,
+    (emb, run_params), used = call_model(
+        loaded.get_latent_representation,
         ad,
-        layer=layer,
-        gene_key=gene_key,
-        batch_size=batch_size,
-        max_length=max_length,
-        random_state=random_state,
-        device=dev,
-        chunk_size=chunk_size,
-        **model_kwargs,
+        task="embed_cells",
+        family=located.family,
+        given={"batch_size": batch_size, "max_length": max_length},
+        quiet={
+            "layer": layer,
+            "gene_key": gene_key,
+            "random_state": random_state,
+            "chunk_size": chunk_size,
+        },
+        options=options,
+        return_info=True,
     )
     elapsed = time.perf_counter() - started
 
-    key = key_added or f"X_{resolved.family}"
+    key = key_added or f"X_{located.family}"
     uns_key = key[2:] if key.startswith("X_") else key
     ad.obsm[key] = emb
     ad.uns[uns_key] = {
         "params": params_record(
-            **resolved.params(),
+            **loaded.params(),
             layer=layer,
             gene_key=gene_key,
-            batch_size=batch_size,
+            batch_size=used.get("batch_size"),
             **run_params,
         )
     }
@@ -186,7 +185,7 @@ def embed_cells(
     logger.info(
         "embed_cells: %d cells with %s on %s in %.1f s (%.1f cells/s) -> obsm[%r]",
         ad.n_obs,
-        resolved.name,
+        loaded.model_name,
         dev,
         elapsed,
         ad.n_obs / max(elapsed, 1e-9),

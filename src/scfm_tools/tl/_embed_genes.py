@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -12,31 +13,27 @@ import numpy as np
 from .._anndata import params_record, resolve_adata
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from .._validation import InputError
-from ._model_arg import DOC_MODEL, check_model_values, resolve_model
+from ._model_arg import (
+    DOC_MODEL,
+    LocatedModel,
+    call_model,
+    check_model_values,
+    load_for,
+    locate_model,
+    prepare_device,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
-    from ..hub import ResolvedModel
     from ..models._gene_embeddings import GeneEmbeddings
+    from ..models.base import PretrainedMixin
 
 __all__ = ["embed_genes"]
 
 logger = logging.getLogger("scfm_tools")
 
 GeneMode = Literal["token", "context"]
-
-# What embed_genes passes to every family's embed_genes function itself.
-_STANDARD = (
-    "mode",
-    "layer",
-    "gene_key",
-    "batch_size",
-    "max_length",
-    "random_state",
-    "device",
-    "chunk_size",
-)
 
 
 def default_gene_key(family: str) -> str:
@@ -46,49 +43,54 @@ def default_gene_key(family: str) -> str:
 
 def compute_gene_embeddings(
     adata: AnnData,
-    resolved: ResolvedModel,
+    located: LocatedModel,
     *,
     mode: GeneMode = "token",
     layer: str | None = None,
     gene_key: str | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     max_length: int | None = None,
     random_state: int | None = 0,
     device: str | None = None,
     chunk_size: int = 10_000,
     caller: str = "embed_genes",
     **model_kwargs: Any,
-) -> GeneEmbeddings:
-    """Check the input and run the family's ``embed_genes``; writes nothing into ``adata``."""
-    from .._settings import settings
-    from ..models._families import check_family_options, family_task
+) -> tuple[GeneEmbeddings, PretrainedMixin]:
+    """Check the input and embed ``adata``'s genes; writes nothing into ``adata``.
 
+    Returns the embeddings and the model that made them.
+    """
     if mode not in ("token", "context"):
         raise ValueError(f"mode must be 'token' or 'context', got {mode!r}.")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if adata.n_vars == 0:
         raise InputError("the AnnData has no genes: at least one gene is needed.")
-    fn = family_task(resolved.family, "embed_genes")
-    check_family_options(fn, resolved.family, "embed_genes", model_kwargs, _STANDARD)
     if mode == "context":
+        if "mode" not in inspect.signature(located.cls.embed_var_genes).parameters:
+            raise NotImplementedError(
+                f"embed_genes(mode='context') is available for scGPT and scFoundation models "
+                f"only; use mode='token' for {located.family} (its gene-embedding table)."
+            )
         # The values are read only in context mode; check them before weights are loaded.
-        check_model_values(adata, layer, resolved.family, chunk_size=chunk_size, caller=caller)
-    dev = settings.resolve_device(device)
-    settings.apply_threads()
+        check_model_values(adata, layer, located, chunk_size=chunk_size, caller=caller)
+    loaded, options = load_for(located, "embed_var_genes", model_kwargs)
+    dev = prepare_device(loaded, device)
     started = time.perf_counter()
-    result = fn(
-        resolved,
+    context = mode == "context"
+    result, used = call_model(
+        loaded.embed_var_genes,
         adata,
-        mode=mode,
-        layer=layer,
-        gene_key=gene_key,
-        batch_size=batch_size,
-        max_length=max_length,
-        random_state=random_state,
-        device=dev,
-        chunk_size=chunk_size,
-        **model_kwargs,
+        task=caller,
+        family=located.family,
+        given={"batch_size": batch_size, "max_length": max_length} if context else {},
+        quiet={"gene_key": gene_key}
+        | (
+            {"mode": mode, "layer": layer, "random_state": random_state, "chunk_size": chunk_size}
+            if context
+            else {}
+        ),
+        options=options,
     )
     n_embedded = int(np.isfinite(result.embeddings).all(axis=1).sum())
     logger.info(
@@ -97,32 +99,32 @@ def compute_gene_embeddings(
         n_embedded,
         adata.n_vars,
         mode,
-        resolved.name,
+        loaded.model_name,
         dev,
         time.perf_counter() - started,
     )
     result.params.update(
         mode=mode,
-        n_cells=int(adata.n_obs) if mode == "context" else None,
-        layer=layer if mode == "context" else None,
+        n_cells=int(adata.n_obs) if context else None,
+        layer=layer if context else None,
         gene_key=gene_key,
         n_genes_embedded=n_embedded,
     )
-    if mode == "context":
-        result.params["batch_size"] = batch_size
-    return result
+    if context:
+        result.params["batch_size"] = used.get("batch_size")
+    return result, loaded
 
 
 def write_gene_embeddings(
-    adata: AnnData, resolved: ResolvedModel, result: GeneEmbeddings, key: str
+    adata: AnnData, model: PretrainedMixin, result: GeneEmbeddings, key: str
 ) -> str:
     """Write what :func:`compute_gene_embeddings` returned; returns the ``uns`` key used."""
     uns_key = key[2:] if key.startswith("X_") else key
     adata.varm[key] = result.embeddings
-    adata.var[f"{resolved.family}_in_vocab"] = np.asarray(result.in_vocab, dtype=bool)
+    adata.var[f"{model.family}_in_vocab"] = np.asarray(result.in_vocab, dtype=bool)
     if result.n_cells is not None:
         adata.var[f"{uns_key}_n_cells"] = result.n_cells
-    adata.uns[uns_key] = {"params": params_record(**resolved.params(), **result.params)}
+    adata.uns[uns_key] = {"params": params_record(**model.params(), **result.params)}
     return uns_key
 
 
@@ -135,13 +137,13 @@ def write_gene_embeddings(
 )
 def embed_genes(
     adata: AnnData,
-    model: str | os.PathLike | None = None,
+    model: str | os.PathLike | PretrainedMixin | None = None,
     *,
     mode: GeneMode = "token",
     layer: str | None = None,
     gene_key: str | None = None,
     key_added: str | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     max_length: int | None = None,
     random_state: int | None = 0,
     device: str | None = None,
@@ -198,7 +200,8 @@ def embed_genes(
         :func:`~scfm_tools.tl.grn` read). The run's parameters go to
         ``adata.uns[key_added without "X_"]["params"]``.
     batch_size
-        Cells per forward pass (context mode).
+        Cells per forward pass (context mode); ``None``: the family's default (scGPT 64,
+        scFoundation 64).
     max_length
         Most genes per cell (plus ``<cls>``) in context mode; ``None`` uses the checkpoint's
         ``max_seq_len``. Above it a random subset of each cell's genes is read, so a gene's
@@ -246,10 +249,10 @@ def embed_genes(
         and CellPLM).
     """
     obj, ad = resolve_adata(adata, copy=copy, mod=mod)
-    resolved = resolve_model(model)
-    result = compute_gene_embeddings(
+    located = locate_model(model)
+    result, loaded = compute_gene_embeddings(
         ad,
-        resolved,
+        located,
         mode=mode,
         layer=layer,
         gene_key=gene_key,
@@ -260,7 +263,7 @@ def embed_genes(
         chunk_size=chunk_size,
         **model_kwargs,
     )
-    key = key_added or default_gene_key(resolved.family)
-    write_gene_embeddings(ad, resolved, result, key)
+    key = key_added or default_gene_key(located.family)
+    write_gene_embeddings(ad, loaded, result, key)
     logger.info("embed_genes: wrote varm[%r] (%s mode)", key, mode)
     return obj if copy else None

@@ -14,7 +14,7 @@ import pandas as pd
 from .._anndata import params_record, resolve_adata, resolve_seed
 from .._docs import DOC_COPY, DOC_RANDOM_STATE, doc_params
 from .._validation import InputError
-from ._model_arg import DOC_MODEL, resolve_model
+from ._model_arg import DOC_MODEL, locate_model
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -225,13 +225,13 @@ def gene_modules(
         rep = use_rep
         emb = np.asarray(ad.varm[rep], dtype=np.float32)
     else:
-        resolved = resolve_model(model)
-        rep = default_gene_key(resolved.family)
+        located = locate_model(model)
+        rep = default_gene_key(located.family)
         recorded = ad.uns.get(rep[2:], {}).get("params", {}) if rep in ad.varm else {}
         reusable = (
             rep in ad.varm
             and not embed_kwargs
-            and (model is None or recorded.get("model") in (None, resolved.name))
+            and (model is None or recorded.get("model") in (None, located.params()["model"]))
         )
         if reusable:
             logger.info("gene_modules: using the gene embeddings in varm[%r]", rep)
@@ -245,12 +245,12 @@ def gene_modules(
                 logger.warning(
                     "gene_modules: varm[%r] will be replaced by gene embeddings of %s (%s).",
                     rep,
-                    resolved.name,
+                    located.params()["model"],
                     embed_kwargs or "token mode",
                 )
-            computed = compute_gene_embeddings(
+            computed, embedder = compute_gene_embeddings(
                 ad,
-                resolved,
+                located,
                 layer=layer,
                 random_state=seed,
                 chunk_size=chunk_size,
@@ -258,7 +258,7 @@ def gene_modules(
                 **embed_kwargs,
             )
             emb = computed.embeddings
-            model_params = resolved.params()
+            model_params = embedder.params()
             embedding_mode = computed.params["mode"]
     if emb.ndim != 2 or emb.shape[0] != ad.n_vars:
         raise InputError(
@@ -321,7 +321,7 @@ def gene_modules(
 
     # Everything is computed: write.
     if computed is not None:
-        write_gene_embeddings(ad, resolved, computed, rep)
+        write_gene_embeddings(ad, embedder, computed, rep)
     ad.var[key_added] = pd.Series(module, index=ad.var_names)
     if scores is not None:
         ad.obsm[f"{key_added}_scores"] = scores

@@ -21,7 +21,7 @@ from scipy import sparse
 from .._anndata import params_record, resolve_adata
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from .._validation import InputError
-from ._model_arg import DOC_MODEL, check_model_values, resolve_model
+from ._model_arg import DOC_MODEL, check_model_values, load_for, locate_model, prepare_device
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -282,9 +282,6 @@ def grn(
         ``method="attention"`` for a family without attention access (the message names those
         that have it).
     """
-    from .._settings import settings
-    from ..models._families import family_task
-
     if method not in _METHODS:
         raise ValueError(f"method must be one of {list(_METHODS)}, got {method!r}.")
     if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 1:
@@ -299,29 +296,27 @@ def grn(
         )
     gene_list = _resolve_genes(ad, genes)
     codes, group_names = _resolve_groups(ad, groupby)
-    resolved = resolve_model(model)
-    key = key_added or f"{resolved.family}_grn_{method}"
+    located = locate_model(model)
+    key = key_added or f"{located.family}_grn_{method}"
     started = time.perf_counter()
     extra: dict[str, Any] = {}
     group_scores: list[np.ndarray] = []
     embedding_write = None
 
     if method == "attention":
-        try:
-            run = family_task(resolved.family, "attention")
-        except NotImplementedError as err:
+        if not hasattr(located.cls, "get_attention_sums"):
             raise NotImplementedError(
-                f"method='attention' needs access to the model's attention weights: {err} "
-                "Use method='embedding' for this model."
-            ) from None
-        check_model_values(ad, layer, resolved.family, chunk_size=chunk_size, caller="grn")
-        dev = settings.resolve_device(device)
-        settings.apply_threads()
+                "method='attention' needs access to the model's attention weights, which "
+                f"{located.family} models do not give (scGPT models do). Use "
+                "method='embedding' for this model."
+            )
+        check_model_values(ad, layer, located, chunk_size=chunk_size, caller="grn")
+        loaded, _ = load_for(located, "get_attention_sums", {})
+        dev = prepare_device(loaded, device)
         n_groups = len(group_names)
         # Cells of no group still count for the network of all cells: an extra bucket.
         buckets = None if codes is None else np.where(codes < 0, n_groups, codes)
-        sums, counts, columns, run_params = run(
-            resolved,
+        sums, counts, columns, run_params = loaded.get_attention_sums(
             ad,
             layer=layer,
             genes=gene_list,
@@ -331,7 +326,6 @@ def grn(
             batch_size=batch_size,
             max_length=max_length,
             random_state=random_state,
-            device=dev,
             chunk_size=chunk_size,
         )
         if columns.size < 2:
@@ -345,7 +339,7 @@ def grn(
     else:
         from ._embed_genes import compute_gene_embeddings, default_gene_key
 
-        rep = use_rep or default_gene_key(resolved.family)
+        rep = use_rep or default_gene_key(located.family)
         if rep in ad.varm:
             emb = np.asarray(ad.varm[rep], dtype=np.float64)
         elif use_rep is not None:
@@ -355,7 +349,9 @@ def grn(
             )
         else:
             logger.info("grn: varm[%r] is absent; computing it with embed_genes", rep)
-            embedding_write = compute_gene_embeddings(ad, resolved, device=device, caller="grn")
+            embedding_write, embedder = compute_gene_embeddings(
+                ad, located, device=device, caller="grn"
+            )
             emb = np.asarray(embedding_write.embeddings, dtype=np.float64)
         if emb.ndim != 2 or emb.shape[0] != ad.n_vars:
             raise InputError(f"adata.varm[{rep!r}] must be a genes x dimensions matrix.")
@@ -415,7 +411,7 @@ def grn(
             else pd.DataFrame(columns=["source", "target", "score", "group"])
         )
     result["params"] = params_record(
-        **resolved.params(),
+        **located.params(),
         tool="grn",
         method=method,
         top_k=int(top_k),
@@ -429,7 +425,7 @@ def grn(
     if embedding_write is not None:
         from ._embed_genes import write_gene_embeddings
 
-        write_gene_embeddings(ad, resolved, embedding_write, extra["use_rep"])
+        write_gene_embeddings(ad, embedder, embedding_write, extra["use_rep"])
     ad.varp[key] = network
     if len(group_names) <= MAX_GROUP_VARP:
         for name, net in group_networks.items():

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,33 +15,29 @@ from .._anndata import params_record, resolve_adata
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from .._h5ad import check_output_path
 from .._validation import check_counts, check_nonempty
-from ._model_arg import DEFAULT_MODEL, resolve_model
+from ._model_arg import DEFAULT_MODEL, call_model, load_for, locate_model, prepare_device
 
 if TYPE_CHECKING:
     import h5py
     from anndata import AnnData
 
-    from ..hub import ResolvedModel
+    from ..models.base import PretrainedMixin
 
 __all__ = ["impute"]
 
 logger = logging.getLogger("scfm_tools")
 
-# What impute passes to every family's impute function itself.
-_STANDARD = ("layer", "gene_key", "max_length", "random_state", "device")
 # Default layer name per family, "<family>_<suffix>": CellPLM's decoder denoises the observed
 # profile; scFoundation predicts it at another (read) depth.
 _KEY_SUFFIX = {"scfoundation": "imputed"}
-# Families that impute each cell on its own, so that a result file can be written a row chunk at
-# a time in bounded memory. CellPLM's cells attend to the other cells of their sequence (a whole
-# sample by default), so it runs on all cells at once and its result is held in memory.
-_PER_CELL = frozenset({"scfoundation"})
 
 DOC_IMPUTE_MODEL = """\
 model
-    A registered model name (see :func:`scfm_tools.hub.list_models`) or a path to a checkpoint
+    A registered model name (see :func:`scfm_tools.hub.list_models`), a path to a checkpoint
     of a family that can reconstruct expression (CellPLM: ``<prefix>.best.ckpt`` beside
-    ``<prefix>.config.json``, or their folder; scFoundation: ``models.ckpt``). ``None`` means the
+    ``<prefix>.config.json``, or their folder; scFoundation: ``models.ckpt``) or such a model
+    object (:class:`~scfm_tools.models.CellPLM`, :class:`~scfm_tools.models.SCFoundation`,
+    loaded with ``from_pretrained`` or trained here). ``None`` means the
     package's default model, a small scGPT that cannot, so the call then fails with a message
     saying what to pass."""
 
@@ -56,12 +51,12 @@ model
 )
 def impute(
     adata: AnnData,
-    model: str | os.PathLike | None = None,
+    model: str | os.PathLike | PretrainedMixin | None = None,
     *,
     layer: str | None = None,
     gene_key: str | None = None,
     key_added: str | None = None,
-    max_length: int | None = None,
+    batch_size: int | None = None,
     random_state: int | None = 0,
     device: str | None = None,
     chunk_size: int = 10_000,
@@ -103,9 +98,9 @@ def impute(
     key_added
         ``adata.layers`` key of the result; default ``"<family>_denoised"`` (CellPLM) or
         ``"scfoundation_imputed"``.
-    max_length
-        CellPLM: most cells per sequence (longer samples are cut into chunks); ``None`` keeps
-        each sample whole.
+    batch_size
+        scFoundation: cells per forward pass (``None``: 8). CellPLM runs one sequence of cells
+        per pass and refuses it.
     {random_state}
         Used with ``sample=True`` only.
     device
@@ -121,7 +116,9 @@ def impute(
     **model_kwargs
         Options of the model family; an option the family does not take is refused. CellPLM
         takes ``batch_key`` (``obs`` column naming each cell's sample; the cells of a sample
-        form one sequence; default ``None``: one sequence), ``decoder_batch_key`` (``obs``
+        form one sequence; default ``None``: one sequence), ``max_cells`` (most cells per
+        sequence, longer samples are cut into chunks; ``None`` keeps each sample whole),
+        ``decoder_batch_key`` (``obs``
         column of integer ids into the decoder's pretraining batch table; default ``None``:
         decode without a batch effect), ``sample`` (draw the mixture component as the official
         model does, random; ``random_state=s`` then reproduces the official model's forward
@@ -134,8 +131,8 @@ def impute(
         plus ``X`` (``"a1"``: ten times deeper); or a number, the target total count itself
         (``1e4`` = ``"t4"``). Also ``entry`` (``"gene"``, default, the weights the official
         script uses for expression; ``"rde"``: the read-depth-enhancement weights),
-        ``clip_negative`` (default ``True``: predictions below 0, impossible for ``log1p``
-        values, are set to 0) and ``batch_size`` (cells per forward pass, default 8).
+        and ``clip_negative`` (default ``True``: predictions below 0, impossible for ``log1p``
+        values, are set to 0).
 
     Returns
     -------
@@ -158,9 +155,8 @@ def impute(
     FileExistsError
         ``out`` exists already.
     """
-    from .._settings import settings
-    from ..models._families import check_family_options, family_task
-
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if out is not None and copy:
         raise ValueError("pass either out= (write a new file) or copy=True, not both.")
     obj, ad = resolve_adata(adata, copy=copy, mod=mod)
@@ -180,58 +176,64 @@ def impute(
     check_counts(ad, layer, chunk_size=chunk_size)
     check_nonempty(ad, layer, chunk_size=chunk_size)
 
-    resolved = resolve_model(model)
-    try:
-        run = family_task(resolved.family, "impute")
-    except NotImplementedError as err:
-        if model is not None:
-            raise
+    located = locate_model(model)
+    if not hasattr(located.cls, "get_imputed_expression"):
+        default = (
+            ""
+            if model is not None
+            else (
+                f"No model was given, and the default model that ships with the package "
+                f"({DEFAULT_MODEL}) cannot either. No imputation model ships with the package: "
+            )
+        )
         raise NotImplementedError(
-            f"no model was given, and the default model that ships with the package "
-            f"({DEFAULT_MODEL}) cannot reconstruct expression ({err}) No imputation model "
-            "ships with the package: pass model= a CellPLM or scFoundation checkpoint (a path, "
-            "or a name from sft.hub.list_models()); tutorials/04_imputation.ipynb trains a small "
-            "CellPLM for the purpose."
-        ) from None
-    check_family_options(run, resolved.family, "impute", model_kwargs, _STANDARD)
-    options = dict(
-        layer=layer,
-        gene_key=gene_key,
-        max_length=max_length,
-        random_state=random_state,
-        device=settings.resolve_device(device),
-        **model_kwargs,
-    )
-    if "chunk_size" in inspect.signature(run).parameters:
-        options["chunk_size"] = chunk_size
-    settings.apply_threads()
-    key = key_added or f"{resolved.family}_{_KEY_SUFFIX.get(resolved.family, 'denoised')}"
+            f"{located.family} models cannot reconstruct expression. {default}pass model= a "
+            "CellPLM or scFoundation checkpoint (a path, or a name from "
+            "sft.hub.list_models()) or model object; tutorials/04_imputation.ipynb trains a "
+            "small CellPLM for the purpose."
+        )
+    loaded, options = load_for(located, "get_imputed_expression", model_kwargs)
+    dev = prepare_device(loaded, device)
+
+    def run(cells: AnnData) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
+        result, _ = call_model(
+            loaded.get_imputed_expression,
+            cells,
+            task="impute",
+            family=located.family,
+            given={"batch_size": batch_size},
+            quiet={
+                "layer": layer,
+                "gene_key": gene_key,
+                "random_state": random_state,
+                "chunk_size": chunk_size,
+            },
+            options=options,
+        )
+        return result
+
+    key = key_added or f"{located.family}_{_KEY_SUFFIX.get(located.family, 'denoised')}"
+    record = {**loaded.params(), "layer": layer, "gene_key": gene_key}
     started = time.perf_counter()
     if out is not None:
-        _impute_to_file(run, resolved, ad, out, key, options, chunk_size=chunk_size)
-        _log_done(ad, resolved, options["device"], started, f"layers[{key!r}] of {out}")
+        _impute_to_file(run, loaded, ad, out, key, record, chunk_size=chunk_size)
+        _log_done(ad, loaded, dev, started, f"layers[{key!r}] of {out}")
         return None
-    denoised, var_columns, run_params = run(resolved, ad, **options)
+    denoised, var_columns, run_params = run(ad)
 
     ad.layers[key] = denoised
     for name, values in var_columns.items():
         ad.var[f"{key}_{name}"] = values
-    ad.uns[key] = {"params": _params(resolved, options, run_params)}
-    _log_done(ad, resolved, options["device"], started, f"layers[{key!r}]")
+    ad.uns[key] = {"params": params_record(**record, **run_params)}
+    _log_done(ad, loaded, dev, started, f"layers[{key!r}]")
     return obj if copy else None
 
 
-def _params(resolved: ResolvedModel, options: dict[str, Any], run_params: dict[str, Any]):
-    return params_record(
-        **resolved.params(), layer=options["layer"], gene_key=options["gene_key"], **run_params
-    )
-
-
-def _log_done(ad: AnnData, resolved: ResolvedModel, device, started: float, where: str) -> None:
+def _log_done(ad: AnnData, model: PretrainedMixin, device, started: float, where: str) -> None:
     logger.info(
         "impute: %d cells with %s on %s in %.1f s -> %s",
         ad.n_obs,
-        resolved.name,
+        model.model_name,
         device,
         time.perf_counter() - started,
         where,
@@ -239,12 +241,12 @@ def _log_done(ad: AnnData, resolved: ResolvedModel, device, started: float, wher
 
 
 def _impute_to_file(
-    run: Callable,
-    resolved: ResolvedModel,
+    run,
+    model: PretrainedMixin,
     ad: AnnData,
     out: str | os.PathLike,
     key: str,
-    options: dict[str, Any],
+    record: dict[str, Any],
     *,
     chunk_size: int,
 ) -> None:
@@ -258,7 +260,7 @@ def _impute_to_file(
         write_h5ad(ad, tmp)
         with h5py.File(tmp, "r+") as f:
             dataset = create_dense_layer(f, key, ad.shape)
-            var_columns, run_params = _fill_layer(run, resolved, ad, dataset, options, chunk_size)
+            var_columns, run_params = _fill_layer(run, model, ad, dataset, chunk_size)
             if var_columns:
                 var = ad.var.copy()
                 for name, values in var_columns.items():
@@ -267,39 +269,36 @@ def _impute_to_file(
                 write_elem(f, "var", var)
             if "uns" not in f:
                 write_elem(f, "uns", {})
-            write_elem(f["uns"], key, {"params": _params(resolved, options, run_params)})
+            write_elem(f["uns"], key, {"params": params_record(**record, **run_params)})
 
 
 def _fill_layer(
-    run: Callable,
-    resolved: ResolvedModel,
+    run,
+    model: PretrainedMixin,
     ad: AnnData,
     dataset: h5py.Dataset,
-    options: dict[str, Any],
     chunk_size: int,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Impute into ``dataset`` a row chunk at a time; return the var columns and run params."""
     n = ad.n_obs
-    if resolved.family not in _PER_CELL:
+    if not model.reads_cells_alone:
         if ad.isbacked:
             logger.warning(
                 "impute: %s models read the cells of a sequence together, so the %d x %d result "
                 "is computed in memory before it is written to the file.",
-                resolved.family,
+                model.family,
                 *ad.shape,
             )
-        values, var_columns, run_params = run(resolved, ad, **options)
+        values, var_columns, run_params = run(ad)
         for start in range(0, n, chunk_size):
             dataset[start : start + chunk_size] = values[start : start + chunk_size]
         return var_columns, run_params
     first: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
-    # The model is run once per chunk: its per-run messages (gene overlap ...) are said once.
+    # The model runs once per chunk: its per-run messages (gene overlap ...) are said once.
     with _say_once(logger):
         for start in range(0, n, chunk_size):
             # A view: a backed AnnData reads only these rows from disk.
-            values, var_columns, run_params = run(
-                resolved, ad[start : start + chunk_size], **options
-            )
+            values, var_columns, run_params = run(ad[start : start + chunk_size])
             dataset[start : start + values.shape[0]] = values
             if first is None:
                 first = (var_columns, run_params)

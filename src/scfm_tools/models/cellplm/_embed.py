@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from ..._anndata import get_matrix, resolve_seed
+from ..._anndata import resolve_seed
 from ..._settings import settings
-from ...pp._match_genes import GeneMatch, as_gene_match, match_adata_genes
-from ._checkpoint import load_cellplm
+from ...pp._match_genes import GeneMatch, as_gene_match
 from ._module import CellPLMModule
-from ._sequences import batch_codes, iter_sequences, sequence_rows
+from ._sequences import iter_sequences, sequence_rows
 
 if TYPE_CHECKING:
-    from anndata import AnnData
+    pass
 
-    from ...hub import ResolvedModel
-
-__all__ = ["embed_matrix", "embed_resolved", "official_generator"]
+__all__ = ["embed_matrix", "official_generator"]
 
 logger = logging.getLogger("scfm_tools")
 
@@ -147,59 +144,3 @@ def embed_matrix(
             n_empty,
         )
     return out
-
-
-def embed_resolved(
-    resolved: ResolvedModel,
-    adata: AnnData,
-    *,
-    layer: str | None = None,
-    gene_key: str | None = None,
-    batch_size: int = 64,
-    max_length: int | None = None,
-    random_state: int | None = 0,
-    device: str | torch.device = "cpu",
-    chunk_size: int = 10_000,
-    batch_key: str | None = None,
-    sample: bool = False,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Embed the cells of ``adata`` with a located CellPLM checkpoint (``sft.tl.embed_cells``).
-
-    ``batch_key`` names the ``obs`` column whose values are the samples (one sequence each);
-    ``max_length`` is the most cells per sequence; ``sample`` draws the mixture component as the
-    official model does. ``batch_size`` and ``chunk_size`` do not apply (a sequence is one
-    forward pass and is held whole). Returns the embeddings and what to record in
-    ``uns[key]["params"]``.
-    """
-    codes, _ = batch_codes(adata, batch_key)  # checks batch_key before the model is loaded
-    rows = sequence_rows(codes, max_length)
-    module, gene_list, _, _ = load_cellplm(resolved)
-    match = match_adata_genes(adata, gene_list, gene_key=gene_key, caller="embed_cells")
-    if batch_key is None and adata.n_obs > 1:
-        logger.info(
-            "embed_cells: no batch_key, so all %d cells form one CellPLM sequence (cells attend "
-            "to each other); pass batch_key= naming the sample column to embed each sample "
-            "on its own, as the official pipeline does with obs['batch'].",
-            adata.n_obs,
-        )
-    seed = resolve_seed(random_state) if sample else None
-    emb = embed_matrix(
-        module,
-        gene_list,
-        get_matrix(adata, layer),
-        match,
-        batch=codes,
-        max_cells=max_length,
-        sample=sample,
-        random_state=seed,
-        device=device,
-    )
-    params = {
-        "n_genes_matched": int(match.n_matched),
-        "batch_key": batch_key,
-        "max_length": max_length,
-        "n_sequences": len(rows),
-        "sample": bool(sample),
-        "random_state": seed,
-    }
-    return emb, params

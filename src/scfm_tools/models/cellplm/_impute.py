@@ -1,29 +1,26 @@
-"""Denoised expression from CellPLM's negative-binomial decoder (``sft.tl.impute``)."""
+"""Denoised expression from CellPLM's negative-binomial decoder, sequence by sequence."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..._anndata import get_matrix, resolve_seed
 from ..._validation import InputError
-from ...pp._match_genes import match_adata_genes
-from ._checkpoint import load_cellplm
-from ._embed import _device, official_generator
-from ._sequences import batch_codes, iter_sequences, sequence_rows
+from ._sequences import iter_sequences
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
-    from ...hub import ResolvedModel
+    from ...pp._match_genes import GeneMatch
+    from ._module import CellPLMModule
 
-__all__ = ["impute_resolved"]
+__all__ = ["decoder_batch_ids", "denoise_sequences"]
 
 
-def _decoder_batch(adata: AnnData, key: str | None, n_batches: int) -> np.ndarray | None:
+def decoder_batch_ids(adata: AnnData, key: str | None, n_batches: int) -> np.ndarray | None:
     """Integer ids into the decoder's batch table, read from ``adata.obs[key]``."""
     if key is None:
         return None
@@ -54,77 +51,49 @@ def _decoder_batch(adata: AnnData, key: str | None, n_batches: int) -> np.ndarra
     return numbers.astype(np.int64)
 
 
-def impute_resolved(
-    resolved: ResolvedModel,
-    adata: AnnData,
+def denoise_sequences(
+    module: CellPLMModule,
+    X,
+    sequences: list[np.ndarray],
+    match: GeneMatch,
     *,
-    layer: str | None = None,
-    gene_key: str | None = None,
-    max_length: int | None = None,
-    random_state: int | None = 0,
-    device: str | torch.device = "cpu",
-    batch_key: str | None = None,
-    decoder_batch_key: str | None = None,
-    sample: bool = False,
-    rescale: bool = True,
-) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
-    """Denoise the cells of ``adata`` with a located CellPLM checkpoint (``sft.tl.impute``).
+    covariate: np.ndarray | None,
+    sample: bool,
+    generator: torch.Generator | None,
+    rescale: bool,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run each sequence of cells through CellPLM and its NB decoder.
 
-    Each sequence (the cells of one ``batch_key`` value, cut at ``max_length`` cells) runs
-    through the encoder and the latent layer (the most likely mixture component, or a draw with
-    ``sample``); the NB decoder, given the ``decoder_batch_key`` ids or no batch at all, gives
-    each cell's expected counts. With ``rescale`` the means of the genes the model knows are
-    scaled to the cell's observed total over those genes (the official denoising output);
-    genes the model does not know are NaN. ``random_state`` (with ``sample``) reproduces the
-    official model's forward pass after ``torch.manual_seed(random_state)`` on CPU.
+    Each sequence (rows of ``X``) runs through the encoder and the latent layer (the most likely
+    mixture component, or a draw from ``generator`` with ``sample``); the NB decoder, given the
+    ``covariate`` ids or no batch at all, gives each cell's expected counts. With ``rescale``
+    the means of the genes the model knows are scaled to the cell's observed total over those
+    genes (the official denoising output).
 
-    Returns the denoised matrix ``(n_obs, n_vars)``, the var columns to write (``dispersion``:
-    the NB dispersion per gene, NaN where unknown) and what to record in ``uns[key]["params"]``.
+    Returns
+    -------
+    ``(denoised, dispersion)``: ``(n_cells, n_matched)`` expected counts of the matched genes
+    (``var`` order) and their NB dispersions.
     """
-    codes, _ = batch_codes(adata, batch_key)
-    rows_list = sequence_rows(codes, max_length)
-    module, gene_list, _, report = load_cellplm(resolved)
-    covariate = _decoder_batch(adata, decoder_batch_key, module.config["batch_num"])
-    if any(k.startswith("decoder.") for k in report.missing):
-        raise ValueError(
-            f"the checkpoint {resolved.name} has no decoder weights (an embedder-only "
-            "checkpoint), so it cannot reconstruct expression."
-        )
-    match = match_adata_genes(adata, gene_list, gene_key=gene_key, caller="impute")
     cols = np.flatnonzero(match.matched)
-    ids = match.index[cols]
-    dev = _device(device)
-    seed = resolve_seed(random_state) if sample else None
-    generator = official_generator(seed, pipeline=False) if sample else None
-    out = np.full(adata.shape, np.nan, dtype=np.float32)
-    X = get_matrix(adata, layer)
+    ids = torch.from_numpy(match.index[cols]).to(device)
+    out = np.empty((X.shape[0], cols.size), dtype=np.float32)
     was_training = module.training
-    module.to(dev).eval()
+    module.to(device).eval()
     try:
-        for rows, counts in iter_sequences(X, rows_list, match, module.n_genes):
-            counts = counts.to(dev)
-            batch = None if covariate is None else torch.from_numpy(covariate[rows]).to(dev)
+        for rows, counts in iter_sequences(X, sequences, match, module.n_genes):
+            counts = counts.to(device)
+            batch = None if covariate is None else torch.from_numpy(covariate[rows]).to(device)
             with torch.inference_mode():
                 z = module.inference(counts, sample=sample, generator=generator)["z"]
-                mean = module.generative(z, batch=batch)["mean"][:, torch.from_numpy(ids).to(dev)]
+                mean = module.generative(z, batch=batch)["mean"][:, ids]
                 if rescale:
                     observed = torch.sparse.sum(counts, dim=1).to_dense().unsqueeze(1)
                     mean = mean / mean.sum(1, keepdim=True) * observed
-            out[np.ix_(rows, cols)] = mean.float().cpu().numpy()
+            out[rows] = mean.float().cpu().numpy()
         with torch.inference_mode():
-            disp = module.decoder.out_layer.dispersion().cpu().numpy()
+            dispersion = module.decoder.out_layer.dispersion()[ids].cpu().numpy()
     finally:
         module.train(was_training)
-    dispersion = np.full(adata.n_vars, np.nan, dtype=np.float32)
-    dispersion[cols] = disp[ids]
-    params = {
-        "n_genes_matched": int(match.n_matched),
-        "batch_key": batch_key,
-        "decoder_batch_key": decoder_batch_key,
-        "max_length": max_length,
-        "n_sequences": len(rows_list),
-        "sample": bool(sample),
-        "random_state": seed,
-        "rescale": bool(rescale),
-    }
-    return out, {"dispersion": dispersion}, params
+    return out, dispersion

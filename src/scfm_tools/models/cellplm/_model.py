@@ -19,16 +19,22 @@ from scvi.model.base import BaseModelClass
 from ..._anndata import get_matrix, resolve_seed
 from ..._docs import doc_params
 from ..._validation import InputError, check_counts, check_unique_names
-from ...pp._match_genes import GeneMatch, match_to_vocab
+from ...pp._match_genes import GeneMatch, match_adata_genes, match_to_vocab
+from .._gene_embeddings import GeneEmbeddings, token_table_rows
 from .._training import DOC_TRAIN_SCALE, TrainingMixin
+from ..base import PretrainedMixin, unbound_registry
 from ._checkpoint import load_cellplm
-from ._embed import embed_matrix
+from ._embed import _device, embed_matrix, official_generator
+from ._impute import decoder_batch_ids, denoise_sequences
 from ._module import CellPLMModule
+from ._sequences import batch_codes, sequence_rows
 from ._training_plan import CellPLMTrainingPlan, SequenceDataSplitter
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from lightning.pytorch.strategies import Strategy
+
+    from ...hub import ResolvedModel
 
 __all__ = ["CellPLM"]
 
@@ -84,7 +90,7 @@ def _match(var_names, gene_list: Sequence[str]) -> GeneMatch:
     return match
 
 
-class CellPLM(TrainingMixin, BaseModelClass):
+class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
     """CellPLM (Wen et al., ICLR 2024) as an scvi-tools model: pretrain and embed on AnnData.
 
     Cells are the tokens: the cells of one sample (the ``batch_key`` of :meth:`setup_anndata`)
@@ -95,12 +101,14 @@ class CellPLM(TrainingMixin, BaseModelClass):
     mixture-VAE terms (:class:`~scfm_tools.models.cellplm.CellPLMTrainingPlan`).
 
     Call :meth:`setup_anndata` first. Start from scratch with this constructor, or from a
-    checkpoint (official or exported here) with :meth:`from_pretrained`.
+    checkpoint (official or exported here) with :meth:`from_pretrained`, which needs no AnnData
+    for inference.
 
     Parameters
     ----------
     adata
-        AnnData registered with :meth:`setup_anndata` (raw counts).
+        AnnData registered with :meth:`setup_anndata` (raw counts); ``None`` builds an unbound
+        model for inference only (then ``gene_list`` is needed).
     gene_list
         The model's genes: ``None`` uses ``adata.var_names``; an official checkpoint's are
         Ensembl IDs. Data genes are matched to it by symbol or Ensembl ID, offline; too small an
@@ -125,21 +133,26 @@ class CellPLM(TrainingMixin, BaseModelClass):
     _module_cls = CellPLMModule
     _training_plan_cls = CellPLMTrainingPlan
     _data_splitter_cls = SequenceDataSplitter
+    family = "cellplm"
+    values_needed = "counts"
+    reads_cells_alone = False
 
     def __init__(
         self,
-        adata: AnnData,
+        adata: AnnData | None = None,
         *,
         gene_list: Sequence[str] | None = None,
         batch_covariate: bool = True,
         **module_kwargs: Any,
     ) -> None:
-        super().__init__(adata)
+        super().__init__(adata, registry=None if adata is not None else unbound_registry("CellPLM"))
+        if adata is None and gene_list is None:
+            raise ValueError("a CellPLM model built without adata needs its gene_list.")
         genes = [str(g) for g in (adata.var_names if gene_list is None else gene_list)]
         if len(set(genes)) != len(genes):
             raise ValueError("gene_list contains duplicated genes.")
         self.gene_list = genes
-        self.gene_match = _match(adata.var_names, genes)
+        self.gene_match = None if adata is None else _match(adata.var_names, genes)
         has_batch = self.registry_["setup_args"].get("batch_key") is not None
         self.batch_covariate = bool(batch_covariate and has_batch)
         kwargs = {**DEFAULT_ARCHITECTURE, **module_kwargs}
@@ -150,7 +163,9 @@ class CellPLM(TrainingMixin, BaseModelClass):
         self._model_summary_string = (
             f"CellPLM model: enc_hid {cfg['enc_hid']}, {cfg['enc_layers']} Flowformer layers, "
             f"latent {cfg['post_latent_dim']} ({cfg['num_clusters']} components), "
-            f"{len(genes):,} genes ({self.gene_match.n_matched:,} in the data)"
+            f"{len(genes):,} genes ("
+            + ("no AnnData" if adata is None else f"{self.gene_match.n_matched:,} in the data")
+            + ")"
             + (f", decoder batch table of {cfg['batch_num']}" if cfg["batch_num"] else "")
         )
         self.init_params_ = self._get_init_params(locals())
@@ -196,9 +211,13 @@ class CellPLM(TrainingMixin, BaseModelClass):
     # pretrained weights ------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | os.PathLike, adata: AnnData, *, dropout: float | None = None
+        cls,
+        name_or_path: str | os.PathLike | ResolvedModel,
+        adata: AnnData | None = None,
+        *,
+        dropout: float | None = None,
     ) -> CellPLM:
-        """Build the model around a CellPLM checkpoint, for embedding or continued training.
+        """Load a CellPLM checkpoint, for inference or continued training.
 
         The decoder keeps the checkpoint's batch table but is not given the data's batches
         (their ids mean nothing to it): it decodes without a batch effect.
@@ -209,16 +228,18 @@ class CellPLM(TrainingMixin, BaseModelClass):
             A registered model name (``"cellplm"``) or a local checkpoint (``<prefix>.best.ckpt``
             beside ``<prefix>.config.json``, or their folder; official or :meth:`export`-ed).
         adata
-            AnnData registered with :meth:`setup_anndata`.
+            AnnData registered with :meth:`setup_anndata`, to train on; ``None`` for inference
+            on any AnnData.
         dropout
             Dropout for further training; ``None`` keeps the checkpoint's.
 
         Returns
         -------
         A :class:`CellPLM` whose module holds the checkpoint's weights; ``pretrained_`` records
-        the source and the load report.
+        the source, the weights' sha256 and the load report.
         """
-        pretrained, genes, config, report = load_cellplm(name_or_path)
+        resolved = cls.locate(name_or_path)
+        pretrained, genes, config, report = load_cellplm(resolved)
         kwargs = dict(pretrained.config)
         kwargs.pop("n_genes")
         if dropout is not None:
@@ -226,11 +247,8 @@ class CellPLM(TrainingMixin, BaseModelClass):
         model = cls(adata, gene_list=genes, batch_covariate=False, **kwargs)
         model.module.load_state_dict(pretrained.state_dict())
         model.module.eval()
-        model.pretrained_ = {
-            "source": str(name_or_path),
-            "clean": report.clean,
-            "report": str(report),
-        }
+        model._set_pretrained(resolved, report)
+        model.has_decoder_ = not any(k.startswith("decoder.") for k in report.missing)
         model.official_config_ = {k: v for k, v in config.items() if k != "gene_list"}
         return model
 
@@ -361,58 +379,227 @@ class CellPLM(TrainingMixin, BaseModelClass):
         )
 
     # outputs -----------------------------------------------------------------------------------
+    def _query(self, adata: AnnData | None, indices: Sequence[int] | None) -> AnnData:
+        if adata is None:
+            if self.adata is None:
+                raise ValueError("this model has no AnnData attached; pass `adata=`.")
+            adata = self.adata
+        if indices is not None:
+            adata = adata[np.asarray(indices)]
+        return adata
+
+    def match_genes(self, adata: AnnData, gene_key: str | None = None) -> GeneMatch:
+        """Match the genes of ``adata`` (``var_names`` or ``var[gene_key]``) to the model's.
+
+        Parameters
+        ----------
+        adata
+            The AnnData.
+        gene_key
+            ``adata.var`` column with gene symbols or Ensembl IDs (``None``: ``var_names``).
+
+        Returns
+        -------
+        The match (model index of each gene, matched mask, overlap), logged once.
+        """
+        if (
+            gene_key is None
+            and self.adata is not None
+            and adata.var_names.equals(self.adata.var_names)
+        ):
+            return self.gene_match
+        return match_adata_genes(adata, self.gene_list, gene_key=gene_key, caller="CellPLM")
+
+    def _sequences(
+        self, adata: AnnData, batch_key: str | None, max_cells: int | None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        key = batch_key or self.registry_["setup_args"].get("batch_key")
+        codes, _ = batch_codes(adata, key)
+        if key is None and adata.n_obs > 1:
+            logger.info(
+                "CellPLM: no batch_key, so all %d cells form one sequence (cells attend to each "
+                "other); pass batch_key= naming the sample column to read each sample on its "
+                "own, as the official pipeline does with obs['batch'].",
+                adata.n_obs,
+            )
+        return codes, sequence_rows(codes, max_cells)
+
     @torch.inference_mode()
     def get_latent_representation(
         self,
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
         *,
+        layer: str | None = None,
+        gene_key: str | None = None,
         batch_key: str | None = None,
-        sample: bool = False,
-        random_state: int | None = None,
         max_cells: int | None = None,
-        device: str | None = None,
-    ) -> np.ndarray:
+        sample: bool = False,
+        random_state: int | None = 0,
+        return_info: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, dict[str, Any]]:
         """Cell embeddings: the mean of the latent Gaussian given the mixture component.
+
+        CellPLM's tokens are cells: the cells of one sample (``batch_key``) form a sequence and
+        attend to each other, so a cell's embedding depends on the other cells of its sequence
+        by design (as in the official pipeline). A sequence is one forward pass, held whole.
 
         Parameters
         ----------
         adata
-            AnnData with the registered genes (raw counts); ``None`` uses the model's.
+            Cells to embed, raw counts (``None``: the model's AnnData); genes are matched to the
+            model's (Ensembl IDs or symbols), unmatched ones dropped.
         indices
             Cells to embed; ``None`` embeds all.
+        layer
+            Layer with the counts (``None``: the registered layer, else ``X``).
+        gene_key
+            ``adata.var`` column with gene symbols or Ensembl IDs (``None``: ``var_names``).
         batch_key
             ``obs`` column naming the samples (one sequence each); ``None`` uses the one given
             to :meth:`setup_anndata` (all cells in one sequence if there was none).
-        sample
-            Draw the mixture component as the official model does (random); ``False`` takes
-            the most likely one (deterministic).
-        random_state
-            Seed of the draw with ``sample=True`` (``None``: ``sft.settings.seed``).
         max_cells
-            Most cells per sequence; ``None`` keeps each sample whole.
-        device
-            Where to run (``None``: ``sft.settings.device``).
+            Most cells per sequence (longer samples are cut into chunks); ``None`` keeps each
+            sample whole (the official default).
+        sample
+            Draw the mixture component as the official model does in eval mode (random);
+            ``False`` takes the most likely one (deterministic).
+        random_state
+            Seed of the draw with ``sample=True`` (``None``: ``sft.settings.seed``); ``s``
+            reproduces the official run after ``torch.manual_seed(s)`` on CPU.
+        return_info
+            Also return what to record about the run.
 
         Returns
         -------
-        ``(n_cells, post_latent_dim)`` float32 array.
+        ``(n_cells, post_latent_dim)`` float32 array (and the run's record with
+        ``return_info=True``).
         """
-        adata = self._validate_anndata(adata)
-        if indices is not None:
-            adata = adata[np.asarray(indices)]
-        key = batch_key or self.registry_["setup_args"].get("batch_key")
-        batch = None if key is None else adata.obs[key].to_numpy()
-        layer = self.registry_["setup_args"].get("layer")
-        match = self.gene_match if adata.var_names.equals(self.adata.var_names) else None
-        return embed_matrix(
+        adata = self._query(adata, indices)
+        codes, rows = self._sequences(adata, batch_key, max_cells)
+        layer = self.registry_["setup_args"].get("layer") if layer is None else layer
+        match = self.match_genes(adata, gene_key)
+        seed = resolve_seed(random_state) if sample else None
+        emb = embed_matrix(
             self.module,
             self.gene_list,
             get_matrix(adata, layer),
-            match if match is not None else _match(adata.var_names, self.gene_list),
-            batch=batch,
+            match,
+            batch=codes,
             max_cells=max_cells,
             sample=sample,
-            random_state=random_state,
-            device=device,
+            random_state=seed,
+            device=self.device,
         )
+        if not return_info:
+            return emb
+        info = {
+            "n_genes_matched": int(match.n_matched),
+            "batch_key": batch_key,
+            "max_cells": max_cells,
+            "n_sequences": len(rows),
+            "sample": bool(sample),
+            "random_state": seed,
+        }
+        return emb, info
+
+    @torch.inference_mode()
+    def get_imputed_expression(
+        self,
+        adata: AnnData,
+        *,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        batch_key: str | None = None,
+        max_cells: int | None = None,
+        decoder_batch_key: str | None = None,
+        sample: bool = False,
+        random_state: int | None = 0,
+        rescale: bool = True,
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
+        """Denoised expression from the negative-binomial decoder (``sft.tl.impute``).
+
+        Each sequence (the cells of one ``batch_key`` value, cut at ``max_cells`` cells) runs
+        through the encoder and the latent layer (the most likely mixture component, or a draw
+        with ``sample``); the NB decoder, given the ``decoder_batch_key`` ids or no batch at
+        all, gives each cell's expected counts. Genes the model does not know are NaN.
+
+        Parameters
+        ----------
+        adata
+            Cells, raw counts.
+        layer, gene_key, batch_key, max_cells, sample, random_state
+            As in :meth:`get_latent_representation`.
+        decoder_batch_key
+            ``obs`` column with integer ids into the decoder's batch table (the batches it
+            learned in pretraining); ``None`` decodes without a batch effect.
+        rescale
+            Scale the means of the known genes to the cell's observed total over them (the
+            official denoising output).
+
+        Returns
+        -------
+        ``(denoised (n_obs, n_vars) float32, {"dispersion": per-gene NB dispersion (NaN where
+        unknown)}, the run's record)``.
+        """
+        if not getattr(self, "has_decoder_", True):
+            raise ValueError(
+                f"the checkpoint {self.model_name} has no decoder weights (an embedder-only "
+                "checkpoint), so it cannot reconstruct expression."
+            )
+        _, rows_list = self._sequences(adata, batch_key, max_cells)
+        covariate = decoder_batch_ids(adata, decoder_batch_key, self.module.config["batch_num"])
+        match = self.match_genes(adata, gene_key)
+        layer = self.registry_["setup_args"].get("layer") if layer is None else layer
+        seed = resolve_seed(random_state) if sample else None
+        denoised, disp = denoise_sequences(
+            self.module,
+            get_matrix(adata, layer),
+            rows_list,
+            match,
+            covariate=covariate,
+            sample=sample,
+            generator=official_generator(seed, pipeline=False) if sample else None,
+            rescale=rescale,
+            device=_device(self.device),
+        )
+        cols = np.flatnonzero(match.matched)
+        out = np.full(adata.shape, np.nan, dtype=np.float32)
+        out[:, cols] = denoised
+        dispersion = np.full(adata.n_vars, np.nan, dtype=np.float32)
+        dispersion[cols] = disp
+        params = {
+            "n_genes_matched": int(match.n_matched),
+            "batch_key": batch_key,
+            "decoder_batch_key": decoder_batch_key,
+            "max_cells": max_cells,
+            "n_sequences": len(rows_list),
+            "sample": bool(sample),
+            "random_state": seed,
+            "rescale": bool(rescale),
+        }
+        return out, {"dispersion": dispersion}, params
+
+    def embed_var_genes(self, adata: AnnData, *, gene_key: str | None = None) -> GeneEmbeddings:
+        """Embed the genes of ``adata`` (``sft.tl.embed_genes``): rows of the gene table.
+
+        CellPLM embeds a cell as ``log1p(counts) @ E`` with a genes x ``d`` table ``E``; its
+        rows are the model's gene embeddings. Its tokens are cells, not genes, so there are no
+        context-aware gene embeddings.
+
+        Parameters
+        ----------
+        adata
+            Its genes are matched to the model's.
+        gene_key
+            ``adata.var`` column with gene symbols or Ensembl IDs (``None``: ``var_names``).
+
+        Returns
+        -------
+        The embeddings on ``var`` (NaN rows for genes without one), the match mask and the
+        run's record.
+        """
+        match = self.match_genes(adata, gene_key)
+        params: dict[str, Any] = {"n_genes_matched": int(match.n_matched), "table": "embedder"}
+        table = self.module.embedder.feat_enc.emb
+        return GeneEmbeddings(token_table_rows(table, match), match.matched.copy(), None, params)

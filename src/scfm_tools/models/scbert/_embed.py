@@ -10,28 +10,23 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 
-from ..._anndata import get_matrix, iter_row_blocks
+from ..._anndata import iter_row_blocks
 from ..._settings import settings
-from ..._validation import check_counts
-from ...pp._match_genes import GeneMatch, as_gene_match, match_adata_genes
-from ._checkpoint import load_scbert_checkpoint
+from ...pp._match_genes import GeneMatch, as_gene_match
 from ._module import SCBERTModule
 from ._tokenizer import SCBERTTokenizer
 
 if TYPE_CHECKING:
-    from anndata import AnnData
-
-    from ...hub import ResolvedModel
+    pass
 
 __all__ = [
     "cells_per_pass",
     "embed_matrix",
-    "embed_resolved",
     "iter_embeddings",
     "iter_probabilities",
 ]
@@ -251,67 +246,3 @@ def embed_matrix(
     if not parts:
         return np.empty((0, module.dim), dtype=np.float32)
     return np.concatenate(parts)
-
-
-def embed_resolved(
-    resolved: ResolvedModel,
-    adata: AnnData,
-    *,
-    layer: str | None = None,
-    gene_key: str | None = None,
-    batch_size: int = 8,
-    max_length: int | None = None,
-    random_state: int | None = 0,
-    device: str | torch.device = "cpu",
-    chunk_size: int = 10_000,
-    key_max: Literal["sample", "batch"] = "sample",
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Embed the cells of ``adata`` with a located scBERT checkpoint (``sft.tl.embed_cells``).
-
-    Needs raw counts and the checkpoint's gene list (``gene_list.txt`` beside the ``.pth``).
-    scBERT is deterministic and always reads all of its genes, so ``random_state`` plays no
-    role and ``max_length`` must be left at ``None``. ``key_max`` (an ``embed_cells`` model
-    option) is the FAVOR+ key stabiliser extent: ``"sample"`` (default) embeds every cell as
-    if alone, as the official ``predict.py``; ``"batch"`` shares it across each forward pass,
-    as the official ``PerformerLM.forward`` on a batch (results then depend on the batch).
-    Returns the embeddings and what to record about the run in ``uns[key]["params"]``.
-    """
-    if key_max not in ("sample", "batch"):
-        raise ValueError(f"key_max must be 'sample' or 'batch', got {key_max!r}.")
-    if max_length is not None:
-        raise ValueError(
-            "max_length does not apply to scBERT, which always reads all of its genes; leave "
-            "it at None."
-        )
-    check_counts(adata, layer, chunk_size=chunk_size)
-    gene_list = resolved.files.get("gene_list")
-    if gene_list is None:
-        raise FileNotFoundError(
-            f"the scBERT checkpoint {resolved.weights.name} has no gene list beside it: put "
-            f"gene_list.txt (the model's gene symbols, one per line, in checkpoint order) in "
-            f"{resolved.path}. For the published model, see "
-            "`sft.hub.get_card('scbert').manual_download`."
-        )
-    module, genes, _ = load_scbert_checkpoint(resolved.weights, gene_list=gene_list)
-    if module.is_classifier:
-        logger.info(
-            "embed_cells: %s is a fine-tuned (classifier) checkpoint; embedding with its encoder.",
-            resolved.name,
-        )
-    match = match_adata_genes(adata, genes, gene_key=gene_key, caller="embed_cells")
-    emb = embed_matrix(
-        module,
-        get_matrix(adata, layer),
-        match,
-        batch_size=batch_size,
-        device=device,
-        chunk_size=chunk_size,
-        key_max=key_max,
-    )
-    params = {
-        "n_genes_matched": int(match.n_matched),
-        "n_genes_model": module.n_genes,
-        "pooling": "mean over genes",
-        "key_max": key_max,
-    }
-    return emb, params

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,7 +21,9 @@ from ..._docs import doc_params
 from ..._validation import InputError, check_counts, check_unique_names
 from ...pp._match_genes import GeneMatch, match_adata_genes
 from ...tl._label_transfer import UNASSIGNED, labels_from_proba
+from .._gene_embeddings import GeneEmbeddings, token_table_rows
 from .._training import DOC_TRAIN_SCALE, TrainingMixin
+from ..base import PretrainedMixin, unbound_registry
 from ._checkpoint import GENE_LIST_FILE, load_scbert_checkpoint, read_gene_list
 from ._embed import iter_embeddings, iter_probabilities
 from ._module import SCBERTModule
@@ -31,6 +33,8 @@ from ._training_plan import SCBERTTrainingPlan
 if TYPE_CHECKING:
     from anndata import AnnData
     from lightning.pytorch.strategies import Strategy
+
+    from ...hub import ResolvedModel
 
 __all__ = [
     "CLASSES_FILE",
@@ -98,7 +102,27 @@ def _gene2vec_table(gene2vec, n_genes: int, dim: int) -> torch.Tensor | None:
     return torch.from_numpy(table.astype(np.float64))
 
 
-class SCBERT(TrainingMixin, BaseModelClass):
+def _checkpoint_classes(path: Path, n_classes: int, required: bool) -> list[str] | None:
+    """Read a fine-tuned checkpoint's cell types (``classes.txt``); None when absent."""
+    if not path.is_file():
+        if not required:
+            return None
+        raise FileNotFoundError(
+            f"the fine-tuned scBERT checkpoint in {path.parent} has no {CLASSES_FILE}: write its "
+            f"{n_classes} cell-type names there, one per line, in the order of the classifier "
+            "outputs (the official label_dict order, i.e. sorted), or fine-tune from a "
+            "reference with reference= and label_key=."
+        )
+    classes = read_gene_list(path)
+    if len(classes) != n_classes:
+        raise ValueError(
+            f"{path} lists {len(classes)} cell types, but the checkpoint's classifier has "
+            f"{n_classes} outputs."
+        )
+    return classes
+
+
+class SCBERT(PretrainedMixin, TrainingMixin, BaseModelClass):
     """scBERT (Yang et al. 2022) as an scvi-tools model: pretrain, fine-tune, embed, annotate.
 
     Every cell is read on the model's gene list (16,906 genes for the published model; genes
@@ -109,12 +133,14 @@ class SCBERT(TrainingMixin, BaseModelClass):
     annotation, and :meth:`predict` labels cells.
 
     Call :meth:`setup_anndata` first. Start from scratch with this constructor, or from a
-    checkpoint (official or exported here) with :meth:`from_pretrained`.
+    checkpoint (official or exported here) with :meth:`from_pretrained`, which needs no
+    AnnData for embedding or prediction.
 
     Parameters
     ----------
     adata
-        AnnData registered with :meth:`setup_anndata`.
+        AnnData registered with :meth:`setup_anndata`; ``None`` builds an unbound model for
+        inference only (then ``genes`` is needed, and ``classes`` for the classifier head).
     genes
         The model's gene list; ``None`` uses ``adata.var_names``.
     head
@@ -147,10 +173,12 @@ class SCBERT(TrainingMixin, BaseModelClass):
 
     _module_cls = SCBERTModule
     _training_plan_cls = SCBERTTrainingPlan
+    family = "scbert"
+    values_needed = "counts"
 
     def __init__(
         self,
-        adata: AnnData,
+        adata: AnnData | None = None,
         *,
         genes: Sequence[str] | None = None,
         head: Head = "pretrain",
@@ -163,13 +191,17 @@ class SCBERT(TrainingMixin, BaseModelClass):
         dim_head: int = 64,
         **module_kwargs: Any,
     ) -> None:
-        super().__init__(adata)
+        super().__init__(adata, registry=None if adata is not None else unbound_registry("SCBERT"))
         if head not in ("pretrain", "classifier"):
             raise ValueError(f"head must be 'pretrain' or 'classifier', got {head!r}.")
+        if adata is None and genes is None:
+            raise ValueError("an SCBERT model built without adata needs its genes.")
         genes = [str(g) for g in (adata.var_names if genes is None else genes)]
         check_unique_names(pd.Index(genes), what="genes")
         self.genes = genes
-        self.gene_match = match_adata_genes(adata, genes, caller="SCBERT")
+        self.gene_match = (
+            None if adata is None else match_adata_genes(adata, genes, caller="SCBERT")
+        )
         self.classes = self._resolve_classes(head, classes)
         self.module = self._module_cls(
             len(genes),
@@ -183,8 +215,9 @@ class SCBERT(TrainingMixin, BaseModelClass):
             n_classes=None if self.classes is None else len(self.classes),
             **module_kwargs,
         )
+        in_adata = "no AnnData" if adata is None else f"{self.gene_match.n_matched:,} in adata"
         self._model_summary_string = (
-            f"SCBERT model: {len(genes):,} genes ({self.gene_match.n_matched:,} in adata), "
+            f"SCBERT model: {len(genes):,} genes ({in_adata}), "
             f"dim {dim}, {depth} blocks, {heads} heads of {dim_head}, {num_tokens} tokens, "
             + (
                 "pretraining head"
@@ -195,7 +228,7 @@ class SCBERT(TrainingMixin, BaseModelClass):
         self.init_params_ = self._get_init_params(locals())
 
     def _registered_classes(self) -> list[str] | None:
-        if self.registry_["setup_args"].get("labels_key") is None:
+        if self.adata_manager is None or self.registry_["setup_args"].get("labels_key") is None:
             return None
         mapping = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
         return [str(c) for c in mapping.categorical_mapping]
@@ -272,15 +305,15 @@ class SCBERT(TrainingMixin, BaseModelClass):
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str | os.PathLike,
-        adata: AnnData,
+        name_or_path: str | os.PathLike | ResolvedModel,
+        adata: AnnData | None = None,
         *,
         gene_list: str | os.PathLike | Sequence[str] | None = None,
         head: Head | None = None,
         trainable: Trainable = "official",
         **module_kwargs: Any,
     ) -> SCBERT:
-        """Build the model around a checkpoint, for fine-tuning, prediction or more pretraining.
+        """Load a checkpoint, for embedding, prediction, fine-tuning or more pretraining.
 
         Parameters
         ----------
@@ -288,7 +321,8 @@ class SCBERT(TrainingMixin, BaseModelClass):
             A registered model name (``"scbert"``) or a local ``.pth`` (official layout or
             written by :meth:`export_checkpoint`).
         adata
-            AnnData registered with :meth:`setup_anndata` (with ``labels_key`` to fine-tune).
+            AnnData registered with :meth:`setup_anndata` (with ``labels_key`` to fine-tune);
+            ``None`` for inference on any AnnData.
         gene_list
             The checkpoint's gene list; ``None`` reads ``gene_list.txt`` beside it.
         head
@@ -308,28 +342,47 @@ class SCBERT(TrainingMixin, BaseModelClass):
         An :class:`SCBERT` holding the checkpoint's weights; ``pretrained_`` records the
         source, the weights' sha256 and the load report.
         """
-        from ...hub import load
-
-        resolved = load(name_or_path, family="scbert")
+        resolved = cls.locate(name_or_path)
         genes_src = gene_list if gene_list is not None else resolved.files.get("gene_list")
         if genes_src is None:
             raise FileNotFoundError(
-                f"no gene list for {resolved.weights.name}: pass gene_list= or put "
-                f"{GENE_LIST_FILE} beside the checkpoint."
+                f"the scBERT checkpoint {resolved.weights.name} has no gene list beside it: pass "
+                f"gene_list= or put {GENE_LIST_FILE} (the model's gene symbols, one per line, in "
+                f"checkpoint order) in {resolved.path}. For the published model, see "
+                "`sft.hub.get_card('scbert').manual_download`."
             )
         pretrained, genes, report = load_scbert_checkpoint(resolved.weights, gene_list=genes_src)
-        cfg = pretrained.config
         classes = None
+        classes_file = resolved.path / CLASSES_FILE
+        if pretrained.is_classifier and head != "pretrain":
+            classes = _checkpoint_classes(classes_file, pretrained.n_classes, adata is None)
+        model = cls._around(
+            pretrained, genes, adata, head, classes, trainable=trainable, **module_kwargs
+        )
+        model._set_pretrained(resolved, report)
+        return model
+
+    @classmethod
+    def _around(
+        cls,
+        pretrained: SCBERTModule,
+        genes: list[str],
+        adata: AnnData | None,
+        head: Head | None,
+        classes: list[str] | None,
+        *,
+        trainable: Trainable = "official",
+        **module_kwargs: Any,
+    ) -> SCBERT:
+        """Build a model holding ``pretrained``'s weights (a new head where the head changes)."""
+        cfg = pretrained.config
         ckpt_head: Head = "classifier" if pretrained.is_classifier else "pretrain"
         head = ckpt_head if head is None else head
-        classes_file = resolved.path / CLASSES_FILE
-        if head == "classifier" and ckpt_head == "classifier" and classes_file.is_file():
-            classes = read_gene_list(classes_file)
         model = cls(
             adata,
             genes=genes,
             head=head,
-            classes=classes,
+            classes=classes if head == ckpt_head == "classifier" else None,
             gene2vec=True if cfg["gene2vec"] else None,
             num_tokens=cfg["num_tokens"],
             dim=cfg["dim"],
@@ -353,12 +406,68 @@ class SCBERT(TrainingMixin, BaseModelClass):
         if head == "classifier" and head != ckpt_head:
             model.set_trainable(trainable)
         model.module.eval()
-        model.pretrained_ = {
-            "source": resolved.name,
-            "weights_sha256": resolved.sha256,
-            "clean": report.clean,
-            "report": str(report),
-        }
+        return model
+
+    def fine_tune_classifier(
+        self,
+        reference: AnnData,
+        labels_key: str,
+        *,
+        max_epochs: int = 10,
+        batch_size: int = 8,
+        class_weights: ClassWeights = "official",
+        trainable: Trainable = "official",
+        random_state: int | None = 0,
+        train_kwargs: Mapping[str, Any] | None = None,
+    ) -> SCBERT:
+        """Fine-tune a copy of this model for the cell types of a labelled reference.
+
+        As the official ``finetune.py``: a new classifier head for the reference's cell types,
+        the head, the final norm and the second-to-last Performer block trained (``trainable``)
+        with class weights against imbalance. This model is left as it is.
+
+        Parameters
+        ----------
+        reference
+            Raw counts of labelled cells, registered with
+            :meth:`setup_anndata` ``(labels_key=...)`` or not (it is then registered here).
+        labels_key
+            Column of ``reference.obs`` with the cell types.
+        max_epochs
+            Passes over the reference.
+        batch_size
+            Cells per minibatch (the official value is 3 with 60-step gradient accumulation).
+        class_weights
+            See :meth:`train`.
+        trainable
+            See :meth:`from_pretrained`.
+        random_state
+            Seed of the new head, the data order, masks and dropout (``None``:
+            ``sft.settings.seed``); the caller's global torch random state is left alone.
+        train_kwargs
+            Passed to :meth:`train` (``plan_kwargs``, ``accelerator``, ``train_size`` ...).
+
+        Returns
+        -------
+        The fine-tuned :class:`SCBERT`, bound to ``reference``.
+        """
+        seed = resolve_seed(random_state)
+        train_kwargs = dict(train_kwargs or {})
+        plan = dict(train_kwargs.pop("plan_kwargs", None) or {})
+        plan.setdefault("random_state", seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = type(self)._around(
+                self.module, self.genes, reference, "classifier", None, trainable=trainable
+            )
+            model.train(
+                max_epochs=max_epochs,
+                batch_size=batch_size,
+                class_weights=class_weights,
+                plan_kwargs=plan,
+                **train_kwargs,
+            )
+        model.pretrained_ = {**getattr(self, "pretrained_", {}), "fine_tuned": True}
         return model
 
     def set_trainable(self, trainable: Trainable = "official") -> None:
@@ -516,21 +625,34 @@ class SCBERT(TrainingMixin, BaseModelClass):
             if self.adata is None:
                 raise ValueError("this model has no AnnData attached; pass `adata=`.")
             adata = self.adata
-        else:
-            check_counts(adata, layer)
         if indices is not None:
             adata = adata[np.asarray(indices)]
+        check_counts(adata, layer)
         return adata
 
-    def _tokenizer(self, adata: AnnData, gene_key: str | None = None) -> SCBERTTokenizer:
+    def match_genes(self, adata: AnnData, gene_key: str | None = None) -> GeneMatch:
+        """Match the genes of ``adata`` (``var_names`` or ``var[gene_key]``) to the model's.
+
+        Parameters
+        ----------
+        adata
+            The AnnData.
+        gene_key
+            ``adata.var`` column with gene symbols or Ensembl IDs (``None``: ``var_names``).
+
+        Returns
+        -------
+        The match (model index of each gene, matched mask, overlap), logged once.
+        """
         if (
             gene_key is None
             and self.adata is not None
             and adata.var_names.equals(self.adata.var_names)
         ):
-            match: GeneMatch = self.gene_match
-        else:
-            match = match_adata_genes(adata, self.genes, gene_key=gene_key, caller="SCBERT")
+            return self.gene_match
+        return match_adata_genes(adata, self.genes, gene_key=gene_key, caller="SCBERT")
+
+    def _tokenizer(self, match: GeneMatch) -> SCBERTTokenizer:
         return SCBERTTokenizer.from_match(
             match, self.module.n_genes, bin_num=self.module.num_tokens - 2
         )
@@ -545,50 +667,109 @@ class SCBERT(TrainingMixin, BaseModelClass):
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
         *,
-        batch_size: int = 8,
         layer: str | None = None,
         gene_key: str | None = None,
-    ) -> np.ndarray:
+        batch_size: int = 8,
+        chunk_size: int = 10_000,
+        key_max: Literal["sample", "batch"] = "sample",
+        return_info: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, dict[str, Any]]:
         """Cell embeddings: the mean of the final encodings over the model's genes.
+
+        scBERT is deterministic and always reads all of its genes (no ``max_length``, no
+        random draws). A classifier (fine-tuned) model embeds with its encoder.
 
         Parameters
         ----------
         adata
-            Cells to embed (``None``: the AnnData of the model); genes are matched to the
-            model's by name.
+            Cells to embed, raw counts (``None``: the AnnData of the model); genes are matched
+            to the model's by name, missing ones read as zero.
         indices
             Rows of ``adata`` to embed (``None``: all).
+        layer
+            Layer with the counts (``None``: the registered layer, else ``X``).
+        gene_key
+            ``adata.var`` column with gene symbols (``None``: ``var_names``).
         batch_size
             Most cells per forward pass.
-        layer
-            Layer with the counts (``None``: the registered layer).
+        chunk_size
+            Cells read and tokenized at a time.
+        key_max
+            The FAVOR+ key stabiliser's extent: ``"sample"`` embeds every cell as if alone, as
+            the official ``predict.py``; ``"batch"`` shares it across each forward pass, as the
+            official ``PerformerLM.forward`` on a batch (results then depend on the batch).
+        return_info
+            Also return what to record about the run.
+
+        Returns
+        -------
+        ``(n_cells, dim)`` float32 array (and the run's record with ``return_info=True``).
+        """
+        if key_max not in ("sample", "batch"):
+            raise ValueError(f"key_max must be 'sample' or 'batch', got {key_max!r}.")
+        layer = self._layer if layer is None else layer
+        adata = self._query(adata, indices, layer)
+        match = self.match_genes(adata, gene_key)
+        chunks = iter_embeddings(
+            self.module,
+            self._tokenizer(match),
+            self._blocks(adata, layer, chunk_size),
+            batch_size=batch_size,
+            device=self.device,
+            key_max=key_max,
+        )
+        parts = list(chunks)
+        emb = np.concatenate(parts) if parts else np.empty((0, self.module.dim), np.float32)
+        if not return_info:
+            return emb
+        info = {
+            "n_genes_matched": int(match.n_matched),
+            "n_genes_model": self.module.n_genes,
+            "pooling": "mean over genes",
+            "key_max": key_max,
+        }
+        return emb, info
+
+    def embed_var_genes(self, adata: AnnData, *, gene_key: str | None = None) -> GeneEmbeddings:
+        """Embed the genes of ``adata`` (``sft.tl.embed_genes``): rows of the gene2vec table.
+
+        scBERT adds a frozen gene2vec vector to each gene's token; that table is its
+        context-free gene embedding. There is no context mode: every cell reads all ~17k
+        genes, so a per-gene average over cells would cost a full forward pass per cell with
+        little to gain over the token embeddings.
+
+        Parameters
+        ----------
+        adata
+            Its genes are matched to the model's.
         gene_key
             ``adata.var`` column with gene symbols (``None``: ``var_names``).
 
         Returns
         -------
-        ``(n_cells, dim)`` float32 array.
+        The embeddings on ``var`` (NaN rows for genes without one), the match mask and the
+        run's record.
         """
-        layer = self._layer if layer is None else layer
-        adata = self._query(adata, indices, layer)
-        chunks = iter_embeddings(
-            self.module,
-            self._tokenizer(adata, gene_key),
-            self._blocks(adata, layer),
-            batch_size=batch_size,
-            device=self.device,
+        if self.module.gene2vec is None:
+            raise NotImplementedError(
+                f"the scBERT model {self.model_name} has no gene2vec table "
+                "(g2v_position_emb=False), so it has no gene embeddings."
+            )
+        match = self.match_genes(adata, gene_key)
+        params: dict[str, Any] = {"n_genes_matched": int(match.n_matched), "table": "gene2vec"}
+        return GeneEmbeddings(
+            token_table_rows(self.module.gene2vec, match), match.matched.copy(), None, params
         )
-        parts = list(chunks)
-        return np.concatenate(parts) if parts else np.empty((0, self.module.dim), np.float32)
 
     def predict_proba(
         self,
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
         *,
-        batch_size: int = 8,
         layer: str | None = None,
         gene_key: str | None = None,
+        batch_size: int = 8,
+        chunk_size: int = 10_000,
     ) -> pd.DataFrame:
         """Class probabilities of each cell (classifier head), cells x classes.
 
@@ -601,14 +782,15 @@ class SCBERT(TrainingMixin, BaseModelClass):
         if self.classes is None:
             raise ValueError(
                 "this SCBERT model has the pretraining head; build it with head='classifier' "
-                "and fine-tune it before predicting cell types."
+                "and fine-tune it (or pass a labelled reference to sft.tl.annotate) before "
+                "predicting cell types."
             )
         layer = self._layer if layer is None else layer
         adata = self._query(adata, indices, layer)
         chunks = iter_probabilities(
             self.module,
-            self._tokenizer(adata, gene_key),
-            self._blocks(adata, layer),
+            self._tokenizer(self.match_genes(adata, gene_key)),
+            self._blocks(adata, layer, chunk_size),
             batch_size=batch_size,
             device=self.device,
         )
@@ -622,15 +804,16 @@ class SCBERT(TrainingMixin, BaseModelClass):
         indices: Sequence[int] | None = None,
         *,
         threshold: float | None = None,
-        batch_size: int = 8,
         layer: str | None = None,
         gene_key: str | None = None,
+        batch_size: int = 8,
+        chunk_size: int = 10_000,
     ) -> pd.DataFrame:
         """Cell types and confidences, as the official ``predict.py``.
 
         Parameters
         ----------
-        adata, indices, batch_size, layer, gene_key
+        adata, indices, layer, gene_key, batch_size, chunk_size
             As in :meth:`get_latent_representation`.
         threshold
             Cells whose best probability is below it are labelled ``"Unassigned"`` (the
@@ -643,6 +826,11 @@ class SCBERT(TrainingMixin, BaseModelClass):
         best probability).
         """
         proba = self.predict_proba(
-            adata, indices, batch_size=batch_size, layer=layer, gene_key=gene_key
+            adata,
+            indices,
+            batch_size=batch_size,
+            layer=layer,
+            gene_key=gene_key,
+            chunk_size=chunk_size,
         )
         return labels_from_proba(proba, threshold)

@@ -18,12 +18,11 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from ..._anndata import get_matrix, iter_row_blocks
+from ..._anndata import iter_row_blocks
 from ..._settings import settings
 from ..._validation import InputError, check_counts, check_lognorm
-from ...pp._match_genes import GeneMatch, as_gene_match, match_adata_genes
+from ...pp._match_genes import GeneMatch, as_gene_match
 from .._length_batches import length_batches
-from ._checkpoint import entry_for, load_scfoundation
 from ._module import Pool, SCFoundationModule
 from ._preprocess import (
     GeneReindexer,
@@ -41,14 +40,12 @@ from ._preprocess import (
 if TYPE_CHECKING:
     from anndata import AnnData
 
-    from ...hub import ResolvedModel
 
 __all__ = [
     "Output",
     "block_passes",
     "check_values",
     "embed_matrix",
-    "embed_resolved",
     "iter_outputs",
     "prepare_blocks",
     "prepare_options",
@@ -392,25 +389,20 @@ def prepare_options(
     adata: AnnData,
     layer: str | None,
     *,
-    max_length: int | None,
     target_depth: TargetDepth,
     pre_normalized: PreNormalized,
     input_type: InputType,
     total_counts_key: str | None,
 ) -> tuple[ParsedDepth, np.ndarray | None, dict[str, Any]]:
-    """Check the official preprocessing options of a tl function and the values they imply.
+    """Check the official preprocessing options and the values they imply.
 
-    Shared by the tl tasks that read cells (see :func:`embed_resolved` for the options).
-    Returns the parsed target depth, the per-cell total counts (``pre_normalized="A"`` only)
-    and the options to record in ``uns[key]["params"]``. Writes nothing.
+    Shared by the model's methods that read cells (see
+    :meth:`SCFoundation.get_latent_representation` for the options). Returns the parsed
+    target depth, the per-cell total counts (``pre_normalized="A"`` only) and the options to
+    record in ``uns[key]["params"]``. Writes nothing.
     """
     check_options(pre_normalized, input_type)
     depth = parse_target_depth(target_depth)
-    if max_length is not None:
-        raise ValueError(
-            "max_length does not apply to scFoundation, whose encoder reads every expressed "
-            "gene; leave it at None."
-        )
     totals = total_counts_of(adata, total_counts_key, pre_normalized)
     check_values(adata, layer, pre_normalized, input_type)
     options = {
@@ -420,69 +412,3 @@ def prepare_options(
         "total_counts_key": total_counts_key,
     }
     return depth, totals, options
-
-
-def embed_resolved(
-    resolved: ResolvedModel,
-    adata: AnnData,
-    *,
-    layer: str | None = None,
-    gene_key: str | None = None,
-    batch_size: int = 8,
-    max_length: int | None = None,
-    random_state: int | None = 0,
-    device: str | torch.device = "cpu",
-    chunk_size: int = 10_000,
-    target_depth: TargetDepth = "t4",
-    pool: Pool = "all",
-    pre_normalized: PreNormalized = "F",
-    input_type: InputType = "singlecell",
-    version: Literal["ce", "rde"] = "ce",
-    total_counts_key: str | None = None,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Embed the cells of ``adata`` with a located scFoundation checkpoint (``embed_cells``).
-
-    The family options are those of the official ``get_embedding.py``: ``target_depth``
-    (``--tgthighres``), ``pool`` (``--pool_type``), ``pre_normalized`` (``"F"`` raw counts,
-    ``"T"`` ``log1p``-normalised, ``"A"`` normalised with each cell's total count in
-    ``adata.obs[total_counts_key]``), ``input_type`` and ``version`` (``"ce"``: the ``cell``
-    weights; ``"rde"``: the read-depth-enhancement weights). scFoundation is deterministic and
-    reads every expressed gene: ``random_state`` plays no role and ``max_length`` must be
-    ``None``. Returns the embeddings and what to record in ``uns[key]["params"]``.
-    """
-    _check_output("cell", pool)
-    entry = entry_for("cell", version)
-    depth, totals, options = prepare_options(
-        adata,
-        layer,
-        max_length=max_length,
-        target_depth=target_depth,
-        pre_normalized=pre_normalized,
-        input_type=input_type,
-        total_counts_key=total_counts_key,
-    )
-    module, genes, _, _ = load_scfoundation(resolved, entry)
-    match = match_adata_genes(adata, genes, gene_key=gene_key, caller="embed_cells")
-    emb = embed_matrix(
-        module,
-        get_matrix(adata, layer),
-        match,
-        output="cell",
-        pool=pool,
-        target_depth=depth,
-        pre_normalized=pre_normalized,
-        input_type=input_type,
-        total_counts=totals,
-        batch_size=batch_size,
-        device=device,
-        chunk_size=chunk_size,
-        obs_names=adata.obs_names,
-    )
-    params = {
-        "n_genes_matched": int(match.n_matched),
-        "n_genes_model": module.n_genes,
-        "entry": entry,
-        "pool": pool,
-        **options,
-    }
-    return emb, params

@@ -14,34 +14,19 @@ kinds of embedding come from the same model.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from scipy import sparse
 
-from ..._anndata import get_matrix
-from ...pp._match_genes import match_adata_genes
-from .._gene_embeddings import GeneEmbeddings, rows_on_var, token_table_rows
-from ._checkpoint import entry_for, load_scfoundation
-from ._embed import _device, _eval_on, block_passes, prepare_blocks, prepare_options
-from ._preprocess import (
-    GeneReindexer,
-    InputType,
-    PreNormalized,
-    TargetDepth,
-    check_options,
-    parse_target_depth,
-)
+from ._checkpoint import entry_for
+from ._embed import _device, _eval_on, block_passes
 
 if TYPE_CHECKING:
-    from anndata import AnnData
-
-    from ...hub import ResolvedModel
-    from .._load_report import LoadReport
     from ._module import SCFoundationModule
 
-__all__ = ["context_gene_embeddings", "embed_genes_resolved", "token_gene_embeddings"]
+__all__ = ["context_gene_embeddings", "token_gene_embeddings"]
 
 #: The ``models.ckpt`` entry both modes read: the official script's for ``output_type="gene"``.
 ENTRY = entry_for("gene")
@@ -113,90 +98,3 @@ def context_gene_embeddings(
     if sums is None:
         return np.full((module.n_genes, module.dec_dim), np.nan, np.float32), expressed
     return (sums.cpu().numpy() / n_cells).astype(np.float32), expressed
-
-
-def _require(report: LoadReport, prefixes: tuple[str, ...], name: str, what: str) -> None:
-    """Refuse a checkpoint whose needed weights were missing (they would be random)."""
-    if any(k.startswith(prefixes) for k in report.missing):
-        raise ValueError(
-            f"the checkpoint {name} [{ENTRY!r}] lacks the {what} weights, so it cannot give "
-            "these gene embeddings."
-        )
-
-
-def embed_genes_resolved(
-    resolved: ResolvedModel,
-    adata: AnnData,
-    *,
-    mode: Literal["token", "context"] = "token",
-    layer: str | None = None,
-    gene_key: str | None = None,
-    batch_size: int = 64,
-    max_length: int | None = None,
-    random_state: int | None = 0,
-    device: str | torch.device = "cpu",
-    chunk_size: int = 10_000,
-    target_depth: TargetDepth = "t4",
-    pre_normalized: PreNormalized = "F",
-    input_type: InputType = "singlecell",
-    total_counts_key: str | None = None,
-) -> GeneEmbeddings:
-    """Embed ``adata``'s genes with a located scFoundation checkpoint (``sft.tl.embed_genes``).
-
-    ``mode="token"``: the gene's row of the position embedding ``pos_emb`` of the ``gene``
-    weights (``enc_dim`` wide); no value is read, and the options below play no role (they are
-    still checked). ``mode="context"``: each cell is prepared as in ``embed_cells`` (the
-    official ``get_embedding.py`` options ``target_depth``, ``pre_normalized``,
-    ``input_type``, ``total_counts_key``; see
-    :func:`~scfm_tools.models.scfoundation._embed.embed_resolved`), run through encoder and
-    decoder, and each gene's decoder output (official ``output_type="gene"``, ``dec_dim``
-    wide) averaged over **all** cells, since the decoder reads every gene of every cell. The
-    returned ``n_cells`` counts, per gene, the cells that express it (whose encoder read it):
-    it tells how much of the average rests on the gene's own measured values. scFoundation is
-    deterministic: ``random_state`` plays no role, and ``max_length`` must be ``None``.
-    """
-    if mode not in ("token", "context"):
-        raise ValueError(f"mode must be 'token' or 'context', got {mode!r}.")
-    if mode == "token":
-        check_options(pre_normalized, input_type)
-        parse_target_depth(target_depth)
-        module, genes, _, report = load_scfoundation(resolved, ENTRY)
-        _require(report, ("pos_emb.",), resolved.name, "gene (position) embedding")
-        match = match_adata_genes(adata, genes, gene_key=gene_key, caller="embed_genes")
-        rows = token_table_rows(token_gene_embeddings(module), match)
-        params = {"n_genes_matched": int(match.n_matched), "entry": ENTRY, "table": "pos_emb"}
-        return GeneEmbeddings(rows, match.matched.copy(), None, params)
-    depth, totals, options = prepare_options(
-        adata,
-        layer,
-        max_length=max_length,
-        target_depth=target_depth,
-        pre_normalized=pre_normalized,
-        input_type=input_type,
-        total_counts_key=total_counts_key,
-    )
-    module, genes, _, report = load_scfoundation(resolved, ENTRY)
-    _require(report, ("decoder.", "decoder_embed.", "norm."), resolved.name, "decoder")
-    match = match_adata_genes(adata, genes, gene_key=gene_key, caller="embed_genes")
-    blocks = prepare_blocks(
-        get_matrix(adata, layer),
-        GeneReindexer(match.index, module.n_genes),
-        pre_normalized=pre_normalized,
-        input_type=input_type,
-        depth=depth,
-        total_counts=totals,
-        chunk_size=chunk_size,
-        obs_names=adata.obs_names,
-    )
-    means, expressed = context_gene_embeddings(module, blocks, batch_size=batch_size, device=device)
-    cols = match.index[match.matched]
-    n_cells = np.zeros(match.n_genes, dtype=np.int64)
-    n_cells[match.matched] = expressed[cols]
-    params: dict[str, Any] = {
-        "n_genes_matched": int(match.n_matched),
-        "entry": ENTRY,
-        "output": "decoder gene embeddings, mean over all cells",
-        "n_cells_counts": "cells expressing the gene",
-        **options,
-    }
-    return GeneEmbeddings(rows_on_var(means[cols], match), match.matched.copy(), n_cells, params)

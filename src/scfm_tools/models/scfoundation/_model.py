@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,17 +19,30 @@ from scvi.model.base import BaseModelClass
 from ..._anndata import get_matrix, resolve_seed
 from ..._docs import doc_params
 from ..._validation import InputError, check_counts, check_nonempty, check_unique_names
-from ...pp._match_genes import match_adata_genes
+from ...pp._match_genes import GeneMatch, match_adata_genes
+from .._gene_embeddings import GeneEmbeddings, rows_on_var, token_table_rows
 from .._training import DOC_TRAIN_SCALE, TrainingMixin
-from ._checkpoint import Entry, load_scfoundation, official_entry
-from ._embed import embed_matrix
+from ..base import PretrainedMixin, unbound_registry
+from ._checkpoint import Entry, entry_for, load_scfoundation, official_entry
+from ._embed import embed_matrix, iter_outputs, prepare_blocks, prepare_options
+from ._gene_embed import context_gene_embeddings, token_gene_embeddings
 from ._module import Pool, SCFoundationModule
-from ._preprocess import TargetDepth
+from ._preprocess import (
+    GeneReindexer,
+    InputType,
+    PreNormalized,
+    TargetDepth,
+    check_options,
+    parse_target_depth,
+)
 from ._training_plan import RDA_KEY, SCFoundationTrainingPlan
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from lightning.pytorch.strategies import Strategy
+
+    from ...hub import ResolvedModel
+    from .._load_report import LoadReport
 
 __all__ = ["SCFoundation"]
 
@@ -47,7 +60,7 @@ DEFAULT_ARCHITECTURE = {
 }
 
 
-class SCFoundation(TrainingMixin, BaseModelClass):
+class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
     """scFoundation (xTrimoGene, Hao et al. 2024) as an scvi-tools model: RDA pretraining.
 
     Every cell is read on the model's genes (genes of ``adata`` matched by symbol; model genes
@@ -61,12 +74,14 @@ class SCFoundation(TrainingMixin, BaseModelClass):
     only the expressed, unmasked genes; the Performer decoder the whole gene sequence.
 
     Call :meth:`setup_anndata` first. Start from scratch with this constructor, or from a
-    checkpoint (official ``models.ckpt`` or :meth:`export`-ed) with :meth:`from_pretrained`.
+    checkpoint (official ``models.ckpt`` or :meth:`export`-ed) with :meth:`from_pretrained`,
+    which needs no AnnData for inference.
 
     Parameters
     ----------
     adata
-        AnnData registered with :meth:`setup_anndata`.
+        AnnData registered with :meth:`setup_anndata`; ``None`` builds an unbound model for
+        inference only (then ``gene_list`` is needed).
     gene_list
         The model's genes; ``None`` uses ``adata.var_names``.
     **module_kwargs
@@ -86,24 +101,34 @@ class SCFoundation(TrainingMixin, BaseModelClass):
 
     _module_cls = SCFoundationModule
     _training_plan_cls = SCFoundationTrainingPlan
+    family = "scfoundation"
+    # Raw counts or normalised values, as its pre_normalized option says: checked per call.
+    values_needed = "own"
 
     def __init__(
         self,
-        adata: AnnData,
+        adata: AnnData | None = None,
         *,
         gene_list: Sequence[str] | None = None,
         **module_kwargs: Any,
     ) -> None:
-        super().__init__(adata)
+        unbound = None if adata is not None else unbound_registry("SCFoundation")
+        super().__init__(adata, registry=unbound)
+        if adata is None and gene_list is None:
+            raise ValueError("an SCFoundation model built without adata needs its gene_list.")
         genes = [str(g) for g in (adata.var_names if gene_list is None else gene_list)]
         check_unique_names(pd.Index(genes), what="gene_list")
         self.gene_list = genes
-        self.gene_match = match_adata_genes(adata, genes, caller="SCFoundation")
+        self.gene_match = (
+            None if adata is None else match_adata_genes(adata, genes, caller="SCFoundation")
+        )
+        self._load_report: LoadReport | None = None
         kwargs = {**DEFAULT_ARCHITECTURE, **module_kwargs}
         self.module = self._module_cls(len(genes), **kwargs)
         cfg = self.module.config
+        in_adata = "no AnnData" if adata is None else f"{self.gene_match.n_matched:,} in adata"
         self._model_summary_string = (
-            f"SCFoundation model: {len(genes):,} genes ({self.gene_match.n_matched:,} in adata), "
+            f"SCFoundation model: {len(genes):,} genes ({in_adata}), "
             f"encoder {cfg['enc_dim']} x {cfg['enc_depth']} layers, Performer decoder "
             f"{cfg['dec_dim']} x {cfg['dec_depth']} blocks"
         )
@@ -153,13 +178,18 @@ class SCFoundation(TrainingMixin, BaseModelClass):
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str | os.PathLike,
-        adata: AnnData,
+        name_or_path: str | os.PathLike | ResolvedModel,
+        adata: AnnData | None = None,
         *,
         entry: Entry = "gene",
         **module_kwargs: Any,
     ) -> SCFoundation:
-        """Build the model around a checkpoint, for embedding or continued pretraining.
+        """Load one set of weights of a checkpoint, for inference or continued pretraining.
+
+        An official ``models.ckpt`` holds three: ``"cell"`` (the official cell embeddings),
+        ``"rde"`` (read-depth enhancement, also for cell embeddings with ``--version rde``) and
+        ``"gene"`` (gene embeddings and expression). ``sft.tl`` functions given a name or path
+        pick the one the official scripts use for their task.
 
         Parameters
         ----------
@@ -167,9 +197,10 @@ class SCFoundation(TrainingMixin, BaseModelClass):
             A registered model name (``"scfoundation"``) or a local ``models.ckpt`` (official
             layout, or written by :meth:`export`).
         adata
-            AnnData registered with :meth:`setup_anndata`.
+            AnnData registered with :meth:`setup_anndata`, to train on; ``None`` for inference
+            on any AnnData.
         entry
-            Which ``models.ckpt`` entry to start from (``"gene"``, ``"cell"`` or ``"rde"``).
+            Which ``models.ckpt`` entry to load (``"gene"``, ``"cell"`` or ``"rde"``).
         **module_kwargs
             Runtime options of :class:`~scfm_tools.models.scfoundation.SCFoundationModule`
             (``dropout``, ``feature_redraw_interval``, ``key_max``, ``chunk_size``).
@@ -177,22 +208,49 @@ class SCFoundation(TrainingMixin, BaseModelClass):
         Returns
         -------
         An :class:`SCFoundation` holding the checkpoint's weights; ``pretrained_`` records the
-        source, the entry and the load report.
+        source, the entry, the weights' sha256 and the load report.
         """
-        pretrained, genes, _, report = load_scfoundation(name_or_path, entry, **module_kwargs)
+        resolved = cls.locate(name_or_path)
+        pretrained, genes, _, report = load_scfoundation(resolved, entry, **module_kwargs)
         kwargs = dict(pretrained.config)
         kwargs.pop("n_genes")
         kwargs.update(module_kwargs)
         model = cls(adata, gene_list=genes, **kwargs)
         model.module.load_state_dict(pretrained.state_dict())
         model.module.eval()
-        model.pretrained_ = {
-            "source": str(name_or_path),
-            "entry": entry,
-            "clean": report.clean,
-            "report": str(report),
-        }
+        model._load_report = report
+        model._set_pretrained(resolved, report, entry=entry)
         return model
+
+    @classmethod
+    def pretrained_options(
+        cls, task: str, options: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Pick the ``models.ckpt`` entry the official scripts use for ``task``.
+
+        Cell embeddings use ``"cell"`` (or ``"rde"`` with the option ``version="rde"``);
+        imputation ``"gene"`` (or the option ``entry``); gene embeddings ``"gene"``.
+
+        Parameters
+        ----------
+        task
+            The method that will run.
+        options
+            The family options given to the tl function.
+
+        Returns
+        -------
+        ``({"entry": ...}, options left for the method)``.
+        """
+        options = dict(options)
+        if task == "get_latent_representation":
+            return {"entry": entry_for("cell", options.pop("version", "ce"))}, options
+        if task == "get_imputed_expression":
+            entry = options.pop("entry", "gene")
+            if entry not in ("gene", "rde"):
+                raise ValueError(f"entry must be 'gene' or 'rde', got {entry!r}.")
+            return {"entry": entry}, options
+        return {"entry": entry_for("gene")}, options
 
     def export(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the model as an official ``models.ckpt`` (same weights in all three entries).
@@ -307,25 +365,49 @@ class SCFoundation(TrainingMixin, BaseModelClass):
         )
 
     # outputs -----------------------------------------------------------------------------------
-    def _outputs(self, adata, indices, output, **kwargs) -> np.ndarray:
-        adata = self._validate_anndata(adata)
+    def _query(self, adata: AnnData | None, indices: Sequence[int] | None) -> AnnData:
+        if adata is None:
+            if self.adata is None:
+                raise ValueError("this model has no AnnData attached; pass `adata=`.")
+            adata = self.adata
         if indices is not None:
             adata = adata[np.asarray(indices)]
-        layer = self.registry_["setup_args"].get("layer")
-        if adata.var_names.equals(self.adata.var_names):
-            match = self.gene_match
-        else:
-            match = match_adata_genes(adata, self.gene_list, caller="SCFoundation")
-        if output != "cell" and self.gene_match.n_matched == 0:
-            raise InputError("no gene of adata is in the model's gene list.")
-        return embed_matrix(
-            self.module,
-            get_matrix(adata, layer),
-            match,
-            output=output,
-            obs_names=adata.obs_names,
-            **kwargs,
-        )
+        return adata
+
+    def _layer(self, layer: str | None) -> str | None:
+        return self.registry_["setup_args"].get("layer") if layer is None else layer
+
+    def match_genes(self, adata: AnnData, gene_key: str | None = None) -> GeneMatch:
+        """Match the genes of ``adata`` (``var_names`` or ``var[gene_key]``) to the model's.
+
+        Parameters
+        ----------
+        adata
+            The AnnData.
+        gene_key
+            ``adata.var`` column with gene symbols or Ensembl IDs (``None``: ``var_names``).
+
+        Returns
+        -------
+        The match (model index of each gene, matched mask, overlap), logged once.
+        """
+        if (
+            gene_key is None
+            and self.adata is not None
+            and adata.var_names.equals(self.adata.var_names)
+        ):
+            return self.gene_match
+        return match_adata_genes(adata, self.gene_list, gene_key=gene_key, caller="SCFoundation")
+
+    def _require(self, prefixes: tuple[str, ...], what: str) -> None:
+        """Refuse weights the checkpoint lacked (they would be a random initialisation)."""
+        report = self._load_report
+        if report is not None and any(k.startswith(prefixes) for k in report.missing):
+            entry = self.pretrained_.get("entry")
+            raise ValueError(
+                f"the checkpoint {self.model_name} [{entry!r}] lacks the {what} weights, so it "
+                "cannot give this output."
+            )
 
     @torch.inference_mode()
     def get_latent_representation(
@@ -333,41 +415,94 @@ class SCFoundation(TrainingMixin, BaseModelClass):
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
         *,
-        pool: Pool = "all",
-        target_depth: TargetDepth = "t4",
+        layer: str | None = None,
+        gene_key: str | None = None,
         batch_size: int = 8,
-        device: str | None = None,
-    ) -> np.ndarray:
+        chunk_size: int = 10_000,
+        target_depth: TargetDepth = "t4",
+        pool: Pool = "all",
+        pre_normalized: PreNormalized = "F",
+        input_type: InputType = "singlecell",
+        total_counts_key: str | None = None,
+        return_info: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, dict[str, Any]]:
         """Cell embeddings (the official ``get_embedding.py --output_type cell``).
+
+        scFoundation is deterministic and its encoder reads every expressed gene (no
+        ``max_length``, no random draws).
 
         Parameters
         ----------
         adata
-            AnnData with the registered genes (raw counts); ``None`` uses the model's.
+            Cells to embed (``None``: the model's AnnData); genes are matched to the model's.
         indices
             Cells to embed; ``None`` embeds all.
-        pool
-            ``"all"`` (``[S, T, max, mean]``, ``4 * enc_dim``) or ``"max"``.
-        target_depth
-            The ``T`` token (see :func:`~scfm_tools.models.scfoundation.parse_target_depth`).
+        layer
+            Layer with the values (``None``: the registered layer, else ``X``).
+        gene_key
+            ``adata.var`` column with gene symbols (``None``: ``var_names``).
         batch_size
             Most cells per forward pass.
-        device
-            Where to run (``None``: ``sft.settings.device``).
+        chunk_size
+            Cells read and prepared at a time.
+        target_depth
+            The ``T`` token (``--tgthighres``): ``"tX"`` sets ``T = X`` (a total count of
+            ``10**X``); ``"fX"``: ``X`` times the cell's own total count; ``"aX"``: ``log10`` of
+            its total count plus ``X``; or a total count such as ``1e4``.
+        pool
+            ``"all"`` (``[S, T, max, mean]``, ``4 * enc_dim``) or ``"max"``.
+        pre_normalized
+            ``"F"``: raw counts; ``"T"``: ``log1p`` of counts per 10,000 already (the source
+            depth is then the sum of the given values, as officially); ``"A"``: such values with
+            each cell's total count in ``adata.obs[total_counts_key]``.
+        input_type
+            ``"singlecell"`` or ``"bulk"`` (samples normalised to the median total, ``T = S``).
+        total_counts_key
+            ``adata.obs`` column with total counts (``pre_normalized="A"``).
+        return_info
+            Also return what to record about the run.
 
         Returns
         -------
-        ``(n_cells, 4 * enc_dim)`` or ``(n_cells, enc_dim)`` float32 array.
+        ``(n_cells, 4 * enc_dim)`` or ``(n_cells, enc_dim)`` float32 array (and the run's
+        record with ``return_info=True``).
         """
-        return self._outputs(
+        adata = self._query(adata, indices)
+        layer = self._layer(layer)
+        depth, totals, options = prepare_options(
             adata,
-            indices,
-            "cell",
-            pool=pool,
+            layer,
             target_depth=target_depth,
-            batch_size=batch_size,
-            device=device,
+            pre_normalized=pre_normalized,
+            input_type=input_type,
+            total_counts_key=total_counts_key,
         )
+        match = self.match_genes(adata, gene_key)
+        emb = embed_matrix(
+            self.module,
+            get_matrix(adata, layer),
+            match,
+            output="cell",
+            pool=pool,
+            target_depth=depth,
+            pre_normalized=pre_normalized,
+            input_type=input_type,
+            total_counts=totals,
+            batch_size=batch_size,
+            device=self.device,
+            chunk_size=chunk_size,
+            obs_names=adata.obs_names,
+        )
+        if not return_info:
+            return emb
+        info = {
+            "n_genes_matched": int(match.n_matched),
+            "n_genes_model": self.module.n_genes,
+            "entry": self.pretrained_.get("entry") if hasattr(self, "pretrained_") else None,
+            "pool": pool,
+            **options,
+        }
+        return emb, info
 
     @torch.inference_mode()
     def get_gene_expression(
@@ -377,15 +512,17 @@ class SCFoundation(TrainingMixin, BaseModelClass):
         *,
         target_depth: TargetDepth = "t4",
         output: Literal["gene_expression", "gene"] = "gene_expression",
+        layer: str | None = None,
+        gene_key: str | None = None,
         batch_size: int = 8,
-        device: str | None = None,
+        chunk_size: int = 10_000,
     ) -> np.ndarray:
         """Predicted expression (or the decoder's gene embeddings) at a target depth.
 
         Parameters
         ----------
         adata
-            AnnData with the registered genes (raw counts); ``None`` uses the model's.
+            Cells to run, raw counts (``None``: the model's AnnData).
         indices
             Cells to run; ``None`` runs all.
         target_depth
@@ -394,20 +531,182 @@ class SCFoundation(TrainingMixin, BaseModelClass):
         output
             ``"gene_expression"``: ``log1p`` counts per 10,000, ``(n_cells, n_genes)``;
             ``"gene"``: the decoder's gene embeddings ``(n_cells, n_genes, dec_dim)``.
-        batch_size
-            Most cells per forward pass.
-        device
-            Where to run (``None``: ``sft.settings.device``).
+        layer, gene_key, batch_size, chunk_size
+            As in :meth:`get_latent_representation`.
 
         Returns
         -------
         float32 array, genes in the model's order (:attr:`gene_list`).
         """
-        return self._outputs(
-            adata,
-            indices,
-            output,
+        adata = self._query(adata, indices)
+        match = self.match_genes(adata, gene_key)
+        if match.n_matched == 0:
+            raise InputError("no gene of adata is in the model's gene list.")
+        return embed_matrix(
+            self.module,
+            get_matrix(adata, self._layer(layer)),
+            match,
+            output=output,
             target_depth=target_depth,
             batch_size=batch_size,
-            device=device,
+            device=self.device,
+            chunk_size=chunk_size,
+            obs_names=adata.obs_names,
+        )
+
+    @torch.inference_mode()
+    def get_imputed_expression(
+        self,
+        adata: AnnData,
+        *,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        batch_size: int = 8,
+        chunk_size: int = 10_000,
+        target_depth: TargetDepth = "t4",
+        clip_negative: bool = True,
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
+        """Each cell's expression as if sequenced at ``target_depth`` (``sft.tl.impute``).
+
+        Each cell (raw counts, normalised as the official ``pre_normalized="F"``) is encoded
+        from its expressed genes and its ``S`` (observed depth) and ``T`` (``target_depth``)
+        tokens; the decoder and regression head predict every model gene's
+        ``log1p``-normalised expression (natural log of counts per 10,000), the official
+        ``--output_type gene_expression`` output. Genes the model does not know are NaN.
+
+        Parameters
+        ----------
+        adata
+            Cells, raw counts.
+        layer, gene_key, batch_size, chunk_size
+            As in :meth:`get_latent_representation`.
+        target_depth
+            The depth to predict at (see :meth:`get_latent_representation`).
+        clip_negative
+            Set predictions below 0 (impossible for ``log1p`` values) to 0.
+
+        Returns
+        -------
+        ``(imputed (n_obs, n_vars) float32, var columns (none), the run's record)``.
+        """
+        depth = parse_target_depth(target_depth)
+        self._require(("decoder.", "to_final."), "decoder or regression-head")
+        match = self.match_genes(adata, gene_key)
+        cols = np.flatnonzero(match.matched)
+        model_cols = match.index[cols]
+        out = np.full(adata.shape, np.nan, dtype=np.float32)
+        blocks = prepare_blocks(
+            get_matrix(adata, self._layer(layer)),
+            GeneReindexer(match.index, self.module.n_genes),
+            pre_normalized="F",
+            input_type="singlecell",
+            depth=depth,
+            total_counts=None,
+            chunk_size=chunk_size,
+            obs_names=adata.obs_names,
+        )
+        start = 0
+        outputs = iter_outputs(
+            self.module, blocks, output="gene_expression", batch_size=batch_size, device=self.device
+        )
+        for predicted in outputs:
+            if clip_negative:
+                np.maximum(predicted, 0.0, out=predicted)
+            stop = start + predicted.shape[0]
+            out[start:stop, cols] = predicted[:, model_cols]
+            start = stop
+        params = {
+            "n_genes_matched": int(match.n_matched),
+            "entry": self.pretrained_.get("entry") if hasattr(self, "pretrained_") else None,
+            "target_depth": depth.text,
+            "clip_negative": bool(clip_negative),
+            "values": "log1p(counts per 10,000) at the target depth",
+        }
+        return out, {}, params
+
+    def embed_var_genes(
+        self,
+        adata: AnnData,
+        *,
+        mode: Literal["token", "context"] = "token",
+        layer: str | None = None,
+        gene_key: str | None = None,
+        batch_size: int = 64,
+        chunk_size: int = 10_000,
+        target_depth: TargetDepth = "t4",
+        pre_normalized: PreNormalized = "F",
+        input_type: InputType = "singlecell",
+        total_counts_key: str | None = None,
+    ) -> GeneEmbeddings:
+        """Embed the genes of ``adata`` (``sft.tl.embed_genes``), one row per ``var`` entry.
+
+        ``mode="token"``: the gene's row of the position embedding ``pos_emb`` (``enc_dim``
+        wide); no value is read, and the preparation options play no role (they are still
+        checked). ``mode="context"``: each cell prepared as by
+        :meth:`get_latent_representation`, run through encoder and decoder, and each gene's
+        decoder output (official ``output_type="gene"``, ``dec_dim`` wide) averaged over
+        **all** cells, since the decoder reads every gene of every cell. The returned
+        ``n_cells`` counts, per gene, the cells that express it (whose encoder read it).
+
+        Parameters
+        ----------
+        adata
+            Its genes are matched to the model's; context mode also reads its cells.
+        mode
+            ``"token"`` or ``"context"``.
+        layer, gene_key, batch_size, chunk_size, target_depth, pre_normalized, input_type, total_counts_key
+            As in :meth:`get_latent_representation`.
+
+        Returns
+        -------
+        The embeddings on ``var`` (NaN rows for genes without one), the match mask, the
+        expressing cells per gene (context mode) and the run's record.
+        """  # noqa: E501
+        if mode not in ("token", "context"):
+            raise ValueError(f"mode must be 'token' or 'context', got {mode!r}.")
+        entry = self.pretrained_.get("entry") if hasattr(self, "pretrained_") else None
+        if mode == "token":
+            check_options(pre_normalized, input_type)
+            parse_target_depth(target_depth)
+            self._require(("pos_emb.",), "gene (position) embedding")
+            match = self.match_genes(adata, gene_key)
+            rows = token_table_rows(token_gene_embeddings(self.module), match)
+            params = {"n_genes_matched": int(match.n_matched), "entry": entry, "table": "pos_emb"}
+            return GeneEmbeddings(rows, match.matched.copy(), None, params)
+        layer = self._layer(layer)
+        depth, totals, options = prepare_options(
+            adata,
+            layer,
+            target_depth=target_depth,
+            pre_normalized=pre_normalized,
+            input_type=input_type,
+            total_counts_key=total_counts_key,
+        )
+        self._require(("decoder.", "decoder_embed.", "norm."), "decoder")
+        match = self.match_genes(adata, gene_key)
+        blocks = prepare_blocks(
+            get_matrix(adata, layer),
+            GeneReindexer(match.index, self.module.n_genes),
+            pre_normalized=pre_normalized,
+            input_type=input_type,
+            depth=depth,
+            total_counts=totals,
+            chunk_size=chunk_size,
+            obs_names=adata.obs_names,
+        )
+        means, expressed = context_gene_embeddings(
+            self.module, blocks, batch_size=batch_size, device=self.device
+        )
+        cols = match.index[match.matched]
+        n_cells = np.zeros(match.n_genes, dtype=np.int64)
+        n_cells[match.matched] = expressed[cols]
+        params: dict[str, Any] = {
+            "n_genes_matched": int(match.n_matched),
+            "entry": entry,
+            "output": "decoder gene embeddings, mean over all cells",
+            "n_cells_counts": "cells expressing the gene",
+            **options,
+        }
+        return GeneEmbeddings(
+            rows_on_var(means[cols], match), match.matched.copy(), n_cells, params
         )

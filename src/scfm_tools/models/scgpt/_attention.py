@@ -11,29 +11,24 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..._anndata import get_matrix, iter_row_blocks, resolve_seed
+from ..._anndata import resolve_seed
 from ..._settings import settings
 from ..._validation import InputError
-from ...pp._match_genes import match_adata_genes
-from ._checkpoint import load_scgpt_folder
 from ._embed import token_batches
 from ._module import SCGPTModule
 from ._tokenizer import OFFICIAL_N_BINS, CellTokenizer
 
 if TYPE_CHECKING:
-    from anndata import AnnData
-
-    from ...hub import ResolvedModel
+    pass
 
 __all__ = [
     "MAX_ATTENTION_GENES",
-    "attention_resolved",
     "attention_sums",
     "restrict_gene_index",
 ]
@@ -212,54 +207,3 @@ def attention_sums(
         counts.cpu().numpy().reshape(shape),
         columns,
     )
-
-
-def attention_resolved(
-    resolved: ResolvedModel,
-    adata: AnnData,
-    *,
-    layer: str | None = None,
-    genes: Sequence[str] | None = None,
-    groups: np.ndarray | None = None,
-    n_groups: int = 1,
-    attention_layer: int = -1,
-    batch_size: int = 16,
-    max_length: int | None = None,
-    random_state: int | None = 0,
-    device: str | torch.device = "cpu",
-    chunk_size: int = 10_000,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """Attention sums of a located scGPT checkpoint over the cells of ``adata`` (``sft.tl.grn``).
-
-    The cells are tokenized as by the zero-shot embedding (``max_length`` defaults to the
-    checkpoint's ``max_seq_len``, 51 bins). Returns :func:`attention_sums`' ``(sums, counts,
-    columns)`` and what to record about the run in ``uns[key]["params"]``.
-    """
-    module, vocab, args, _ = load_scgpt_folder(resolved.path)
-    match = match_adata_genes(adata, vocab, caller="grn")
-    index = restrict_gene_index(match.index, adata.var_names, genes)
-    seed = resolve_seed(random_state)
-    length = int(args.get("max_seq_len", 1200)) if max_length is None else int(max_length)
-    blocks = (b for _, b in iter_row_blocks(get_matrix(adata, layer), chunk_size=chunk_size))
-    sums, counts, columns = attention_sums(
-        module,
-        blocks,
-        index,
-        cls_id=vocab["<cls>"],
-        layer=attention_layer,
-        groups=groups,
-        n_groups=n_groups,
-        batch_size=batch_size,
-        max_length=length,
-        n_bins=OFFICIAL_N_BINS,
-        random_state=seed,
-        device=device,
-    )
-    n_layers = len(module.transformer_encoder.layers)
-    params = {
-        "n_genes_matched": int(match.n_matched),
-        "attention_layer": int(attention_layer % n_layers),
-        "max_length": length,
-        "random_state": seed,
-    }
-    return sums, counts, columns, params

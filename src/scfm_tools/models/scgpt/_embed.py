@@ -10,23 +10,19 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
-from ..._anndata import get_matrix, iter_row_blocks, resolve_seed
+from ..._anndata import iter_row_blocks, resolve_seed
 from ..._settings import settings
-from ...pp._match_genes import GeneMatch, as_gene_match, match_adata_genes, match_to_vocab
+from ...pp._match_genes import GeneMatch, as_gene_match, match_to_vocab
 from .._length_batches import length_batches
-from ._checkpoint import load_scgpt_folder
 from ._module import SCGPTModule
 from ._tokenizer import OFFICIAL_N_BINS, CellTokenizer, pad_cells
 
 if TYPE_CHECKING:
-    from anndata import AnnData
-
-    from ...hub import ResolvedModel
+    pass
 
 __all__ = [
     "TokenBatch",
     "embed_matrix",
-    "embed_resolved",
     "iter_embeddings",
     "iter_token_batches",
     "token_batches",
@@ -326,40 +322,3 @@ def embed_matrix(
         out[start : start + len(emb)] = emb
         start += len(emb)
     return out
-
-
-def embed_resolved(
-    resolved: ResolvedModel,
-    adata: AnnData,
-    *,
-    layer: str | None = None,
-    gene_key: str | None = None,
-    batch_size: int = 64,
-    max_length: int | None = None,
-    random_state: int | None = 0,
-    device: str | torch.device = "cpu",
-    chunk_size: int = 10_000,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Embed the cells of ``adata`` with a located scGPT checkpoint (``sft.tl.embed_cells``).
-
-    Streams ``chunk_size`` cells at a time from ``adata`` (backed AnnData included). Returns the
-    embeddings and what to record about the run in ``uns[key]["params"]``.
-    """
-    module, vocab, args, _ = load_scgpt_folder(resolved.path)
-    match = match_adata_genes(adata, vocab, gene_key=gene_key, caller="embed_cells")
-    seed = resolve_seed(random_state)
-    length = int(args.get("max_seq_len", 1200)) if max_length is None else int(max_length)
-    emb = embed_matrix(
-        module,
-        vocab,
-        args,
-        get_matrix(adata, layer),
-        match,
-        batch_size=batch_size,
-        max_length=length,
-        random_state=seed,
-        device=device,
-        chunk_size=chunk_size,
-    )
-    params = {"n_genes_matched": int(match.n_matched), "max_length": length, "random_state": seed}
-    return emb, params

@@ -11,25 +11,21 @@ token.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from ..._anndata import get_matrix, iter_row_blocks, resolve_seed
-from ...pp._match_genes import GeneMatch, match_adata_genes
-from .._gene_embeddings import GeneEmbeddings, rows_on_var
-from ._checkpoint import load_scgpt_folder
+from ..._anndata import iter_row_blocks
+from ...pp._match_genes import GeneMatch
 from ._embed import _autocast, iter_token_batches
 from ._module import SCGPTModule
 from ._tokenizer import OFFICIAL_N_BINS
 
 if TYPE_CHECKING:
-    from anndata import AnnData
+    pass
 
-    from ...hub import ResolvedModel
-
-__all__ = ["context_gene_embeddings", "embed_genes_resolved", "token_gene_embeddings"]
+__all__ = ["context_gene_embeddings", "token_gene_embeddings"]
 
 
 @torch.inference_mode()
@@ -142,53 +138,3 @@ def context_gene_embeddings(
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = sums / counts[:, None]
     return mean.astype(np.float32), counts.astype(np.int64)
-
-
-def embed_genes_resolved(
-    resolved: ResolvedModel,
-    adata: AnnData,
-    *,
-    mode: Literal["token", "context"] = "token",
-    layer: str | None = None,
-    gene_key: str | None = None,
-    batch_size: int = 64,
-    max_length: int | None = None,
-    random_state: int | None = 0,
-    device: str | torch.device = "cpu",
-    chunk_size: int = 10_000,
-) -> GeneEmbeddings:
-    """Embed ``adata``'s genes with a located scGPT checkpoint (``sft.tl.embed_genes``).
-
-    ``mode="token"`` reads no expression values (``layer``, ``batch_size``, ``max_length``,
-    ``random_state`` and ``chunk_size`` play no role); ``mode="context"`` streams the cells
-    ``chunk_size`` at a time.
-    """
-    module, vocab, args, _ = load_scgpt_folder(resolved.path)
-    match = match_adata_genes(adata, vocab, gene_key=gene_key, caller="embed_genes")
-    params: dict[str, Any] = {"n_genes_matched": int(match.n_matched)}
-    if mode == "token":
-        module.to(device).eval()
-        rows = token_gene_embeddings(module, match.index[match.matched])
-        return GeneEmbeddings(rows_on_var(rows, match), match.matched.copy(), None, params)
-    seed = resolve_seed(random_state)
-    length = int(args.get("max_seq_len", 1200)) if max_length is None else int(max_length)
-    rows, counts = context_gene_embeddings(
-        module,
-        vocab,
-        args,
-        get_matrix(adata, layer),
-        match,
-        batch_size=batch_size,
-        max_length=length,
-        random_state=seed,
-        device=device,
-        chunk_size=chunk_size,
-    )
-    n_cells = np.zeros(match.n_genes, dtype=np.int64)
-    n_cells[match.matched] = counts
-    params.update(
-        max_length=length,
-        random_state=seed,
-        n_genes_embedded=int((counts > 0).sum()),
-    )
-    return GeneEmbeddings(rows_on_var(rows, match), match.matched.copy(), n_cells, params)

@@ -7,7 +7,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -17,22 +17,24 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 from scvi.model.base import BaseModelClass
 
-from ..._anndata import iter_chunks, resolve_seed
+from ..._anndata import get_matrix, iter_chunks, iter_row_blocks, resolve_seed
 from ..._docs import doc_params
 from ..._validation import check_nonnegative, check_unique_names
 from ...pp._match_genes import _SPECIAL, GeneMatch, load_vocab, match_adata_genes
+from .._gene_embeddings import GeneEmbeddings, rows_on_var
 from .._training import DOC_TRAIN_SCALE, TrainingMixin
+from ..base import PretrainedMixin, unbound_registry
 from ._attention import attention_sums, restrict_gene_index
 from ._checkpoint import (
     ARGS_FILE,
     SAFETENSORS_FILE,
-    WEIGHTS_FILES,
     add_special_tokens,
     load_scgpt_folder,
     read_vocab,
     write_scgpt_folder,
 )
 from ._embed import iter_embeddings
+from ._gene_embed import context_gene_embeddings, token_gene_embeddings
 from ._module import SCGPTModule
 from ._tokenizer import OFFICIAL_N_BINS
 from ._training_plan import SCGPTTrainingPlan, TokenizeCells
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from lightning import LightningDataModule
     from lightning.pytorch.strategies import Strategy
+
+    from ...hub import ResolvedModel
 
 __all__ = ["SCGPT"]
 
@@ -74,7 +78,7 @@ def _resolve_vocab(vocab: VocabLike | None, var_names: pd.Index) -> dict[str, in
     )
 
 
-class SCGPT(TrainingMixin, BaseModelClass):
+class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
     """scGPT (Cui et al., Nature Methods 2024) as an scvi-tools model: pretrain, fine-tune, embed.
 
     The transformer reads, per cell, the expressed genes as tokens with their per-cell quantile
@@ -84,12 +88,14 @@ class SCGPT(TrainingMixin, BaseModelClass):
     the registered matrix, so raw counts or log-normalised values both work (the bins are ranks).
 
     Call :meth:`setup_anndata` first. Start from scratch with this constructor, or from a
-    pretrained checkpoint (official or exported here) with :meth:`from_pretrained`.
+    pretrained checkpoint (official or exported here) with :meth:`from_pretrained`, which
+    needs no AnnData for embedding.
 
     Parameters
     ----------
     adata
-        AnnData registered with :meth:`setup_anndata`.
+        AnnData registered with :meth:`setup_anndata`; ``None`` builds an unbound model for
+        inference only (then ``vocab`` is needed).
     vocab
         Gene vocabulary: ``None`` builds one from ``adata.var_names`` (plus ``<pad>``, ``<cls>``,
         ``<eoc>``); or a ``{gene: id}`` mapping or a path to a ``vocab.json``. Genes are matched
@@ -130,10 +136,13 @@ class SCGPT(TrainingMixin, BaseModelClass):
 
     _module_cls = SCGPTModule
     _training_plan_cls = SCGPTTrainingPlan
+    family = "scgpt"
+    # Per-cell rank binning reads log-normalised values nearly as counts.
+    values_needed = "counts_or_lognorm"
 
     def __init__(
         self,
-        adata: AnnData,
+        adata: AnnData | None = None,
         *,
         vocab: VocabLike | None = None,
         d_model: int = 64,
@@ -147,20 +156,32 @@ class SCGPT(TrainingMixin, BaseModelClass):
         pad_token: str = "<pad>",
         **module_kwargs: Any,
     ) -> None:
-        super().__init__(adata)
+        super().__init__(adata, registry=None if adata is not None else unbound_registry("SCGPT"))
         if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 2:
             raise ValueError(f"n_bins must be an integer of at least 2, got {n_bins!r}.")
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
             raise ValueError(f"max_seq_len must be an integer of at least 2, got {max_seq_len!r}.")
+        if adata is None and vocab is None:
+            raise ValueError("an SCGPT model built without adata needs its vocab.")
         # The resolved mapping, not a path, is what save/load must rebuild the model from.
-        vocab = _resolve_vocab(vocab, adata.var_names)
+        vocab = _resolve_vocab(vocab, None if adata is None else adata.var_names)
         if pad_token not in vocab:
             raise ValueError(f"pad_token {pad_token!r} is not in the vocabulary.")
         self.vocab = vocab
-        self.gene_match = match_adata_genes(adata, vocab, caller="SCGPT")
+        self.gene_match = None if adata is None else match_adata_genes(adata, vocab, caller="SCGPT")
 
-        n_batch = self.summary_stats.n_batch
-        if use_batch_labels and self.registry_["setup_args"].get("batch_key") is None:
+        if not use_batch_labels:
+            n_batch = None
+        elif adata is None:  # unbound: the batch table's size comes with the weights
+            n_batch = module_kwargs.get("n_batch_labels")
+        else:
+            n_batch = self.summary_stats.n_batch
+        extra = {k: v for k, v in module_kwargs.items() if k != "n_batch_labels"}
+        if (
+            use_batch_labels
+            and adata is not None
+            and self.registry_["setup_args"].get("batch_key") is None
+        ):
             raise ValueError(
                 "use_batch_labels=True needs batch labels: call "
                 "SCGPT.setup_anndata(adata, batch_key=...) first."
@@ -174,8 +195,8 @@ class SCGPT(TrainingMixin, BaseModelClass):
             vocab[pad_token],
             dropout=dropout,
             use_batch_labels=use_batch_labels,
-            n_batch_labels=n_batch if use_batch_labels else None,
-            **module_kwargs,
+            n_batch_labels=n_batch,
+            **extra,
         )
         cfg = self.module.config
         self.n_bins = n_bins
@@ -200,10 +221,14 @@ class SCGPT(TrainingMixin, BaseModelClass):
             "explicit_zero_prob": cfg["explicit_zero_prob"],
             "use_batch_labels": use_batch_labels,
         }
+        in_vocab = (
+            "no AnnData"
+            if adata is None
+            else f"{self.gene_match.n_matched:,} of {adata.n_vars:,} genes in the vocabulary"
+        )
         self._model_summary_string = (
             f"SCGPT model: d_model {d_model}, {n_layers} layers, {n_heads} heads, d_hid {d_hid}, "
-            f"{len(vocab):,} tokens; {self.gene_match.n_matched:,} of {adata.n_vars:,} genes "
-            f"in the vocabulary; n_bins {n_bins}, max_seq_len {max_seq_len}"
+            f"{len(vocab):,} tokens; {in_vocab}; n_bins {n_bins}, max_seq_len {max_seq_len}"
             + (f", {n_batch} batch labels" if use_batch_labels else "")
         )
         self.init_params_ = self._get_init_params(locals())
@@ -249,13 +274,13 @@ class SCGPT(TrainingMixin, BaseModelClass):
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str | os.PathLike,
-        adata: AnnData,
+        name_or_path: str | os.PathLike | ResolvedModel,
+        adata: AnnData | None = None,
         *,
         dropout: float | None = None,
         max_seq_len: int | None = None,
     ) -> SCGPT:
-        """Build the model around a pretrained checkpoint, for fine-tuning or continued training.
+        """Load a pretrained checkpoint, for embedding, fine-tuning or continued training.
 
         Parameters
         ----------
@@ -264,8 +289,9 @@ class SCGPT(TrainingMixin, BaseModelClass):
             :func:`sft.hub.list_models <scfm_tools.hub.list_models>`) or a local checkpoint
             folder (official ``best_model.pt`` layout, or one written by :meth:`export_folder`).
         adata
-            AnnData registered with :meth:`setup_anndata` (with the checkpoint's number of batch
-            labels as ``batch_key`` categories, if the checkpoint has a batch encoder).
+            AnnData registered with :meth:`setup_anndata`, to train on (with the checkpoint's
+            number of batch labels as ``batch_key`` categories, if it has a batch encoder);
+            ``None`` for inference on any AnnData.
         dropout
             Dropout for further training; ``None`` keeps the checkpoint's.
         max_seq_len
@@ -276,32 +302,10 @@ class SCGPT(TrainingMixin, BaseModelClass):
         An :class:`SCGPT` whose module holds the checkpoint's weights. ``pretrained_`` records
         the source, the weights' sha256 and the load report.
         """
-        from ...hub import UnknownModelError, file_sha256, get_card, load
-
-        card = None
-        if isinstance(name_or_path, str):
-            # A registered name wins over a same-named folder, as in sft.hub.load.
-            try:
-                card = get_card(name_or_path)
-            except UnknownModelError:
-                card = None
-        if card is not None:
-            resolved = load(card, family="scgpt")
-            folder, sha256, source = resolved.path, resolved.sha256, resolved.name
-        else:
-            path = Path(name_or_path).expanduser()
-            if not path.exists():
-                raise FileNotFoundError(
-                    f"{name_or_path!r} is neither a registered model (sft.hub.list_models()) nor "
-                    "an existing scGPT checkpoint folder."
-                )
-            folder = path if path.is_dir() else path.parent
-            weights = next((folder / n for n in WEIGHTS_FILES if (folder / n).is_file()), None)
-            sha256 = file_sha256(weights) if weights is not None else None
-            source = str(folder)
-        pretrained, vocab, args, report = load_scgpt_folder(folder)
+        resolved = cls.locate(name_or_path)
+        pretrained, vocab, args, report = load_scgpt_folder(resolved.path)
         cfg = pretrained.config
-        if cfg["use_batch_labels"]:
+        if cfg["use_batch_labels"] and adata is not None:
             registered = cls._get_most_recent_anndata_manager(adata, required=True)
             n_batch = registered.summary_stats.n_batch
             if n_batch != cfg["n_batch_labels"]:
@@ -309,6 +313,7 @@ class SCGPT(TrainingMixin, BaseModelClass):
                     f"the checkpoint has {cfg['n_batch_labels']} batch labels, but adata was set "
                     f"up with {n_batch}; set it up with a batch_key of as many categories."
                 )
+        batch_table = {"n_batch_labels": cfg["n_batch_labels"]} if adata is None else {}
         model = cls(
             adata,
             vocab=vocab,
@@ -329,17 +334,13 @@ class SCGPT(TrainingMixin, BaseModelClass):
             explicit_zero_prob=cfg["explicit_zero_prob"],
             norm_first=cfg["norm_first"],
             max_value=cfg["max_value"],
+            **batch_table,
         )
         # Same architecture by construction: every tensor must fit (keys the checkpoint lacked
         # keep the fresh module's initialisation, as load_scgpt_folder reported).
         model.module.load_state_dict(pretrained.state_dict())
         model.module.eval()
-        model.pretrained_ = {
-            "source": source,
-            "weights_sha256": sha256,
-            "clean": report.clean,
-            "report": str(report),
-        }
+        model._set_pretrained(resolved, report)
         return model
 
     def export_folder(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -488,27 +489,46 @@ class SCGPT(TrainingMixin, BaseModelClass):
     def _layer(self) -> str | None:
         return self.registry_["setup_args"].get("layer")
 
-    def _query(self, adata: AnnData | None, indices: Sequence[int] | None) -> AnnData:
+    def _query(
+        self, adata: AnnData | None, indices: Sequence[int] | None, layer: str | None
+    ) -> AnnData:
         if adata is None:
             if self.adata is None:
                 raise ValueError("this model has no AnnData attached; pass `adata=`.")
             adata = self.adata
-        else:
-            check_nonnegative(adata, self._layer)
         if indices is not None:
             adata = adata[np.asarray(indices)]
+        check_nonnegative(adata, layer)
         return adata
 
-    def _blocks(self, adata: AnnData, chunk_size: int = 10_000):
-        for _, block in iter_chunks(adata, self._layer, chunk_size=chunk_size):
+    def _blocks(self, adata: AnnData, layer: str | None, chunk_size: int = 10_000):
+        for _, block in iter_chunks(adata, layer, chunk_size=chunk_size):
             yield block
 
-    def _gene_match(self, adata: AnnData) -> GeneMatch:
-        if self.adata is not None and (
-            adata is self.adata or adata.var_names.equals(self.adata.var_names)
+    def match_genes(self, adata: AnnData, gene_key: str | None = None) -> GeneMatch:
+        """Match the genes of ``adata`` (``var_names`` or ``var[gene_key]``) to the model's.
+
+        Parameters
+        ----------
+        adata
+            The AnnData.
+        gene_key
+            ``adata.var`` column with gene symbols or Ensembl IDs (``None``: ``var_names``).
+
+        Returns
+        -------
+        The match (model index of each gene, matched mask, overlap), logged once.
+        """
+        if (
+            gene_key is None
+            and self.adata is not None
+            and (adata is self.adata or adata.var_names.equals(self.adata.var_names))
         ):
             return self.gene_match
-        return match_adata_genes(adata, self.vocab, caller="SCGPT")
+        return match_adata_genes(adata, self.vocab, gene_key=gene_key, caller="SCGPT")
+
+    def _max_length(self, max_length: int | None) -> int:
+        return self.max_seq_len if max_length is None else int(max_length)
 
     @torch.inference_mode()
     def get_latent_representation(
@@ -516,53 +536,78 @@ class SCGPT(TrainingMixin, BaseModelClass):
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
         *,
+        layer: str | None = None,
+        gene_key: str | None = None,
         batch_size: int = 64,
         max_length: int | None = None,
         random_state: int | None = 0,
-    ) -> np.ndarray:
+        chunk_size: int = 10_000,
+        return_info: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, dict[str, Any]]:
         """Cell embeddings: the L2-normalised ``<cls>`` output (the zero-shot scGPT embedding).
 
-        The same path as :func:`~scfm_tools.models.scgpt.embed_matrix` (official
-        ``embed_data``): the result does not depend on ``batch_size``. As in the official code,
-        the random tie-breaks of the binning come from one stream that runs over the cells in
-        order, so embedding a subset (``indices``) gives the subset's own draws.
+        The official ``embed_data`` path (:func:`~scfm_tools.models.scgpt.embed_matrix`): per
+        cell the expressed vocabulary genes with ``<cls>`` first, per-cell quantile binning,
+        random subsampling above ``max_length`` genes. Cells are streamed ``chunk_size`` at a
+        time (backed AnnData included) and sorted by length into minibatches; the result does
+        not depend on ``batch_size`` or ``chunk_size``. As in the official code, the random
+        tie-breaks of the binning come from one stream that runs over the cells in order, so
+        embedding a subset (``indices``) gives the subset's own draws.
 
         Parameters
         ----------
         adata
             Cells to embed (``None``: the AnnData of the model). Its genes are matched to the
-            vocabulary by name, so another gene set than the training one works; the values are
-            read from the layer registered in :meth:`setup_anndata`.
+            vocabulary by name, so another gene set than the training one works.
         indices
             Rows of ``adata`` to embed (``None``: all).
+        layer
+            Layer with the expression values (``None``: the registered layer, else ``X``).
+        gene_key
+            ``adata.var`` column with gene symbols or Ensembl IDs (``None``: ``var_names``).
         batch_size
             Cells per forward pass.
         max_length
-            Longest token sequence (``None``: the model's ``max_seq_len``).
+            Longest token sequence, ``<cls>`` included (``None``: the model's ``max_seq_len``).
         random_state
             Seed of the binning tie-breaks and of the subsampling of long cells (``None``:
             ``sft.settings.seed``).
+        chunk_size
+            Cells read and tokenized at a time.
+        return_info
+            Also return what to record about the run (genes matched, ``max_length``, seed).
 
         Returns
         -------
-        ``(n_cells, d_model)`` float32 array of unit-norm embeddings.
+        ``(n_cells, d_model)`` float32 array of unit-norm embeddings (and the run's record with
+        ``return_info=True``).
         """
-        adata = self._query(adata, indices)
-        match = self._gene_match(adata)
+        layer = self._layer if layer is None else layer
+        adata = self._query(adata, indices, layer)
+        match = self.match_genes(adata, gene_key)
+        seed = resolve_seed(random_state)
+        length = self._max_length(max_length)
         chunks = iter_embeddings(
             self.module,
             self.vocab,
             self.args,
-            self._blocks(adata),
+            self._blocks(adata, layer, chunk_size),
             match,
             batch_size=batch_size,
-            max_length=max_length,
+            max_length=length,
             n_bins=self.n_bins,
-            random_state=random_state,
+            random_state=seed,
             device=self.device,
         )
-        out = [emb for emb in chunks]
-        return np.concatenate(out) if out else np.empty((0, self.module.d_model), np.float32)
+        emb = np.empty((adata.n_obs, self.module.d_model), dtype=np.float32)
+        start = 0
+        for block in chunks:
+            emb[start : start + len(block)] = block
+            start += len(block)
+        if not return_info:
+            return emb
+        info = {"n_genes_matched": int(match.n_matched), "max_length": length, "random_state": seed}
+        return emb, info
 
     @torch.inference_mode()
     def get_gene_embeddings(
@@ -584,6 +629,8 @@ class SCGPT(TrainingMixin, BaseModelClass):
         A DataFrame, genes x ``d_model``.
         """
         if genes is None:
+            if self.adata is None:
+                raise ValueError("this model has no AnnData attached; pass `genes=`.")
             names = np.asarray(self.adata.var_names)[self.gene_match.matched]
             ids = self.gene_match.index[self.gene_match.matched]
         else:
@@ -598,6 +645,137 @@ class SCGPT(TrainingMixin, BaseModelClass):
         idx = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)
         emb = encoder(idx) if layer_norm else encoder.embedding(idx)
         return pd.DataFrame(emb.float().cpu().numpy(), index=pd.Index(names, name="gene"))
+
+    def embed_var_genes(
+        self,
+        adata: AnnData,
+        *,
+        mode: Literal["token", "context"] = "token",
+        layer: str | None = None,
+        gene_key: str | None = None,
+        batch_size: int = 64,
+        max_length: int | None = None,
+        random_state: int | None = 0,
+        chunk_size: int = 10_000,
+    ) -> GeneEmbeddings:
+        """Embed the genes of ``adata`` (``sft.tl.embed_genes``), one row per ``var`` entry.
+
+        Parameters
+        ----------
+        adata
+            Its genes are matched to the vocabulary; ``mode="context"`` also reads its cells.
+        mode
+            ``"token"``: the gene encoder's output, independent of any cell (the official GRN
+            tutorial's gene embeddings; no expression is read). ``"context"``: the last
+            layer's output at each gene's token, averaged over the cells in which it is one
+            (cells tokenized as by :meth:`get_latent_representation`).
+        layer, gene_key, batch_size, max_length, random_state, chunk_size
+            As in :meth:`get_latent_representation` (context mode only, except ``gene_key``).
+
+        Returns
+        -------
+        The embeddings on ``var`` (NaN rows for genes without one), the vocabulary mask, the
+        cells per gene (context mode) and the run's record.
+        """
+        if mode not in ("token", "context"):
+            raise ValueError(f"mode must be 'token' or 'context', got {mode!r}.")
+        match = self.match_genes(adata, gene_key)
+        params: dict[str, Any] = {"n_genes_matched": int(match.n_matched)}
+        if mode == "token":
+            self.module.eval()
+            rows = token_gene_embeddings(self.module, match.index[match.matched])
+            return GeneEmbeddings(rows_on_var(rows, match), match.matched.copy(), None, params)
+        seed = resolve_seed(random_state)
+        length = self._max_length(max_length)
+        rows, counts = context_gene_embeddings(
+            self.module,
+            self.vocab,
+            self.args,
+            get_matrix(adata, self._layer if layer is None else layer),
+            match,
+            batch_size=batch_size,
+            max_length=length,
+            random_state=seed,
+            device=self.device,
+            chunk_size=chunk_size,
+        )
+        n_cells = np.zeros(match.n_genes, dtype=np.int64)
+        n_cells[match.matched] = counts
+        params.update(
+            max_length=length, random_state=seed, n_genes_embedded=int((counts > 0).sum())
+        )
+        return GeneEmbeddings(rows_on_var(rows, match), match.matched.copy(), n_cells, params)
+
+    def get_attention_sums(
+        self,
+        adata: AnnData,
+        *,
+        layer: str | None = None,
+        genes: Sequence[str] | None = None,
+        groups: np.ndarray | None = None,
+        n_groups: int = 1,
+        attention_layer: int = -1,
+        batch_size: int = 16,
+        max_length: int | None = None,
+        random_state: int | None = 0,
+        chunk_size: int = 10_000,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """Gene x gene attention summed over cells, per group of cells (``sft.tl.grn``).
+
+        Cells are tokenized as by :meth:`get_latent_representation`; see
+        :func:`~scfm_tools.models.scgpt._attention.attention_sums`.
+
+        Parameters
+        ----------
+        adata
+            Cells to run.
+        layer
+            Layer with the expression values (``None``: the registered layer, else ``X``).
+        genes
+            Genes (``var_names``) to keep as tokens; ``None``: every vocabulary gene (at most
+            5,000).
+        groups
+            Group code of each cell (``None``: one group).
+        n_groups
+            Number of groups.
+        attention_layer
+            Transformer layer (negative counts from the last).
+        batch_size, max_length, random_state, chunk_size
+            As in :meth:`get_latent_representation`.
+
+        Returns
+        -------
+        ``(sums, counts, columns, params)``: attention sums and the number of cells adding to
+        each entry, ``(n_groups, n, n)``; the ``var`` positions of the ``n`` genes; the run's
+        record.
+        """
+        match = self.match_genes(adata)
+        index = restrict_gene_index(match.index, adata.var_names, genes)
+        seed = resolve_seed(random_state)
+        length = self._max_length(max_length)
+        matrix = get_matrix(adata, self._layer if layer is None else layer)
+        sums, counts, columns = attention_sums(
+            self.module,
+            (block for _, block in iter_row_blocks(matrix, chunk_size=chunk_size)),
+            index,
+            cls_id=self.vocab["<cls>"],
+            layer=attention_layer,
+            groups=groups,
+            n_groups=n_groups,
+            batch_size=batch_size,
+            max_length=length,
+            n_bins=self.n_bins,
+            random_state=seed,
+            device=self.device,
+        )
+        n_layers = len(self.module.transformer_encoder.layers)
+        params = {
+            "n_genes_matched": int(match.n_matched),
+            "attention_layer": int(attention_layer % n_layers),
+            "max_length": length,
+            "random_state": seed,
+        }
+        return sums, counts, columns, params
 
     def get_attention(
         self,
@@ -641,19 +819,14 @@ class SCGPT(TrainingMixin, BaseModelClass):
         -------
         A genes x genes DataFrame (query genes as rows, key genes as columns).
         """
-        adata = self._query(adata, indices)
-        index = restrict_gene_index(self._gene_match(adata).index, adata.var_names, genes)
-        sums, counts, columns = attention_sums(
-            self.module,
-            self._blocks(adata),
-            index,
-            cls_id=self.vocab["<cls>"],
-            layer=layer,
+        adata = self._query(adata, indices, self._layer)
+        sums, counts, columns, _ = self.get_attention_sums(
+            adata,
+            genes=genes,
+            attention_layer=layer,
             batch_size=batch_size,
-            max_length=self.max_seq_len if max_length is None else max_length,
-            n_bins=self.n_bins,
+            max_length=max_length,
             random_state=random_state,
-            device=self.device,
         )
         mean = np.divide(sums[0], counts[0], out=np.zeros_like(sums[0]), where=counts[0] > 0)
         names = pd.Index(np.asarray(adata.var_names, dtype=object)[columns], name="gene")
