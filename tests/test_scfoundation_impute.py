@@ -94,7 +94,7 @@ def test_impute_copy_and_options(ckpt, cells):
         ({"target_depth": "q4"}, ValueError),
         ({"entry": "cell"}, ValueError),
         ({"pool": "all"}, TypeError),
-        ({"max_length": 10}, ValueError),
+        ({"max_length": 10}, TypeError),
     ):
         with pytest.raises(error):
             sft.tl.impute(adata, ckpt, **bad)

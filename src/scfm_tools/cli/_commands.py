@@ -194,7 +194,6 @@ def impute(args: argparse.Namespace) -> int:
         layer=args.layer,
         gene_key=args.gene_key,
         key_added=args.key_added,
-        max_length=args.max_length,
         device=args.device,
         chunk_size=args.chunk_size,
     )
@@ -203,6 +202,7 @@ def impute(args: argparse.Namespace) -> int:
     extra = _given(
         target_depth=None if args.target_depth is None else _value(args.target_depth),
         batch_key=args.batch_key,
+        max_cells=args.max_cells,
         batch_size=args.batch_size,
     )
     extra.update(_model_options(args.model_option))

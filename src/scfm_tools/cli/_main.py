@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-depth", help="scFoundation: depth to predict at, e.g. t4, f10, a1 or 1e4"
     )
     impute.add_argument("--batch-key", help="CellPLM: obs column naming each cell's sample")
-    impute.add_argument("--max-length", type=int, help="CellPLM: most cells per sequence")
+    impute.add_argument("--max-cells", type=int, help="CellPLM: most cells per sequence")
 
     annotate = add(
         "annotate", "cell types (sft.tl.annotate) -> obs['<family>_label'], ['..._score']"

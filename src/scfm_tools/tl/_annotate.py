@@ -19,6 +19,7 @@ from ._model_arg import (
     load_for,
     locate_model,
     prepare_device,
+    unavailable,
 )
 
 if TYPE_CHECKING:
@@ -73,9 +74,9 @@ def _choose_method(method: str | None, located: LocatedModel, reference: Any, mo
         method = "finetune" if model is not None and can_finetune else "knn"
     if method == "finetune" and not can_finetune:
         raise NotImplementedError(
-            f"method='finetune' cannot fine-tune {family} models (scBERT models can). Use "
-            f"method='knn' or method='logreg' to transfer the reference's cell types on {family} "
-            "embeddings."
+            f"method='finetune' cannot fine-tune {family} models: "
+            f"{unavailable('fine_tune_classifier', family, 'fine-tuning')} Use method='knn' or "
+            f"method='logreg' to transfer the reference's cell types on {family} embeddings."
         )
     return method
 
@@ -459,6 +460,12 @@ def annotate(
             options=options,
         )
     else:
+        if getattr(loaded, "classes", None) is None:
+            raise ValueError(
+                f"{loaded.model_name} is a pretrained {family} model (no classifier head), not "
+                "a fine-tuned one: pass a labelled reference (reference=, label_key=) to "
+                "fine-tune it for annotation first."
+            )
         proba, _ = call_model(
             loaded.predict_proba,
             ad,

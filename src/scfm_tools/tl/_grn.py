@@ -21,7 +21,14 @@ from scipy import sparse
 from .._anndata import params_record, resolve_adata
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from .._validation import InputError
-from ._model_arg import DOC_MODEL, check_model_values, load_for, locate_model, prepare_device
+from ._model_arg import (
+    DOC_MODEL,
+    check_model_values,
+    load_for,
+    locate_model,
+    prepare_device,
+    unavailable,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -306,8 +313,8 @@ def grn(
     if method == "attention":
         if not hasattr(located.cls, "get_attention_sums"):
             raise NotImplementedError(
-                "method='attention' needs access to the model's attention weights, which "
-                f"{located.family} models do not give (scGPT models do). Use "
+                "method='attention' needs access to the model's attention weights: "
+                f"{unavailable('get_attention_sums', located.family, 'attention')} Use "
                 "method='embedding' for this model."
             )
         check_model_values(ad, layer, located, chunk_size=chunk_size, caller="grn")

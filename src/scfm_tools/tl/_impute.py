@@ -15,7 +15,14 @@ from .._anndata import params_record, resolve_adata
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from .._h5ad import check_output_path
 from .._validation import check_counts, check_nonempty
-from ._model_arg import DEFAULT_MODEL, call_model, load_for, locate_model, prepare_device
+from ._model_arg import (
+    DEFAULT_MODEL,
+    call_model,
+    load_for,
+    locate_model,
+    prepare_device,
+    unavailable,
+)
 
 if TYPE_CHECKING:
     import h5py
@@ -181,16 +188,13 @@ def impute(
         default = (
             ""
             if model is not None
-            else (
-                f"No model was given, and the default model that ships with the package "
-                f"({DEFAULT_MODEL}) cannot either. No imputation model ships with the package: "
-            )
+            else f"No model was given, and the default ({DEFAULT_MODEL}) is a scGPT model. "
         )
         raise NotImplementedError(
-            f"{located.family} models cannot reconstruct expression. {default}pass model= a "
-            "CellPLM or scFoundation checkpoint (a path, or a name from "
-            "sft.hub.list_models()) or model object; tutorials/04_imputation.ipynb trains a "
-            "small CellPLM for the purpose."
+            f"{unavailable('get_imputed_expression', located.family, 'impute')} {default}No "
+            "imputation model ships with the package: pass model= a CellPLM or scFoundation "
+            "checkpoint (a path, or a name from sft.hub.list_models()) or model object; "
+            "tutorials/04_imputation.ipynb trains a small CellPLM for the purpose."
         )
     loaded, options = load_for(located, "get_imputed_expression", model_kwargs)
     dev = prepare_device(loaded, device)

@@ -70,6 +70,16 @@ def locate_model(model: Any) -> LocatedModel:
     return LocatedModel(model_class(resolved.family), resolved)
 
 
+def unavailable(method: str, family: str, task: str | None = None) -> str:
+    """Say that ``family`` models cannot run ``method``, and which families can."""
+    from ..models.base import families_with
+
+    return (
+        f"{task or method} is not available for {family} models; families that can: "
+        f"{families_with(method)}."
+    )
+
+
 def load_for(
     located: LocatedModel, method: str, options: Mapping[str, Any]
 ) -> tuple[PretrainedMixin, dict[str, Any]]:
@@ -82,7 +92,7 @@ def load_for(
     from ..models.base import load_model
 
     if not hasattr(located.cls, method):
-        raise NotImplementedError(f"{located.family} models have no {method}.")
+        raise NotImplementedError(unavailable(method, located.family))
     load_kwargs, run_options = located.cls.pretrained_options(method, options)
     return load_model(located.source, load_kwargs=load_kwargs), run_options
 

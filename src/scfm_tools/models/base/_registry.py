@@ -13,7 +13,7 @@ from ._pretrained import PretrainedMixin
 if TYPE_CHECKING:
     from ...hub import Family, ResolvedModel
 
-__all__ = ["clear_model_cache", "load_model", "model_class"]
+__all__ = ["clear_model_cache", "families_with", "load_model", "model_class"]
 
 logger = logging.getLogger("scfm_tools")
 
@@ -73,6 +73,29 @@ def model_class(family: Family | str) -> type[PretrainedMixin]:
     return _CLASSES[family]()
 
 
+def families_with(method: str) -> list[str]:
+    """Return the families whose model class has ``method`` (for messages).
+
+    Parameters
+    ----------
+    method
+        A method name, e.g. ``"get_imputed_expression"``.
+
+    Returns
+    -------
+    Sorted family names.
+    """
+    return sorted(f for f in _CLASSES if hasattr(model_class(f), method))
+
+
+def _files_state(folder: os.PathLike) -> tuple[tuple[str, int, int], ...]:
+    """Names, sizes and times of a checkpoint folder's files: companion files count too."""
+    with os.scandir(folder) as entries:
+        return tuple(
+            sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries if e.is_file())
+        )
+
+
 def clear_model_cache() -> None:
     """Forget the models that :func:`load_model` keeps in memory."""
     _CACHE.clear()
@@ -88,7 +111,8 @@ def load_model(
     A name or path is located (:func:`scfm_tools.hub.load`), its family's class chosen and the
     weights loaded once; the model is kept for later calls with the same weights (the same
     sha256 and ``load_kwargs``), so a session that calls several tl functions loads it once.
-    A model object is returned as it is.
+    A model object is returned as it is. A changed checkpoint folder (a companion file added,
+    removed or rewritten) is loaded anew.
 
     Parameters
     ----------
@@ -122,7 +146,12 @@ def load_model(
         )
     resolved = model if isinstance(model, ResolvedModel) else load(model)
     options = dict(load_kwargs or {})
-    key = (resolved.family, resolved.sha256, str(resolved.path), tuple(sorted(options.items())))
+    key = (
+        resolved.family,
+        resolved.sha256,
+        _files_state(resolved.path),
+        tuple(sorted(options.items())),
+    )
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
