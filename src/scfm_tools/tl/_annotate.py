@@ -343,7 +343,8 @@ def annotate(
         Score below which a cell is ``"Unassigned"``; ``None`` labels every cell.
     batch_size
         Cells per forward pass (and per training minibatch); ``None``: 8 for scBERT's
-        classifier and fine-tuning (the official value), 64 for embedding (knn, logreg).
+        classifier and fine-tuning (the official value); for embedding (knn, logreg) the
+        family's default, as in :func:`~scfm_tools.tl.embed_cells` (CellPLM refuses it).
     max_length
         Most genes per cell when embedding (``method="knn"`` or ``"logreg"``), as in
         :func:`~scfm_tools.tl.embed_cells`; ``None`` uses the checkpoint's.
