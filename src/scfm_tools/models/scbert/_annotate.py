@@ -13,9 +13,9 @@ import pandas as pd
 import torch
 
 from ..._anndata import get_matrix, iter_chunks, resolve_seed
+from ..._labels import labels_from_proba, reference_labels
 from ..._validation import check_counts, check_nonempty
 from ...pp._match_genes import match_adata_genes, match_to_vocab
-from ...tl._label_transfer import labels_from_proba, reference_labels
 from ._checkpoint import load_scbert_checkpoint, read_gene_list
 from ._embed import iter_probabilities
 from ._model import CLASSES_FILE, SCBERT, ClassWeights

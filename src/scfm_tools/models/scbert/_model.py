@@ -18,10 +18,10 @@ from scvi.model.base import BaseModelClass
 
 from ..._anndata import get_matrix, iter_chunks, resolve_seed
 from ..._docs import doc_params
+from ..._labels import labels_from_proba
 from ..._validation import InputError, check_counts, check_unique_names
 from ...pp._match_genes import GeneMatch, match_adata_genes
-from ...tl._label_transfer import UNASSIGNED, labels_from_proba
-from .._training import DOC_TRAIN_SCALE, TrainingMixin
+from ...train import DOC_TRAIN_SCALE, TrainingMixin
 from ._checkpoint import GENE_LIST_FILE, load_scbert_checkpoint, read_gene_list
 from ._embed import iter_embeddings, iter_probabilities
 from ._module import SCBERTModule
@@ -32,13 +32,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from lightning.pytorch.strategies import Strategy
 
-__all__ = [
-    "CLASSES_FILE",
-    "SCBERT",
-    "UNASSIGNED",
-    "compute_class_weights",
-    "labels_from_proba",
-]
+__all__ = ["CLASSES_FILE", "SCBERT", "compute_class_weights"]
 
 logger = logging.getLogger("scfm_tools")
 

@@ -20,7 +20,7 @@ from ..._anndata import get_matrix, resolve_seed
 from ..._docs import doc_params
 from ..._validation import InputError, check_counts, check_nonempty, check_unique_names
 from ...pp._match_genes import match_adata_genes
-from .._training import DOC_TRAIN_SCALE, TrainingMixin
+from ...train import DOC_TRAIN_SCALE, TrainingMixin
 from ._checkpoint import Entry, load_scfoundation, official_entry
 from ._embed import embed_matrix
 from ._module import Pool, SCFoundationModule

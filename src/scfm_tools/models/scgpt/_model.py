@@ -21,7 +21,7 @@ from ..._anndata import iter_chunks, resolve_seed
 from ..._docs import doc_params
 from ..._validation import check_nonnegative, check_unique_names
 from ...pp._match_genes import _SPECIAL, GeneMatch, load_vocab, match_adata_genes
-from .._training import DOC_TRAIN_SCALE, TrainingMixin
+from ...train import DOC_TRAIN_SCALE, BindableDataModule, TrainingMixin
 from ._attention import attention_sums, restrict_gene_index
 from ._checkpoint import (
     ARGS_FILE,
@@ -457,15 +457,19 @@ class SCGPT(TrainingMixin, BaseModelClass):
             )
 
     def _bind_datamodule(self, datamodule: LightningDataModule, plan: dict[str, Any]) -> None:
-        """Match a multi-file data module's genes to the vocabulary and give it the tokenizer."""
-        from ...dataloaders import MultiFileDataModule
+        """Put a bindable data module on the vocabulary and give it the tokenizer.
 
-        if not isinstance(datamodule, MultiFileDataModule):
+        :class:`~scfm_tools.dataloaders.MultiFileDataModule` is one; it is recognised by its
+        ``bind`` (:class:`~scfm_tools.train.BindableDataModule`), as models sit below the data
+        loaders.
+        """
+        if not isinstance(datamodule, BindableDataModule):
             return
         if self.module.use_batch_labels:
             raise ValueError(
-                "a model with use_batch_labels=True needs batch labels, which "
-                "MultiFileDataModule does not provide; build the model without them."
+                "a model with use_batch_labels=True needs batch labels, which a data module "
+                "bound to the vocabulary (such as MultiFileDataModule) does not provide; build "
+                "the model without them."
             )
         from ._training_plan import DEFAULT_MASK_RATIO
 
