@@ -12,7 +12,7 @@ import torch
 from ..._anndata import get_matrix, resolve_seed
 from ..._settings import settings
 from ...pp._match_genes import GeneMatch, as_gene_match, match_adata_genes
-from ._checkpoint import load_cellplm
+from ._checkpoint import load_cellplm_checkpoint
 from ._module import CellPLMModule
 from ._sequences import batch_codes, iter_sequences, sequence_rows
 
@@ -82,8 +82,8 @@ def embed_matrix(
     Parameters
     ----------
     module
-        The CellPLM module, e.g. from :func:`load_cellplm` (put in eval mode for the run; its
-        training flag is restored afterwards).
+        The CellPLM module, e.g. from :func:`load_cellplm_checkpoint` (put in eval mode for
+        the run; its training flag is restored afterwards).
     gene_list
         The model's genes (Ensembl IDs), in the module's gene order.
     X
@@ -173,7 +173,7 @@ def embed_resolved(
     """
     codes, _ = batch_codes(adata, batch_key)  # checks batch_key before the model is loaded
     rows = sequence_rows(codes, max_length)
-    module, gene_list, _, _ = load_cellplm(resolved)
+    module, gene_list, _, _ = load_cellplm_checkpoint(resolved)
     match = match_adata_genes(adata, gene_list, gene_key=gene_key, caller="embed_cells")
     if batch_key is None and adata.n_obs > 1:
         logger.info(

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ...pp._match_genes import match_adata_genes
 from .._gene_embeddings import GeneEmbeddings, token_table_rows
-from ._checkpoint import load_cellplm
+from ._checkpoint import load_cellplm_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -41,7 +41,7 @@ def embed_genes_resolved(
             f"embed_genes(mode={mode!r}) is available for scGPT and scFoundation models "
             "only; CellPLM's tokens are cells, so use mode='token' (its gene-embedding table)."
         )
-    module, gene_list, _, _ = load_cellplm(resolved)
+    module, gene_list, _, _ = load_cellplm_checkpoint(resolved)
     match = match_adata_genes(adata, gene_list, gene_key=gene_key, caller="embed_genes")
     params: dict[str, Any] = {"n_genes_matched": int(match.n_matched), "table": "embedder"}
     table = module.embedder.feat_enc.emb

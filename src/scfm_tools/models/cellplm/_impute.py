@@ -11,7 +11,7 @@ import torch
 from ..._anndata import get_matrix, resolve_seed
 from ..._validation import InputError
 from ...pp._match_genes import match_adata_genes
-from ._checkpoint import load_cellplm
+from ._checkpoint import load_cellplm_checkpoint
 from ._embed import _device, official_generator
 from ._sequences import batch_codes, iter_sequences, sequence_rows
 
@@ -83,7 +83,7 @@ def impute_resolved(
     """
     codes, _ = batch_codes(adata, batch_key)
     rows_list = sequence_rows(codes, max_length)
-    module, gene_list, _, report = load_cellplm(resolved)
+    module, gene_list, _, report = load_cellplm_checkpoint(resolved)
     covariate = _decoder_batch(adata, decoder_batch_key, module.config["batch_num"])
     if any(k.startswith("decoder.") for k in report.missing):
         raise ValueError(

@@ -21,7 +21,7 @@ from ..._docs import doc_params
 from ..._validation import InputError, check_counts, check_unique_names
 from ...pp._match_genes import GeneMatch, match_to_vocab
 from ...train import DOC_TRAIN_SCALE, TrainingMixin
-from ._checkpoint import load_cellplm
+from ._checkpoint import load_cellplm_checkpoint
 from ._embed import embed_matrix
 from ._module import CellPLMModule
 from ._training_plan import CellPLMTrainingPlan, SequenceDataSplitter
@@ -218,7 +218,7 @@ class CellPLM(TrainingMixin, BaseModelClass):
         A :class:`CellPLM` whose module holds the checkpoint's weights; ``pretrained_`` records
         the source and the load report.
         """
-        pretrained, genes, config, report = load_cellplm(name_or_path)
+        pretrained, genes, config, report = load_cellplm_checkpoint(name_or_path)
         kwargs = dict(pretrained.config)
         kwargs.pop("n_genes")
         if dropout is not None:
@@ -238,8 +238,9 @@ class CellPLM(TrainingMixin, BaseModelClass):
         """Write the model as an official CellPLM checkpoint pair.
 
         ``<prefix>.config.json`` (official keys and the gene list) and ``<prefix>.best.ckpt``
-        (``{"model_state_dict": ...}``), which :func:`~scfm_tools.models.cellplm.load_cellplm`,
-        :meth:`from_pretrained`, ``sft.tl`` and the official ``load_pretrain`` read.
+        (``{"model_state_dict": ...}``), which
+        :func:`~scfm_tools.models.cellplm.load_cellplm_checkpoint`, :meth:`from_pretrained`,
+        ``sft.tl`` and the official ``load_pretrain`` read.
 
         Parameters
         ----------

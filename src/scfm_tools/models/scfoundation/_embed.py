@@ -23,7 +23,7 @@ from ..._settings import settings
 from ..._validation import InputError, check_counts, check_lognorm
 from ...pp._match_genes import GeneMatch, as_gene_match, match_adata_genes
 from .._length_batches import length_batches
-from ._checkpoint import entry_for, load_scfoundation
+from ._checkpoint import entry_for, load_scfoundation_checkpoint
 from ._module import Pool, SCFoundationModule
 from ._preprocess import (
     GeneReindexer,
@@ -276,9 +276,10 @@ def embed_matrix(
     Parameters
     ----------
     module
-        The module, e.g. from :func:`~scfm_tools.models.scfoundation.load_scfoundation` with
-        the entry the output needs (``"cell"``/``"rde"`` for cell embeddings, ``"gene"`` for
-        gene outputs, as the official script).
+        The module, e.g. from
+        :func:`~scfm_tools.models.scfoundation.load_scfoundation_checkpoint` with the entry the
+        output needs (``"cell"``/``"rde"`` for cell embeddings, ``"gene"`` for gene outputs, as
+        the official script).
     X
         Cells x genes matrix (dense, sparse, or anything whose row slices are, e.g. a backed
         AnnData's ``X``): raw counts for ``pre_normalized="F"``, ``log1p``-normalised values
@@ -461,7 +462,7 @@ def embed_resolved(
         input_type=input_type,
         total_counts_key=total_counts_key,
     )
-    module, genes, _, _ = load_scfoundation(resolved, entry)
+    module, genes, _, _ = load_scfoundation_checkpoint(resolved, entry)
     match = match_adata_genes(adata, genes, gene_key=gene_key, caller="embed_cells")
     emb = embed_matrix(
         module,

@@ -23,7 +23,7 @@ from scipy import sparse
 from ..._anndata import get_matrix
 from ...pp._match_genes import match_adata_genes
 from .._gene_embeddings import GeneEmbeddings, rows_on_var, token_table_rows
-from ._checkpoint import entry_for, load_scfoundation
+from ._checkpoint import entry_for, load_scfoundation_checkpoint
 from ._embed import _device, _eval_on, block_passes, prepare_blocks, prepare_options
 from ._preprocess import (
     GeneReindexer,
@@ -160,7 +160,7 @@ def embed_genes_resolved(
     if mode == "token":
         check_options(pre_normalized, input_type)
         parse_target_depth(target_depth)
-        module, genes, _, report = load_scfoundation(resolved, ENTRY)
+        module, genes, _, report = load_scfoundation_checkpoint(resolved, ENTRY)
         _require(report, ("pos_emb.",), resolved.name, "gene (position) embedding")
         match = match_adata_genes(adata, genes, gene_key=gene_key, caller="embed_genes")
         rows = token_table_rows(token_gene_embeddings(module), match)
@@ -175,7 +175,7 @@ def embed_genes_resolved(
         input_type=input_type,
         total_counts_key=total_counts_key,
     )
-    module, genes, _, report = load_scfoundation(resolved, ENTRY)
+    module, genes, _, report = load_scfoundation_checkpoint(resolved, ENTRY)
     _require(report, ("decoder.", "decoder_embed.", "norm."), resolved.name, "decoder")
     match = match_adata_genes(adata, genes, gene_key=gene_key, caller="embed_genes")
     blocks = prepare_blocks(

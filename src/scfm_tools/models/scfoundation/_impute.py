@@ -9,7 +9,7 @@ import torch
 
 from ..._anndata import get_matrix
 from ...pp._match_genes import match_adata_genes
-from ._checkpoint import load_scfoundation
+from ._checkpoint import load_scfoundation_checkpoint
 from ._embed import iter_outputs, prepare_blocks
 from ._preprocess import GeneReindexer, TargetDepth, parse_target_depth
 
@@ -59,7 +59,7 @@ def impute_resolved(
             "max_length does not apply to scFoundation, whose encoder reads every expressed "
             "gene; leave it at None."
         )
-    module, genes, _, report = load_scfoundation(resolved, entry)
+    module, genes, _, report = load_scfoundation_checkpoint(resolved, entry)
     if any(k.startswith(("decoder.", "to_final.")) for k in report.missing):
         raise ValueError(
             f"the checkpoint {resolved.name} [{entry!r}] lacks decoder or regression-head "

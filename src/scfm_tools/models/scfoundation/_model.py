@@ -21,7 +21,7 @@ from ..._docs import doc_params
 from ..._validation import InputError, check_counts, check_nonempty, check_unique_names
 from ...pp._match_genes import match_adata_genes
 from ...train import DOC_TRAIN_SCALE, TrainingMixin
-from ._checkpoint import Entry, load_scfoundation, official_entry
+from ._checkpoint import Entry, load_scfoundation_checkpoint, official_entry
 from ._embed import embed_matrix
 from ._module import Pool, SCFoundationModule
 from ._preprocess import TargetDepth
@@ -179,7 +179,9 @@ class SCFoundation(TrainingMixin, BaseModelClass):
         An :class:`SCFoundation` holding the checkpoint's weights; ``pretrained_`` records the
         source, the entry and the load report.
         """
-        pretrained, genes, _, report = load_scfoundation(name_or_path, entry, **module_kwargs)
+        pretrained, genes, _, report = load_scfoundation_checkpoint(
+            name_or_path, entry, **module_kwargs
+        )
         kwargs = dict(pretrained.config)
         kwargs.pop("n_genes")
         kwargs.update(module_kwargs)
@@ -197,7 +199,7 @@ class SCFoundation(TrainingMixin, BaseModelClass):
     def export(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the model as an official ``models.ckpt`` (same weights in all three entries).
 
-        The file is read by :func:`~scfm_tools.models.scfoundation.load_scfoundation`,
+        The file is read by :func:`~scfm_tools.models.scfoundation.load_scfoundation_checkpoint`,
         :meth:`from_pretrained`, ``sft.tl`` functions and the official ``load_model_frommmf``;
         when the model's genes are not the official 19,264, its gene list is written beside it
         as ``OS_scRNA_gene_index.19264.tsv`` (the file name the loaders look for).

@@ -21,7 +21,7 @@ from ..._anndata import get_matrix, iter_row_blocks, resolve_seed
 from ..._settings import settings
 from ..._validation import InputError
 from ...pp._match_genes import match_adata_genes
-from ._checkpoint import load_scgpt_folder
+from ._checkpoint import load_scgpt_checkpoint
 from ._embed import token_batches
 from ._module import SCGPTModule
 from ._tokenizer import OFFICIAL_N_BINS, CellTokenizer
@@ -235,7 +235,7 @@ def attention_resolved(
     checkpoint's ``max_seq_len``, 51 bins). Returns :func:`attention_sums`' ``(sums, counts,
     columns)`` and what to record about the run in ``uns[key]["params"]``.
     """
-    module, vocab, args, _ = load_scgpt_folder(resolved.path)
+    module, vocab, args, _ = load_scgpt_checkpoint(resolved.path)
     match = match_adata_genes(adata, vocab, caller="grn")
     index = restrict_gene_index(match.index, adata.var_names, genes)
     seed = resolve_seed(random_state)

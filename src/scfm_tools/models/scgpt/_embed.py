@@ -14,7 +14,7 @@ from ..._anndata import get_matrix, iter_row_blocks, resolve_seed
 from ..._settings import settings
 from ...pp._match_genes import GeneMatch, as_gene_match, match_adata_genes, match_to_vocab
 from .._length_batches import length_batches
-from ._checkpoint import load_scgpt_folder
+from ._checkpoint import load_scgpt_checkpoint
 from ._module import SCGPTModule
 from ._tokenizer import OFFICIAL_N_BINS, CellTokenizer, pad_cells
 
@@ -276,7 +276,7 @@ def embed_matrix(
     Parameters
     ----------
     module
-        The scGPT module, e.g. from :func:`load_scgpt_folder`.
+        The scGPT module, e.g. from :func:`load_scgpt_checkpoint`.
     vocab
         Token -> id vocabulary.
     args
@@ -345,7 +345,7 @@ def embed_resolved(
     Streams ``chunk_size`` cells at a time from ``adata`` (backed AnnData included). Returns the
     embeddings and what to record about the run in ``uns[key]["params"]``.
     """
-    module, vocab, args, _ = load_scgpt_folder(resolved.path)
+    module, vocab, args, _ = load_scgpt_checkpoint(resolved.path)
     match = match_adata_genes(adata, vocab, gene_key=gene_key, caller="embed_cells")
     seed = resolve_seed(random_state)
     length = int(args.get("max_seq_len", 1200)) if max_length is None else int(max_length)

@@ -19,7 +19,7 @@ import torch
 from ..._anndata import get_matrix, iter_row_blocks, resolve_seed
 from ...pp._match_genes import GeneMatch, match_adata_genes
 from .._gene_embeddings import GeneEmbeddings, rows_on_var
-from ._checkpoint import load_scgpt_folder
+from ._checkpoint import load_scgpt_checkpoint
 from ._embed import _autocast, iter_token_batches
 from ._module import SCGPTModule
 from ._tokenizer import OFFICIAL_N_BINS
@@ -163,7 +163,7 @@ def embed_genes_resolved(
     ``random_state`` and ``chunk_size`` play no role); ``mode="context"`` streams the cells
     ``chunk_size`` at a time.
     """
-    module, vocab, args, _ = load_scgpt_folder(resolved.path)
+    module, vocab, args, _ = load_scgpt_checkpoint(resolved.path)
     match = match_adata_genes(adata, vocab, gene_key=gene_key, caller="embed_genes")
     params: dict[str, Any] = {"n_genes_matched": int(match.n_matched)}
     if mode == "token":

@@ -28,9 +28,9 @@ from ._checkpoint import (
     SAFETENSORS_FILE,
     WEIGHTS_FILES,
     add_special_tokens,
-    load_scgpt_folder,
+    load_scgpt_checkpoint,
     read_vocab,
-    write_scgpt_folder,
+    write_scgpt_checkpoint,
 )
 from ._embed import iter_embeddings
 from ._module import SCGPTModule
@@ -299,7 +299,7 @@ class SCGPT(TrainingMixin, BaseModelClass):
             weights = next((folder / n for n in WEIGHTS_FILES if (folder / n).is_file()), None)
             sha256 = file_sha256(weights) if weights is not None else None
             source = str(folder)
-        pretrained, vocab, args, report = load_scgpt_folder(folder)
+        pretrained, vocab, args, report = load_scgpt_checkpoint(folder)
         cfg = pretrained.config
         if cfg["use_batch_labels"]:
             registered = cls._get_most_recent_anndata_manager(adata, required=True)
@@ -331,7 +331,7 @@ class SCGPT(TrainingMixin, BaseModelClass):
             max_value=cfg["max_value"],
         )
         # Same architecture by construction: every tensor must fit (keys the checkpoint lacked
-        # keep the fresh module's initialisation, as load_scgpt_folder reported).
+        # keep the fresh module's initialisation, as load_scgpt_checkpoint reported).
         model.module.load_state_dict(pretrained.state_dict())
         model.module.eval()
         model.pretrained_ = {
@@ -346,7 +346,7 @@ class SCGPT(TrainingMixin, BaseModelClass):
         """Write the model as an scGPT checkpoint folder (official layout, safetensors weights).
 
         The folder holds ``args.json`` and ``vocab.json`` as the official releases do and the
-        weights as ``model.safetensors``; :func:`~scfm_tools.models.scgpt.load_scgpt_folder`,
+        weights as ``model.safetensors``; :func:`~scfm_tools.models.scgpt.load_scgpt_checkpoint`,
         :meth:`from_pretrained` and ``sft.tl`` read it back.
 
         Parameters
@@ -360,7 +360,9 @@ class SCGPT(TrainingMixin, BaseModelClass):
         -------
         The folder.
         """
-        files = write_scgpt_folder(path, self.module, self.vocab, self.args, overwrite=overwrite)
+        files = write_scgpt_checkpoint(
+            path, self.module, self.vocab, self.args, overwrite=overwrite
+        )
         logger.info("wrote %s, %s and %s to %s", SAFETENSORS_FILE, ARGS_FILE, "vocab.json", path)
         return files["weights"].parent
 
