@@ -462,8 +462,8 @@ class SCGPT(TrainingMixin, BaseModelClass):
         """Put a bindable data module on the vocabulary and give it the tokenizer.
 
         :class:`~scfm_tools.dataloaders.MultiFileDataModule` is one; it is recognised by its
-        ``bind`` (:class:`~scfm_tools.train.BindableDataModule`), as models sit below the data
-        loaders.
+        ``bind`` (:class:`~scfm_tools.train.BindableDataModule`), since models do not import
+        the data loaders.
         """
         if not isinstance(datamodule, BindableDataModule):
             return
