@@ -136,10 +136,10 @@ def _load_model(spec: dict[str, Any]) -> tuple[Any, dict[str, int], dict[str, An
     """``(module, vocab, args, description)`` for the configuration of ``spec``."""
     args = {"pad_token": "<pad>", "pad_value": PAD_VALUE, "max_seq_len": MAX_LENGTH}
     if spec["config"] == "default" and spec.get("default_model"):
-        from scfm_tools.models.scgpt import load_scgpt_folder
+        from scfm_tools.models.scgpt import load_scgpt_checkpoint
 
         try:
-            module, vocab, loaded_args, _ = load_scgpt_folder(spec["default_model"])
+            module, vocab, loaded_args, _ = load_scgpt_checkpoint(spec["default_model"])
         except (OSError, ValueError, NotImplementedError) as err:
             log(f"the shipped default model could not be loaded ({err}); using a random one")
         else:

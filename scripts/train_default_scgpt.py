@@ -214,9 +214,9 @@ def _scores(X: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float
 
 def evaluate(folder: Path, max_length: int | None = None) -> dict:
     """Score the embedding against PCA: 5-fold kNN accuracy and silhouette of the labels."""
-    from scfm_tools.models.scgpt import embed_matrix, load_scgpt_folder
+    from scfm_tools.models.scgpt import embed_matrix, load_scgpt_checkpoint
 
-    module, vocab, args, report = load_scgpt_folder(folder)
+    module, vocab, args, report = load_scgpt_checkpoint(folder)
     print(report, flush=True)
     results = {}
     for name in EVAL_FILES:

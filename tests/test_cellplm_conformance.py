@@ -19,7 +19,12 @@ import torch
 from scipy import sparse
 
 import scfm_tools as sft
-from scfm_tools.models.cellplm import IGNORED_PREFIXES, batch_codes, load_cellplm, sequence_rows
+from scfm_tools.models.cellplm import (
+    IGNORED_PREFIXES,
+    batch_codes,
+    load_cellplm_checkpoint,
+    sequence_rows,
+)
 from scfm_tools.models.cellplm._embed import official_generator
 from scfm_tools.models.cellplm._sequences import to_model_genes
 from scfm_tools.pp import match_to_vocab
@@ -38,7 +43,7 @@ def fixture(fixtures_dir):
 
 @pytest.fixture(scope="module")
 def loaded(fixture):
-    return load_cellplm(fixture[0])
+    return load_cellplm_checkpoint(fixture[0])
 
 
 def _adata(arrays) -> ad.AnnData:

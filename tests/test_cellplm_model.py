@@ -14,7 +14,7 @@ from scipy import sparse
 
 import scfm_tools as sft
 from scfm_tools._validation import InputError
-from scfm_tools.models.cellplm import CellPLM, load_cellplm, mask_sequence
+from scfm_tools.models.cellplm import CellPLM, load_cellplm_checkpoint, mask_sequence
 
 SMALL = {"enc_hid": 16, "enc_heads": 2, "post_latent_dim": 8, "num_clusters": 4, "dec_hid": 16}
 
@@ -146,7 +146,7 @@ def test_export_reload_and_embed_cells_agree(trained, tmp_path):
     path = model.export(tmp_path / "mine")
     with pytest.raises(FileExistsError):
         model.export(tmp_path / "mine")
-    _, genes, config, report = load_cellplm(path)
+    _, genes, config, report = load_cellplm_checkpoint(path)
     assert report.clean and genes == list(adata.var_names)
     assert config["enc_hid"] == SMALL["enc_hid"] and config["batch_num"] == 2
     fresh = adata.copy()

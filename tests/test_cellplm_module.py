@@ -19,7 +19,7 @@ from scfm_tools._validation import InputError
 from scfm_tools.models.cellplm import (
     CellPLMModule,
     embed_matrix,
-    load_cellplm,
+    load_cellplm_checkpoint,
     module_config,
     nb_nll,
 )
@@ -260,12 +260,12 @@ def test_decoder_batch_covariate():
 # --- checkpoint loading ---------------------------------------------------------------------
 def test_embedder_only_checkpoint_lists_missing_decoder(tmp_path, sft_log):
     path = _write_checkpoint(tmp_path, [f"ENSG{i:011d}" for i in range(20)], drop=("decoder.",))
-    module, _, _, report = load_cellplm(path)
+    module, _, _, report = load_cellplm_checkpoint(path)
     assert not report.clean and all(k.startswith("decoder.") for k in report.missing)
     assert len(report.missing) == sum(k.startswith("decoder.") for k in module.state_dict())
     assert any("missing (left at initialisation)" in r.getMessage() for r in sft_log)
     with pytest.raises(ValueError, match="strict=True"):
-        load_cellplm(path, strict=True)
+        load_cellplm_checkpoint(path, strict=True)
 
 
 def test_unsupported_config_is_refused(tmp_path):
@@ -273,19 +273,19 @@ def test_unsupported_config_is_refused(tmp_path):
     config = json.loads((tmp_path / "tiny.config.json").read_text())
     (tmp_path / "tiny.config.json").write_text(json.dumps({**config, "enc_mod": "performer"}))
     with pytest.raises(NotImplementedError, match="enc_mod='performer' is not supported"):
-        load_cellplm(path)
+        load_cellplm_checkpoint(path)
 
 
 def test_other_family_checkpoint_is_refused(fixtures_dir, tmp_path):
     scgpt = fixtures_dir / "scgpt" / "ckpt_folder"
     # an scGPT folder: no CellPLM files there
     with pytest.raises(FileNotFoundError, match="CellPLM"):
-        load_cellplm(scgpt)
+        load_cellplm_checkpoint(scgpt)
     # scGPT weights renamed to the CellPLM layout: refused on their keys
     shutil.copy(fixtures_dir / "cellplm" / "fixture.config.json", tmp_path / "x.config.json")
     shutil.copy(scgpt / "best_model.pt", tmp_path / "x.best.ckpt")
     with pytest.raises(ValueError, match="does not look like a CellPLM checkpoint"):
-        load_cellplm(tmp_path / "x.best.ckpt")
+        load_cellplm_checkpoint(tmp_path / "x.best.ckpt")
     # a CellPLM-only option given for an scGPT model: refused before anything is written
     adata = ad.AnnData(np.ones((3, 4), dtype=np.float32), var=pd.DataFrame(index=list("ABCD")))
     snap = snapshot(adata)
@@ -330,7 +330,7 @@ def test_output_follows_adata_order(cellbench, tiny_ckpt):
 
 
 def test_sequences_and_chunks(cellbench, tiny_ckpt):
-    module, genes, _, _ = load_cellplm(tiny_ckpt)
+    module, genes, _, _ = load_cellplm_checkpoint(tiny_ckpt)
     X, ids = cellbench.X, list(cellbench.var["gene_ids"])
     batch = cellbench.obs["batch"].to_numpy()
     whole = embed_matrix(module, genes, X, ids, batch=batch)

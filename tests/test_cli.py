@@ -20,7 +20,7 @@ import scfm_tools as sft
 from _scfoundation_tiny import tiny_checkpoint
 from scfm_tools.cli import main
 from scfm_tools.models import SCBERT
-from scfm_tools.models.scgpt import load_scgpt_folder
+from scfm_tools.models.scgpt import load_scgpt_checkpoint
 
 SCBERT_TINY = {"dim": 8, "depth": 1, "heads": 2, "dim_head": 4}
 
@@ -242,7 +242,7 @@ def test_pretrain_writes_a_loadable_model(cellbench_file, tmp_path, capsys):
     tiny = ["--d-model", 16, "--n-layers", 1, "--n-heads", 2, "--d-hid", 16, "--max-seq-len", 48]
     args = ["pretrain", cellbench_file, "--save-model", model_dir, "-o", out, "--max-epochs", 1]
     assert _run(*args, *tiny, "--batch-size", 32, "--device", "cpu") == 0
-    module, vocab, model_args, _ = load_scgpt_folder(model_dir)
+    module, vocab, model_args, _ = load_scgpt_checkpoint(model_dir)
     assert module.d_model == 16 and model_args["max_seq_len"] == 48
     source = ad.read_h5ad(cellbench_file)
     assert set(source.var_names) <= set(vocab)

@@ -16,12 +16,12 @@ from scipy import sparse
 
 from _ddp_worker import TINY, tiny_cellbench
 from scfm_tools.models import SCGPT
-from scfm_tools.models._train_checkpoints import (
+from scfm_tools.train import (
     AtomicModelCheckpoint,
     find_resume_checkpoint,
     is_complete_checkpoint,
+    resolve_strategy,
 )
-from scfm_tools.models._training import resolve_strategy
 
 DATA = "cellbench_3celllines_celseq2_dropseq.h5ad"
 WORKER = Path(__file__).with_name("_ddp_worker.py")

@@ -83,8 +83,9 @@ def test_embed_cells_with_object_equals_path(
     sft.tl.embed_cells(by_object, model, **kwargs)
     key = f"X_{family}"
     np.testing.assert_allclose(by_object.obsm[key], by_name.obsm[key], atol=1e-6)
-    assert by_object.uns[family]["params"]["weights_sha256"] == (
-        by_name.uns[family]["params"]["weights_sha256"]
+    assert (
+        by_object.uns[family]["params"]["weights_sha256"]
+        == (by_name.uns[family]["params"]["weights_sha256"])
     )
     direct = model.get_latent_representation(data, **kwargs)
     np.testing.assert_allclose(direct, by_name.obsm[key], atol=1e-6)
@@ -142,9 +143,9 @@ def test_a_checkpoint_is_loaded_once(cells, monkeypatch):
     from scfm_tools.models.scgpt import _model
 
     calls = []
-    original = _model.load_scgpt_folder
+    original = _model.load_scgpt_checkpoint
     monkeypatch.setattr(
-        _model, "load_scgpt_folder", lambda *a, **k: calls.append(a) or original(*a, **k)
+        _model, "load_scgpt_checkpoint", lambda *a, **k: calls.append(a) or original(*a, **k)
     )
     clear_model_cache()
     sft.tl.embed_cells(cells, "scgpt-default", key_added="X_a")

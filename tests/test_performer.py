@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import scfm_tools.nn._performer as performer_module
 from scfm_tools.nn import FastAttention, Performer, favor_attention
 from scfm_tools.nn._performer import (
     default_nb_features,
     gaussian_orthogonal_random_matrix,
+    head_projections,
     linear_attention,
     softmax_kernel,
 )
@@ -288,83 +288,92 @@ def test_streamed_inference_equals_blockwise_path(key_max, qkv_bias, chunk_size)
     assert (streamed - x).abs().max() > 0.1
 
 
-def _with_shared_rows(b, n=45, dim=12, frac=0.85, seed=3):
-    """Inputs equal to a shared ``(n, dim)`` input where ``is_shared``, random elsewhere."""
-    g = torch.Generator().manual_seed(seed)
-    shared = torch.randn(n, dim, generator=g) * torch.linspace(0.3, 4.0, n)[:, None]
-    is_shared = torch.rand(b, n, generator=g) < frac
-    x = torch.where(is_shared[..., None], shared, torch.randn(b, n, dim, generator=g))
-    return x, shared, is_shared
+class _FromInput:
+    """:class:`PrecomputedTokens` of a sample, projected from the sample's own input.
 
+    ``shift`` perturbs the keys handed over, to show that the block reads them.
+    """
 
-def _assert_reuse_is_exact(performer, x, shared, is_shared):
-    """The shared first-block path gives the plain path's output (inference mode)."""
-    with torch.inference_mode():
-        torch.testing.assert_close(
-            performer(x, shared_input=shared, is_shared=is_shared),
-            performer(x),
-            atol=1e-5,
-            rtol=1e-5,
+    def __init__(self, performer, x, own, shift=0.0):
+        attn = performer.net.layers[0][0]
+        sa = attn.fn
+        xn = attn.norm(x.unsqueeze(0))
+        self.k, self.v, self.q = (
+            head_projections(proj, xn, sa.heads).float() for proj in (sa.to_k, sa.to_v, sa.to_q)
         )
+        self.k = self.k + shift
+        self.own = own
+        self.calls = 0
+
+    def add_keys(self, stream, step):
+        self.calls += 1
+        index = (~self.own).nonzero()[:, 0]
+        for s in range(0, len(index), step):
+            stream.keys(self.k[:, :, index[s : s + step]], self.v[:, :, index[s : s + step]])
+
+    def queries(self, start, stop):
+        return self.q[:, :, start:stop].clone()
+
+
+def _inputs(b, n=45, dim=12, frac=0.85, seed=3):
+    """Inputs with growing token scales, and which tokens each sample projects itself."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, dim, generator=g) * torch.linspace(0.3, 4.0, n)[:, None]
+    return x, torch.rand(b, n, generator=g) >= frac
 
 
 @pytest.mark.parametrize("key_max", ["batch", "sample"])
 @pytest.mark.parametrize("frac", [0.0, 0.5, 0.85, 1.0])
 @pytest.mark.parametrize("b", [1, 3])
-def test_shared_input_reuses_first_block_exactly(key_max, frac, b):
+def test_first_block_from_precomputed_tokens_equals_plain_path(key_max, frac, b):
     torch.manual_seed(4)
     performer = Performer(12, 2, 3, 4, qkv_bias=True, key_max=key_max, chunk_size=7).eval()
-    x, shared, is_shared = _with_shared_rows(b, frac=frac)
-    _assert_reuse_is_exact(performer, x, shared, is_shared)  # builds the cache
-    _assert_reuse_is_exact(performer, x, shared, is_shared)  # reads it
+    x, own = _inputs(b, frac=frac)
+    with torch.inference_mode():
+        first = [_FromInput(performer, x[i], own[i]) for i in range(b)]
+        plain = performer(x)
+        torch.testing.assert_close(performer(x, first_block=first), plain, atol=1e-5, rtol=1e-5)
+        used = performer.uses_first_block(x)
+    assert used == (key_max == "sample" or b == 1)
+    assert [f.calls for f in first] == [int(used)] * b
 
 
-def test_reuses_shared_input_only_where_forward_does():
+def test_first_block_is_read_where_used():
+    # Keys handed over that differ from the block's own change the output: the hook is used.
+    torch.manual_seed(5)
+    performer = Performer(12, 2, 3, 4).eval()
+    x, own = _inputs(2, frac=0.5)
+    with torch.inference_mode():
+        off = [_FromInput(performer, x[i], own[i], shift=1.0) for i in range(2)]
+        assert (performer(x, first_block=off) - performer(x)).abs().max() > 1e-3
+
+
+def test_uses_first_block_only_where_forward_does():
     performer = Performer(12, 1, 3, 4).eval()
     one, two = torch.randn(1, 9, 12), torch.randn(2, 9, 12)
     with torch.no_grad():
-        assert performer.reuses_shared_input(one) and performer.reuses_shared_input(two)
-        performer.key_max = "batch"  # a batch then runs as one pass, without the cache
-        assert performer.reuses_shared_input(one) and not performer.reuses_shared_input(two)
+        assert performer.uses_first_block(one) and performer.uses_first_block(two)
+        performer.key_max = "batch"  # a batch then runs as one pass
+        assert performer.uses_first_block(one) and not performer.uses_first_block(two)
         performer.key_max = "sample"
         performer.train()
-        assert not performer.reuses_shared_input(one)
+        assert not performer.uses_first_block(one)
         performer.eval()
-    assert not performer.reuses_shared_input(one)  # autograd on: the plain path
-    with torch.no_grad():
-        performer(one, shared_input=one[0], is_shared=torch.ones(1, 9, dtype=torch.bool))
-        assert performer._shared_first_block is not None
+    assert not performer.uses_first_block(one)  # autograd on: the plain path
+    # where it is not used, a wrong hook changes nothing
+    with torch.enable_grad():
+        off = [_FromInput(performer, one[0], torch.zeros(9, dtype=torch.bool), shift=1.0)]
+        torch.testing.assert_close(performer(one, first_block=off), performer(one))
+        assert off[0].calls == 0
 
 
-def test_shared_input_fallback_when_cached_stabiliser_is_far(monkeypatch):
-    # A negative limit sends every sample through the fallback (streaming the cached keys).
-    monkeypatch.setattr(performer_module, "_MAX_SHARED_GAP", -math.inf)
-    torch.manual_seed(5)
-    performer = Performer(12, 2, 3, 4, chunk_size=6).eval()
-    _assert_reuse_is_exact(performer, *_with_shared_rows(2))
-
-
-def test_shared_input_cache_follows_weights_and_input():
-    torch.manual_seed(6)
-    performer = Performer(12, 2, 3, 4).eval()
-    x, shared, is_shared = _with_shared_rows(1)
-    with torch.inference_mode():
-        performer(x, shared_input=shared, is_shared=is_shared)
-    with torch.no_grad():
-        performer.net.layers[0][0].fn.to_k.weight.mul_(1.5)
-        performer.net.layers[0][0].norm.bias.add_(0.3)
-    _assert_reuse_is_exact(performer, x, shared, is_shared)
-    shared2 = shared.flip(0)
-    x2 = torch.where(is_shared[..., None], shared2, x)
-    _assert_reuse_is_exact(performer, x2, shared2, is_shared)
-
-
-def test_shared_input_arguments_are_checked():
+def test_first_block_arguments_are_checked():
     performer = Performer(12, 1, 3, 4).eval()
-    x, shared, is_shared = _with_shared_rows(2)
-    with pytest.raises(ValueError, match="together"):
-        performer(x, shared_input=shared)
-    with pytest.raises(ValueError, match="seq_len"):
-        performer(x, shared_input=shared[:-1], is_shared=is_shared)
-    with pytest.raises(ValueError, match="seq_len"):
-        performer(x, shared_input=shared, is_shared=is_shared[:1])
+    x, own = _inputs(2)
+    with torch.no_grad():
+        first = [_FromInput(performer, x[i], own[i]) for i in range(2)]
+        with pytest.raises(ValueError, match="one entry per sample"):
+            performer(x, first_block=first[:1])
+        first[1].own = own[1][:-1]
+        with pytest.raises(ValueError, match="seq_len"):
+            performer(x, first_block=first)

@@ -235,7 +235,7 @@ def test_encode_reuses_zero_gene_inputs_exactly(pbmc):
         reused = module.encode(tokens)
         plain = module.norm(module.performer(module.embed(tokens)))
     torch.testing.assert_close(reused, plain, atol=1e-5, rtol=1e-5)
-    assert module.performer._shared_first_block is not None
+    assert module._shared_block is not None
 
 
 # --- checkpoint loading -------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from scfm_tools.models.scfoundation import (
 from scfm_tools.models.scfoundation import (
     entry_for,
     gather_tokens,
-    load_scfoundation,
+    load_scfoundation_checkpoint,
     model_values,
     module_config,
     pool_cells,
@@ -155,7 +155,7 @@ def test_checkpoint_entries_load_clean_with_fixture_config(fixture, ckpt, genes)
     _, meta, arrays = fixture
     cfg = meta["fixture_model_config"]
     for entry in ("cell", "gene", "rde"):
-        module, model_genes, config, report = load_scfoundation(ckpt, entry)
+        module, model_genes, config, report = load_scfoundation_checkpoint(ckpt, entry)
         assert report.clean, str(report)
         assert set(report.loaded) == set(module.state_dict())
         # every key came with the official "model." prefix
@@ -212,7 +212,7 @@ def test_model_input_sequences(fixture):
 
 def test_gathered_encoder_tokens(fixture, ckpt):
     _, meta, arrays = fixture
-    module = load_scfoundation(ckpt, "cell")[0]
+    module = load_scfoundation_checkpoint(ckpt, "cell")[0]
     checked = 0
     for key in sorted(arrays):
         found = re.fullmatch(r"cell(\d+)_gathered_values", key)
@@ -263,7 +263,7 @@ def test_cell_embeddings_through_embed_cells(fixture, ckpt, genes):
         sft.tl.embed_cells(adata, ckpt, batch_size=adata.n_obs, **kwargs)
         emb = adata.obsm["X_scfoundation"]
         expected = arrays[f"out_{name}"]
-        module = load_scfoundation(ckpt, entry_for("cell", opts["version"]))[0]
+        module = load_scfoundation_checkpoint(ckpt, entry_for("cell", opts["version"]))[0]
         _assert_conforms(emb, expected, meta, partial(_exact, module, X, opts, totals, head=None))
         params = adata.uns["scfoundation"]["params"]
         assert params["pool"] == opts["pool_type"]
@@ -278,7 +278,7 @@ def test_gene_outputs_through_embed_matrix(fixture, ckpt, genes):
     assert runs
     for name, opts in runs:
         X, totals = _input(arrays, opts)
-        module = load_scfoundation(ckpt, entry_for(opts["output_type"]))[0]
+        module = load_scfoundation_checkpoint(ckpt, entry_for(opts["output_type"]))[0]
         output = "gene_expression" if opts["output_type"] == "gene_expression" else "gene"
         if opts["output_type"] == "gene_batch":
             # the official gene_batch mode runs all cells in one forward: a shared stabiliser
@@ -316,7 +316,7 @@ def test_gene_expression_through_impute(fixture, ckpt, genes):
         sft.tl.impute(adata, ckpt, target_depth=opts["tgthighres"], clip_negative=False)
         layer = adata.layers["scfoundation_imputed"]
         expected = arrays[f"out_{name}"]
-        module = load_scfoundation(ckpt, "gene")[0]
+        module = load_scfoundation_checkpoint(ckpt, "gene")[0]
         exact = partial(_exact, module, arrays["counts"], opts, None, head=True)
         _assert_conforms(layer, expected, meta, exact)
         # the default clips impossible (negative) log1p predictions to 0

@@ -20,7 +20,7 @@ import scfm_tools as sft
 from _scfoundation_tiny import add_lognorm_and_totals
 from _unchanged import assert_unchanged, snapshot
 from scfm_tools._validation import InputError
-from scfm_tools.models.scfoundation import embed_matrix, load_scfoundation
+from scfm_tools.models.scfoundation import embed_matrix, load_scfoundation_checkpoint
 
 PBMC = "pbmc_10x_3chemistries_unlabeled.h5ad"
 KEY = "X_scfoundation_genes"
@@ -28,7 +28,7 @@ KEY = "X_scfoundation_genes"
 
 @pytest.fixture(scope="module")
 def gene_module(scfoundation_ckpt):
-    return load_scfoundation(scfoundation_ckpt, "gene")
+    return load_scfoundation_checkpoint(scfoundation_ckpt, "gene")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,9 @@ def test_token_mode_is_the_gene_weights_position_table(scfoundation_ckpt, gene_m
     assert np.isnan(emb[~match.matched]).all() and (~match.matched).sum() > 0
     np.testing.assert_array_equal(adata.var["scfoundation_in_vocab"], match.matched)
     # the fixture's "cell" weights differ: token mode reads the "gene" entry
-    cell_table = load_scfoundation(scfoundation_ckpt, "cell")[0].pos_emb.weight.detach().numpy()
+    cell_table = (
+        load_scfoundation_checkpoint(scfoundation_ckpt, "cell")[0].pos_emb.weight.detach().numpy()
+    )
     assert not np.allclose(emb[match.matched], cell_table[match.index[match.matched]])
     params = adata.uns["scfoundation_genes"]["params"]
     assert params["mode"] == "token" and params["entry"] == "gene"
@@ -120,7 +122,7 @@ def test_context_mode_does_not_depend_on_batches(context, scfoundation_ckpt, pbm
 
 
 def test_context_mode_preprocessing_options(context, scfoundation_ckpt, pbmc):
-    genes = load_scfoundation(scfoundation_ckpt, "gene")[1]
+    genes = load_scfoundation_checkpoint(scfoundation_ckpt, "gene")[1]
     match = sft.pp.match_to_vocab(list(pbmc.var_names), genes)
     # the model's genes only, so that the totals are those the "F" path normalises by
     adata = pbmc[:, match.matched].copy()

@@ -25,7 +25,7 @@ from scfm_tools.models.scfoundation import (
     AutoDiscretizationEmbedding,
     embed_matrix,
     gather_tokens,
-    load_scfoundation,
+    load_scfoundation_checkpoint,
     model_values,
     parse_target_depth,
     read_gene_index,
@@ -47,7 +47,7 @@ def pbmc(data_dir):
 
 # batch independence ------------------------------------------------------------------------------
 def test_cell_embedding_does_not_depend_on_the_batch(scfoundation_ckpt, pbmc):
-    module, genes, _, _ = load_scfoundation(scfoundation_ckpt, "cell")
+    module, genes, _, _ = load_scfoundation_checkpoint(scfoundation_ckpt, "cell")
     X = pbmc.X[np.r_[0:4, 8:12, 16:20]]  # four cells per chemistry
     match = sft.pp.match_to_vocab(list(pbmc.var_names), genes)
     lengths = np.diff(X.indptr)
@@ -62,7 +62,7 @@ def test_cell_embedding_does_not_depend_on_the_batch(scfoundation_ckpt, pbmc):
 
 
 def test_gene_expression_does_not_depend_on_the_batch(scfoundation_ckpt, pbmc):
-    module, genes, _, _ = load_scfoundation(scfoundation_ckpt, "gene")
+    module, genes, _, _ = load_scfoundation_checkpoint(scfoundation_ckpt, "gene")
     X = pbmc.X[[0, 8, 16]]  # one cell per chemistry
     match = sft.pp.match_to_vocab(list(pbmc.var_names), genes)
     kw = {"output": "gene_expression"}
@@ -263,12 +263,12 @@ def test_bad_options(scfoundation_ckpt, pbmc, kwargs, error, match):
 def test_gene_list_length_must_match(tmp_path, pbmc):
     path = tiny_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="gene list has 3 genes"):
-        load_scfoundation(path, genes=["A", "B", "C"])
+        load_scfoundation_checkpoint(path, genes=["A", "B", "C"])
 
 
 def test_official_entry_round_trip(tmp_path):
     path = tiny_checkpoint(tmp_path, seed=3)
-    module, genes, config, report = load_scfoundation(path, "gene")
+    module, genes, config, report = load_scfoundation_checkpoint(path, "gene")
     assert report.clean and len(genes) == module.n_genes
     reference = tiny_module(3)
     for key, value in reference.state_dict().items():

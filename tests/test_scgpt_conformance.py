@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from scfm_tools.models.scgpt import embed_matrix, load_scgpt_folder
+from scfm_tools.models.scgpt import embed_matrix, load_scgpt_checkpoint
 
 pytestmark = pytest.mark.conformance
 
@@ -30,7 +30,7 @@ def fixture(fixtures_dir):
 @pytest.fixture(scope="module")
 def loaded(fixture):
     folder, _, _ = fixture
-    return load_scgpt_folder(folder / "ckpt_folder")
+    return load_scgpt_checkpoint(folder / "ckpt_folder")
 
 
 @pytest.fixture(scope="module")

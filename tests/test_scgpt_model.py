@@ -18,7 +18,7 @@ from scfm_tools.models.scgpt import (
     CellTokenizer,
     SCGPTTrainingPlan,
     embed_matrix,
-    load_scgpt_folder,
+    load_scgpt_checkpoint,
     tokenize_minibatch,
 )
 
@@ -112,7 +112,7 @@ def test_batch_label_tokens(pbmc, tmp_path):
     assert n_batch >= 2 and model.module.batch_encoder.embedding.num_embeddings == n_batch
     model.train(max_epochs=1, batch_size=64, accelerator="cpu", enable_progress_bar=False)
     assert np.isfinite(model.history["train_loss"].to_numpy(dtype=float)).all()
-    module, _, _, report = load_scgpt_folder(model.export_folder(tmp_path / "ckpt"))
+    module, _, _, report = load_scgpt_checkpoint(model.export_folder(tmp_path / "ckpt"))
     assert report.clean and module.use_batch_labels and module.config["n_batch_labels"] == n_batch
     SCGPT.setup_anndata(adata)
     with pytest.raises(ValueError, match="batch_key"):
@@ -250,7 +250,7 @@ def test_export_folder_round_trip(trained, tmp_path):
     ]
     args = json.loads((folder / "args.json").read_text())
     assert (args["embsize"], args["nlayers"], args["max_seq_len"]) == (16, 1, 48)
-    module, vocab, args, report = load_scgpt_folder(folder)
+    module, vocab, args, report = load_scgpt_checkpoint(folder)
     assert report.clean and len(report.loaded) == len(trained.module.state_dict())
     assert vocab == trained.vocab
     adata = trained.adata
@@ -279,7 +279,7 @@ def test_from_pretrained_official_fixture_folder(fixtures_dir):
     assert model.pretrained_["clean"] and len(model.pretrained_["weights_sha256"]) == 64
     assert model.gene_match.n_matched == 40
     emb = model.get_latent_representation()
-    module, vocab, args, _ = load_scgpt_folder(folder)
+    module, vocab, args, _ = load_scgpt_checkpoint(folder)
     np.testing.assert_allclose(emb, embed_matrix(module, vocab, args, counts, names), atol=1e-6)
     np.testing.assert_allclose(emb, official, atol=1e-5)
 
@@ -288,7 +288,7 @@ def test_shipped_default_model(read_shared):
     resolved = sft.hub.load("scgpt-default")
     assert resolved.card is not None and resolved.card.embedded
     assert resolved.weights.name == "model.safetensors"
-    module, vocab, args, report = load_scgpt_folder(resolved.path)
+    module, vocab, args, report = load_scgpt_checkpoint(resolved.path)
     assert report.clean
     pbmc8k = read_shared("pbmc8k_200genes_labeled.h5ad")
     cells = pbmc8k[pbmc8k.obs["cell_type"].isin(["B-cells", "Monocytes"])][:40].copy()

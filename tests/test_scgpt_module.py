@@ -16,7 +16,7 @@ from scfm_tools.models.scgpt import (
     CellTokenizer,
     SCGPTModule,
     embed_matrix,
-    load_scgpt_folder,
+    load_scgpt_checkpoint,
     mask_values,
     pad_cells,
     read_vocab,
@@ -390,9 +390,9 @@ def ckpt(fixtures_dir, tmp_path):
 def test_missing_file_is_named(ckpt):
     (ckpt / "args.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"args\.json is missing from the scGPT"):
-        load_scgpt_folder(ckpt)
+        load_scgpt_checkpoint(ckpt)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_scgpt_folder(ckpt / "nowhere")
+        load_scgpt_checkpoint(ckpt / "nowhere")
 
 
 def test_args_without_model_size(ckpt):
@@ -400,7 +400,7 @@ def test_args_without_model_size(ckpt):
     del args["nheads"]
     (ckpt / "args.json").write_text(json.dumps(args))
     with pytest.raises(ValueError, match=r"lacks \['nheads'\]"):
-        load_scgpt_folder(ckpt)
+        load_scgpt_checkpoint(ckpt)
 
 
 def test_wrong_shapes_are_reported(ckpt, sft_log):
@@ -413,7 +413,7 @@ def test_wrong_shapes_are_reported(ckpt, sft_log):
     vocab["EXTRA_GENE"] = len(vocab)
     (ckpt / "vocab.json").write_text(json.dumps(vocab))
 
-    _, vocab2, args, report = load_scgpt_folder(ckpt)
+    _, vocab2, args, report = load_scgpt_checkpoint(ckpt)
     assert not report.clean
     d = args["embsize"]
     assert report.mismatched == {
@@ -426,11 +426,11 @@ def test_wrong_shapes_are_reported(ckpt, sft_log):
     assert "decoder.fc.0.weight" in messages and "dsbn.bns.0.weight" in messages
     assert "value_encoder.norm.bias" in messages
     with pytest.raises(ValueError, match="strict=True"):
-        load_scgpt_folder(ckpt, strict=True)
+        load_scgpt_checkpoint(ckpt, strict=True)
 
 
 def test_flash_impl_names_are_renamed(ckpt):
-    ref_module, *_ = load_scgpt_folder(ckpt)
+    ref_module, *_ = load_scgpt_checkpoint(ckpt)
     state = torch.load(ckpt / "best_model.pt", weights_only=True)
     for old, new in [
         ("self_attn.Wqkv.", "self_attn._impl.Wqkv."),
@@ -438,7 +438,7 @@ def test_flash_impl_names_are_renamed(ckpt):
     ]:
         state = {k.replace(old, new): v for k, v in state.items()}
     torch.save(state, ckpt / "best_model.pt")
-    module, _, _, report = load_scgpt_folder(ckpt)
+    module, _, _, report = load_scgpt_checkpoint(ckpt)
     assert report.clean
     for key, value in ref_module.state_dict().items():
         assert torch.equal(module.state_dict()[key], value)
@@ -450,17 +450,17 @@ def test_other_family_checkpoint_is_refused(ckpt, fixtures_dir):
     original = weights.read_bytes()
     shutil.copyfile(cellplm / "fixture.best.ckpt", weights)
     with pytest.raises(ValueError, match="this does not look like an scGPT checkpoint") as err:
-        load_scgpt_folder(ckpt)
+        load_scgpt_checkpoint(ckpt)
     assert "embedder." in str(err.value)  # it shows what the file holds
     weights.write_bytes(original)
     shutil.copyfile(cellplm / "fixture.config.json", ckpt / "args.json")
     with pytest.raises(ValueError, match=r"this does not look like an scGPT args\.json"):
-        load_scgpt_folder(ckpt)
+        load_scgpt_checkpoint(ckpt)
     # scFoundation's checkpoint is a dict of per-task dicts, not a state dict
     (ckpt / "args.json").write_text(json.dumps(ARGS))
     shutil.copyfile(fixtures_dir / "scfoundation" / "fixture_models.ckpt", weights)
     with pytest.raises(ValueError, match="does not hold a state dict of tensors"):
-        load_scgpt_folder(ckpt)
+        load_scgpt_checkpoint(ckpt)
 
 
 def test_read_vocab_appends_specials(tmp_path):

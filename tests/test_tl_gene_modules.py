@@ -105,7 +105,7 @@ def small(pbmc):
 def test_context_embeddings_average_transformer_outputs(small):
     import torch
 
-    from scfm_tools.models.scgpt import CellTokenizer, load_scgpt_folder
+    from scfm_tools.models.scgpt import CellTokenizer, load_scgpt_checkpoint
 
     adata = small.copy()
     sft.tl.embed_genes(
@@ -123,7 +123,7 @@ def test_context_embeddings_average_transformer_outputs(small):
     assert params["random_state"] == 3 and params["max_length"] == 400
 
     # Reference: each cell alone through the transformer (no padding, no batching), averaged.
-    module, vocab, args, _ = load_scgpt_folder(sft.hub.load("scgpt-default").path)
+    module, vocab, args, _ = load_scgpt_checkpoint(sft.hub.load("scgpt-default").path)
     index = np.array([vocab[g] for g in adata.var_names])
     tokenizer = CellTokenizer(
         index, cls_id=vocab["<cls>"], pad_value=args["pad_value"], max_length=400, random_state=3
@@ -158,7 +158,7 @@ def test_context_subsampling_counts_fewer_cells(small):
 
 
 def test_scbert_and_cellplm_token_tables(fixtures_dir, tmp_path):
-    from scfm_tools.models.cellplm._checkpoint import load_cellplm
+    from scfm_tools.models.cellplm._checkpoint import load_cellplm_checkpoint
     from scfm_tools.models.scbert import load_scbert_checkpoint
 
     folder = tmp_path / "scbert"
@@ -190,7 +190,7 @@ def test_scbert_and_cellplm_token_tables(fixtures_dir, tmp_path):
         var=pd.DataFrame(index=gene_list[::-1][:40]),
     )
     sft.tl.embed_genes(cells, ckpt)
-    module, model_genes, _, _ = load_cellplm(ckpt)
+    module, model_genes, _, _ = load_cellplm_checkpoint(ckpt)
     expected = module.embedder.feat_enc.emb.detach().numpy()
     rows = [model_genes.index(g) for g in cells.var_names]
     np.testing.assert_allclose(cells.varm["X_cellplm_genes"], expected[rows])

@@ -2,7 +2,8 @@
 
 ``import scfm_tools as sft`` gives :mod:`sft.pp <scfm_tools.pp>`, :mod:`sft.tl <scfm_tools.tl>`,
 :mod:`sft.pl <scfm_tools.pl>`, :mod:`sft.models <scfm_tools.models>`,
-:mod:`sft.hub <scfm_tools.hub>`, :mod:`sft.datasets <scfm_tools.datasets>` and
+:mod:`sft.hub <scfm_tools.hub>`, :mod:`sft.datasets <scfm_tools.datasets>`,
+:mod:`sft.train <scfm_tools.train>`, :mod:`sft.dataloaders <scfm_tools.dataloaders>` and
 :data:`sft.settings <scfm_tools.settings>`. Importing the package is cheap: torch, scvi-tools,
 muon and decoupler are imported only when a function needs them.
 """
@@ -20,10 +21,10 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-_SUBMODULES = ("pp", "tl", "pl", "models", "hub", "datasets", "nn", "dataloaders")
+_SUBMODULES = ("pp", "tl", "pl", "models", "hub", "datasets", "nn", "train", "dataloaders")
 
 if TYPE_CHECKING:
-    from . import dataloaders, datasets, hub, models, nn, pl, pp, tl
+    from . import dataloaders, datasets, hub, models, nn, pl, pp, tl, train
 
 
 def __getattr__(name: str):
@@ -50,4 +51,5 @@ __all__ = [
     "pp",
     "settings",
     "tl",
+    "train",
 ]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .._anndata import resolve_seed
 from .._validation import InputError
-from ..models._seeding import derive_seed, training_epoch
+from ..train import Collate, derive_seed, training_epoch
 
 __all__ = ["CELL_ID", "X_KEY", "MultiFileCellDataset", "MultiFileDataModule", "h5ad_summary"]
 
@@ -53,8 +53,6 @@ CELL_ID = "cell_id"
 X_KEY = "X"
 # Open files kept per worker (each holds an HDF5 handle).
 _MAX_OPEN_FILES = 16
-
-Collate = Callable[[sparse.csr_matrix, int], dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)

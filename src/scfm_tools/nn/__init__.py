@@ -2,7 +2,7 @@
 
 from ._attention import MultiheadSelfAttention, TransformerEncoder, TransformerEncoderLayer
 from ._flowformer import FlowAttention, FlowformerEncoder, FlowformerLayer, make_norm
-from ._performer import FastAttention, Performer, favor_attention
+from ._performer import FastAttention, Performer, PrecomputedTokens, favor_attention
 
 __all__ = [
     "FastAttention",
@@ -11,6 +11,7 @@ __all__ = [
     "FlowformerLayer",
     "MultiheadSelfAttention",
     "Performer",
+    "PrecomputedTokens",
     "TransformerEncoder",
     "TransformerEncoderLayer",
     "favor_attention",

@@ -2,13 +2,12 @@
 
 Flow attention is linear in the sequence length: queries and keys go through a sigmoid kernel,
 and the attention is normalised by "conservation of flow" (each sink receives, each source
-emits, a unit of flow) instead of a softmax over all pairs. CellPLM attends across the cells of
-a sample with it, so a sequence of tens of thousands of cells costs ``O(n d^2)``, not
-``O(n^2 d)``.
+emits, a unit of flow) instead of a softmax over all pairs, so a sequence of tens of thousands
+of tokens (cells, when cells are the tokens) costs ``O(n d^2)``, not ``O(n^2 d)``.
 
-Parameter names follow CellPLM's ``FlowformerLayer``
+Parameter names are those of the published single-cell ``FlowformerLayer``
 (``self_attn.{query,key,value,out}_projection``, ``_ff_block.{0,3}``, ``norm1``, ``norm2``;
-``layers.N.`` in the stack), so the official state dict loads unchanged.
+``layers.N.`` in the stack), so its official state dict loads unchanged.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ NormName = Literal["layernorm", "groupnorm", "batchnorm", "none"]
 def make_norm(name: NormName, dim: int, *, groups: int = 4) -> nn.Module:
     """Build the normalisation layer named ``name`` over ``dim`` features.
 
-    ``"groupnorm"`` uses ``groups`` groups (CellPLM's ``create_norm`` uses 4).
+    ``"groupnorm"`` uses ``groups`` groups (4, as the official ``create_norm``).
 
     Parameters
     ----------
@@ -130,7 +129,7 @@ class FlowAttention(nn.Module):
 class FlowformerLayer(nn.Module):
     """A Flowformer encoder layer: flow attention and a GELU feed-forward block.
 
-    Pre-norm (``norm_first``, CellPLM's setting): ``x = x + attn(norm1(x));
+    Pre-norm (``norm_first``): ``x = x + attn(norm1(x));
     x = x + ffn(norm2(x))``; post-norm otherwise: ``x = norm1(x + attn(x));
     x = norm2(x + ffn(x))``. The feed-forward block is
     ``Linear(d, d_ff) -> GELU -> Dropout -> Linear(d_ff, d) -> Dropout``.
@@ -142,7 +141,7 @@ class FlowformerLayer(nn.Module):
     num_heads
         Number of attention heads.
     dim_feedforward
-        Hidden width of the feed-forward block; ``None`` uses ``2 * embed_dim`` (CellPLM).
+        Hidden width of the feed-forward block; ``None`` uses ``2 * embed_dim``.
     dropout
         Dropout after attention and inside/after the feed-forward block.
     norm

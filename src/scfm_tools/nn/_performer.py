@@ -1,8 +1,7 @@
 """Performer: pre-LayerNorm transformer blocks with FAVOR+ (softmax-kernel) linear attention.
 
-One implementation for every model that uses the Performer of ``performer_pytorch`` as shipped
-in the scBERT repository (scBERT's encoder, scFoundation's decoder). Attribute names follow that
-code, so official state dicts load strictly:
+One implementation for every model built on the Performer of ``performer_pytorch`` (an encoder,
+a decoder). Attribute names follow that code, so official state dicts load strictly:
 
 - ``net.layers.N.0.norm.*`` and ``net.layers.N.0.fn.{to_q,to_k,to_v,to_out}.*`` (attention),
 - ``net.layers.N.0.fn.fast_attention.projection_matrix`` (the random features, a buffer),
@@ -25,9 +24,9 @@ formulas to float rounding. For inference on CPU (eval mode, no autograd) the wh
 streamed the same way, its projections, output and feed-forward included, and the samples of
 a batch run one at a time when they are independent (``key_max="sample"``): chunks then stay
 long within the same memory budget.
-A model can also name the tokens whose input is the same in every sample (scBERT's
-zero-expression genes): the first block then reuses their projections and key sums from a
-cache instead of recomputing them for each sample (see :meth:`Performer.forward`).
+A caller can hand the first block the keys, values and queries of some tokens of a sample,
+computed elsewhere (:class:`PrecomputedTokens`, e.g. from a cache of tokens whose input is the
+same in every sample); the block then projects only the others (see :meth:`Performer.forward`).
 The feature maps are computed in float32 even under autocast: the ``+1e-4`` floor is below
 bfloat16's resolution near 1.
 """
@@ -36,18 +35,23 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
     "FastAttention",
+    "FavorStream",
     "FeedForward",
     "Performer",
     "PerformerSelfAttention",
+    "PrecomputedTokens",
+    "chunk_length",
     "favor_attention",
     "gaussian_orthogonal_random_matrix",
+    "head_projections",
     "linear_attention",
     "softmax_kernel",
 ]
@@ -57,7 +61,7 @@ _KEY_MAX = ("sample", "batch")
 # Largest intermediate a chunk may create, in elements (4 MiB in float32). Chunks this small
 # stay in cache between the matmul that makes them and the one that consumes them (FAVOR+
 # features, the feed-forward's hidden layer): on CPU about 1.5x faster than 64 MiB chunks over
-# scBERT's 16,907 tokens.
+# 16,907 tokens.
 _CHUNK_ELEMENTS = 1 << 20
 _EPS = 1e-4
 
@@ -185,7 +189,12 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return (q @ context) / denom
 
 
-def _chunk_len(chunk_size: int | None, n: int, per_token: int) -> int:
+def chunk_length(chunk_size: int | None, n: int, per_token: int) -> int:
+    """Return the tokens per chunk: ``chunk_size`` (at most ``n``), or a bound on memory.
+
+    For ``chunk_size=None``, as many tokens as keep an intermediate of ``per_token`` elements
+    per token within about 1 M elements.
+    """
     if chunk_size is None:
         return max(1, min(n, _CHUNK_ELEMENTS // max(per_token, 1)))
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -199,17 +208,34 @@ def _no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-class _FavorStream:
+class FavorStream:
     """FAVOR+ attention fed chunk by chunk: all key chunks first, then query chunks.
 
     Chunks come head-major, ``(batch, heads, chunk, d)``. Keys accumulate ``phi(K)^T V`` and
-    ``phi(K)^T 1`` under a running maximum (earlier sums are rescaled by ``exp(old - new)``
-    when it grows, which is exact); :meth:`queries` then attends a chunk of queries against
-    the sums. Everything is float32.
+    ``phi(K)^T 1`` under a running maximum (``running``, per sample, in base-2 units; earlier
+    sums are rescaled when it grows, which is exact); :meth:`queries` then attends a chunk of
+    queries against the sums. Everything is float32.
+
+    Parameters
+    ----------
+    projection_matrix
+        ``(m, d)`` random features.
+    b, h
+        Batch size and heads of the chunks.
+    key_max
+        Extent of the key stabiliser (see :func:`favor_attention`).
+    eps
+        Feature floor.
     """
 
     def __init__(
-        self, projection_matrix: Tensor, b: int, h: int, *, key_max: KeyMax, eps: float
+        self,
+        projection_matrix: Tensor,
+        b: int,
+        h: int,
+        *,
+        key_max: KeyMax,
+        eps: float = _EPS,
     ) -> None:
         m, d = projection_matrix.shape
         # Exponents are kept in base 2 (exp(x) = 2^(x log2 e)): exp2 costs half of exp on CPU.
@@ -383,8 +409,8 @@ def favor_attention(
     out_dtype = v.dtype
     with _no_autocast(q.device.type):
         q, k, v = (t.float() for t in (q, k, v))
-        step = _chunk_len(chunk_size, n, b * h * m)
-        stream = _FavorStream(projection_matrix, b, h, key_max=key_max, eps=eps)
+        step = chunk_length(chunk_size, n, b * h * m)
+        stream = FavorStream(projection_matrix, b, h, key_max=key_max, eps=eps)
         for start in range(0, n, step):
             stream.keys(k[:, :, start : start + step], v[:, :, start : start + step])
         out = q.new_empty(b, n, h, d)
@@ -455,7 +481,7 @@ class PerformerSelfAttention(nn.Module):
     nb_features
         Random features per head (``None``: ``int(dim_head ln dim_head)``).
     qkv_bias
-        Biases on the query/key/value projections (scBERT: no; scFoundation: yes).
+        Biases on the query/key/value projections.
     dropout
         Dropout after the output projection.
     """
@@ -520,7 +546,7 @@ class SequenceChunks(nn.Module):
 
     def forward(self, x: Tensor, *, chunk_size: int | None = None) -> Tensor:
         b, n, _ = x.shape
-        step = _chunk_len(chunk_size, n, b * self.fn.w1.out_features)
+        step = chunk_length(chunk_size, n, b * self.fn.w1.out_features)
         if step >= n:
             return self.fn(x)
         return torch.cat([self.fn(x[:, s : s + step]) for s in range(0, n, step)], dim=1)
@@ -639,8 +665,6 @@ class Performer(nn.Module):
         self.key_max: KeyMax = key_max
         self.chunk_size = chunk_size
         self.register_buffer("calls_since_last_redraw", torch.tensor(0))
-        # First-block cache for ``shared_input`` (see :meth:`forward`); not part of the state.
-        self._shared_first_block: _SharedFirstBlock | None = None
 
     def fast_attentions(self) -> list[FastAttention]:
         """Return the :class:`FastAttention` of every block, in order."""
@@ -662,7 +686,7 @@ class Performer(nn.Module):
             self.calls_since_last_redraw += 1
 
     def forward(
-        self, x: Tensor, *, shared_input: Tensor | None = None, is_shared: Tensor | None = None
+        self, x: Tensor, *, first_block: Sequence[PrecomputedTokens] | None = None
     ) -> Tensor:
         """Run the blocks on ``x`` ``(batch, seq_len, dim)``.
 
@@ -675,28 +699,17 @@ class Performer(nn.Module):
         ----------
         x
             The blocks' input.
-        shared_input
-            Optional, for speed: ``(seq_len, dim)``, the input a token has when it carries
-            nothing of its own sample (scBERT: bin 0 plus the gene's gene2vec row). Must come
-            with ``is_shared``.
-        is_shared
-            ``(batch, seq_len)`` bool, true where ``x`` equals ``shared_input`` (the caller
-            guarantees it, up to float rounding). On the streamed CPU path, with one sample
-            per pass (see :meth:`reuses_shared_input`), the first block then takes the keys,
-            values and queries of those tokens from a cache built once per ``shared_input``
-            and weights, and their key sums from the cached totals minus the sample's own
-            rows. Results are the same up to float rounding; elsewhere both are ignored.
+        first_block
+            Optional, for speed: one :class:`PrecomputedTokens` per sample, giving the first
+            block the keys, values and queries of the tokens it need not project itself. Used
+            where the block streams one sample per pass (see :meth:`uses_first_block`);
+            ignored elsewhere. Results are the same up to float rounding.
         """
         _check_key_max(self.key_max)
-        if (shared_input is None) != (is_shared is None):
-            raise ValueError("shared_input and is_shared must be given together.")
-        if shared_input is not None and (
-            shared_input.shape != x.shape[1:] or is_shared.shape != x.shape[:2]
-        ):
+        if first_block is not None and len(first_block) != len(x):
             raise ValueError(
-                f"shared_input must be (seq_len, dim) = {tuple(x.shape[1:])} and is_shared "
-                f"(batch, seq_len) = {tuple(x.shape[:2])}; got {tuple(shared_input.shape)} "
-                f"and {tuple(is_shared.shape)}."
+                f"first_block needs one entry per sample: {len(x)} samples, "
+                f"{len(first_block)} entries."
             )
         self._maybe_redraw()
         streamed = self._streams(x)
@@ -707,15 +720,19 @@ class Performer(nn.Module):
                 [
                     self(
                         x[i : i + 1],
-                        shared_input=shared_input,
-                        is_shared=None if is_shared is None else is_shared[i : i + 1],
+                        first_block=None if first_block is None else first_block[i : i + 1],
                     )
                     for i in range(len(x))
                 ]
             )
-        shared = None
-        if shared_input is not None and self.reuses_shared_input(x):
-            shared = (self._first_block_cache(shared_input), is_shared[0].bool())
+        first = None
+        if first_block is not None and self.uses_first_block(x):
+            first = first_block[0]
+            if tuple(first.own.shape) != (x.shape[1],):
+                raise ValueError(
+                    f"first_block[i].own must be (seq_len,) = ({x.shape[1]},), got "
+                    f"{tuple(first.own.shape)}."
+                )
         for i, (attn, ff) in enumerate(self.net.layers):
             if streamed:
                 x = _streamed_block(
@@ -724,7 +741,7 @@ class Performer(nn.Module):
                     x,
                     key_max=self.key_max,
                     chunk_size=self.chunk_size,
-                    shared=shared if i == 0 else None,
+                    first=first if i == 0 else None,
                 )
             else:
                 x = x + attn(x, key_max=self.key_max, chunk_size=self.chunk_size)
@@ -735,24 +752,42 @@ class Performer(nn.Module):
         # Measured on CPU only: on a GPU the per-chunk projections would only add launches.
         return x.device.type == "cpu" and not self.training and not torch.is_grad_enabled()
 
-    def reuses_shared_input(self, x: Tensor) -> bool:
-        """Whether :meth:`forward` on ``x`` would use a ``shared_input``.
+    def uses_first_block(self, x: Tensor) -> bool:
+        """Whether :meth:`forward` on ``x`` would use a ``first_block``.
 
         True on the streamed CPU inference path with one sample per pass; callers can skip
-        building the shared input elsewhere.
+        preparing one elsewhere.
         """
         return self._streams(x) and (self.key_max == "sample" or len(x) == 1)
 
-    def _first_block_cache(self, shared_input: Tensor) -> _SharedFirstBlock:
-        attn = self.net.layers[0][0]
-        cache = self._shared_first_block
-        if cache is None or not cache.matches(attn, shared_input):
-            cache = _SharedFirstBlock(attn, shared_input, self.chunk_size)
-            self._shared_first_block = cache
-        return cache
+
+class PrecomputedTokens(Protocol):
+    """Tokens of one sample whose first-block keys, values and queries were computed elsewhere.
+
+    Handed to :meth:`Performer.forward` (``first_block=``). The block projects the tokens marked
+    ``own`` from its input as usual; the keys and values of the others come from
+    :meth:`add_keys` and their queries from :meth:`queries`. Both must be what the block would
+    compute from the sample's input (``LayerNorm``, then the head projections of
+    :func:`head_projections`, in float32) up to float rounding.
+    """
+
+    #: ``(seq_len,)`` bool: the tokens the block projects itself.
+    own: Tensor
+
+    def add_keys(self, stream: FavorStream, step: int) -> None:
+        """Add the keys and values of the tokens not ``own`` to ``stream``.
+
+        ``stream`` holds the ``own`` tokens' keys already; ``step`` is the block's chunk length.
+        """
+
+    def queries(self, start: int, stop: int) -> Tensor:
+        """Return the queries of tokens ``start:stop``, ``(1, heads, stop - start, d)`` float32.
+
+        A new tensor: the block overwrites the rows of ``own`` tokens in it.
+        """
 
 
-def _heads(proj: nn.Linear, x: Tensor, h: int) -> Tensor:
+def head_projections(proj: nn.Linear, x: Tensor, h: int) -> Tensor:
     """``proj(x)`` split into ``h`` heads, ``(batch, heads, tokens, d)``.
 
     One batched product writes the head-major layout the FAVOR+ stream reads, so no
@@ -770,145 +805,42 @@ def _streamed_block(
     *,
     key_max: KeyMax,
     chunk_size: int | None,
-    shared: tuple[_SharedFirstBlock, Tensor] | None = None,
+    first: PrecomputedTokens | None = None,
 ) -> Tensor:
     """``x + attn(x)``, then ``+ ff(.)``, for inference, chunk by chunk (no dropout).
 
-    With ``shared = (cache, is_shared)`` (one sample, ``is_shared`` ``(seq_len,)``), the
-    attention of the tokens marked shared starts from the cache's keys, values and queries.
+    With ``first`` (one sample), the tokens not ``first.own`` take their keys, values and
+    queries from it instead of projecting ``x``.
     """
     sa: PerformerSelfAttention = attn.fn
     feed: FeedForward = ff.fn.fn
     b, n, _ = x.shape
     h = sa.heads
     fast = sa.fast_attention
-    step = _chunk_len(chunk_size, n, b * h * fast.nb_features)
-    stream = _FavorStream(fast.projection_matrix, b, h, key_max=key_max, eps=_EPS)
-    own = x if shared is None else x[:, ~shared[1]]
+    step = chunk_length(chunk_size, n, b * h * fast.nb_features)
+    stream = FavorStream(fast.projection_matrix, b, h, key_max=key_max)
+    own = x if first is None else x[:, first.own]
     for start in range(0, own.shape[1], step):
         xn = attn.norm(own[:, start : start + step])
-        k, v = (_heads(proj, xn, h) for proj in (sa.to_k, sa.to_v))
+        k, v = (head_projections(proj, xn, h) for proj in (sa.to_k, sa.to_v))
         with _no_autocast(x.device.type):
             stream.keys(k.float(), v.float())
-    if shared is not None:
-        shared[0].add_keys(stream, shared[1], step)
+    if first is not None:
+        first.add_keys(stream, step)
     out = torch.empty_like(x)
     for start in range(0, n, step):
         xc = x[:, start : start + step]
-        if shared is None:
+        if first is None:
             # The LayerNorm is recomputed rather than kept from the key pass: about 1% of the
             # block's time, against a second whole-sequence tensor.
-            q = _heads(sa.to_q, attn.norm(xc), h)
+            q = head_projections(sa.to_q, attn.norm(xc), h)
         else:
-            q = shared[0].queries(attn, xc, shared[1][start : start + step], start)
+            q = first.queries(start, start + xc.shape[1])
+            mine = first.own[start : start + step]
+            if bool(mine.any()):
+                q[:, :, mine] = head_projections(sa.to_q, attn.norm(xc[:, mine]), h).float()
         with _no_autocast(x.device.type):
             heads_out = stream.queries(q.float()).to(x.dtype)
         xc = xc + sa.to_out(heads_out.flatten(2))
         torch.add(xc, feed(ff.norm(xc)), out=out[:, start : start + step])
     return out
-
-
-# In base-2 units of the key stabiliser: beyond this gap between the cached sums' stabiliser and
-# a cell's, subtracting its own rows from the cached totals would lose more than ~4 bits.
-_MAX_SHARED_GAP = 4.0
-
-
-class _SharedFirstBlock:
-    """The first block's keys, values and queries of a shared input, and its key sums.
-
-    See :meth:`Performer.forward`: for a sample whose tokens equal ``shared_input`` where
-    ``is_shared``, the keys of the shared tokens add ``total - (rows the sample replaces)`` to
-    the stream, and their queries come from the cache. Built once per input and weights.
-    """
-
-    def __init__(self, attn: PreLayerNorm, shared_input: Tensor, chunk_size: int | None) -> None:
-        sa: PerformerSelfAttention = attn.fn
-        h = sa.heads
-        self.shared_input = shared_input.detach().clone()
-        self.weights = _weights_key(attn)
-        self.proj = sa.fast_attention.projection_matrix
-        n = shared_input.shape[0]
-        step = _chunk_len(chunk_size, n, h * sa.fast_attention.nb_features)
-        x = self.shared_input.unsqueeze(0)
-        parts = [
-            [
-                _heads(proj, attn.norm(x[:, s : s + step]), h).float()
-                for proj in (sa.to_k, sa.to_v, sa.to_q)
-            ]
-            for s in range(0, n, step)
-        ]
-        self.k, self.v, self.q = (torch.cat([p[i] for p in parts], dim=2) for i in range(3))
-        totals = self._stream(None)
-        for s in range(0, n, step):
-            totals.keys(self.k[:, :, s : s + step], self.v[:, :, s : s + step])
-        self.totals = totals
-        self.key_max = torch.cat(
-            [totals.key_maxima(self.k[:, :, s : s + step])[0] for s in range(0, n, step)]
-        )
-
-    def _stream(self, running: Tensor | None) -> _FavorStream:
-        stream = _FavorStream(self.proj, 1, self.k.shape[1], key_max="sample", eps=_EPS)
-        stream.running = running
-        return stream
-
-    def matches(self, attn: PreLayerNorm, shared_input: Tensor) -> bool:
-        """Whether this cache holds ``shared_input`` under the block's current weights."""
-        return (
-            self.weights == _weights_key(attn)
-            and self.shared_input.shape == shared_input.shape
-            and torch.equal(self.shared_input, shared_input)
-        )
-
-    def add_keys(self, stream: _FavorStream, is_shared: Tensor, step: int) -> None:
-        """Add the keys of the shared tokens ``is_shared`` ``(seq_len,)`` to ``stream``."""
-        if not bool(is_shared.any()):
-            return
-        top = self.key_max[is_shared].max().reshape(1)
-        at = self.totals.running
-        new = top if stream.running is None else torch.maximum(stream.running, top)
-        if float(at - new) > _MAX_SHARED_GAP:
-            self._add_rows(stream, is_shared, step)
-            return
-        # The sample's own rows, under the totals' stabiliser (no chunk exceeds it).
-        replaced = self._stream(at)
-        self._add_rows(replaced, ~is_shared, step)
-        at = replaced.running
-        scale = torch.exp2(self.totals.running - at)
-        kv, k_sum, v_sum, count = self.totals.sums()
-        kv_own, k_sum_own, v_sum_own, count_own = replaced.sums()
-        sums = (
-            kv * scale - kv_own,
-            k_sum * scale - k_sum_own,
-            v_sum - v_sum_own,
-            count - count_own,
-        )
-        stream.add_sums(sums, at=at, top=top)
-
-    def _add_rows(self, stream: _FavorStream, rows: Tensor, step: int) -> None:
-        """Stream the cached keys and values of the positions ``rows`` (bool) in chunks."""
-        index = rows.nonzero()[:, 0]
-        for s in range(0, len(index), step):
-            chunk = index[s : s + step]
-            stream.keys(self.k[:, :, chunk], self.v[:, :, chunk])
-
-    def queries(self, attn: PreLayerNorm, xc: Tensor, is_shared: Tensor, start: int) -> Tensor:
-        """Return the queries ``(1, heads, chunk, d)`` of ``xc`` (the tokens from ``start``)."""
-        sa: PerformerSelfAttention = attn.fn
-        q = self.q[:, :, start : start + xc.shape[1]].clone()
-        own = ~is_shared
-        if bool(own.any()):
-            q[:, :, own] = _heads(sa.to_q, attn.norm(xc[:, own]), sa.heads).float()
-        return q
-
-
-def _weights_key(attn: PreLayerNorm) -> tuple:
-    """Identity and version of every tensor the first block's projections read."""
-    sa: PerformerSelfAttention = attn.fn
-    tensors = [
-        *attn.norm.parameters(),
-        *sa.to_q.parameters(),
-        *sa.to_k.parameters(),
-        *sa.to_v.parameters(),
-        sa.fast_attention.projection_matrix,
-    ]
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)

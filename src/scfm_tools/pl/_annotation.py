@@ -10,7 +10,7 @@ import pandas as pd
 
 from .._anndata import resolve_adata
 from .._docs import doc_params
-from ..tl._label_transfer import UNASSIGNED
+from .._labels import UNASSIGNED
 from ._utils import DOC_PLOT, finish_figure
 
 if TYPE_CHECKING:

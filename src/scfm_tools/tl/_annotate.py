@@ -10,7 +10,8 @@ import numpy as np
 
 from .._anndata import params_record, resolve_adata
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
-from ._label_transfer import labels_from_proba, reference_labels, transfer_labels
+from .._labels import labels_from_proba, reference_labels
+from ._label_transfer import transfer_labels
 from ._model_arg import (
     DEFAULT_MODEL,
     LocatedModel,

@@ -1,102 +1,22 @@
 """Label transfer on cell embeddings: a labelled reference's cell types carried to query cells.
 
 Pure array code (no model, no AnnData writes): ``sft.tl.annotate`` embeds the reference and the
-query with the same model, then calls :func:`transfer_labels`. :func:`labels_from_proba` turns
-class probabilities into labels for every annotation path (scBERT's classifier included).
+query with the same model, then calls :func:`transfer_labels`; the labels are read off the
+probabilities by :func:`scfm_tools._labels.labels_from_proba`, as for scBERT's classifier.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from .._validation import InputError
-
-if TYPE_CHECKING:
-    from anndata import AnnData
-
-__all__ = [
-    "UNASSIGNED",
-    "knn_proba",
-    "labels_from_proba",
-    "logreg_proba",
-    "reference_labels",
-    "transfer_labels",
-]
-
-logger = logging.getLogger("scfm_tools")
-
-#: Label of cells whose best class probability is below the threshold (scBERT's novel type).
-UNASSIGNED = "Unassigned"
+__all__ = ["knn_proba", "logreg_proba", "transfer_labels"]
 
 Method = Literal["knn", "logreg"]
 # Cosine distance below which two cells count as identical: caps the 1/d vote weight.
 _MIN_DISTANCE = 1e-12
-
-
-def labels_from_proba(proba: pd.DataFrame, threshold: float | None) -> pd.DataFrame:
-    """Best class and its probability per cell; ``"Unassigned"`` below ``threshold``.
-
-    Parameters
-    ----------
-    proba
-        Cells x classes probabilities.
-    threshold
-        Confidence below which a cell is ``"Unassigned"``; ``None`` never.
-
-    Returns
-    -------
-    DataFrame with ``label`` (categorical) and ``score``.
-    """
-    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"threshold must lie in [0, 1] or be None, got {threshold!r}.")
-    values = proba.to_numpy()
-    classes = np.asarray(proba.columns, dtype=object)
-    score = values.max(axis=1) if values.size else np.empty(0, np.float32)
-    labels = classes[values.argmax(axis=1)] if values.size else np.empty(0, object)
-    if threshold is not None:
-        labels = np.where(score < threshold, UNASSIGNED, labels)
-    categories = list(classes) + ([UNASSIGNED] if threshold is not None else [])
-    return pd.DataFrame(
-        {
-            "label": pd.Categorical(labels, categories=categories),
-            "score": score.astype(np.float32),
-        },
-        index=proba.index,
-    )
-
-
-def reference_labels(reference: AnnData, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Validate the reference's cell-type column; return ``(labelled_mask, labels_as_str)``.
-
-    Cells without a label (NaN) are left out, with a warning. Raises :class:`InputError` when the
-    column is missing or holds fewer than two cell types.
-    """
-    if label_key not in reference.obs.columns:
-        raise InputError(
-            f"the reference has no obs column {label_key!r} (columns: "
-            f"{list(reference.obs.columns)}); pass label_key= naming the column with its cell "
-            "types."
-        )
-    column = reference.obs[label_key]
-    keep = column.notna().to_numpy()
-    if not keep.all():
-        logger.warning(
-            "annotate: %d reference cells have no %r label and are left out.",
-            int((~keep).sum()),
-            label_key,
-        )
-    labels = column[keep].astype(str).to_numpy()
-    n_types = len(np.unique(labels))
-    if n_types < 2:
-        raise InputError(
-            f"the reference has {n_types} cell type in obs[{label_key!r}]; annotation needs at "
-            "least 2."
-        )
-    return keep, labels
 
 
 def _unit_rows(X: np.ndarray) -> np.ndarray:

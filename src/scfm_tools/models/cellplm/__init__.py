@@ -1,6 +1,6 @@
 """CellPLM (OmicsML/CellPLM): module, official checkpoints, embedding, imputation, pretraining."""
 
-from ._checkpoint import IGNORED_PREFIXES, load_cellplm, module_config
+from ._checkpoint import IGNORED_PREFIXES, load_cellplm_checkpoint, module_config
 from ._embed import embed_matrix, official_generator
 from ._masking import mask_sequence
 from ._model import CellPLM
@@ -16,7 +16,7 @@ __all__ = [
     "SequenceDataSplitter",
     "batch_codes",
     "embed_matrix",
-    "load_cellplm",
+    "load_cellplm_checkpoint",
     "mask_sequence",
     "module_config",
     "nb_nll",

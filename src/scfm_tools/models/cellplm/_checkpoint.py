@@ -24,7 +24,7 @@ from ._module import CellPLMModule
 if TYPE_CHECKING:
     from ...hub import ResolvedModel
 
-__all__ = ["IGNORED_PREFIXES", "load_cellplm", "module_config"]
+__all__ = ["IGNORED_PREFIXES", "load_cellplm_checkpoint", "module_config"]
 
 logger = logging.getLogger("scfm_tools")
 
@@ -159,7 +159,7 @@ def _files(source: str | os.PathLike | ResolvedModel) -> tuple[Path, Path]:
     return Path(resolved.files["config"]), Path(resolved.files["weights"])
 
 
-def load_cellplm(
+def load_cellplm_checkpoint(
     source: str | os.PathLike | ResolvedModel, *, strict: bool = False
 ) -> tuple[CellPLMModule, list[str], dict[str, Any], LoadReport]:
     """Load a CellPLM checkpoint (official layout) into a :class:`CellPLMModule`.

@@ -79,8 +79,8 @@ def embed_matrix(
     Parameters
     ----------
     module
-        The CellPLM module, e.g. from :func:`load_cellplm` (put in eval mode for the run; its
-        training flag is restored afterwards).
+        The CellPLM module, e.g. from :func:`load_cellplm_checkpoint` (put in eval mode for
+        the run; its training flag is restored afterwards).
     gene_list
         The model's genes (Ensembl IDs), in the module's gene order.
     X

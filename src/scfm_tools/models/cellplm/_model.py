@@ -20,10 +20,10 @@ from ..._anndata import get_matrix, resolve_seed
 from ..._docs import doc_params
 from ..._validation import InputError, check_counts, check_unique_names
 from ...pp._match_genes import GeneMatch, match_adata_genes, match_to_vocab
+from ...train import DOC_TRAIN_SCALE, TrainingMixin
 from .._gene_embeddings import GeneEmbeddings, token_table_rows
-from .._training import DOC_TRAIN_SCALE, TrainingMixin
 from ..base import PretrainedMixin, unbound_registry
-from ._checkpoint import load_cellplm
+from ._checkpoint import load_cellplm_checkpoint
 from ._embed import _device, embed_matrix, official_generator
 from ._impute import decoder_batch_ids, denoise_sequences
 from ._module import CellPLMModule
@@ -239,7 +239,7 @@ class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
         the source, the weights' sha256 and the load report.
         """
         resolved = cls.locate(name_or_path)
-        pretrained, genes, config, report = load_cellplm(resolved)
+        pretrained, genes, config, report = load_cellplm_checkpoint(resolved)
         kwargs = dict(pretrained.config)
         kwargs.pop("n_genes")
         if dropout is not None:
@@ -256,8 +256,9 @@ class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
         """Write the model as an official CellPLM checkpoint pair.
 
         ``<prefix>.config.json`` (official keys and the gene list) and ``<prefix>.best.ckpt``
-        (``{"model_state_dict": ...}``), which :func:`~scfm_tools.models.cellplm.load_cellplm`,
-        :meth:`from_pretrained`, ``sft.tl`` and the official ``load_pretrain`` read.
+        (``{"model_state_dict": ...}``), which
+        :func:`~scfm_tools.models.cellplm.load_cellplm_checkpoint`, :meth:`from_pretrained`,
+        ``sft.tl`` and the official ``load_pretrain`` read.
 
         Parameters
         ----------

@@ -22,8 +22,12 @@ from scvi.train import TrainingPlan
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..._anndata import get_matrix
-from .._seeding import EpochShuffleSampler, SeededStreamsMixin, training_epoch
-from .._training import SeededDataSplitter
+from ...train import (
+    EpochShuffleSampler,
+    SeededDataSplitter,
+    SeededStreamsMixin,
+    training_epoch,
+)
 from ._masking import mask_sequence
 from ._module import BATCH_KEY, GENE_MASK_KEY, X_KEY, CellPLMModule
 from ._sequences import to_model_genes

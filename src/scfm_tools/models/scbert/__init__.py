@@ -1,5 +1,6 @@
 """scBERT (TencentAILabHealthcare/scBERT): module, checkpoints, embedding, training, annotation."""
 
+from ..._labels import UNASSIGNED, labels_from_proba
 from ._checkpoint import (
     GENE_LIST_FILE,
     load_scbert_checkpoint,
@@ -8,13 +9,7 @@ from ._checkpoint import (
     read_scbert_state,
 )
 from ._embed import embed_matrix, iter_embeddings, iter_probabilities
-from ._model import (
-    CLASSES_FILE,
-    SCBERT,
-    UNASSIGNED,
-    compute_class_weights,
-    labels_from_proba,
-)
+from ._model import CLASSES_FILE, SCBERT, compute_class_weights
 from ._module import Gene2VecEmbedding, SCBERTClassifierHead, SCBERTModule, mask_tokens
 from ._tokenizer import SCBERTTokenizer
 from ._training_plan import SCBERTTrainingPlan

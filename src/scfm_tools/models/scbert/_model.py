@@ -18,11 +18,11 @@ from scvi.model.base import BaseModelClass
 
 from ..._anndata import get_matrix, iter_chunks, resolve_seed
 from ..._docs import doc_params
+from ..._labels import labels_from_proba
 from ..._validation import InputError, check_counts, check_unique_names
 from ...pp._match_genes import GeneMatch, match_adata_genes
-from ...tl._label_transfer import UNASSIGNED, labels_from_proba
+from ...train import DOC_TRAIN_SCALE, TrainingMixin
 from .._gene_embeddings import GeneEmbeddings, token_table_rows
-from .._training import DOC_TRAIN_SCALE, TrainingMixin
 from ..base import PretrainedMixin, unbound_registry
 from ._checkpoint import GENE_LIST_FILE, load_scbert_checkpoint, read_gene_list
 from ._embed import iter_embeddings, iter_probabilities
@@ -36,13 +36,7 @@ if TYPE_CHECKING:
 
     from ...hub import ResolvedModel
 
-__all__ = [
-    "CLASSES_FILE",
-    "SCBERT",
-    "UNASSIGNED",
-    "compute_class_weights",
-    "labels_from_proba",
-]
+__all__ = ["CLASSES_FILE", "SCBERT", "compute_class_weights"]
 
 logger = logging.getLogger("scfm_tools")
 

@@ -26,6 +26,7 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import Tensor, nn
 
 from ...nn import Performer
+from ._shared_block import SharedFirstBlock, shared_first_block
 
 __all__ = ["Gene2VecEmbedding", "SCBERTClassifierHead", "SCBERTModule", "mask_tokens"]
 
@@ -320,6 +321,8 @@ class SCBERTModule(BaseModuleClass):
             chunk_size=chunk_size,
         )
         self.norm = nn.LayerNorm(dim)
+        # First-block cache of the zero-expression genes (see encode); not part of the state.
+        self._shared_block: SharedFirstBlock | None = None
         if n_classes is None:
             self.to_out: nn.Module = nn.Linear(dim, num_tokens)
         else:
@@ -362,12 +365,14 @@ class SCBERTModule(BaseModuleClass):
     def encode(self, tokens: Tensor) -> Tensor:
         """Per-gene encodings after the final LayerNorm ``(batch, seq_len, dim)``."""
         x = self.embed(tokens)
-        if not self.performer.reuses_shared_input(x):
+        if not self.performer.uses_first_block(x):
             return self.norm(self.performer(x))
         # A zero-expression gene's input (bin 0 plus its gene2vec row) is the same in every
         # cell, so the Performer can reuse its first-block projections across cells.
         bin0 = self._add_gene2vec(self.token_emb.weight[0].expand(tokens.shape[1], -1).clone())
-        return self.norm(self.performer(x, shared_input=bin0, is_shared=tokens == 0))
+        self._shared_block = shared_first_block(self._shared_block, self.performer, bin0)
+        first = [self._shared_block.sample(row == 0) for row in tokens]
+        return self.norm(self.performer(x, first_block=first))
 
     # scvi-tools module interface -----------------------------------------------------------------
     def _get_inference_input(self, tensors: dict[str, Tensor], **kwargs) -> dict[str, Any]:

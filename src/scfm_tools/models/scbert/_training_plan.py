@@ -19,7 +19,7 @@ import torch
 from scvi import REGISTRY_KEYS
 from scvi.train import TrainingPlan
 
-from .._seeding import SeededStreamsMixin
+from ...train import SeededStreamsMixin
 from ._module import LABELS, MASK_PROB, MLM_LABELS, REPLACE_PROB, TOKENS, SCBERTModule, mask_tokens
 from ._tokenizer import SCBERTTokenizer
 

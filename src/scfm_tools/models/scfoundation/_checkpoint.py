@@ -36,7 +36,7 @@ __all__ = [
     "ENTRIES",
     "GENE_INDEX_FILE",
     "entry_for",
-    "load_scfoundation",
+    "load_scfoundation_checkpoint",
     "module_config",
     "official_entry",
     "read_gene_index",
@@ -289,8 +289,8 @@ def official_entry(module: SCFoundationModule) -> dict[str, Any]:
 
     ``{"config": {"model": "mae_autobin", "model_config": {"mae_autobin": {...}},
     "dataset_config": {"rnaseq": {...}}}, "state_dict": {"model.<param>": tensor}}``, which the
-    official ``load_model_frommmf`` and :func:`load_scfoundation` read. Save a full checkpoint
-    with ``torch.save({"cell": e, "gene": e, "rde": e}, "models.ckpt")``.
+    official ``load_model_frommmf`` and :func:`load_scfoundation_checkpoint` read. Save a full
+    checkpoint with ``torch.save({"cell": e, "gene": e, "rde": e}, "models.ckpt")``.
 
     Parameters
     ----------
@@ -351,7 +351,7 @@ def _gene_list_beside(folder: Path) -> Path | None:
     return None
 
 
-def load_scfoundation(
+def load_scfoundation_checkpoint(
     source: str | os.PathLike | ResolvedModel,
     entry: Entry = "cell",
     *,

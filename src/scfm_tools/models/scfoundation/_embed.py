@@ -273,9 +273,10 @@ def embed_matrix(
     Parameters
     ----------
     module
-        The module, e.g. from :func:`~scfm_tools.models.scfoundation.load_scfoundation` with
-        the entry the output needs (``"cell"``/``"rde"`` for cell embeddings, ``"gene"`` for
-        gene outputs, as the official script).
+        The module, e.g. from
+        :func:`~scfm_tools.models.scfoundation.load_scfoundation_checkpoint` with the entry the
+        output needs (``"cell"``/``"rde"`` for cell embeddings, ``"gene"`` for gene outputs, as
+        the official script).
     X
         Cells x genes matrix (dense, sparse, or anything whose row slices are, e.g. a backed
         AnnData's ``X``): raw counts for ``pre_normalized="F"``, ``log1p``-normalised values

@@ -20,10 +20,10 @@ from ..._anndata import get_matrix, resolve_seed
 from ..._docs import doc_params
 from ..._validation import InputError, check_counts, check_nonempty, check_unique_names
 from ...pp._match_genes import GeneMatch, match_adata_genes
+from ...train import DOC_TRAIN_SCALE, TrainingMixin
 from .._gene_embeddings import GeneEmbeddings, rows_on_var, token_table_rows
-from .._training import DOC_TRAIN_SCALE, TrainingMixin
 from ..base import PretrainedMixin, unbound_registry
-from ._checkpoint import Entry, entry_for, load_scfoundation, official_entry
+from ._checkpoint import Entry, entry_for, load_scfoundation_checkpoint, official_entry
 from ._embed import embed_matrix, iter_outputs, prepare_blocks, prepare_options
 from ._gene_embed import context_gene_embeddings, token_gene_embeddings
 from ._module import Pool, SCFoundationModule
@@ -211,7 +211,9 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         source, the entry, the weights' sha256 and the load report.
         """
         resolved = cls.locate(name_or_path)
-        pretrained, genes, _, report = load_scfoundation(resolved, entry, **module_kwargs)
+        pretrained, genes, _, report = load_scfoundation_checkpoint(
+            resolved, entry, **module_kwargs
+        )
         kwargs = dict(pretrained.config)
         kwargs.pop("n_genes")
         kwargs.update(module_kwargs)
@@ -255,7 +257,7 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
     def export(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the model as an official ``models.ckpt`` (same weights in all three entries).
 
-        The file is read by :func:`~scfm_tools.models.scfoundation.load_scfoundation`,
+        The file is read by :func:`~scfm_tools.models.scfoundation.load_scfoundation_checkpoint`,
         :meth:`from_pretrained`, ``sft.tl`` functions and the official ``load_model_frommmf``;
         when the model's genes are not the official 19,264, its gene list is written beside it
         as ``OS_scRNA_gene_index.19264.tsv`` (the file name the loaders look for).

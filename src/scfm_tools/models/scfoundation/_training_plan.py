@@ -28,7 +28,7 @@ import torch
 from scipy import sparse
 from scvi.train import TrainingPlan
 
-from .._seeding import SeededStreamsMixin
+from ...train import SeededStreamsMixin
 from ._module import HIDDEN, MASK, TARGET, VALUES, SCFoundationModule
 from ._preprocess import GeneReindexer, sequences
 

@@ -4,9 +4,9 @@ from ._checkpoint import (
     SPECIAL_TOKENS,
     LoadReport,
     add_special_tokens,
-    load_scgpt_folder,
+    load_scgpt_checkpoint,
     read_vocab,
-    write_scgpt_folder,
+    write_scgpt_checkpoint,
 )
 from ._embed import embed_matrix, iter_embeddings
 from ._model import SCGPT
@@ -26,11 +26,11 @@ __all__ = [
     "add_special_tokens",
     "embed_matrix",
     "iter_embeddings",
-    "load_scgpt_folder",
+    "load_scgpt_checkpoint",
     "mask_values",
     "pad_cells",
     "read_vocab",
     "tokenize_block",
     "tokenize_minibatch",
-    "write_scgpt_folder",
+    "write_scgpt_checkpoint",
 ]

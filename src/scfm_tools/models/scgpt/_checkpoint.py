@@ -2,8 +2,8 @@
 
 The official layout keeps the weights in ``best_model.pt`` (a pickled state dict, read with
 ``torch.load(weights_only=True)``); the project's own models keep them in ``model.safetensors``,
-which cannot run code when read. :func:`load_scgpt_folder` reads either, and
-:func:`write_scgpt_folder` writes the safetensors layout.
+which cannot run code when read. :func:`load_scgpt_checkpoint` reads either, and
+:func:`write_scgpt_checkpoint` writes the safetensors layout.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ __all__ = [
     "SPECIAL_TOKENS",
     "LoadReport",
     "add_special_tokens",
-    "load_scgpt_folder",
+    "load_scgpt_checkpoint",
     "read_vocab",
-    "write_scgpt_folder",
+    "write_scgpt_checkpoint",
 ]
 
 logger = logging.getLogger("scfm_tools")
@@ -241,14 +241,14 @@ def _module_config(args: dict[str, Any], vocab: dict[str, int], state: dict) -> 
     }
 
 
-def load_scgpt_folder(
+def load_scgpt_checkpoint(
     path: str | os.PathLike, *, strict: bool = False
 ) -> tuple[SCGPTModule, dict[str, int], dict[str, Any], LoadReport]:
     """Load an scGPT checkpoint folder: an official one, or one written by this package.
 
     Reads ``args.json`` (model size and token values), ``vocab.json`` (``<pad>``, ``<cls>``,
     ``<eoc>`` appended when absent) and the weights: ``model.safetensors`` when present (the
-    project's own models, :func:`write_scgpt_folder`), else ``best_model.pt`` (the official
+    project's own models, :func:`write_scgpt_checkpoint`), else ``best_model.pt`` (the official
     layout, a bare state dict read with ``torch.load(weights_only=True)``). It translates
     flash-attn key names (``self_attn.Wqkv.*``, ``self_attn._impl.Wqkv.*``) to the torch names,
     and loads every tensor whose key and shape match. Keys that do not match are never dropped
@@ -301,7 +301,7 @@ def _write_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_scgpt_folder(
+def write_scgpt_checkpoint(
     path: str | os.PathLike,
     module: SCGPTModule,
     vocab: Mapping[str, int],
@@ -309,7 +309,7 @@ def write_scgpt_folder(
     *,
     overwrite: bool = False,
 ) -> dict[str, Path]:
-    """Write a module as an scGPT checkpoint folder that :func:`load_scgpt_folder` reads back.
+    """Write a module as an scGPT checkpoint folder that :func:`load_scgpt_checkpoint` reads back.
 
     The folder gets the official ``args.json`` and ``vocab.json`` and the weights as
     ``model.safetensors`` (instead of the official pickled ``best_model.pt``).

@@ -272,7 +272,7 @@ def embed_matrix(
     Parameters
     ----------
     module
-        The scGPT module, e.g. from :func:`load_scgpt_folder`.
+        The scGPT module, e.g. from :func:`load_scgpt_checkpoint`.
     vocab
         Token -> id vocabulary.
     args

@@ -21,17 +21,17 @@ from ..._anndata import get_matrix, iter_chunks, iter_row_blocks, resolve_seed
 from ..._docs import doc_params
 from ..._validation import check_nonnegative, check_unique_names
 from ...pp._match_genes import _SPECIAL, GeneMatch, load_vocab, match_adata_genes
+from ...train import DOC_TRAIN_SCALE, BindableDataModule, TrainingMixin
 from .._gene_embeddings import GeneEmbeddings, rows_on_var
-from .._training import DOC_TRAIN_SCALE, TrainingMixin
 from ..base import PretrainedMixin, unbound_registry
 from ._attention import attention_sums, restrict_gene_index
 from ._checkpoint import (
     ARGS_FILE,
     SAFETENSORS_FILE,
     add_special_tokens,
-    load_scgpt_folder,
+    load_scgpt_checkpoint,
     read_vocab,
-    write_scgpt_folder,
+    write_scgpt_checkpoint,
 )
 from ._embed import iter_embeddings
 from ._gene_embed import context_gene_embeddings, token_gene_embeddings
@@ -303,7 +303,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         the source, the weights' sha256 and the load report.
         """
         resolved = cls.locate(name_or_path)
-        pretrained, vocab, args, report = load_scgpt_folder(resolved.path)
+        pretrained, vocab, args, report = load_scgpt_checkpoint(resolved.path)
         cfg = pretrained.config
         if cfg["use_batch_labels"] and adata is not None:
             registered = cls._get_most_recent_anndata_manager(adata, required=True)
@@ -337,7 +337,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             **batch_table,
         )
         # Same architecture by construction: every tensor must fit (keys the checkpoint lacked
-        # keep the fresh module's initialisation, as load_scgpt_folder reported).
+        # keep the fresh module's initialisation, as load_scgpt_checkpoint reported).
         model.module.load_state_dict(pretrained.state_dict())
         model.module.eval()
         model._set_pretrained(resolved, report)
@@ -347,7 +347,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         """Write the model as an scGPT checkpoint folder (official layout, safetensors weights).
 
         The folder holds ``args.json`` and ``vocab.json`` as the official releases do and the
-        weights as ``model.safetensors``; :func:`~scfm_tools.models.scgpt.load_scgpt_folder`,
+        weights as ``model.safetensors``; :func:`~scfm_tools.models.scgpt.load_scgpt_checkpoint`,
         :meth:`from_pretrained` and ``sft.tl`` read it back.
 
         Parameters
@@ -361,7 +361,9 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         -------
         The folder.
         """
-        files = write_scgpt_folder(path, self.module, self.vocab, self.args, overwrite=overwrite)
+        files = write_scgpt_checkpoint(
+            path, self.module, self.vocab, self.args, overwrite=overwrite
+        )
         logger.info("wrote %s, %s and %s to %s", SAFETENSORS_FILE, ARGS_FILE, "vocab.json", path)
         return files["weights"].parent
 
@@ -458,15 +460,19 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             )
 
     def _bind_datamodule(self, datamodule: LightningDataModule, plan: dict[str, Any]) -> None:
-        """Match a multi-file data module's genes to the vocabulary and give it the tokenizer."""
-        from ...dataloaders import MultiFileDataModule
+        """Put a bindable data module on the vocabulary and give it the tokenizer.
 
-        if not isinstance(datamodule, MultiFileDataModule):
+        :class:`~scfm_tools.dataloaders.MultiFileDataModule` is one; it is recognised by its
+        ``bind`` (:class:`~scfm_tools.train.BindableDataModule`), since models do not import
+        the data loaders.
+        """
+        if not isinstance(datamodule, BindableDataModule):
             return
         if self.module.use_batch_labels:
             raise ValueError(
-                "a model with use_batch_labels=True needs batch labels, which "
-                "MultiFileDataModule does not provide; build the model without them."
+                "a model with use_batch_labels=True needs batch labels, which a data module "
+                "bound to the vocabulary (such as MultiFileDataModule) does not provide; build "
+                "the model without them."
             )
         from ._training_plan import DEFAULT_MASK_RATIO
 

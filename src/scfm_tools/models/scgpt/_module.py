@@ -2,7 +2,7 @@
 
 Weight-compatible with the official ``scgpt.model.TransformerModel`` (bowang-lab/scGPT v0.2.5):
 every submodule carries the official attribute name, so an official state dict (after the
-flash-attn ``Wqkv`` -> ``in_proj_`` renaming done by :func:`load_scgpt_folder`) loads with
+flash-attn ``Wqkv`` -> ``in_proj_`` renaming done by :func:`load_scgpt_checkpoint`) loads with
 :meth:`~torch.nn.Module.load_state_dict`.
 
 Supported: continuous value encoding (``input_emb_style="continuous"``), ``<cls>`` cell

@@ -24,7 +24,7 @@ from scvi import REGISTRY_KEYS
 from scvi.module.base import LossOutput
 from scvi.train import TrainingPlan
 
-from .._seeding import SeededStreamsMixin, derive_seed
+from ...train import SeededStreamsMixin, derive_seed
 from ._module import BATCH_LABELS, PADDING_MASK, TARGET_VALUES, VALUES, SCGPTModule, mask_values
 from ._tokenizer import OFFICIAL_N_BINS, CellTokenizer, pad_cells
 

@@ -1,42 +1,32 @@
-"""Training shared by the four model families: distributed runs, checkpoints, resuming, seeding.
+"""The ``train`` method shared by the four model families.
 
 :class:`TrainingMixin` takes the place of scvi-tools' ``UnsupervisedTrainingMixin`` in each model
 class. Its :meth:`~TrainingMixin.train` adds to scvi-tools' (which hands ``strategy``,
 ``num_nodes`` etc. on to Lightning) what pretraining at scale needs: a DDP strategy when several
 devices or nodes are asked for, atomic checkpoints in ``checkpoint_dir``, ``resume=``, and
-randomness derived from the seed and the epoch (:mod:`._seeding`), so that a resumed run trains
-exactly as an uninterrupted one would. The family ``train`` methods fill in their own plan and
-data settings and call it; their docstrings take the shared text :data:`DOC_TRAIN_SCALE`.
+randomness derived from the seed and the epoch (:mod:`scfm_tools.train._seeding`), so that a
+resumed run trains exactly as an uninterrupted one would. The family ``train`` methods fill in
+their own plan and data settings and call it; their docstrings take the shared text
+:data:`DOC_TRAIN_SCALE`.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from lightning.pytorch.callbacks import ModelCheckpoint
-from scvi.dataloaders import DataSplitter
-from scvi.model._utils import use_distributed_sampler
 from scvi.model.base import UnsupervisedTrainingMixin
-from scvi.train import SaveCheckpoint, Trainer, TrainRunner
 
 from .._anndata import resolve_seed
-from ._seeding import EpochSeedCallback, derive_seed, seed_samplers, training_epoch
-from ._train_checkpoints import AtomicModelCheckpoint, resolve_resume
+from ._checkpoints import AtomicModelCheckpoint, resolve_resume
+from ._data_splitter import SeededDataSplitter
+from ._seeding import EpochSeedCallback
+from ._trainer import TrainRunner, is_ddp, resolve_strategy
 
 if TYPE_CHECKING:
     from lightning.pytorch.strategies import Strategy
 
-__all__ = [
-    "DOC_TRAIN_SCALE",
-    "SeededDataSplitter",
-    "TrainingMixin",
-    "resolve_strategy",
-]
-
-logger = logging.getLogger("scfm_tools")
+__all__ = ["DOC_TRAIN_SCALE", "TrainingMixin"]
 
 DOC_TRAIN_SCALE = """\
 strategy
@@ -67,13 +57,6 @@ resume
     end-of-epoch checkpoint sees the same batches and reaches the same weights as an
     uninterrupted one (up to floating-point nondeterminism of the device)."""
 
-# DDP by name, with unused parameters allowed (the heads a pretraining loss does not touch).
-_FIND_UNUSED = {
-    name: f"{name}_find_unused_parameters_true"
-    for name in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
-}
-# Stream key of the train/validation split (apart from the epochs' streams).
-_SPLIT_KEY = 7_000_001
 _CHECKPOINT_DEFAULTS = {
     "filename": "{epoch}-{step}",
     "save_top_k": 1,
@@ -83,99 +66,11 @@ _CHECKPOINT_DEFAULTS = {
 }
 
 
-def _n_devices(devices: int | list[int] | str) -> int:
-    if isinstance(devices, list | tuple):
-        return len(devices)
-    if isinstance(devices, str):
-        if devices == "auto":
-            return 1
-        if "," in devices:
-            return len([d for d in devices.split(",") if d.strip()])
-        devices = int(devices)
-    return 2 if devices == -1 else int(devices)  # -1: all devices, assumed several
-
-
-def resolve_strategy(
-    strategy: str | Strategy, devices: int | list[int] | str, num_nodes: int
-) -> str | Strategy:
-    """Pick DDP for multi-process runs and allow unused parameters in DDP named by string."""
-    if not isinstance(strategy, str):
-        return strategy
-    if strategy == "auto" and (num_nodes > 1 or _n_devices(devices) > 1):
-        strategy = "ddp"
-    return _FIND_UNUSED.get(strategy, strategy)
-
-
-class SeededDataSplitter(DataSplitter):
-    """scvi-tools' :class:`~scvi.dataloaders.DataSplitter` with a seeded split and training order.
-
-    The cells are split into training, validation and test sets by ``random_state`` (scvi-tools
-    draws the split from ``scvi.settings.seed``, unseeded by default, so a resumed run would
-    train on other cells), and the training loader shuffles by ``(random_state, epoch)`` (see
-    :func:`~scfm_tools.models._seeding.seed_samplers`), in one process as under DDP.
-
-    Parameters
-    ----------
-    adata_manager
-        Manager of the registered AnnData.
-    random_state
-        Seed of the split and of the training order.
-    **kwargs
-        Passed to :class:`~scvi.dataloaders.DataSplitter`.
-    """
-
-    def __init__(self, adata_manager, *, random_state: int = 0, **kwargs: Any) -> None:
-        super().__init__(adata_manager, **kwargs)
-        self.random_state = int(random_state)
-
-    def setup(self, stage: str | None = None) -> None:
-        """Split the cells (seeded by ``random_state`` when ``shuffle_set_split``)."""
-        super().setup(stage)
-        if self.external_indexing is not None or not self.shuffle_set_split:
-            return
-        n_val, n_train = len(self.val_idx), len(self.train_idx)
-        rng = np.random.default_rng(derive_seed(self.random_state, _SPLIT_KEY))
-        indices = rng.permutation(self.adata_manager.adata.n_obs)
-        self.val_idx = indices[:n_val]
-        self.train_idx = indices[n_val : n_val + n_train]
-        self.test_idx = indices[n_val + n_train :]
-
-    def train_dataloader(self):
-        """Build the training loader, its shuffling set to the seed and the current epoch."""
-        loader = super().train_dataloader()
-        seed_samplers(loader, self.random_state, training_epoch(self.trainer))
-        return loader
-
-
-class _Trainer(Trainer):
-    """scvi-tools' Trainer that also accepts Lightning ``ModelCheckpoint`` callbacks.
-
-    scvi-tools turns ``enable_checkpointing=True`` into its own ``SaveCheckpoint`` (model folders
-    picked by validation loss), and Lightning refuses checkpoint callbacks without it; resumable
-    Lightning checkpoints are therefore attached after construction.
-    """
-
-    def __init__(self, *args: Any, callbacks: list | None = None, **kwargs: Any) -> None:
-        callbacks = list(callbacks or [])
-        late = [
-            c
-            for c in callbacks
-            if isinstance(c, ModelCheckpoint) and not isinstance(c, SaveCheckpoint)
-        ]
-        early = [c for c in callbacks if all(c is not x for x in late)]
-        super().__init__(*args, callbacks=early, **kwargs)
-        self.callbacks.extend(late)
-
-
-class _TrainRunner(TrainRunner):
-    _trainer_cls = _Trainer
-
-
 class TrainingMixin(UnsupervisedTrainingMixin):
     """scvi-tools' unsupervised ``train`` with distributed runs, atomic checkpoints and resuming."""
 
     _data_splitter_cls = SeededDataSplitter
-    _train_runner_cls = _TrainRunner
+    _train_runner_cls = TrainRunner
 
     def train(
         self,
@@ -212,7 +107,7 @@ class TrainingMixin(UnsupervisedTrainingMixin):
         if checkpoint_dir is not None:
             options = {**_CHECKPOINT_DEFAULTS, **(checkpoint_kwargs or {})}
             callbacks.append(AtomicModelCheckpoint(dirpath=os.fspath(checkpoint_dir), **options))
-            if use_distributed_sampler(strategy):
+            if is_ddp(strategy):
                 # scvi-tools keeps the loss history of DDP runs on disk, by default in the
                 # working directory; keep it with the checkpoints instead.
                 kwargs.setdefault("log_save_dir", os.fspath(checkpoint_dir))

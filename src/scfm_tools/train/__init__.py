@@ -1,0 +1,44 @@
+"""Training machinery shared by the model families (as ``scvi.train`` is for scvi-tools).
+
+:class:`TrainingMixin` gives every model class its ``train``: DDP over devices and nodes, atomic
+checkpoints and exact resuming. Randomness is derived from ``(seed, epoch, rank)``
+(:mod:`scfm_tools.train._seeding`), so a resumed run trains as an uninterrupted one.
+:class:`BindableDataModule` is what a data module offers for a model to put its genes on the
+model's vocabulary. Nothing here knows a model family.
+"""
+
+from ._checkpoints import (
+    AtomicModelCheckpoint,
+    find_resume_checkpoint,
+    is_complete_checkpoint,
+    resolve_resume,
+)
+from ._data_splitter import SeededDataSplitter
+from ._datamodule import BindableDataModule, Collate
+from ._mixin import DOC_TRAIN_SCALE, TrainingMixin
+from ._seeding import (
+    EpochSeedCallback,
+    EpochShuffleSampler,
+    SeededStreamsMixin,
+    derive_seed,
+    training_epoch,
+)
+from ._trainer import resolve_strategy
+
+__all__ = [
+    "DOC_TRAIN_SCALE",
+    "AtomicModelCheckpoint",
+    "BindableDataModule",
+    "Collate",
+    "EpochSeedCallback",
+    "EpochShuffleSampler",
+    "SeededDataSplitter",
+    "SeededStreamsMixin",
+    "TrainingMixin",
+    "derive_seed",
+    "find_resume_checkpoint",
+    "is_complete_checkpoint",
+    "resolve_resume",
+    "resolve_strategy",
+    "training_epoch",
+]
