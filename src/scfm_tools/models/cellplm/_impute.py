@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 
 from ..._anndata import get_matrix, resolve_seed
+from ..._progress import progress_bar
 from ..._validation import InputError
 from ...pp._match_genes import match_adata_genes
 from ._checkpoint import load_cellplm
@@ -100,21 +101,24 @@ def impute_resolved(
     X = get_matrix(adata, layer)
     was_training = module.training
     module.to(dev).eval()
-    try:
-        for rows, counts in iter_sequences(X, rows_list, match, module.n_genes):
-            counts = counts.to(dev)
-            batch = None if covariate is None else torch.from_numpy(covariate[rows]).to(dev)
+    with progress_bar(adata.n_obs, desc="CellPLM") as bar:
+        try:
+            for rows, counts in iter_sequences(X, rows_list, match, module.n_genes):
+                counts = counts.to(dev)
+                batch = None if covariate is None else torch.from_numpy(covariate[rows]).to(dev)
+                with torch.inference_mode():
+                    z = module.inference(counts, sample=sample, generator=generator)["z"]
+                    mean = module.generative(z, batch=batch)["mean"]
+                    mean = mean[:, torch.from_numpy(ids).to(dev)]
+                    if rescale:
+                        observed = torch.sparse.sum(counts, dim=1).to_dense().unsqueeze(1)
+                        mean = mean / mean.sum(1, keepdim=True) * observed
+                out[np.ix_(rows, cols)] = mean.float().cpu().numpy()
+                bar.update(len(rows))
             with torch.inference_mode():
-                z = module.inference(counts, sample=sample, generator=generator)["z"]
-                mean = module.generative(z, batch=batch)["mean"][:, torch.from_numpy(ids).to(dev)]
-                if rescale:
-                    observed = torch.sparse.sum(counts, dim=1).to_dense().unsqueeze(1)
-                    mean = mean / mean.sum(1, keepdim=True) * observed
-            out[np.ix_(rows, cols)] = mean.float().cpu().numpy()
-        with torch.inference_mode():
-            disp = module.decoder.out_layer.dispersion().cpu().numpy()
-    finally:
-        module.train(was_training)
+                disp = module.decoder.out_layer.dispersion().cpu().numpy()
+        finally:
+            module.train(was_training)
     dispersion = np.full(adata.n_vars, np.nan, dtype=np.float32)
     dispersion[cols] = disp[ids]
     params = {

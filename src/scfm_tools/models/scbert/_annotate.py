@@ -106,7 +106,9 @@ def _predict_with_checkpoint(
     tokenizer = SCBERTTokenizer.from_match(match, module.n_genes, bin_num=module.num_tokens - 2)
     blocks = (block for _, block in iter_chunks(adata, layer, chunk_size=chunk_size))
     parts = list(
-        iter_probabilities(module, tokenizer, blocks, batch_size=batch_size, device=device)
+        iter_probabilities(
+            module, tokenizer, blocks, batch_size=batch_size, device=device, n_cells=adata.n_obs
+        )
     )
     proba = pd.DataFrame(np.concatenate(parts), index=adata.obs_names.copy(), columns=classes)
     return proba, {"n_genes_matched": int(match.n_matched), "fine_tuned": "checkpoint"}
@@ -164,7 +166,6 @@ def annotate_resolved(
         plan = dict(train.pop("plan_kwargs", None) or {})
         plan.setdefault("random_state", seed)
         train.setdefault("accelerator", _accelerator(device))
-        train.setdefault("enable_progress_bar", False)
         # The new head's initialisation and the minibatch order follow random_state, without
         # disturbing the caller's global torch random state.
         with torch.random.fork_rng(devices=[]):

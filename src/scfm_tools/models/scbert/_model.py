@@ -577,6 +577,7 @@ class SCBERT(TrainingMixin, BaseModelClass):
             self._blocks(adata, layer),
             batch_size=batch_size,
             device=self.device,
+            n_cells=adata.n_obs,
         )
         parts = list(chunks)
         return np.concatenate(parts) if parts else np.empty((0, self.module.dim), np.float32)
@@ -611,6 +612,7 @@ class SCBERT(TrainingMixin, BaseModelClass):
             self._blocks(adata, layer),
             batch_size=batch_size,
             device=self.device,
+            n_cells=adata.n_obs,
         )
         parts = list(chunks)
         proba = np.concatenate(parts) if parts else np.empty((0, len(self.classes)), np.float32)

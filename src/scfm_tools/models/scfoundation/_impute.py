@@ -81,7 +81,12 @@ def impute_resolved(
     )
     start = 0
     outputs = iter_outputs(
-        module, blocks, output="gene_expression", batch_size=batch_size, device=device
+        module,
+        blocks,
+        output="gene_expression",
+        batch_size=batch_size,
+        device=device,
+        n_cells=adata.n_obs,
     )
     for predicted in outputs:
         if clip_negative:

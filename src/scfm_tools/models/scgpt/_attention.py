@@ -88,6 +88,7 @@ def attention_sums(
     n_bins: int = OFFICIAL_N_BINS,
     random_state: int | None = 0,
     device: str | torch.device = "cpu",
+    n_cells: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sum one layer's head-averaged attention over cells, for every pair of gene tokens.
 
@@ -123,6 +124,8 @@ def attention_sums(
         Seed of the binning tie-breaks and of the subsampling (``None``: ``sft.settings.seed``).
     device
         Where to run.
+    n_cells
+        Cells in all the blocks, when known: the total of the progress bar.
 
     Returns
     -------
@@ -178,6 +181,7 @@ def attention_sums(
         pad_value=module.pad_value,
         batch_size=batch_size,
         device=dev,
+        n_cells=n_cells,
     )
     # closing: an error below restores the module's training flag at once, not at collection
     with contextlib.closing(batches):
@@ -254,6 +258,7 @@ def attention_resolved(
         n_bins=OFFICIAL_N_BINS,
         random_state=seed,
         device=device,
+        n_cells=adata.n_obs,
     )
     n_layers = len(module.transformer_encoder.layers)
     params = {

@@ -560,6 +560,7 @@ class SCGPT(TrainingMixin, BaseModelClass):
             n_bins=self.n_bins,
             random_state=random_state,
             device=self.device,
+            n_cells=adata.n_obs,
         )
         out = [emb for emb in chunks]
         return np.concatenate(out) if out else np.empty((0, self.module.d_model), np.float32)
@@ -654,6 +655,7 @@ class SCGPT(TrainingMixin, BaseModelClass):
             n_bins=self.n_bins,
             random_state=random_state,
             device=self.device,
+            n_cells=adata.n_obs,
         )
         mean = np.divide(sums[0], counts[0], out=np.zeros_like(sums[0]), where=counts[0] > 0)
         names = pd.Index(np.asarray(adata.var_names, dtype=object)[columns], name="gene")
