@@ -48,7 +48,8 @@ def run(path: Path) -> None:
             nb, timeout=TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": work}}
         ).execute()
         _clean(nb)
-        leaked = _local_paths(nb, [str(REPO), str(Path.home()), work, sys.prefix])
+        folders = [str(REPO), str(Path.home()), work, sys.prefix, os.environ["SCFM_TOOLS_DATA"]]
+        leaked = _local_paths(nb, folders)
     if leaked:
         raise RuntimeError(f"{path.name}: outputs name local folders {leaked}; not saved.")
     nbformat.write(nb, path)
