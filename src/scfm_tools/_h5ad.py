@@ -38,7 +38,8 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator
     The path is checked first with :func:`check_output_path`.
     """
     path = check_output_path(path, overwrite=overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    # the temporary name ends in .h5ad too, as every output name must
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".part.h5ad", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
