@@ -1,4 +1,4 @@
-"""Sphinx configuration: builds offline; notebooks are rendered as saved, never executed."""
+"""Sphinx configuration: builds offline; notebooks are rendered as saved (with their outputs)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ napoleon_use_ivar = True
 # render them as reStructuredText instead of napoleon's "type: description" fields.
 napoleon_custom_sections = ["Returns"]
 
-# MyST / notebooks: never execute while building; the tests run the notebooks instead.
+# MyST / notebooks: never execute while building (the data are not public); the notebooks are
+# saved with their outputs by scripts/execute_tutorials.py, and the tests run them afresh.
 nb_execution_mode = "off"
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,14 +24,6 @@ from scfm_tools.models import SCBERT
 from scfm_tools.models.scgpt import load_scgpt_checkpoint
 
 SCBERT_TINY = {"dim": 8, "depth": 1, "heads": 2, "dim_head": 4}
-
-
-@pytest.fixture(autouse=True)
-def _restore_verbosity():
-    """main() sets sft.settings.verbosity from -v/-q; put it back for the other tests."""
-    before = sft.settings.verbosity
-    yield
-    sft.settings.verbosity = before
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +78,34 @@ def test_backed_embed_equals_in_memory(cellbench_file, embedded, tmp_path):
     np.testing.assert_allclose(result.obsm["X_scgpt"], embedded.obsm["X_scgpt"], atol=1e-5)
     assert (result.X != embedded.X).nnz == 0
     assert result.uns["scgpt"]["params"]["batch_size"] == 7
+
+
+def test_output_is_compressed_with_ordinary_permissions(cellbench_file, tmp_path):
+    out = tmp_path / "out.h5ad"
+    before = os.umask(0o022)
+    try:
+        assert _run("embed", cellbench_file, "-o", out) == 0
+    finally:
+        os.umask(before)
+    assert out.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
+    with h5py.File(out) as f:
+        assert f["X/data"].compression == "gzip"
+        assert f["obsm/X_scgpt"].compression == "gzip"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.h5ad"]  # no temporary file left
+
+
+def test_settings_are_restored_after_a_quiet_run(cellbench_file, tmp_path):
+    before = sft.settings.verbosity, sft.settings.progress_bar
+    assert _run("embed", cellbench_file, "-o", tmp_path / "out.h5ad") == 0
+    assert (sft.settings.verbosity, sft.settings.progress_bar) == before == (1, True)
+
+
+def test_output_not_h5ad_exits_2(cellbench_file, tmp_path, capsys):
+    for name in ("out.csv", "out", "out.h5ad.gz"):
+        assert _run("embed", cellbench_file, "-o", tmp_path / name) == 2
+        err = capsys.readouterr().err.strip()
+        assert "does not end in .h5ad" in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []  # refused before any work or file
 
 
 def test_options_reach_the_function(cellbench_file, tmp_path):

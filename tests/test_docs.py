@@ -70,7 +70,10 @@ def test_docs_build(tmp_path):
     assert "LuyiTian/sc_mixology" in page and "Nat Methods" in page
 
     for notebook in sorted((REPO / "tutorials").glob("*.ipynb")):
-        assert (generated / "tutorials" / f"{notebook.stem}.html").is_file(), notebook.name
+        page = generated / "tutorials" / f"{notebook.stem}.html"
+        assert page.is_file(), notebook.name
+        # each tutorial page shows its figures (the notebooks are saved with their outputs)
+        assert "<img" in page.read_text(encoding="utf-8"), f"{page.name} shows no figure"
 
     # Import failures of our own modules are warnings, not errors, to Sphinx: catch them here.
     failed = [line for line in proc.stderr.splitlines() if "failed to import" in line]

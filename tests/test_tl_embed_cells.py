@@ -156,3 +156,59 @@ def test_count_models_refuse_lognormalised_values(fixtures_dir):
     with pytest.raises(InputError, match="non-integer values"):
         sft.tl.embed_cells(adata, fixtures_dir / "cellplm" / "fixture.best.ckpt")
     assert_unchanged(adata, snap)
+
+
+def test_view_of_backed_adata_is_refused_before_any_work(scgpt_fixture, tmp_path, monkeypatch):
+    root, _, arrays = scgpt_fixture
+    path = tmp_path / "fixture.h5ad"
+    _fixture_adata(arrays).write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    view = backed[:4]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was reached")
+
+    monkeypatch.setattr("scfm_tools.tl._embed_cells.resolve_model", no_model)
+    for call in (sft.tl.embed_cells, sft.tl.embed_genes, sft.tl.impute):
+        with pytest.raises(InputError, match=r"view \(a subset\) of a backed AnnData.*to_memory"):
+            call(view, root / "ckpt_folder")
+    assert view.obsm.keys() == set() and backed.isbacked
+    monkeypatch.undo()
+    # what the message advises works, and gives the same as the parent's first cells
+    subset = view.to_memory()
+    sft.tl.embed_cells(subset, root / "ckpt_folder")
+    whole = sft.tl.embed_cells(_fixture_adata(arrays), root / "ckpt_folder", copy=True)
+    np.testing.assert_allclose(subset.obsm["X_scgpt"], whole.obsm["X_scgpt"][:4], atol=1e-5)
+    backed.file.close()
+
+
+def test_dense_float16_counts_embed_as_float32(scgpt_fixture):
+    root, _, arrays = scgpt_fixture
+    adata = _fixture_adata(arrays)
+    half = ad.AnnData(adata.X.toarray().astype(np.float16), obs=adata.obs, var=adata.var)
+    snap = snapshot(half)
+    sft.tl.embed_cells(half, root / "ckpt_folder", chunk_size=3)
+    sft.tl.embed_cells(adata, root / "ckpt_folder")
+    np.testing.assert_allclose(half.obsm["X_scgpt"], adata.obsm["X_scgpt"], atol=1e-5)
+    assert half.X.dtype == np.float16  # widened a block at a time, the input left as it was
+    del half.obsm["X_scgpt"], half.uns["scgpt"]
+    assert_unchanged(half, snap)
+
+
+def test_letter_case_warning_advises_what_embed_cells_takes(scgpt_fixture, caplog, monkeypatch):
+    root, _, arrays = scgpt_fixture
+    adata = _fixture_adata(arrays)
+    # mouse-style symbols (Cd3e for CD3E): found only by ignoring letter case
+    adata.var_names = [g[0] + g[1:].lower() if g.isupper() else g for g in adata.var_names]
+    monkeypatch.setattr(logging.getLogger("scfm_tools"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="scfm_tools")
+    sft.tl.embed_cells(adata, root / "ckpt_folder")
+    warnings = [r.getMessage() for r in caplog.records if "letter case" in r.getMessage()]
+    assert warnings and all("gene_key=" in w and "sft.pp.match_genes" in w for w in warnings)
+    # the advice holds: embed_cells takes gene_key=, and refuses case_insensitive=
+    adata.var["human"] = [g.upper() for g in adata.var_names]
+    caplog.clear()
+    sft.tl.embed_cells(adata, root / "ckpt_folder", gene_key="human")
+    assert "letter case" not in caplog.text
+    with pytest.raises(TypeError):
+        sft.tl.embed_cells(adata, root / "ckpt_folder", case_insensitive=False)

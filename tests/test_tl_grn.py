@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import anndata as ad
 import matplotlib
 import numpy as np
@@ -344,3 +346,23 @@ def test_plot_draws_the_top_edges_around_genes(attention_grn, tmp_path):
     plt.close(given.figure)
     with pytest.raises(ValueError, match="no edge of the GRN"):
         sft.pl.grn(adata, adata.var_names[0], show=False)
+
+
+def test_plot_names_the_genes_it_cannot_draw(attention_grn, caplog, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(logging.getLogger("scfm_tools"), "propagate", True)  # let caplog see it
+    caplog.set_level(logging.WARNING, logger="scfm_tools")
+    adata = attention_grn
+    edges = adata.uns[KEY]["edges"]
+    gene = edges["source"].iloc[0]
+    touched = set(edges["source"]) | set(edges["target"])
+    unscored = next(g for g in adata.var_names if g not in touched)
+    ax = sft.pl.grn(adata, [gene, unscored], n_edges=3, show=False)
+    drawn = {t.get_text() for t in ax.texts}
+    assert gene in drawn and unscored not in drawn
+    assert "1 of the genes are not drawn" in caplog.text and unscored in caplog.text
+    caplog.clear()
+    sft.pl.grn(adata, gene, n_edges=3, show=False)
+    assert "not drawn" not in caplog.text
+    plt.close("all")

@@ -4,7 +4,7 @@ import pytest
 from scipy import sparse
 
 from _unchanged import assert_unchanged, snapshot
-from scfm_tools._anndata import iter_chunks, resolve_adata
+from scfm_tools._anndata import as_block, iter_chunks, resolve_adata
 from scfm_tools._validation import (
     InputError,
     check_counts,
@@ -121,3 +121,28 @@ def test_resolve_adata_copy_and_mudata(pbmc, data_dir):
         resolve_adata(mdata, mod="atac")
     with pytest.raises(TypeError, match="expected an AnnData"):
         resolve_adata(np.zeros((2, 2)))
+
+
+def test_float16_blocks_are_widened_one_block_at_a_time(pbmc):
+    from scfm_tools.models.cellplm._sequences import to_model_genes
+    from scfm_tools.pp import match_to_vocab
+
+    half = pbmc.X.toarray().astype(np.float16)
+    blocks = [b for _, b in iter_chunks(ad.AnnData(half), chunk_size=999)]
+    assert {b.dtype for b in blocks} == {np.dtype(np.float32)}
+    np.testing.assert_array_equal(np.vstack(blocks), half.astype(np.float32))
+    assert as_block(half[:3]).dtype == np.float32 and half.dtype == np.float16
+    assert as_block(half[:3].astype(np.int32)).dtype == np.int32  # other types as they are
+    # CellPLM reads its rows itself: the same widening
+    match = match_to_vocab(pbmc.var_names.to_numpy(), {g: i for i, g in enumerate(pbmc.var_names)})
+    got = to_model_genes(half[:5], match, pbmc.n_vars).to_dense().numpy()
+    np.testing.assert_array_equal(got, half[:5].astype(np.float32))
+
+
+def test_view_of_backed_adata_is_refused(data_dir):
+    backed = ad.read_h5ad(data_dir / "pbmc8k_200genes_labeled.h5ad", backed="r")
+    with pytest.raises(InputError, match=r"to_memory\(\)"):
+        resolve_adata(backed[:10])
+    obj, target = resolve_adata(backed)  # the backed AnnData itself takes results in memory
+    assert obj is target is backed
+    backed.file.close()

@@ -4,8 +4,8 @@
 :mod:`sft.pl <scfm_tools.pl>`, :mod:`sft.models <scfm_tools.models>`,
 :mod:`sft.hub <scfm_tools.hub>`, :mod:`sft.datasets <scfm_tools.datasets>`,
 :mod:`sft.train <scfm_tools.train>`, :mod:`sft.dataloaders <scfm_tools.dataloaders>` and
-:data:`sft.settings <scfm_tools.settings>`. Importing the package is cheap: torch, scvi-tools,
-muon and decoupler are imported only when a function needs them.
+:data:`sft.settings <scfm_tools.settings>`. Importing the package is cheap: torch, scvi-tools
+and Lightning are imported only when a function needs them.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 __all__ = [
+    "as_block",
     "describe_source",
     "get_matrix",
     "iter_chunks",
@@ -60,21 +61,32 @@ def iter_chunks(
     yield from iter_row_blocks(get_matrix(adata, layer), chunk_size=chunk_size)
 
 
+def as_block(rows) -> np.ndarray | sparse.csr_matrix:
+    """Return a slice of rows as a dense array or a CSR matrix (what scipy and torch accept).
+
+    float16 (dense only: scipy has no sparse float16) is widened to float32, one block at a
+    time, so a half-precision matrix is never copied whole.
+    """
+    if sparse.issparse(rows):
+        return sparse.csr_matrix(rows)
+    rows = np.asarray(rows)
+    return rows.astype(np.float32) if rows.dtype == np.float16 else rows
+
+
 def iter_row_blocks(
     X, *, chunk_size: int = 10_000
 ) -> Iterator[tuple[int, np.ndarray | sparse.csr_matrix]]:
     """Yield ``(start, block)`` over the rows of a matrix, ``chunk_size`` rows at a time.
 
     ``X`` is anything whose row slices are dense arrays or sparse matrices (a numpy array, a
-    scipy sparse matrix, a backed AnnData's ``X``); a block is a dense array or a CSR matrix.
+    scipy sparse matrix, a backed AnnData's ``X``); a block is :func:`as_block` of the slice.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     report = _row_progress.get()
     n_rows = X.shape[0]
     for start in range(0, n_rows, chunk_size):
-        block = X[start : start + chunk_size]
-        yield start, sparse.csr_matrix(block) if sparse.issparse(block) else np.asarray(block)
+        yield start, as_block(X[start : start + chunk_size])
         if report is not None:  # the consumer is done with the block when it asks for the next
             report(min(start + chunk_size, n_rows), n_rows)
 
@@ -103,9 +115,18 @@ def resolve_adata(data: Any, *, copy: bool = False, mod: str | None = None) -> t
     """
     from anndata import AnnData
 
+    from ._validation import InputError
+
     if isinstance(data, AnnData):
         if mod is not None:
             raise ValueError("`mod` applies to MuData input only; drop it for an AnnData.")
+        if data.isbacked and data.is_view:
+            # anndata cannot add results to a view of a file; say so before any work is done
+            raise InputError(
+                "this is a view (a subset) of a backed AnnData, which cannot take results: "
+                "load the subset with `adata = adata.to_memory()`, or pass the backed AnnData "
+                "itself (results are added to it in memory, the file is not changed)."
+            )
         if copy and data.isbacked:
             raise ValueError(
                 "copy=True would load this backed AnnData into memory; drop copy= (results are "

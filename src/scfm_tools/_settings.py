@@ -61,6 +61,9 @@ class SftSettings:
         ``"info"``, ``"debug"``. Messages go through :mod:`logging` (logger ``"scfm_tools"``).
     seed
         Global seed used by every random step whose ``random_state`` is left at ``None``.
+    progress_bar
+        Show tqdm progress bars (on stderr) over the cells or genes of long loops, and
+        Lightning's bar while a model trains (default ``True``).
     """
 
     def __init__(self) -> None:
@@ -70,6 +73,7 @@ class SftSettings:
         self._n_threads: int | None = None
         self._verbosity: int = 1
         self._seed: int = 0
+        self._progress_bar: bool = True
         self._handler: logging.Handler | None = None
         self.verbosity = 1
 
@@ -184,8 +188,27 @@ class SftSettings:
             raise ValueError(f"settings.seed must be a non-negative integer, got {value!r}.")
         self._seed = value
 
+    # progress bars -----------------------------------------------------------------------------
+    @property
+    def progress_bar(self) -> bool:
+        return self._progress_bar
+
+    @progress_bar.setter
+    def progress_bar(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"settings.progress_bar must be True or False, got {value!r}.")
+        self._progress_bar = value
+
     def __repr__(self) -> str:
-        fields = ("device", "cache_dir", "data_dir", "n_threads", "verbosity", "seed")
+        fields = (
+            "device",
+            "cache_dir",
+            "data_dir",
+            "n_threads",
+            "verbosity",
+            "seed",
+            "progress_bar",
+        )
         body = ", ".join(f"{f}={getattr(self, f)!r}" for f in fields)
         return f"SftSettings({body})"
 

@@ -7,14 +7,13 @@ run leaves no partial file, and an existing OUT is replaced only with ``--overwr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,53 +75,6 @@ def _given(**kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-class _RowBars:
-    """tqdm bars following the row passes of ``sft`` (input checks, then the model)."""
-
-    def __init__(self, desc: str) -> None:
-        self.desc = desc
-        self.bar = None
-        self.done = 0
-
-    def __call__(self, done: int, total: int) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None or done <= self.done or self.bar.total != total:
-            self.close()  # a new pass over the cells
-            # disable=None: no bar when stderr is not a terminal (logs, pipes)
-            self.bar = tqdm(
-                total=total,
-                desc=self.desc,
-                unit="cells",
-                file=sys.stderr,
-                leave=False,
-                disable=None,
-            )
-            self.done = 0
-        self.bar.update(done - self.done)
-        self.done = done
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-@contextlib.contextmanager
-def _progress(args: argparse.Namespace) -> Iterator[None]:
-    from .._anndata import report_rows
-
-    if args.quiet:
-        yield
-        return
-    bars = _RowBars(args.command)
-    try:
-        with report_rows(bars):
-            yield
-    finally:
-        bars.close()
-
-
 def _say(args: argparse.Namespace, message: str) -> None:
     if not args.quiet:
         print(f"scfm-tools {args.command}: {message}", file=sys.stderr)
@@ -150,8 +102,7 @@ def _run_and_write(
     adata = read_input(args.input, backed=backed)
     before = _keys(adata)
     started = time.perf_counter()
-    with _progress(args):
-        task(adata)
+    task(adata)
     with atomic_path(args.output, overwrite=args.overwrite) as tmp:
         write_h5ad(adata, tmp)
     _say(
@@ -208,7 +159,7 @@ def impute(args: argparse.Namespace) -> int:
     extra.update(_model_options(args.model_option))
     adata = read_input(args.input, backed=args.backed)
     started = time.perf_counter()
-    with atomic_path(args.output, overwrite=args.overwrite) as tmp, _progress(args):
+    with atomic_path(args.output, overwrite=args.overwrite) as tmp:
         tmp.unlink()  # impute writes the file itself, and refuses an existing one
         impute_fn(adata, args.model, random_state=args.seed, out=tmp, **options, **extra)
     _say(
@@ -319,7 +270,6 @@ def pretrain(args: argparse.Namespace) -> int:
         devices=devices,
         batch_size=args.batch_size,
         plan_kwargs={"lr": args.lr, "random_state": args.seed},
-        enable_progress_bar=not args.quiet,
     )
     _export(model, folder, args.overwrite)
     _say(
@@ -330,8 +280,7 @@ def pretrain(args: argparse.Namespace) -> int:
     if args.output is not None:
         for key in ("_scvi_uuid", "_scvi_manager_uuid"):  # the training registration
             adata.uns.pop(key, None)
-        with _progress(args):
-            embed_cells(adata, folder, layer=args.layer, random_state=args.seed, device=args.device)
+        embed_cells(adata, folder, layer=args.layer, random_state=args.seed, device=args.device)
         with atomic_path(args.output, overwrite=args.overwrite) as tmp:
             write_h5ad(adata, tmp)
         _say(args, f"wrote the cells' embeddings with it to {args.output}")

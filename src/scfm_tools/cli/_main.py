@@ -159,6 +159,7 @@ def _configure_output(args: argparse.Namespace) -> None:
     from .._settings import settings
 
     settings.verbosity = 0 if args.quiet else min(1 + args.verbose, 3)
+    settings.progress_bar = not args.quiet
     level = logging.WARNING if args.verbose else logging.ERROR
     # Lightning reports its hardware and tips at INFO; keep them for -v.
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -180,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error (2, message printed)
         return int(stop.code or 0)
+    from .._settings import settings
+
+    before = settings.verbosity, settings.progress_bar
     _configure_output(args)
     try:
         return COMMANDS[args.command](args) or 0
@@ -200,3 +204,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
+    finally:  # the command ran inside a Python session too (tests, notebooks)
+        settings.verbosity, settings.progress_bar = before

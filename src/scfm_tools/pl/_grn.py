@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 __all__ = ["grn"]
+
+logger = logging.getLogger("scfm_tools")
 
 
 def _edges_around(
@@ -62,8 +65,8 @@ def grn(
     Reads the edge table :func:`sft.tl.grn <scfm_tools.tl.grn>` wrote, keeps the ``n_edges``
     highest-scoring edges with a source or target among ``genes``, and draws them as a directed
     network (spring layout, fixed seed): arrows point from regulator to target, edge width grows
-    with the score, the given genes are filled in colour. ``save=True`` writes
-    ``grn_<key>.png``.
+    with the score, the given genes are filled in colour. Given genes left without an edge
+    among those drawn are named in a logged warning. ``save=True`` writes ``grn_<key>.png``.
 
     Parameters
     ----------
@@ -104,6 +107,16 @@ def grn(
     graph = nx.DiGraph()
     graph.add_weighted_edges_from(edges[["source", "target", "score"]].itertuples(index=False))
     nodes = list(graph.nodes)
+    undrawn = [g for g in genes if g not in graph]
+    if undrawn:
+        logger.warning(
+            "pl.grn: %d of the genes are not drawn, having no edge among the top %d shown "
+            "(none in the GRN %r at all, or only weaker ones): %s",
+            len(undrawn),
+            len(edges),
+            key,
+            ", ".join(undrawn[:20]) + (" ..." if len(undrawn) > 20 else ""),
+        )
     pos = nx.spring_layout(graph, seed=0)
     scores = edges["score"].to_numpy(dtype=float)
     span = scores.max() - scores.min()

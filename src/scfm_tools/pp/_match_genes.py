@@ -452,7 +452,10 @@ def match_adata_genes(
         logger.warning(
             "%s: most matches (%d of %d) differ in letter case from the vocabulary; "
             "is the data from another species than the model (e.g. mouse symbols against a "
-            "human vocabulary)? Pass case_insensitive=False to match exactly.",
+            "human vocabulary)? Then use a model of the data's species, or put the genes' "
+            "orthologs in the vocabulary's species in an adata.var column and pass it as "
+            "gene_key=. `sft.pp.match_genes(adata, vocab, case_insensitive=False)` shows what "
+            "matches exactly.",
             caller,
             result.n_case_insensitive,
             result.n_matched,

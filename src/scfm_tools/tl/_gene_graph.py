@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
+from .._progress import progress_bar
+
 __all__ = ["EXACT_MAX", "cosine_knn", "knn_graph", "leiden_labels"]
 
 #: Up to this many items, neighbours are found exactly (blockwise cosine similarities, a few
@@ -58,16 +60,18 @@ def cosine_knn(
         return take(idx, order, axis=1), take(sims, order, axis=1).astype(np.float32)
     indices = np.empty((n, n_neighbors), dtype=np.int64)
     sims = np.empty((n, n_neighbors), dtype=np.float32)
-    for lo in range(0, n, _BLOCK):
-        hi = min(lo + _BLOCK, n)
-        block = unit[lo:hi] @ unit.T
-        block[np.arange(hi - lo), np.arange(lo, hi)] = -np.inf
-        part = np.argpartition(-block, n_neighbors - 1, axis=1)[:, :n_neighbors]
-        vals = np.take_along_axis(block, part, axis=1)
-        # Ties broken by index, so that the graph does not depend on argpartition internals.
-        order = np.lexsort((part, -vals))
-        indices[lo:hi] = np.take_along_axis(part, order, axis=1)
-        sims[lo:hi] = np.take_along_axis(vals, order, axis=1)
+    with progress_bar(n, desc="gene neighbours", unit="genes") as bar:
+        for lo in range(0, n, _BLOCK):
+            hi = min(lo + _BLOCK, n)
+            block = unit[lo:hi] @ unit.T
+            block[np.arange(hi - lo), np.arange(lo, hi)] = -np.inf
+            part = np.argpartition(-block, n_neighbors - 1, axis=1)[:, :n_neighbors]
+            vals = np.take_along_axis(block, part, axis=1)
+            # Ties broken by index, so that the graph does not depend on argpartition internals.
+            order = np.lexsort((part, -vals))
+            indices[lo:hi] = np.take_along_axis(part, order, axis=1)
+            sims[lo:hi] = np.take_along_axis(vals, order, axis=1)
+            bar.update(hi - lo)
     return indices, sims
 
 

@@ -20,6 +20,7 @@ from scipy import sparse
 
 from .._anndata import params_record, resolve_adata
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
+from .._progress import progress_bar
 from .._validation import InputError
 from ._model_arg import (
     DOC_MODEL,
@@ -383,16 +384,13 @@ def grn(
             scores = _embedding_scores(unit, slice(0, n))
         network = _sparse_network(scores, columns, ad.n_vars, top_k).tocsr()
     else:
-        parts = [
-            _sparse_network(
-                _embedding_scores(unit, slice(lo, min(lo + _ROW_BLOCK, n))),
-                columns,
-                ad.n_vars,
-                top_k,
-                row_offset=lo,
-            )
-            for lo in range(0, n, _ROW_BLOCK)
-        ]
+        parts = []
+        with progress_bar(n, desc="grn", unit="genes") as bar:
+            for lo in range(0, n, _ROW_BLOCK):
+                rows = slice(lo, min(lo + _ROW_BLOCK, n))
+                block = _embedding_scores(unit, rows)
+                parts.append(_sparse_network(block, columns, ad.n_vars, top_k, row_offset=lo))
+                bar.update(len(block))
         network = sum(parts[1:], parts[0]).tocsr()
     if network.nnz == 0:
         logger.warning(

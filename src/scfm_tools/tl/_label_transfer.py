@@ -12,11 +12,15 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from .._progress import progress_bar
+
 __all__ = ["knn_proba", "logreg_proba", "transfer_labels"]
 
 Method = Literal["knn", "logreg"]
 # Cosine distance below which two cells count as identical: caps the 1/d vote weight.
 _MIN_DISTANCE = 1e-12
+# Query cells searched at a time (bounds the distance blocks; steps of the progress bar).
+_QUERY_BLOCK = 10_000
 
 
 def _unit_rows(X: np.ndarray) -> np.ndarray:
@@ -60,11 +64,15 @@ def knn_proba(
     # sklearn's exact brute-force Euclidean search is chunked, BLAS-backed and parallel.
     index = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="euclidean")
     index.fit(_unit_rows(reference))
-    dist, idx = index.kneighbors(_unit_rows(query))
-    cosine = np.square(dist, dtype=np.float64) / 2.0
-    weights = 1.0 / np.maximum(cosine, _MIN_DISTANCE)
-    votes = np.zeros((len(idx), len(classes)), dtype=np.float64)
-    np.add.at(votes, (np.repeat(np.arange(len(idx)), k), codes[idx].ravel()), weights.ravel())
+    votes = np.zeros((len(query), len(classes)), dtype=np.float64)
+    with progress_bar(len(query), desc="kNN label transfer") as bar:
+        for lo in range(0, len(query), _QUERY_BLOCK):
+            dist, idx = index.kneighbors(_unit_rows(query[lo : lo + _QUERY_BLOCK]))
+            cosine = np.square(dist, dtype=np.float64) / 2.0
+            weights = 1.0 / np.maximum(cosine, _MIN_DISTANCE)
+            rows = lo + np.repeat(np.arange(len(idx)), k)
+            np.add.at(votes, (rows, codes[idx].ravel()), weights.ravel())
+            bar.update(len(idx))
     votes /= votes.sum(axis=1, keepdims=True)
     return pd.DataFrame(votes.astype(np.float32), columns=pd.Index(classes, dtype=object))
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from scvi.model.base import UnsupervisedTrainingMixin
 
 from .._anndata import resolve_seed
+from .._settings import settings
 from ._checkpoints import AtomicModelCheckpoint, resolve_resume
 from ._data_splitter import SeededDataSplitter
 from ._seeding import EpochSeedCallback
@@ -90,7 +91,8 @@ class TrainingMixin(UnsupervisedTrainingMixin):
         """Train through Lightning (see the model's own ``train`` for the parameters).
 
         The seed of the data order, the masks and the dropout is
-        ``plan_kwargs["random_state"]`` (``sft.settings.seed`` when absent).
+        ``plan_kwargs["random_state"]`` (``sft.settings.seed`` when absent). Lightning's progress
+        bar follows ``sft.settings.progress_bar`` unless ``enable_progress_bar`` is given.
         """
         if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
             raise ValueError(f"num_nodes must be a positive integer, got {num_nodes!r}.")
@@ -111,6 +113,7 @@ class TrainingMixin(UnsupervisedTrainingMixin):
                 # scvi-tools keeps the loss history of DDP runs on disk, by default in the
                 # working directory; keep it with the checkpoints instead.
                 kwargs.setdefault("log_save_dir", os.fspath(checkpoint_dir))
+        kwargs.setdefault("enable_progress_bar", settings.progress_bar)
         splitter = dict(datasplitter_kwargs or {})
         if issubclass(self._data_splitter_cls, SeededDataSplitter):
             splitter.setdefault("random_state", seed)

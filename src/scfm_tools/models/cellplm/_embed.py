@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..._anndata import resolve_seed
+from ..._progress import progress_bar
 from ..._settings import settings
 from ...pp._match_genes import GeneMatch, as_gene_match
 from ._module import CellPLMModule
@@ -126,17 +127,19 @@ def embed_matrix(
     was_training = module.training
     module.to(dev).eval()
     n_empty = 0
-    try:
-        for rows, counts in iter_sequences(
-            X, sequence_rows(codes, max_cells), match, module.n_genes
-        ):
-            counts = counts.to(dev)
-            n_empty += len(rows) - int(torch.unique(counts.indices()[0]).numel())
-            with torch.inference_mode():
-                emb = module.inference(counts, sample=sample, generator=generator)["mean"]
-            out[rows] = emb.float().cpu().numpy()
-    finally:
-        module.train(was_training)
+    with progress_bar(n_cells, desc="CellPLM") as bar:
+        try:
+            for rows, counts in iter_sequences(
+                X, sequence_rows(codes, max_cells), match, module.n_genes
+            ):
+                counts = counts.to(dev)
+                n_empty += len(rows) - int(torch.unique(counts.indices()[0]).numel())
+                with torch.inference_mode():
+                    emb = module.inference(counts, sample=sample, generator=generator)["mean"]
+                out[rows] = emb.float().cpu().numpy()
+                bar.update(len(rows))
+        finally:
+            module.train(was_training)
     if n_empty:
         logger.warning(
             "%d cells express no gene of the CellPLM gene list; their embedding comes from the "

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..._progress import progress_bar
 from ..._validation import InputError
 from ._sequences import iter_sequences
 
@@ -82,16 +83,18 @@ def denoise_sequences(
     was_training = module.training
     module.to(device).eval()
     try:
-        for rows, counts in iter_sequences(X, sequences, match, module.n_genes):
-            counts = counts.to(device)
-            batch = None if covariate is None else torch.from_numpy(covariate[rows]).to(device)
-            with torch.inference_mode():
-                z = module.inference(counts, sample=sample, generator=generator)["z"]
-                mean = module.generative(z, batch=batch)["mean"][:, ids]
-                if rescale:
-                    observed = torch.sparse.sum(counts, dim=1).to_dense().unsqueeze(1)
-                    mean = mean / mean.sum(1, keepdim=True) * observed
-            out[rows] = mean.float().cpu().numpy()
+        with progress_bar(X.shape[0], desc="CellPLM") as bar:
+            for rows, counts in iter_sequences(X, sequences, match, module.n_genes):
+                counts = counts.to(device)
+                batch = None if covariate is None else torch.from_numpy(covariate[rows]).to(device)
+                with torch.inference_mode():
+                    z = module.inference(counts, sample=sample, generator=generator)["z"]
+                    mean = module.generative(z, batch=batch)["mean"][:, ids]
+                    if rescale:
+                        observed = torch.sparse.sum(counts, dim=1).to_dense().unsqueeze(1)
+                        mean = mean / mean.sum(1, keepdim=True) * observed
+                out[rows] = mean.float().cpu().numpy()
+                bar.update(len(rows))
         with torch.inference_mode():
             dispersion = module.decoder.out_layer.dispersion()[ids].cpu().numpy()
     finally:

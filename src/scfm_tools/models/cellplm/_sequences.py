@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from scipy import sparse
 
+from ..._anndata import as_block
 from ..._validation import InputError
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ def to_model_genes(block, match: GeneMatch, n_genes: int) -> torch.Tensor:
     A coalesced float32 sparse tensor ``(n_cells, n_genes)``; unmatched genes are dropped.
     """
     cols = np.flatnonzero(match.matched)
-    block = block.tocsr() if sparse.issparse(block) else sparse.csr_matrix(np.asarray(block))
+    block = sparse.csr_matrix(as_block(block))
     sub = block[:, cols].tocoo()
     ids = np.asarray(match.index, dtype=np.int64)[cols]
     index = torch.from_numpy(np.vstack([sub.row.astype(np.int64), ids[sub.col]]))

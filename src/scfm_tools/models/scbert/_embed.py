@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..._anndata import iter_row_blocks
+from ..._progress import progress_bar
 from ..._settings import settings
 from ...pp._match_genes import GeneMatch, as_gene_match
 from ._module import SCBERTModule
@@ -78,13 +79,14 @@ def _iter_outputs(
     batch_size: int,
     device: str | torch.device,
     key_max: str | None,
+    n_cells: int | None,
 ) -> Iterator[np.ndarray]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     dev = settings.resolve_device(device) if isinstance(device, str) else torch.device(device)
     step = cells_per_pass(batch_size, module.seq_len, dev)
     n_sparse = 0
-    with _eval_on(module, dev, key_max):
+    with _eval_on(module, dev, key_max), progress_bar(n_cells, desc="scBERT") as bar:
         for block in blocks:
             counts = tokenizer.reindex(block)
             if module.n_genes >= _GENOME_WIDE:
@@ -95,6 +97,7 @@ def _iter_outputs(
                 with torch.inference_mode(), _autocast(dev):
                     result = fn(tokens)
                 out[start : start + len(tokens)] = result.float().cpu().numpy()
+                bar.update(len(tokens))
             yield out
     if n_sparse:
         logger.warning(
@@ -114,6 +117,7 @@ def iter_embeddings(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     key_max: Literal["sample", "batch"] | None = None,
+    n_cells: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Embed consecutive blocks of cells; yields one ``(n_block, dim)`` float32 array per block.
 
@@ -133,6 +137,8 @@ def iter_embeddings(
     key_max
         Override the module's FAVOR+ key stabiliser extent for this run; with ``"batch"``
         a cell's embedding depends on the other cells of its forward pass.
+    n_cells
+        Cells in all the blocks, when known: the total of the progress bar.
 
     Yields
     ------
@@ -147,6 +153,7 @@ def iter_embeddings(
         batch_size=batch_size,
         device=device,
         key_max=key_max,
+        n_cells=n_cells,
     )
 
 
@@ -157,6 +164,7 @@ def iter_probabilities(
     *,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
+    n_cells: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Class probabilities of a fine-tuned model, one ``(n_block, n_classes)`` array per block.
 
@@ -181,6 +189,7 @@ def iter_probabilities(
         batch_size=batch_size,
         device=device,
         key_max=None,
+        n_cells=n_cells,
     )
 
 
@@ -240,7 +249,13 @@ def embed_matrix(
     blocks = (block for _, block in iter_row_blocks(X, chunk_size=chunk_size))
     parts = list(
         iter_embeddings(
-            module, tokenizer, blocks, batch_size=batch_size, device=device, key_max=key_max
+            module,
+            tokenizer,
+            blocks,
+            batch_size=batch_size,
+            device=device,
+            key_max=key_max,
+            n_cells=X.shape[0],
         )
     )
     if not parts:

@@ -711,6 +711,7 @@ class SCBERT(PretrainedMixin, TrainingMixin, BaseModelClass):
             batch_size=batch_size,
             device=self.device,
             key_max=key_max,
+            n_cells=adata.n_obs,
         )
         parts = list(chunks)
         emb = np.concatenate(parts) if parts else np.empty((0, self.module.dim), np.float32)
@@ -787,6 +788,7 @@ class SCBERT(PretrainedMixin, TrainingMixin, BaseModelClass):
             self._blocks(adata, layer, chunk_size),
             batch_size=batch_size,
             device=self.device,
+            n_cells=adata.n_obs,
         )
         parts = list(chunks)
         proba = np.concatenate(parts) if parts else np.empty((0, len(self.classes)), np.float32)

@@ -19,6 +19,7 @@ import torch
 from scipy import sparse
 
 from ..._anndata import iter_row_blocks
+from ..._progress import progress_bar
 from ..._settings import settings
 from ..._validation import InputError, check_counts, check_lognorm
 from ...pp._match_genes import GeneMatch, as_gene_match
@@ -101,6 +102,7 @@ def iter_outputs(
     pool: Pool = "all",
     batch_size: int = 8,
     device: str | torch.device = "cpu",
+    n_cells: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Run the model on consecutive blocks of prepared cells; yields one array per block.
 
@@ -122,6 +124,8 @@ def iter_outputs(
         Most cells per forward pass (fewer when a pass would hold too many tokens).
     device
         Where to run.
+    n_cells
+        Cells in all the blocks, when known: the total of the progress bar.
 
     Yields
     ------
@@ -131,7 +135,7 @@ def iter_outputs(
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     dev = _device(device)
-    with _eval_on(module, dev):
+    with _eval_on(module, dev), progress_bar(n_cells, desc="scFoundation") as bar:
         for values, t, s in blocks:
             n = values.shape[0]
             if output == "cell":
@@ -146,6 +150,7 @@ def iter_outputs(
             )
             for rows, result in passes:
                 out[rows] = result.float().cpu().numpy()
+                bar.update(len(rows))
             yield out
 
 
@@ -345,7 +350,15 @@ def embed_matrix(
         obs_names=obs_names,
     )
     parts = list(
-        iter_outputs(module, blocks, output=output, pool=pool, batch_size=batch_size, device=device)
+        iter_outputs(
+            module,
+            blocks,
+            output=output,
+            pool=pool,
+            batch_size=batch_size,
+            device=device,
+            n_cells=X.shape[0],
+        )
     )
     return np.concatenate(parts) if parts else np.empty((0,), dtype=np.float32)
 

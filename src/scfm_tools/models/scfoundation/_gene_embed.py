@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
+from ..._progress import progress_bar
 from ._checkpoint import entry_for
 from ._embed import _device, _eval_on, block_passes
 
@@ -54,6 +55,7 @@ def context_gene_embeddings(
     *,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
+    n_cells: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean over cells of the decoder's gene embeddings, and how many cells express each gene.
 
@@ -69,6 +71,8 @@ def context_gene_embeddings(
         Most cells per forward pass (fewer when a pass would hold too many tokens).
     device
         Where to run; the sums stay there, so only the means travel back.
+    n_cells
+        Cells in all the blocks, when known: the total of the progress bar.
 
     Returns
     -------
@@ -80,21 +84,22 @@ def context_gene_embeddings(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     dev = _device(device)
     expressed = np.zeros(module.n_genes, dtype=np.int64)
-    n_cells = 0
+    n_seen = 0
     sums = None
-    with _eval_on(module, dev):
+    with _eval_on(module, dev), progress_bar(n_cells, desc="scFoundation") as bar:
         for values, t, s in blocks:
-            n_cells += values.shape[0]
+            n_seen += values.shape[0]
             expressed += np.bincount(values.indices[values.data > 0], minlength=module.n_genes)
             passes = block_passes(
                 module, values, t, s, output="gene", batch_size=batch_size, device=dev
             )
-            for _, out in passes:
+            for rows, out in passes:
                 if sums is None:
                     # float64 sums keep the mean exact over many cells; MPS has no float64.
                     dtype = torch.float32 if out.device.type == "mps" else torch.float64
                     sums = torch.zeros(out.shape[1:], dtype=dtype, device=out.device)
                 sums += out.sum(dim=0, dtype=sums.dtype)
+                bar.update(len(rows))
     if sums is None:
         return np.full((module.n_genes, module.dec_dim), np.nan, np.float32), expressed
-    return (sums.cpu().numpy() / n_cells).astype(np.float32), expressed
+    return (sums.cpu().numpy() / n_seen).astype(np.float32), expressed

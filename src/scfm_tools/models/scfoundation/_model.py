@@ -609,7 +609,12 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         )
         start = 0
         outputs = iter_outputs(
-            self.module, blocks, output="gene_expression", batch_size=batch_size, device=self.device
+            self.module,
+            blocks,
+            output="gene_expression",
+            batch_size=batch_size,
+            device=self.device,
+            n_cells=adata.n_obs,
         )
         for predicted in outputs:
             if clip_negative:
@@ -697,7 +702,7 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
             obs_names=adata.obs_names,
         )
         means, expressed = context_gene_embeddings(
-            self.module, blocks, batch_size=batch_size, device=self.device
+            self.module, blocks, batch_size=batch_size, device=self.device, n_cells=adata.n_obs
         )
         cols = match.index[match.matched]
         n_cells = np.zeros(match.n_genes, dtype=np.int64)

@@ -83,6 +83,7 @@ def attention_sums(
     n_bins: int = OFFICIAL_N_BINS,
     random_state: int | None = 0,
     device: str | torch.device = "cpu",
+    n_cells: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sum one layer's head-averaged attention over cells, for every pair of gene tokens.
 
@@ -118,6 +119,8 @@ def attention_sums(
         Seed of the binning tie-breaks and of the subsampling (``None``: ``sft.settings.seed``).
     device
         Where to run.
+    n_cells
+        Cells in all the blocks, when known: the total of the progress bar.
 
     Returns
     -------
@@ -173,6 +176,7 @@ def attention_sums(
         pad_value=module.pad_value,
         batch_size=batch_size,
         device=dev,
+        n_cells=n_cells,
     )
     # closing: an error below restores the module's training flag at once, not at collection
     with contextlib.closing(batches):

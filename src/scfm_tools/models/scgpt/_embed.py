@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..._anndata import iter_row_blocks, resolve_seed
+from ..._progress import progress_bar
 from ..._settings import settings
 from ...pp._match_genes import GeneMatch, as_gene_match, match_to_vocab
 from .._length_batches import length_batches
@@ -73,6 +74,7 @@ def iter_token_batches(
     n_bins: int = OFFICIAL_N_BINS,
     random_state: int | None = 0,
     device: str | torch.device = "cpu",
+    n_cells: int | None = None,
 ) -> Iterator[TokenBatch]:
     """Tokenize consecutive blocks of cells into length-sorted minibatches on the device.
 
@@ -110,6 +112,7 @@ def iter_token_batches(
         pad_value=pad_value,
         batch_size=batch_size,
         device=device,
+        n_cells=n_cells,
     )
     if n_empty:
         logger.warning(
@@ -127,13 +130,14 @@ def token_batches(
     pad_value: float,
     batch_size: int,
     device: str | torch.device = "cpu",
+    n_cells: int | None = None,
 ) -> Generator[TokenBatch, None, int]:
     """Tokenize blocks with ``tokenizer`` into length-sorted, padded minibatches on the device.
 
     The loop under :func:`iter_token_batches`, for callers that build their own tokenizer
     (e.g. attention over a chosen subset of genes). ``module`` is moved to ``device`` and kept
     in eval mode while the generator runs; its training flag is restored when it ends or is
-    closed.
+    closed. ``n_cells`` (the cells in all blocks, when known) is the progress bar's total.
 
     Yields
     ------
@@ -150,17 +154,21 @@ def token_batches(
     module.to(dev).eval()
     n_empty = 0
     try:
-        for number, block in enumerate(blocks):
-            cells = tokenizer(block)
-            lengths = np.fromiter((len(ids) for ids, _ in cells), dtype=np.int64, count=len(cells))
-            n_empty += int((lengths == 1).sum())
-            if not cells:
-                yield TokenBatch(number, 0, np.empty(0, dtype=np.int64), {})
-                continue
-            for rows in length_batches(lengths, batch_size):
-                batch = pad_cells([cells[i] for i in rows], pad_id=pad_id, pad_value=pad_value)
-                batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-                yield TokenBatch(number, len(cells), rows, batch)
+        with progress_bar(n_cells, desc="scGPT") as bar:
+            for number, block in enumerate(blocks):
+                cells = tokenizer(block)
+                lengths = np.fromiter(
+                    (len(ids) for ids, _ in cells), dtype=np.int64, count=len(cells)
+                )
+                n_empty += int((lengths == 1).sum())
+                if not cells:
+                    yield TokenBatch(number, 0, np.empty(0, dtype=np.int64), {})
+                    continue
+                for rows in length_batches(lengths, batch_size):
+                    batch = pad_cells([cells[i] for i in rows], pad_id=pad_id, pad_value=pad_value)
+                    batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+                    yield TokenBatch(number, len(cells), rows, batch)
+                    bar.update(len(rows))
     finally:
         module.train(was_training)
     return n_empty
@@ -178,6 +186,7 @@ def iter_embeddings(
     n_bins: int = OFFICIAL_N_BINS,
     random_state: int | None = 0,
     device: str | torch.device = "cpu",
+    n_cells: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Embed consecutive blocks of cells; yields one ``(n_block, d_model)`` array per block.
 
@@ -212,6 +221,8 @@ def iter_embeddings(
         ``np.random.seed(0)``.
     device
         Where to run (``"auto"`` picks a GPU when there is one).
+    n_cells
+        Cells in all the blocks, when known: the total of the progress bar.
 
     Yields
     ------
@@ -230,6 +241,7 @@ def iter_embeddings(
         n_bins=n_bins,
         random_state=random_state,
         device=device,
+        n_cells=n_cells,
     ):
         if batch.block != current:
             if out is not None:
@@ -318,6 +330,7 @@ def embed_matrix(
         n_bins=n_bins,
         random_state=random_state,
         device=device,
+        n_cells=n_cells,
     ):
         out[start : start + len(emb)] = emb
         start += len(emb)

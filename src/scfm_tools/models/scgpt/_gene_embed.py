@@ -113,6 +113,7 @@ def context_gene_embeddings(
         n_bins=n_bins,
         random_state=random_state,
         device=device,
+        n_cells=X.shape[0],
     ):
         if not batch.n_block:
             continue

@@ -604,6 +604,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             n_bins=self.n_bins,
             random_state=seed,
             device=self.device,
+            n_cells=adata.n_obs,
         )
         emb = np.empty((adata.n_obs, self.module.d_model), dtype=np.float32)
         start = 0
@@ -773,6 +774,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             n_bins=self.n_bins,
             random_state=seed,
             device=self.device,
+            n_cells=adata.n_obs,
         )
         n_layers = len(self.module.transformer_encoder.layers)
         params = {
