@@ -9,10 +9,11 @@ import pandas as pd
 import torch
 
 from ..._anndata import get_matrix, resolve_seed
+from ..._cell_rng import RandomStream
 from ..._validation import InputError
 from ...pp._match_genes import match_adata_genes
 from ._checkpoint import load_cellplm
-from ._embed import _device, official_generator
+from ._embed import _device, sample_draws
 from ._sequences import batch_codes, iter_sequences, sequence_rows
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ def impute_resolved(
     decoder_batch_key: str | None = None,
     sample: bool = False,
     rescale: bool = True,
+    random_stream: RandomStream = "cell",
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
     """Denoise the cells of ``adata`` with a located CellPLM checkpoint (``sft.tl.impute``).
 
@@ -75,8 +77,11 @@ def impute_resolved(
     ``sample``); the NB decoder, given the ``decoder_batch_key`` ids or no batch at all, gives
     each cell's expected counts. With ``rescale`` the means of the genes the model knows are
     scaled to the cell's observed total over those genes (the official denoising output);
-    genes the model does not know are NaN. ``random_state`` (with ``sample``) reproduces the
-    official model's forward pass after ``torch.manual_seed(random_state)`` on CPU.
+    genes the model does not know are NaN. With ``sample``, the draws come from each cell's own
+    stream (``random_stream="cell"``, default: a cell's draw does not depend on the other cells
+    or their order), or, with ``random_stream="official"``, from one stream over the sequences
+    in order: ``random_state`` then reproduces the official model's forward pass after
+    ``torch.manual_seed(random_state)`` on CPU.
 
     Returns the denoised matrix ``(n_obs, n_vars)``, the var columns to write (``dispersion``:
     the NB dispersion per gene, NaN where unknown) and what to record in ``uns[key]["params"]``.
@@ -95,17 +100,18 @@ def impute_resolved(
     ids = match.index[cols]
     dev = _device(device)
     seed = resolve_seed(random_state) if sample else None
-    generator = official_generator(seed, pipeline=False) if sample else None
+    draws = sample_draws(module, seed, random_stream, sample=sample, pipeline=False)
     out = np.full(adata.shape, np.nan, dtype=np.float32)
     X = get_matrix(adata, layer)
     was_training = module.training
     module.to(dev).eval()
     try:
         for rows, counts in iter_sequences(X, rows_list, match, module.n_genes):
+            extra = draws(counts)
             counts = counts.to(dev)
             batch = None if covariate is None else torch.from_numpy(covariate[rows]).to(dev)
             with torch.inference_mode():
-                z = module.inference(counts, sample=sample, generator=generator)["z"]
+                z = module.inference(counts, sample=sample, **extra)["z"]
                 mean = module.generative(z, batch=batch)["mean"][:, torch.from_numpy(ids).to(dev)]
                 if rescale:
                     observed = torch.sparse.sum(counts, dim=1).to_dense().unsqueeze(1)
@@ -125,6 +131,7 @@ def impute_resolved(
         "n_sequences": len(rows_list),
         "sample": bool(sample),
         "random_state": seed,
+        "random_stream": random_stream if sample else None,
         "rescale": bool(rescale),
     }
     return out, {"dispersion": dispersion}, params

@@ -17,7 +17,8 @@ from scvi.data.fields import CategoricalObsField, LayerField
 from scvi.model.base import BaseModelClass
 
 from ..._anndata import get_matrix, resolve_seed
-from ..._docs import doc_params
+from ..._cell_rng import RandomStream
+from ..._docs import DOC_RANDOM_STREAM, doc_params
 from ..._validation import InputError, check_counts, check_unique_names
 from ...pp._match_genes import GeneMatch, match_to_vocab
 from .._training import DOC_TRAIN_SCALE, TrainingMixin
@@ -361,6 +362,7 @@ class CellPLM(TrainingMixin, BaseModelClass):
         )
 
     # outputs -----------------------------------------------------------------------------------
+    @doc_params(random_stream=DOC_RANDOM_STREAM)
     @torch.inference_mode()
     def get_latent_representation(
         self,
@@ -370,10 +372,15 @@ class CellPLM(TrainingMixin, BaseModelClass):
         batch_key: str | None = None,
         sample: bool = False,
         random_state: int | None = None,
+        random_stream: RandomStream = "cell",
         max_cells: int | None = None,
         device: str | None = None,
     ) -> np.ndarray:
         """Cell embeddings: the mean of the latent Gaussian given the mixture component.
+
+        A cell is read in the context of the other cells of its sequence (its sample), so its
+        embedding depends on them (not on their order); with ``sample=True`` its draw depends
+        on that cell alone by default (``random_stream="cell"``).
 
         Parameters
         ----------
@@ -389,6 +396,8 @@ class CellPLM(TrainingMixin, BaseModelClass):
             the most likely one (deterministic).
         random_state
             Seed of the draw with ``sample=True`` (``None``: ``sft.settings.seed``).
+        {random_stream}
+            With ``sample=True`` only.
         max_cells
             Most cells per sequence; ``None`` keeps each sample whole.
         device
@@ -414,5 +423,6 @@ class CellPLM(TrainingMixin, BaseModelClass):
             max_cells=max_cells,
             sample=sample,
             random_state=random_state,
+            random_stream=random_stream,
             device=device,
         )

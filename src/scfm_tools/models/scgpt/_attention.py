@@ -18,6 +18,8 @@ import pandas as pd
 import torch
 
 from ..._anndata import get_matrix, iter_row_blocks, resolve_seed
+from ..._cell_rng import RandomStream
+from ..._docs import DOC_RANDOM_STREAM, doc_params
 from ..._settings import settings
 from ..._validation import InputError
 from ...pp._match_genes import match_adata_genes
@@ -74,6 +76,7 @@ def restrict_gene_index(
     return index
 
 
+@doc_params(random_stream=DOC_RANDOM_STREAM)
 def attention_sums(
     module: SCGPTModule,
     blocks: Iterable,
@@ -87,6 +90,7 @@ def attention_sums(
     max_length: int,
     n_bins: int = OFFICIAL_N_BINS,
     random_state: int | None = 0,
+    random_stream: RandomStream = "cell",
     device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sum one layer's head-averaged attention over cells, for every pair of gene tokens.
@@ -102,7 +106,8 @@ def attention_sums(
     module
         The scGPT module (put in eval mode for the run; its training flag is restored).
     blocks
-        Cells x genes blocks in dataset order (the tokenizer's random streams run across them).
+        Cells x genes blocks (in dataset order with ``random_stream="official"``, whose
+        streams run across them).
     gene_index
         Vocabulary id of each column, -1 for columns that are not to be tokens.
     cls_id
@@ -121,6 +126,7 @@ def attention_sums(
         Value bins.
     random_state
         Seed of the binning tie-breaks and of the subsampling (``None``: ``sft.settings.seed``).
+    {random_stream}
     device
         Where to run.
 
@@ -167,6 +173,7 @@ def attention_sums(
         max_length=max_length,
         n_bins=n_bins,
         random_state=resolve_seed(random_state),
+        random_stream=random_stream,
     )
     which = layer % n_layers
     current, first, block_groups = -1, 0, None
@@ -228,12 +235,14 @@ def attention_resolved(
     random_state: int | None = 0,
     device: str | torch.device = "cpu",
     chunk_size: int = 10_000,
+    random_stream: RandomStream = "cell",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """Attention sums of a located scGPT checkpoint over the cells of ``adata`` (``sft.tl.grn``).
 
     The cells are tokenized as by the zero-shot embedding (``max_length`` defaults to the
-    checkpoint's ``max_seq_len``, 51 bins). Returns :func:`attention_sums`' ``(sums, counts,
-    columns)`` and what to record about the run in ``uns[key]["params"]``.
+    checkpoint's ``max_seq_len``, 51 bins; ``random_stream`` as :func:`attention_sums`).
+    Returns :func:`attention_sums`' ``(sums, counts, columns)`` and what to record about the
+    run in ``uns[key]["params"]``.
     """
     module, vocab, args, _ = load_scgpt_folder(resolved.path)
     match = match_adata_genes(adata, vocab, caller="grn")
@@ -253,6 +262,7 @@ def attention_resolved(
         max_length=length,
         n_bins=OFFICIAL_N_BINS,
         random_state=seed,
+        random_stream=random_stream,
         device=device,
     )
     n_layers = len(module.transformer_encoder.layers)
@@ -261,5 +271,6 @@ def attention_resolved(
         "attention_layer": int(attention_layer % n_layers),
         "max_length": length,
         "random_state": seed,
+        "random_stream": random_stream,
     }
     return sums, counts, columns, params

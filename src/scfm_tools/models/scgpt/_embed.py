@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 from ..._anndata import get_matrix, iter_row_blocks, resolve_seed
+from ..._cell_rng import RandomStream
+from ..._docs import DOC_RANDOM_STREAM, doc_params
 from ..._settings import settings
 from ...pp._match_genes import GeneMatch, as_gene_match, match_adata_genes, match_to_vocab
 from .._length_batches import length_batches
@@ -76,6 +78,7 @@ def iter_token_batches(
     max_length: int | None = None,
     n_bins: int = OFFICIAL_N_BINS,
     random_state: int | None = 0,
+    random_stream: RandomStream = "cell",
     device: str | torch.device = "cpu",
 ) -> Iterator[TokenBatch]:
     """Tokenize consecutive blocks of cells into length-sorted minibatches on the device.
@@ -105,6 +108,7 @@ def iter_token_batches(
         max_length=max_length,
         n_bins=n_bins,
         random_state=resolve_seed(random_state),
+        random_stream=random_stream,
     )
     n_empty = yield from token_batches(
         module,
@@ -170,6 +174,7 @@ def token_batches(
     return n_empty
 
 
+@doc_params(random_stream=DOC_RANDOM_STREAM)
 def iter_embeddings(
     module: SCGPTModule,
     vocab: dict[str, int],
@@ -181,14 +186,17 @@ def iter_embeddings(
     max_length: int | None = None,
     n_bins: int = OFFICIAL_N_BINS,
     random_state: int | None = 0,
+    random_stream: RandomStream = "cell",
     device: str | torch.device = "cpu",
 ) -> Iterator[np.ndarray]:
     """Embed consecutive blocks of cells; yields one ``(n_block, d_model)`` array per block.
 
-    Blocks must come in dataset order (the random streams of :class:`CellTokenizer` run across
-    blocks), so feeding the row chunks of a backed AnnData gives the same result as one matrix.
-    Within a block, cells are sorted by length into minibatches (little padding) and the
-    results put back in block order.
+    With the default ``random_stream="cell"`` a cell's embedding depends on that cell alone, so
+    blocks may come in any order or from several files. With ``"official"`` the random streams
+    of :class:`CellTokenizer` run across blocks, which must then come in dataset order (feeding
+    the row chunks of a backed AnnData gives the same result as one matrix). Within a block,
+    cells are sorted by length into minibatches (little padding) and the results put back in
+    block order.
 
     Parameters
     ----------
@@ -212,8 +220,9 @@ def iter_embeddings(
         Value bins; the official embedding path always uses 51.
     random_state
         Seed of the binning tie-breaks and the subsampling; ``None`` uses
-        ``sft.settings.seed``. ``0`` reproduces the official ``embed_data`` run after
-        ``np.random.seed(0)``.
+        ``sft.settings.seed``. With ``random_stream="official"``, ``0`` reproduces the official
+        ``embed_data`` run after ``np.random.seed(0)``.
+    {random_stream}
     device
         Where to run (``"auto"`` picks a GPU when there is one).
 
@@ -233,6 +242,7 @@ def iter_embeddings(
         max_length=max_length,
         n_bins=n_bins,
         random_state=random_state,
+        random_stream=random_stream,
         device=device,
     ):
         if batch.block != current:
@@ -250,6 +260,7 @@ def iter_embeddings(
         yield out
 
 
+@doc_params(random_stream=DOC_RANDOM_STREAM)
 def embed_matrix(
     module: SCGPTModule,
     vocab: dict[str, int],
@@ -261,6 +272,7 @@ def embed_matrix(
     max_length: int | None = None,
     n_bins: int = OFFICIAL_N_BINS,
     random_state: int | None = 0,
+    random_stream: RandomStream = "cell",
     device: str | torch.device = "cpu",
     chunk_size: int = 10_000,
 ) -> np.ndarray:
@@ -271,7 +283,8 @@ def embed_matrix(
     counts, subsampling above ``max_length``, the transformer, the ``<cls>`` output
     L2-normalised. Runs under :func:`torch.inference_mode` (bf16 autocast on CUDA), streaming
     ``chunk_size`` cells at a time; a cell's embedding does not depend on ``batch_size`` or
-    ``chunk_size``.
+    ``chunk_size`` and, with the default ``random_stream="cell"``, not on the other cells
+    either (a subset, another order or the same cells in two files give the same vectors).
 
     Parameters
     ----------
@@ -295,6 +308,9 @@ def embed_matrix(
         Value bins; the official embedding path always uses 51.
     random_state
         Seed of the binning tie-breaks and the subsampling (``None``: ``sft.settings.seed``).
+        With ``random_stream="official"``, ``0`` reproduces the official ``embed_data`` run
+        after ``np.random.seed(0)``.
+    {random_stream}
     device
         Where to run.
     chunk_size
@@ -321,6 +337,7 @@ def embed_matrix(
         max_length=max_length,
         n_bins=n_bins,
         random_state=random_state,
+        random_stream=random_stream,
         device=device,
     ):
         out[start : start + len(emb)] = emb
@@ -339,11 +356,13 @@ def embed_resolved(
     random_state: int | None = 0,
     device: str | torch.device = "cpu",
     chunk_size: int = 10_000,
+    random_stream: RandomStream = "cell",
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Embed the cells of ``adata`` with a located scGPT checkpoint (``sft.tl.embed_cells``).
 
-    Streams ``chunk_size`` cells at a time from ``adata`` (backed AnnData included). Returns the
-    embeddings and what to record about the run in ``uns[key]["params"]``.
+    Streams ``chunk_size`` cells at a time from ``adata`` (backed AnnData included).
+    ``random_stream`` is :func:`embed_matrix`'s. Returns the embeddings and what to record
+    about the run in ``uns[key]["params"]``.
     """
     module, vocab, args, _ = load_scgpt_folder(resolved.path)
     match = match_adata_genes(adata, vocab, gene_key=gene_key, caller="embed_cells")
@@ -358,8 +377,14 @@ def embed_resolved(
         batch_size=batch_size,
         max_length=length,
         random_state=seed,
+        random_stream=random_stream,
         device=device,
         chunk_size=chunk_size,
     )
-    params = {"n_genes_matched": int(match.n_matched), "max_length": length, "random_state": seed}
+    params = {
+        "n_genes_matched": int(match.n_matched),
+        "max_length": length,
+        "random_state": seed,
+        "random_stream": random_stream,
+    }
     return emb, params

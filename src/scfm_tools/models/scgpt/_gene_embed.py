@@ -3,7 +3,7 @@
 Token mode is what the official GRN tutorial takes as gene embeddings: each gene's
 embedding-table row through the gene encoder's layer norm, independent of any cell. Context
 mode runs cells through the model exactly as zero-shot cell embedding does (same tokens, same
-random streams, see :func:`~scfm_tools.models.scgpt._embed.iter_token_batches`) and averages,
+random draws, see :func:`~scfm_tools.models.scgpt._embed.iter_token_batches`) and averages,
 for each gene, the last layer's output at that gene's token over the cells in which it is a
 token.
 """
@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from ..._anndata import get_matrix, iter_row_blocks, resolve_seed
+from ..._cell_rng import RandomStream
+from ..._docs import DOC_RANDOM_STREAM, doc_params
 from ...pp._match_genes import GeneMatch, match_adata_genes
 from .._gene_embeddings import GeneEmbeddings, rows_on_var
 from ._checkpoint import load_scgpt_folder
@@ -52,6 +54,7 @@ def token_gene_embeddings(module: SCGPTModule, ids: Sequence[int] | np.ndarray) 
     return module.encoder(idx).float().cpu().numpy()
 
 
+@doc_params(random_stream=DOC_RANDOM_STREAM)
 def context_gene_embeddings(
     module: SCGPTModule,
     vocab: dict[str, int],
@@ -63,6 +66,7 @@ def context_gene_embeddings(
     max_length: int | None = None,
     n_bins: int = OFFICIAL_N_BINS,
     random_state: int | None = 0,
+    random_stream: RandomStream = "cell",
     device: str | torch.device = "cpu",
     chunk_size: int = 10_000,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +93,7 @@ def context_gene_embeddings(
         Value bins.
     random_state
         Seed of the binning tie-breaks and the subsampling.
+    {random_stream}
     device
         Where to run.
     chunk_size
@@ -116,6 +121,7 @@ def context_gene_embeddings(
         max_length=max_length,
         n_bins=n_bins,
         random_state=random_state,
+        random_stream=random_stream,
         device=device,
     ):
         if not batch.n_block:
@@ -156,12 +162,14 @@ def embed_genes_resolved(
     random_state: int | None = 0,
     device: str | torch.device = "cpu",
     chunk_size: int = 10_000,
+    random_stream: RandomStream = "cell",
 ) -> GeneEmbeddings:
     """Embed ``adata``'s genes with a located scGPT checkpoint (``sft.tl.embed_genes``).
 
     ``mode="token"`` reads no expression values (``layer``, ``batch_size``, ``max_length``,
-    ``random_state`` and ``chunk_size`` play no role); ``mode="context"`` streams the cells
-    ``chunk_size`` at a time.
+    ``random_state``, ``random_stream`` and ``chunk_size`` play no role); ``mode="context"``
+    streams the cells ``chunk_size`` at a time, with :func:`context_gene_embeddings`'
+    ``random_stream``.
     """
     module, vocab, args, _ = load_scgpt_folder(resolved.path)
     match = match_adata_genes(adata, vocab, gene_key=gene_key, caller="embed_genes")
@@ -181,6 +189,7 @@ def embed_genes_resolved(
         batch_size=batch_size,
         max_length=length,
         random_state=seed,
+        random_stream=random_stream,
         device=device,
         chunk_size=chunk_size,
     )
@@ -189,6 +198,7 @@ def embed_genes_resolved(
     params.update(
         max_length=length,
         random_state=seed,
+        random_stream=random_stream,
         n_genes_embedded=int((counts > 0).sum()),
     )
     return GeneEmbeddings(rows_on_var(rows, match), match.matched.copy(), n_cells, params)

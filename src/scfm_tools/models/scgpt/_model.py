@@ -18,7 +18,8 @@ from scvi.data.fields import CategoricalObsField, LayerField
 from scvi.model.base import BaseModelClass
 
 from ..._anndata import iter_chunks, resolve_seed
-from ..._docs import doc_params
+from ..._cell_rng import RandomStream
+from ..._docs import DOC_RANDOM_STREAM, doc_params
 from ..._validation import check_nonnegative, check_unique_names
 from ...pp._match_genes import _SPECIAL, GeneMatch, load_vocab, match_adata_genes
 from .._training import DOC_TRAIN_SCALE, TrainingMixin
@@ -510,6 +511,7 @@ class SCGPT(TrainingMixin, BaseModelClass):
             return self.gene_match
         return match_adata_genes(adata, self.vocab, caller="SCGPT")
 
+    @doc_params(random_stream=DOC_RANDOM_STREAM)
     @torch.inference_mode()
     def get_latent_representation(
         self,
@@ -519,13 +521,16 @@ class SCGPT(TrainingMixin, BaseModelClass):
         batch_size: int = 64,
         max_length: int | None = None,
         random_state: int | None = 0,
+        random_stream: RandomStream = "cell",
     ) -> np.ndarray:
         """Cell embeddings: the L2-normalised ``<cls>`` output (the zero-shot scGPT embedding).
 
         The same path as :func:`~scfm_tools.models.scgpt.embed_matrix` (official
-        ``embed_data``): the result does not depend on ``batch_size``. As in the official code,
-        the random tie-breaks of the binning come from one stream that runs over the cells in
-        order, so embedding a subset (``indices``) gives the subset's own draws.
+        ``embed_data``): the result does not depend on ``batch_size``. With the default
+        ``random_stream="cell"`` a cell's embedding does not depend on the other cells either,
+        so embedding a subset (``indices``) gives the same vectors as embedding all;
+        ``random_stream="official"`` draws from one stream over the cells in order, as the
+        official code, and a subset then gets its own draws.
 
         Parameters
         ----------
@@ -542,6 +547,7 @@ class SCGPT(TrainingMixin, BaseModelClass):
         random_state
             Seed of the binning tie-breaks and of the subsampling of long cells (``None``:
             ``sft.settings.seed``).
+        {random_stream}
 
         Returns
         -------
@@ -559,6 +565,7 @@ class SCGPT(TrainingMixin, BaseModelClass):
             max_length=max_length,
             n_bins=self.n_bins,
             random_state=random_state,
+            random_stream=random_stream,
             device=self.device,
         )
         out = [emb for emb in chunks]
@@ -599,6 +606,7 @@ class SCGPT(TrainingMixin, BaseModelClass):
         emb = encoder(idx) if layer_norm else encoder.embedding(idx)
         return pd.DataFrame(emb.float().cpu().numpy(), index=pd.Index(names, name="gene"))
 
+    @doc_params(random_stream=DOC_RANDOM_STREAM)
     def get_attention(
         self,
         adata: AnnData | None = None,
@@ -609,6 +617,7 @@ class SCGPT(TrainingMixin, BaseModelClass):
         batch_size: int = 16,
         max_length: int | None = None,
         random_state: int | None = 0,
+        random_stream: RandomStream = "cell",
     ) -> pd.DataFrame:
         """Gene x gene attention of one layer, heads averaged, averaged over cells.
 
@@ -636,6 +645,7 @@ class SCGPT(TrainingMixin, BaseModelClass):
             Longest token sequence (``None``: the model's ``max_seq_len``).
         random_state
             Seed of the binning tie-breaks and of the subsampling.
+        {random_stream}
 
         Returns
         -------
@@ -653,6 +663,7 @@ class SCGPT(TrainingMixin, BaseModelClass):
             max_length=self.max_seq_len if max_length is None else max_length,
             n_bins=self.n_bins,
             random_state=random_state,
+            random_stream=random_stream,
             device=self.device,
         )
         mean = np.divide(sums[0], counts[0], out=np.zeros_like(sums[0]), where=counts[0] > 0)
