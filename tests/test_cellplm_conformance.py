@@ -150,11 +150,18 @@ def test_sampled_embeddings_through_embed_cells(fixture):
         seed = _seed(meta["outputs"].get(key, ""), int(key.removeprefix("cell_emb_seed")))
         adata = _adata(a)
         sft.tl.embed_cells(
-            adata, folder, batch_key="batch", sample=True, random_state=seed, device="cpu"
+            adata,
+            folder,
+            batch_key="batch",
+            sample=True,
+            random_state=seed,
+            random_stream="official",
+            device="cpu",
         )
         _close(adata.obsm["X_cellplm"], a[key], meta)
         params = adata.uns["cellplm"]["params"]
         assert params["sample"] is True and params["random_state"] == seed
+        assert params["random_stream"] == "official"
         assert params["batch_key"] == "batch" and params["family"] == "cellplm"
 
 
@@ -238,6 +245,7 @@ def test_reconstruction_through_impute(fixture, loaded, decoder_batch, theirs):
         folder,
         sample=True,
         random_state=_seed(text),
+        random_stream="official",
         decoder_batch_key="decoder_batch" if decoder_batch else None,
         rescale=False,
     )

@@ -372,7 +372,14 @@ def test_symbol_named_fixture_input_works_offline(fixtures_dir):
             ),
             var=pd.DataFrame(index=var_names),
         )
-        sft.tl.embed_cells(adata, root, batch_key="batch", sample=True, random_state=0)
+        sft.tl.embed_cells(
+            adata,
+            root,
+            batch_key="batch",
+            sample=True,
+            random_state=0,
+            random_stream="official",
+        )
         runs.append(adata.obsm["X_cellplm"])
         assert adata.uns["cellplm"]["params"]["n_genes_matched"] == len(
             json.loads((root / "fixture.config.json").read_text())["gene_list"]
@@ -410,7 +417,7 @@ def test_bad_batch_key_leaves_adata_unchanged(cellbench, tiny_ckpt):
 def test_unknown_option_is_refused(cellbench, tiny_ckpt):
     adata = cellbench.copy()
     snap = snapshot(adata)
-    with pytest.raises(TypeError, match=r"it takes \['batch_key', 'sample'\]"):
+    with pytest.raises(TypeError, match=r"it takes \['batch_key', 'random_stream', 'sample'\]"):
         sft.tl.embed_cells(adata, tiny_ckpt, samples=True)
     assert_unchanged(adata, snap)
 

@@ -74,7 +74,7 @@ def test_quantile_bin_reproduces_official_binning_cases(fixtures_dir):
 
         # The AnnData path gives the same bins, and stores the quantiles of the non-zero values.
         one = ad.AnnData(row[None, :].astype(np.float32))
-        sft.pp.bin_values(one, n_bins=n_bins, random_state=seed)
+        sft.pp.bin_values(one, n_bins=n_bins, random_state=seed, random_stream="official")
         np.testing.assert_array_equal(one.layers["X_binned"][0], expected)
         nonzero = row[row != 0]
         np.testing.assert_array_equal(
@@ -96,7 +96,9 @@ def test_bin_values_reproduces_scgpt_collated_values(fixtures_dir):
     assert 0 < in_vocab.sum() < in_vocab.size  # the fixture drops some genes
     adata = ad.AnnData(io["counts"][:, in_vocab])
     adata.var_names = io["var_names"][in_vocab]
-    sft.pp.bin_values(adata, n_bins=args["n_bins"], random_state=seed, chunk_size=2)
+    sft.pp.bin_values(
+        adata, n_bins=args["n_bins"], random_state=seed, random_stream="official", chunk_size=2
+    )
 
     binned = adata.layers["X_binned"]
     for i in range(adata.n_obs):
@@ -159,7 +161,7 @@ def test_scbert_tokens_on_real_counts(pbmc):
 def test_scgpt_matches_per_cell_reference(cellbench, pbmc):
     for data, n in ((cellbench[:60], 60), (pbmc[:1500], 1500)):
         dense = data.X.toarray()
-        result = sft.pp.bin_values(data, random_state=7, copy=True)
+        result = sft.pp.bin_values(data, random_state=7, random_stream="official", copy=True)
         expected, edges = _reference_scgpt(dense, 51, seed=7)
         assert result.layers["X_binned"].shape == (n, data.n_vars)
         np.testing.assert_array_equal(result.layers["X_binned"].toarray(), expected)
@@ -251,7 +253,7 @@ def test_lognormalised_values_bin_like_counts(pbmc):
 def test_quantile_bin_as_tokenizer_core(pbmc):
     """A tokenizer binning each cell's kept non-zero values with one rng matches bin_values."""
     data = pbmc[:300].copy()
-    sft.pp.bin_values(data, random_state=11)
+    sft.pp.bin_values(data, random_state=11, random_stream="official")
     rng = np.random.RandomState(11)
     for i in range(data.n_obs):
         row = data.X[i]
@@ -289,7 +291,7 @@ def test_empty_cells_stay_zero(pbmc, caplog):
     data.X = X.tocsr()
     data.X.eliminate_zeros()
     caplog.set_level("WARNING", logger="scfm_tools")
-    sft.pp.bin_values(data)
+    sft.pp.bin_values(data, random_stream="official")
     assert data.layers["X_binned"][[3, 17]].nnz == 0
     assert not data.obsm["bin_edges"][[3, 17]].any()
     assert "2 of 50 cells" in caplog.text

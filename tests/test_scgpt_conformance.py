@@ -105,6 +105,7 @@ def test_embed_data_end_to_end(fixture, loaded):
         [str(g) for g in a["var_names"]],
         max_length=max_length,
         random_state=0,
+        random_stream="official",
     )
     _close(emb, a["cell_emb_embed_data"], meta)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-6)

@@ -178,10 +178,18 @@ def test_latent_representation_is_the_embedding_path(trained):
         trained.module, trained.vocab, trained.args, adata.X, adata.var_names, random_state=0
     )
     np.testing.assert_allclose(emb, direct, atol=1e-6)
-    # a subset is embedded as that matrix would be (the tie-breaking stream runs over its cells)
+    # a subset gets its cells' own vectors (each cell draws from its own stream) ...
     part = trained.get_latent_representation(indices=[5, 0])
+    np.testing.assert_allclose(part, emb[[5, 0]], atol=1e-5)
+    # ... and with the official stream, those of that matrix (the stream runs over its cells)
+    part = trained.get_latent_representation(indices=[5, 0], random_stream="official")
     rows = embed_matrix(
-        trained.module, trained.vocab, trained.args, adata.X[[5, 0]], adata.var_names
+        trained.module,
+        trained.vocab,
+        trained.args,
+        adata.X[[5, 0]],
+        adata.var_names,
+        random_stream="official",
     )
     np.testing.assert_allclose(part, rows, atol=1e-6)
     # another gene order and a gene subset work too (genes are matched by name)
@@ -278,9 +286,10 @@ def test_from_pretrained_official_fixture_folder(fixtures_dir):
     model = SCGPT.from_pretrained(folder, adata)
     assert model.pretrained_["clean"] and len(model.pretrained_["weights_sha256"]) == 64
     assert model.gene_match.n_matched == 40
-    emb = model.get_latent_representation()
+    emb = model.get_latent_representation(random_stream="official")
     module, vocab, args, _ = load_scgpt_checkpoint(folder)
-    np.testing.assert_allclose(emb, embed_matrix(module, vocab, args, counts, names), atol=1e-6)
+    direct = embed_matrix(module, vocab, args, counts, names, random_stream="official")
+    np.testing.assert_allclose(emb, direct, atol=1e-6)
     np.testing.assert_allclose(emb, official, atol=1e-5)
 
 

@@ -36,7 +36,9 @@ def _fixture_adata(arrays):
 def test_embed_cells_reproduces_official_embed_data(scgpt_fixture):
     root, meta, arrays = scgpt_fixture
     adata = _fixture_adata(arrays)
-    sft.tl.embed_cells(adata, root / "ckpt_folder", random_state=0, device="cpu")
+    sft.tl.embed_cells(
+        adata, root / "ckpt_folder", random_state=0, random_stream="official", device="cpu"
+    )
     tol = meta["tolerance"]
     np.testing.assert_allclose(
         adata.obsm["X_scgpt"], arrays["cell_emb_embed_data"], atol=tol["atol"], rtol=tol["rtol"]
@@ -45,6 +47,7 @@ def test_embed_cells_reproduces_official_embed_data(scgpt_fixture):
     weights = root / "ckpt_folder" / "best_model.pt"
     assert params["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert params["family"] == "scgpt" and params["random_state"] == 0
+    assert params["random_stream"] == "official"
     vocab = json.loads((root / "ckpt_folder" / "vocab.json").read_text())
     assert params["n_genes_matched"] == int(np.isin(adata.var_names, list(vocab)).sum())
 

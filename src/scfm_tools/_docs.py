@@ -25,6 +25,15 @@ DOC_RANDOM_STATE = """\
 random_state
     Seed for the random steps; ``None`` uses ``sft.settings.seed``."""
 
+DOC_RANDOM_STREAM = """\
+random_stream
+    Where the random draws come from. ``"cell"`` (default): each cell draws from its own
+    stream, keyed by ``random_state`` and a hash of the cell's expressed genes and values, so a
+    cell's result depends only on that cell: not on the other cells, their order, or how the
+    data is split into files, chunks or batches. ``"official"``: one stream runs over the cells
+    in order, as the official code draws from its global generator; this reproduces the
+    official run, but a cell's result then depends on the cells before it."""
+
 DOC_CHUNK_SIZE = """\
 chunk_size
     Cells processed at a time; bounds memory on large or backed data."""

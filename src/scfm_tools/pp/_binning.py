@@ -16,7 +16,22 @@ from .._anndata import (
     resolve_adata,
     resolve_seed,
 )
-from .._docs import DOC_ADATA, DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, doc_params
+from .._cell_rng import (
+    STREAM_TIES,
+    RandomStream,
+    cell_keys,
+    check_random_stream,
+    entry_uniform,
+    value_ranks,
+)
+from .._docs import (
+    DOC_ADATA,
+    DOC_CHUNK_SIZE,
+    DOC_COPY,
+    DOC_LAYER,
+    DOC_RANDOM_STREAM,
+    doc_params,
+)
 from .._validation import InputError, check_counts, check_nonnegative
 
 if TYPE_CHECKING:
@@ -60,13 +75,13 @@ def _row_quantiles(data: np.ndarray, indptr: np.ndarray, n_edges: int) -> np.nda
 
 
 def _quantile_bin_csr(
-    data: np.ndarray, indptr: np.ndarray, n_bins: int, rng: np.random.RandomState
+    data: np.ndarray, indptr: np.ndarray, n_bins: int, ties: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Bin the non-zero values of CSR rows (``data`` in row order, no stored zeros).
 
-    Returns the bins of ``data`` and the ``(n_rows, n_bins - 1)`` quantile edges. One uniform
-    draw per value is taken from ``rng`` in row order, as ``scgpt.preprocess._digitize`` takes
-    ``np.random.rand(len(row))`` per row; drawing them all at once gives the same numbers.
+    Returns the bins of ``data`` and the ``(n_rows, n_bins - 1)`` quantile edges. ``ties`` holds
+    one uniform draw in ``[0, 1)`` per value; a value equal to several edges takes the bin the
+    draw picks among them, as ``scgpt.preprocess._digitize`` does with ``np.random.rand``.
     """
     edges = _row_quantiles(data, indptr, n_bins - 1)
     left = np.empty(data.size, dtype=np.int64)
@@ -78,17 +93,28 @@ def _quantile_bin_csr(
         left[sl] = np.digitize(data[sl], edges[row])
         right[sl] = np.digitize(data[sl], edges[row], right=True)
     # A value equal to several edges gets a uniform draw among the bins those edges span.
-    rands = rng.random_sample(data.size)
-    digits = np.ceil(rands * (right - left) + left).astype(BIN_DTYPE)
+    digits = np.ceil(ties * (right - left) + left).astype(BIN_DTYPE)
     return digits, edges
 
 
-def _check_rng(rng: Any) -> None:
-    if not isinstance(rng, np.random.RandomState):
-        raise TypeError(
-            "rng must be a legacy numpy.random.RandomState (its stream is what the official "
-            f"scGPT binning draws from under np.random.seed), got {type(rng).__name__}."
-        )
+def _tie_draws(draws: Any, n: int) -> np.ndarray:
+    """``n`` tie-breaking draws: taken from a legacy random state, or checked when given."""
+    if isinstance(draws, np.random.RandomState):
+        # One np.random.rand(len(row)) per row, as the official code; drawing them all at once
+        # gives the same numbers.
+        return draws.random_sample(n)
+    if isinstance(draws, np.ndarray):
+        if draws.shape != (n,):
+            raise ValueError(
+                f"expected {n} tie-breaking draws (one per non-zero value), got "
+                f"shape {draws.shape}."
+            )
+        return draws
+    raise TypeError(
+        "draws must be a legacy numpy.random.RandomState (its stream is what the official "
+        "scGPT binning draws from under np.random.seed) or an array of the draws themselves, "
+        f"got {type(draws).__name__}."
+    )
 
 
 def _check_n_bins(n_bins: Any, minimum: int) -> int:
@@ -99,15 +125,17 @@ def _check_n_bins(n_bins: Any, minimum: int) -> int:
     return int(n_bins)
 
 
-def quantile_bin(values: np.ndarray, n_bins: int, rng: np.random.RandomState) -> np.ndarray:
+def quantile_bin(
+    values: np.ndarray, n_bins: int, draws: np.random.RandomState | np.ndarray
+) -> np.ndarray:
     """Bin one cell's values into ``0..n_bins-1`` exactly as scGPT's ``preprocess.binning``.
 
     Zeros stay 0; the non-zero values are digitized against the ``n_bins - 1`` quantiles of the
     non-zero values (``np.quantile(nonzero, np.linspace(0, 1, n_bins - 1))``), so they land in
     ``1..n_bins-1``; a value equal to several edges gets a uniform random bin among them. With
-    ``rng = np.random.RandomState(s)`` the result equals the official ``binning(values, n_bins)``
-    run right after ``np.random.seed(s)``; calling it on cell after cell with the same ``rng``
-    reproduces the official loop over cells. An all-zero input draws nothing.
+    ``draws = np.random.RandomState(s)`` the result equals the official ``binning(values,
+    n_bins)`` run right after ``np.random.seed(s)``; calling it on cell after cell with the same
+    state reproduces the official loop over cells. An all-zero input draws nothing.
 
     Parameters
     ----------
@@ -115,14 +143,15 @@ def quantile_bin(values: np.ndarray, n_bins: int, rng: np.random.RandomState) ->
         One cell's non-negative expression values (1-D), e.g. the kept non-zero genes.
     n_bins
         Number of bins including the zero bin (scGPT uses 51).
-    rng
-        Legacy random state the tie-breaking draws come from (one draw per non-zero value).
+    draws
+        Legacy random state the tie-breaking draws come from (one draw per non-zero value, the
+        official stream), or those draws themselves (one per non-zero value, in ``[0, 1)``, e.g.
+        from the cell's own stream).
 
     Returns
     -------
     The bins, an ``int16`` array of the same length as ``values``.
     """
-    _check_rng(rng)
     n_bins = _check_n_bins(n_bins, 2)
     values = np.asarray(values)
     if values.ndim != 1:
@@ -130,8 +159,9 @@ def quantile_bin(values: np.ndarray, n_bins: int, rng: np.random.RandomState) ->
     if values.size and values.min() < 0:
         raise ValueError("values must be non-negative for scGPT binning.")
     nonzero = np.flatnonzero(values)
+    ties = _tie_draws(draws, nonzero.size)
     out = np.zeros(values.shape, dtype=BIN_DTYPE)
-    digits, _ = _quantile_bin_csr(values[nonzero], np.array([0, nonzero.size]), n_bins, rng)
+    digits, _ = _quantile_bin_csr(values[nonzero], np.array([0, nonzero.size]), n_bins, ties)
     out[nonzero] = digits
     return out
 
@@ -152,8 +182,22 @@ def _canonical_csr(block) -> sparse.csr_matrix:
     return csr
 
 
-def _scgpt_chunk(csr: sparse.csr_matrix, n_bins: int, rng) -> tuple[sparse.csr_matrix, np.ndarray]:
-    digits, edges = _quantile_bin_csr(csr.data, csr.indptr, n_bins, rng)
+def _scgpt_chunk(
+    csr: sparse.csr_matrix, n_bins: int, seed: int, rng: np.random.RandomState | None
+) -> tuple[sparse.csr_matrix, np.ndarray]:
+    """Bin a chunk: ties from the official stream ``rng``, or per cell (``rng=None``).
+
+    Per cell, a value's draw is read at its column in the stream keyed by ``seed``, the cell's
+    non-zero columns and the order of their values (the bins depend on nothing else).
+    """
+    if rng is None:
+        rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
+        ranks = value_ranks(rows, csr.data)
+        keys = cell_keys(seed, rows, csr.indices, ranks, csr.shape[0])
+        ties = entry_uniform(keys, rows, csr.indices, STREAM_TIES)
+    else:
+        ties = _tie_draws(rng, csr.nnz)
+    digits, edges = _quantile_bin_csr(csr.data, csr.indptr, n_bins, ties)
     binned = sparse.csr_matrix((digits, csr.indices.copy(), csr.indptr.copy()), shape=csr.shape)
     # The official Preprocessor keeps [0, edges...] per cell, and n_bins zeros for empty cells.
     full_edges = np.zeros((csr.shape[0], n_bins), dtype=np.float64)
@@ -227,7 +271,13 @@ def _is_sparse_source(X) -> bool:
     return sparse.issparse(X) or isinstance(X, CSRDataset | CSCDataset)
 
 
-@doc_params(adata=DOC_ADATA, layer=DOC_LAYER, chunk_size=DOC_CHUNK_SIZE, copy=DOC_COPY)
+@doc_params(
+    adata=DOC_ADATA,
+    layer=DOC_LAYER,
+    random_stream=DOC_RANDOM_STREAM,
+    chunk_size=DOC_CHUNK_SIZE,
+    copy=DOC_COPY,
+)
 def bin_values(
     adata: AnnData,
     *,
@@ -236,6 +286,7 @@ def bin_values(
     layer: str | None = None,
     key_added: str | None = None,
     random_state: int | None = None,
+    random_stream: RandomStream = "cell",
     chunk_size: int = 10_000,
     mod: str | None = None,
     copy: bool = False,
@@ -246,12 +297,15 @@ def bin_values(
     ``Preprocessor(binning=51)`` step): zeros stay 0, and each cell's non-zero values are
     digitized against the ``n_bins - 1`` quantiles of that cell's non-zero values, into
     ``1..n_bins-1``. A value equal to several edges (common with integer counts) gets a uniform
-    random bin among them, drawn from one ``np.random.RandomState(random_state)`` stream that runs
-    over the cells in order, one draw per non-zero value: the result equals the official code run
-    after ``np.random.seed(random_state)``, whatever ``chunk_size`` is. It depends on the cells
-    before a cell, though, so binning a subset of cells gives other tie draws. Binning is rank
-    based, so raw counts or normalised/log1p values both work (they give the same bins up to
-    rounding); they must be finite and non-negative. All-zero cells stay all zero.
+    random bin among them. By default (``random_stream="cell"``) that draw comes from the cell's
+    own stream (keyed by ``random_state``, the cell's non-zero columns and the order of their
+    values), so a cell gets the same bins whatever other cells are binned with it. With
+    ``random_stream="official"`` the draws come from one ``np.random.RandomState(random_state)``
+    stream that runs over the cells in order, one draw per non-zero value: the result equals the
+    official code run after ``np.random.seed(random_state)``, but binning a subset of cells
+    then gives other tie draws. Either way ``chunk_size`` does not change the result. Binning is
+    rank based, so raw counts or normalised/log1p values both work (they give the same bins up
+    to rounding); they must be finite and non-negative. All-zero cells stay all zero.
 
     ``flavor="scbert"`` is scBERT's tokenization: each cell is scaled to a total of 1e4,
     ``log2(1 + x)`` taken, capped at ``n_bins`` and truncated, giving tokens ``0..n_bins``
@@ -280,6 +334,8 @@ def bin_values(
     random_state
         Seed of the tie-breaking draws (scGPT only; scBERT binning is deterministic and ignores
         it). ``None`` uses ``sft.settings.seed``.
+    {random_stream}
+        scGPT only.
     {chunk_size}
     mod
         Modality to bin when ``adata`` is a MuData (default ``"rna"``).
@@ -295,7 +351,8 @@ def bin_values(
         scGPT only: per cell ``[0, edge_1, ..., edge_{{n_bins-1}}]`` (``float64``, cells x
         ``n_bins``; all zeros for an empty cell), as scGPT's ``Preprocessor`` stores them.
     ``adata.uns['bin_values']['params']``
-        ``flavor``, ``n_bins``, ``layer``, ``random_state`` (scGPT), ``key_added``, ``edges_key``.
+        ``flavor``, ``n_bins``, ``layer``, ``random_state`` and ``random_stream`` (scGPT),
+        ``key_added``, ``edges_key``.
     """
     if flavor not in _DEFAULT_N_BINS:
         raise ValueError(f"flavor must be one of {list(_DEFAULT_N_BINS)}, got {flavor!r}.")
@@ -304,6 +361,7 @@ def bin_values(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     seed = resolve_seed(random_state) if flavor == "scgpt" else None
+    stream = check_random_stream(random_stream) if flavor == "scgpt" else None
     key = _DEFAULT_KEYS[flavor] if key_added is None else key_added
     edges_key = None
     if flavor == "scgpt":
@@ -318,7 +376,7 @@ def bin_values(
     else:
         check_counts(source, layer, chunk_size=chunk_size)
 
-    rng = np.random.RandomState(seed) if flavor == "scgpt" else None
+    rng = np.random.RandomState(seed) if stream == "official" else None
     binned_chunks: list[sparse.csr_matrix] = []
     edge_chunks: list[np.ndarray] = []
     n_empty = 0
@@ -326,7 +384,7 @@ def bin_values(
         csr = _canonical_csr(block)
         n_empty += int((np.diff(csr.indptr) == 0).sum())
         if flavor == "scgpt":
-            binned, edges = _scgpt_chunk(csr, n_bins, rng)
+            binned, edges = _scgpt_chunk(csr, n_bins, seed, rng)
             edge_chunks.append(edges)
         else:
             binned = scbert_bins(csr, n_bins)
@@ -353,6 +411,7 @@ def bin_values(
             n_bins=n_bins,
             layer=layer,
             random_state=seed,
+            random_stream=stream,
             key_added=key,
             edges_key=edges_key,
         )

@@ -88,6 +88,8 @@ def embed_cells(
         ``max_seq_len``. scBERT and scFoundation read every gene and refuse it, as does CellPLM
         (whose tokens are cells: its cells per sequence are the option ``max_cells``).
     {random_state}
+        Each cell draws from its own stream (see ``random_stream`` below), so a cell's
+        embedding does not depend on the other cells; with ``random_stream="official"``,
         ``0`` reproduces the official run after ``np.random.seed(0)``.
     device
         ``"cpu"``, ``"cuda"``, ``"auto"``...; ``None`` uses ``sft.settings.device``.
@@ -103,9 +105,16 @@ def embed_cells(
         (most cells per sequence, longer samples cut into chunks; ``None`` keeps each sample
         whole, the official default) and ``sample``
         (``True`` draws the Gaussian-mixture component as the official model does in eval mode,
-        so the embedding is random and ``random_state=s`` reproduces the official run after
+        so the embedding is random, each cell's draw from its own stream; with
+        ``random_stream="official"``, ``random_state=s`` reproduces the official run after
         ``torch.manual_seed(s)`` on CPU; default ``False`` takes the most likely component,
-        deterministic). scBERT takes ``key_max``: ``"sample"`` (default) embeds each cell as
+        deterministic). scGPT and CellPLM take ``random_stream``: ``"cell"`` (default), each
+        cell draws from its own stream keyed by ``random_state`` and the cell's expressed genes
+        and values, so a cell's embedding does not depend on the other cells, their order or
+        how the data is split into files; ``"official"``, one stream over the cells in order,
+        as the official code (reproduces it; a cell then depends on the cells before it).
+        A CellPLM cell is read in the context of the other cells of its sequence, by design.
+        scBERT takes ``key_max``: ``"sample"`` (default) embeds each cell as
         if alone, as the official ``predict.py``; ``"batch"`` shares the FAVOR+ key stabiliser
         across each forward pass, as the official ``PerformerLM.forward`` on a batch (the
         result then depends on the batch). scFoundation takes the options of the official
@@ -123,7 +132,7 @@ def embed_cells(
         read-depth-enhancement weights). Its gene-level outputs (the decoder's gene embeddings,
         predicted expression) are :func:`scfm_tools.models.scfoundation.embed_matrix` with
         ``output="gene"`` / ``"gene_expression"`` (arrays), and ``sft.tl.impute``. scGPT takes
-        none.
+        only ``random_stream``.
 
     Returns
     -------

@@ -220,8 +220,10 @@ def embed_genes(
         Options of the model family; an option the family does not take is refused.
         scFoundation takes those of :func:`~scfm_tools.tl.embed_cells` that prepare the cells
         (context mode; checked but unused in token mode): ``target_depth``,
-        ``pre_normalized``, ``input_type`` and ``total_counts_key``. The other families take
-        none.
+        ``pre_normalized``, ``input_type`` and ``total_counts_key``. scGPT takes
+        ``random_stream`` (context mode): ``"cell"`` (default), each cell draws from its own
+        stream, so the result does not depend on the order of the cells; ``"official"``, one
+        stream over the cells in order, as the official code. CellPLM takes none.
 
     Returns
     -------

@@ -128,9 +128,11 @@ def impute(
         ``decoder_batch_key`` (``obs``
         column of integer ids into the decoder's pretraining batch table; default ``None``:
         decode without a batch effect), ``sample`` (draw the mixture component as the official
-        model does, random; ``random_state=s`` then reproduces the official model's forward
-        pass after ``torch.manual_seed(s)`` on CPU; default ``False``: the most likely
-        component) and ``rescale`` (default ``True``; ``False`` keeps the decoder's raw means).
+        model does, random, each cell from its own stream; default ``False``: the most likely
+        component), ``random_stream`` (``"cell"``, default: a cell's draw depends on that cell
+        alone; ``"official"``: one stream over the cells in order, so that ``random_state=s``
+        reproduces the official model's forward pass after ``torch.manual_seed(s)`` on CPU)
+        and ``rescale`` (default ``True``; ``False`` keeps the decoder's raw means).
         scFoundation takes ``target_depth``: the read depth to predict at, as the official
         ``--tgthighres``: ``"tX"`` sets ``T = X``, the ``log10`` of the target total count
         (``"t4"``, default: 10,000 counts per cell); ``"fX"``: ``X`` times the cell's observed

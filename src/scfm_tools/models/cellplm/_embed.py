@@ -1,25 +1,44 @@
-"""Zero-shot CellPLM cell embeddings (official ``CellEmbeddingPipeline.predict`` path)."""
+"""Zero-shot CellPLM cell embeddings (official ``CellEmbeddingPipeline.predict`` path).
+
+CellPLM reads a cell in the context of the other cells of its sequence (the cells of one sample,
+attending to each other), so a cell's embedding depends on which cells share its sequence, by
+design; not on their order (the encoder has no positions). With ``sample=True`` the mixture
+component is drawn at random: by default (``random_stream="cell"``) from each cell's own stream
+(:func:`cell_noise`), so the draw follows the cell, whatever its position in the sequence or
+the sequences around it; ``random_stream="official"`` reproduces the official run, whose one
+global stream runs over the sequences and their cells in order.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..._anndata import resolve_seed
+from ..._cell_rng import (
+    STREAM_COMPONENT,
+    STREAM_GAUSSIAN,
+    RandomStream,
+    cell_keys,
+    cell_normal,
+    cell_uniform,
+    check_random_stream,
+)
+from ..._docs import DOC_RANDOM_STREAM, doc_params
 from ..._progress import progress_bar
 from ..._settings import settings
 from ...pp._match_genes import GeneMatch, as_gene_match
-from ._module import CellPLMModule
+from ._module import CellNoise, CellPLMModule
 from ._sequences import iter_sequences, sequence_rows
 
 if TYPE_CHECKING:
     pass
 
-__all__ = ["embed_matrix", "official_generator"]
+__all__ = ["cell_noise", "embed_matrix", "official_generator", "sample_draws"]
 
 logger = logging.getLogger("scfm_tools")
 
@@ -57,6 +76,62 @@ def official_generator(seed: int, *, pipeline: bool) -> torch.Generator:
     return generator
 
 
+def cell_noise(counts: torch.Tensor, seed: int, n_clusters: int, latent_dim: int) -> CellNoise:
+    """Per-cell draws for the latent layer, each cell's from its own stream.
+
+    A cell's stream is keyed by ``seed`` and the cell's counts on the model's genes
+    (:mod:`scfm_tools._cell_rng`), so its draws do not depend on the other cells of the
+    sequence, their order, or how the data is split.
+
+    Parameters
+    ----------
+    counts
+        Counts of one sequence on the model's genes: a coalesced sparse COO tensor on the CPU
+        (:func:`~scfm_tools.models.cellplm._sequences.to_model_genes`).
+    seed
+        The run's seed.
+    n_clusters
+        Mixture components of the latent layer.
+    latent_dim
+        Width of the latent layer.
+
+    Returns
+    -------
+    The uniform and normal draws, float32, one row per cell.
+    """
+    index, values = counts.indices().numpy(), counts.values().numpy()
+    keys = cell_keys(seed, index[0], index[1], values, counts.shape[0])
+    uniform = cell_uniform(keys, n_clusters, STREAM_COMPONENT, dtype=np.float32)
+    normal = cell_normal(keys, latent_dim, STREAM_GAUSSIAN).astype(np.float32)
+    return CellNoise(torch.from_numpy(uniform), torch.from_numpy(normal))
+
+
+def sample_draws(
+    module: CellPLMModule,
+    random_state: int | None,
+    random_stream: RandomStream,
+    *,
+    sample: bool,
+    pipeline: bool,
+) -> Callable[[torch.Tensor], dict[str, Any]]:
+    """Return ``draws(counts)``: the keywords of ``module.inference`` for one sequence's draws.
+
+    Without ``sample`` there are none; ``"official"``: one generator, shared by every sequence
+    in turn (:func:`official_generator`, with ``pipeline``); ``"cell"``: :func:`cell_noise` of
+    each sequence (``counts`` on the CPU).
+    """
+    check_random_stream(random_stream)
+    if not sample:
+        return lambda counts: {}
+    seed = resolve_seed(random_state)
+    if random_stream == "official":
+        generator = official_generator(seed, pipeline=pipeline)
+        return lambda counts: {"generator": generator}
+    n_clusters, latent_dim = module.latent.gmvae.n_clusters, module.n_latent
+    return lambda counts: {"noise": cell_noise(counts, seed, n_clusters, latent_dim)}
+
+
+@doc_params(random_stream=DOC_RANDOM_STREAM)
 def embed_matrix(
     module: CellPLMModule,
     gene_list: Sequence[str],
@@ -67,6 +142,7 @@ def embed_matrix(
     max_cells: int | None = None,
     sample: bool = False,
     random_state: int | None = 0,
+    random_stream: RandomStream = "cell",
     device: str | torch.device = "cpu",
 ) -> np.ndarray:
     """CellPLM cell embeddings of a cells x genes count matrix.
@@ -75,7 +151,9 @@ def embed_matrix(
     dropped), one sequence per batch value (sorted order; all cells when ``batch`` is ``None``)
     cut into chunks of ``max_cells``, ``log1p`` counts through the embedder, the Flowformer
     across the cells of the sequence, the Gaussian-mixture latent layer; the embedding is the
-    mean of ``q(z|x,y)``. Runs under :func:`torch.inference_mode`.
+    mean of ``q(z|x,y)``. Runs under :func:`torch.inference_mode`. A cell is read in the context
+    of the other cells of its sequence (see the module documentation): its embedding depends on
+    them, not on their order.
 
     Parameters
     ----------
@@ -97,9 +175,12 @@ def embed_matrix(
         Draw the mixture component as the official model does in eval mode (random);
         ``False`` takes the most likely component (deterministic).
     random_state
-        Seed of the draws with ``sample=True`` (``None``: ``sft.settings.seed``). ``s``
-        reproduces the official ``CellEmbeddingPipeline.predict`` run on CPU after
-        ``torch.manual_seed(s)`` (see :func:`official_generator`).
+        Seed of the draws with ``sample=True`` (``None``: ``sft.settings.seed``). With
+        ``random_stream="official"``, ``s`` reproduces the official
+        ``CellEmbeddingPipeline.predict`` run on CPU after ``torch.manual_seed(s)`` (see
+        :func:`official_generator`).
+    {random_stream}
+        With ``sample=True`` only.
     device
         Where to run.
 
@@ -122,24 +203,25 @@ def embed_matrix(
             raise ValueError(f"batch has {len(batch)} entries but X has {n_cells} rows.")
         codes = np.unique(batch, return_inverse=True)[1].astype(np.int64)
     dev = _device(device)
-    generator = official_generator(resolve_seed(random_state), pipeline=True) if sample else None
+    draws = sample_draws(module, random_state, random_stream, sample=sample, pipeline=True)
     out = np.empty((n_cells, module.n_latent), dtype=np.float32)
     was_training = module.training
     module.to(dev).eval()
     n_empty = 0
-    with progress_bar(n_cells, desc="CellPLM") as bar:
-        try:
+    try:
+        with progress_bar(n_cells, desc="CellPLM") as bar:
             for rows, counts in iter_sequences(
                 X, sequence_rows(codes, max_cells), match, module.n_genes
             ):
+                extra = draws(counts)
                 counts = counts.to(dev)
                 n_empty += len(rows) - int(torch.unique(counts.indices()[0]).numel())
                 with torch.inference_mode():
-                    emb = module.inference(counts, sample=sample, generator=generator)["mean"]
+                    emb = module.inference(counts, sample=sample, **extra)["mean"]
                 out[rows] = emb.float().cpu().numpy()
                 bar.update(len(rows))
-        finally:
-            module.train(was_training)
+    finally:
+        module.train(was_training)
     if n_empty:
         logger.warning(
             "%d cells express no gene of the CellPLM gene list; their embedding comes from the "

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -60,14 +61,15 @@ def denoise_sequences(
     *,
     covariate: np.ndarray | None,
     sample: bool,
-    generator: torch.Generator | None,
+    draws: Callable[[torch.Tensor], dict[str, Any]],
     rescale: bool,
     device: torch.device,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run each sequence of cells through CellPLM and its NB decoder.
 
     Each sequence (rows of ``X``) runs through the encoder and the latent layer (the most likely
-    mixture component, or a draw from ``generator`` with ``sample``); the NB decoder, given the
+    mixture component, or a draw with ``sample``: ``draws(counts)`` gives the keywords of
+    ``module.inference`` for a sequence, see :func:`sample_draws`); the NB decoder, given the
     ``covariate`` ids or no batch at all, gives each cell's expected counts. With ``rescale``
     the means of the genes the model knows are scaled to the cell's observed total over those
     genes (the official denoising output).
@@ -85,10 +87,11 @@ def denoise_sequences(
     try:
         with progress_bar(X.shape[0], desc="CellPLM") as bar:
             for rows, counts in iter_sequences(X, sequences, match, module.n_genes):
+                extra = draws(counts)
                 counts = counts.to(device)
                 batch = None if covariate is None else torch.from_numpy(covariate[rows]).to(device)
                 with torch.inference_mode():
-                    z = module.inference(counts, sample=sample, generator=generator)["z"]
+                    z = module.inference(counts, sample=sample, **extra)["z"]
                     mean = module.generative(z, batch=batch)["mean"][:, ids]
                     if rescale:
                         observed = torch.sparse.sum(counts, dim=1).to_dense().unsqueeze(1)

@@ -17,14 +17,15 @@ from scvi.data.fields import CategoricalObsField, LayerField
 from scvi.model.base import BaseModelClass
 
 from ..._anndata import get_matrix, resolve_seed
-from ..._docs import doc_params
+from ..._cell_rng import RandomStream
+from ..._docs import DOC_RANDOM_STREAM, doc_params
 from ..._validation import InputError, check_counts, check_unique_names
 from ...pp._match_genes import GeneMatch, match_adata_genes, match_to_vocab
 from ...train import DOC_TRAIN_SCALE, TrainingMixin
 from .._gene_embeddings import GeneEmbeddings, token_table_rows
 from ..base import PretrainedMixin, unbound_registry
 from ._checkpoint import load_cellplm_checkpoint
-from ._embed import _device, embed_matrix, official_generator
+from ._embed import _device, embed_matrix, sample_draws
 from ._impute import decoder_batch_ids, denoise_sequences
 from ._module import CellPLMModule
 from ._sequences import batch_codes, sequence_rows
@@ -426,6 +427,7 @@ class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
         return codes, sequence_rows(codes, max_cells)
 
     @torch.inference_mode()
+    @doc_params(random_stream=DOC_RANDOM_STREAM)
     def get_latent_representation(
         self,
         adata: AnnData | None = None,
@@ -437,13 +439,16 @@ class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
         max_cells: int | None = None,
         sample: bool = False,
         random_state: int | None = 0,
+        random_stream: RandomStream = "cell",
         return_info: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, dict[str, Any]]:
         """Cell embeddings: the mean of the latent Gaussian given the mixture component.
 
         CellPLM's tokens are cells: the cells of one sample (``batch_key``) form a sequence and
         attend to each other, so a cell's embedding depends on the other cells of its sequence
-        by design (as in the official pipeline). A sequence is one forward pass, held whole.
+        by design (as in the official pipeline), though not on their order; with
+        ``sample=True`` its draw depends on that cell alone by default
+        (``random_stream="cell"``). A sequence is one forward pass, held whole.
 
         Parameters
         ----------
@@ -466,8 +471,11 @@ class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
             Draw the mixture component as the official model does in eval mode (random);
             ``False`` takes the most likely one (deterministic).
         random_state
-            Seed of the draw with ``sample=True`` (``None``: ``sft.settings.seed``); ``s``
-            reproduces the official run after ``torch.manual_seed(s)`` on CPU.
+            Seed of the draw with ``sample=True`` (``None``: ``sft.settings.seed``); with
+            ``random_stream="official"``, ``s`` reproduces the official run after
+            ``torch.manual_seed(s)`` on CPU.
+        {random_stream}
+            With ``sample=True`` only.
         return_info
             Also return what to record about the run.
 
@@ -490,6 +498,7 @@ class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
             max_cells=max_cells,
             sample=sample,
             random_state=seed,
+            random_stream=random_stream,
             device=self.device,
         )
         if not return_info:
@@ -501,10 +510,12 @@ class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
             "n_sequences": len(rows),
             "sample": bool(sample),
             "random_state": seed,
+            "random_stream": random_stream if sample else None,
         }
         return emb, info
 
     @torch.inference_mode()
+    @doc_params(random_stream=DOC_RANDOM_STREAM)
     def get_imputed_expression(
         self,
         adata: AnnData,
@@ -516,6 +527,7 @@ class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
         decoder_batch_key: str | None = None,
         sample: bool = False,
         random_state: int | None = 0,
+        random_stream: RandomStream = "cell",
         rescale: bool = True,
     ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
         """Denoised expression from the negative-binomial decoder (``sft.tl.impute``).
@@ -531,6 +543,9 @@ class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
             Cells, raw counts.
         layer, gene_key, batch_key, max_cells, sample, random_state
             As in :meth:`get_latent_representation`.
+        {random_stream}
+            With ``sample=True`` only (``"official"``: one stream over the sequences in order,
+            as the official model's forward pass after ``torch.manual_seed``).
         decoder_batch_key
             ``obs`` column with integer ids into the decoder's batch table (the batches it
             learned in pretraining); ``None`` decodes without a batch effect.
@@ -540,8 +555,8 @@ class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
 
         Returns
         -------
-        ``(denoised (n_obs, n_vars) float32, {"dispersion": per-gene NB dispersion (NaN where
-        unknown)}, the run's record)``.
+        ``(denoised (n_obs, n_vars) float32, {{"dispersion": per-gene NB dispersion (NaN where
+        unknown)}}, the run's record)``.
         """
         if not getattr(self, "has_decoder_", True):
             raise ValueError(
@@ -560,7 +575,7 @@ class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
             match,
             covariate=covariate,
             sample=sample,
-            generator=official_generator(seed, pipeline=False) if sample else None,
+            draws=sample_draws(self.module, seed, random_stream, sample=sample, pipeline=False),
             rescale=rescale,
             device=_device(self.device),
         )
@@ -577,6 +592,7 @@ class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
             "n_sequences": len(rows_list),
             "sample": bool(sample),
             "random_state": seed,
+            "random_stream": random_stream if sample else None,
             "rescale": bool(rescale),
         }
         return out, {"dispersion": dispersion}, params

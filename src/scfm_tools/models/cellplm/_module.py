@@ -18,8 +18,8 @@ Flowformer encoder lets every cell of the sequence attend to every other. The pa
 
 The official model samples the mixture component even in eval mode (a hard Gumbel-softmax
 draw), so its embeddings are random; :meth:`CellPLMModule.inference` offers that (``sample=True``,
-drawing from a given generator in the official order) and a deterministic mode that takes the
-most likely component (the default).
+drawing from a given generator in the official order, or taking given per-cell draws,
+:class:`CellNoise`) and a deterministic mode that takes the most likely component (the default).
 
 Left out, because the published checkpoint does not use them: the other encoders
 (transformer, performer, cosformer), the other latent layers (vae, split), domain-specific
@@ -31,7 +31,7 @@ unused by the official forward pass; its weights are reported as ignored when lo
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from ...nn import FlowformerEncoder, make_norm
 from ...nn._flowformer import NormName
 
-__all__ = ["CellPLMModule", "nb_nll"]
+__all__ = ["CellNoise", "CellPLMModule", "nb_nll"]
 
 # Keys of the minibatch dict this module reads.
 X_KEY = "X"  # input counts of one sequence (masked during pretraining), genes in model order
@@ -140,8 +140,30 @@ class InferenceNet(nn.Module):
         return self.y_mu(y), F.softplus(self.y_var(y))
 
 
-def _draw(kind: str, like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Uniform or normal noise shaped like ``like``, drawn from ``generator`` (on its device)."""
+class CellNoise(NamedTuple):
+    """The latent layer's random draws, given per cell instead of drawn from a generator.
+
+    Row ``i`` belongs to cell ``i`` of the sequence, so draws made per cell (e.g. from a stream
+    keyed by the cell, :mod:`scfm_tools._cell_rng`) follow the cell whatever its position.
+    """
+
+    uniform: Tensor
+    """``(n_cells, n_clusters)`` uniform draws in ``[0, 1)``: the Gumbel noise of the component."""
+    normal: Tensor
+    """``(n_cells, latent_dim)`` standard normal draws: the noise of the Gaussian sample."""
+
+
+def _draw(
+    kind: str, like: Tensor, generator: torch.Generator | None, given: Tensor | None = None
+) -> Tensor:
+    """Uniform or normal noise shaped like ``like``: ``given``, or drawn from ``generator``."""
+    if given is not None:
+        if given.shape != like.shape:
+            raise ValueError(
+                f"the given {kind} draws have shape {tuple(given.shape)}, expected "
+                f"{tuple(like.shape)} (one row per cell)."
+            )
+        return given.to(device=like.device, dtype=like.dtype)
     draw = torch.rand if kind == "rand" else torch.randn
     if generator is None:
         return draw(like.shape, dtype=like.dtype, device=like.device)
@@ -196,22 +218,23 @@ class GMVAELatentLayer(nn.Module):
         *,
         mode: str,
         generator: torch.Generator | None = None,
+        noise: CellNoise | None = None,
         temperature: float = 1.0,
     ) -> dict[str, Tensor]:
         """Run the latent layer on ``h`` ``(n_cells, dim)``.
 
         ``mode`` is ``"train"`` (soft Gumbel-softmax ``y``, reparameterised ``z``, as official
         training), ``"sample"`` (hard Gumbel-softmax ``y``, as official eval; draws
-        ``rand(n, K)`` then ``randn(n, latent_dim)`` from ``generator``) or ``"argmax"``
-        (the most likely component, no randomness). ``z`` is the sample in training and the mean
-        otherwise.
+        ``rand(n, K)`` then ``randn(n, latent_dim)`` from ``generator``, or takes them from
+        ``noise``) or ``"argmax"`` (the most likely component, no randomness). ``z`` is the
+        sample in training and the mean otherwise.
         """
         logits = self.inference.logits(h)
         prob = torch.softmax(logits, dim=-1)
         if mode == "argmax":
             y = F.one_hot(logits.argmax(-1), self.n_clusters).to(logits.dtype)
         else:
-            u = _draw("rand", logits, generator)
+            u = _draw("rand", logits, generator, None if noise is None else noise.uniform)
             gumbel = -torch.log(-torch.log(u + _GUMBEL_EPS) + _GUMBEL_EPS)
             y = torch.softmax((logits + gumbel) / temperature, dim=-1)
             if mode == "sample":
@@ -233,7 +256,8 @@ class GMVAELatentLayer(nn.Module):
             out["z"] = mean
             out["latent_loss"] = mean.new_zeros(())
             return out
-        gaussian = mean + _draw("randn", var, generator) * torch.sqrt(var + _VAR_EPS)
+        eps = _draw("randn", var, generator, None if noise is None else noise.normal)
+        gaussian = mean + eps * torch.sqrt(var + _VAR_EPS)
         out["gaussian"] = gaussian
         out["z"] = gaussian if mode == "train" else mean
         out["latent_loss"] = self.loss(out)
@@ -526,6 +550,7 @@ class CellPLMModule(BaseModuleClass):
         *,
         sample: bool = False,
         generator: torch.Generator | None = None,
+        noise: CellNoise | None = None,
     ) -> dict[str, Tensor]:
         """Encode a sequence and run the latent layer.
 
@@ -545,6 +570,9 @@ class CellPLMModule(BaseModuleClass):
             generator seeded ``s``, ``sample=True`` reproduces the official run after
             ``torch.manual_seed(s)``: per call it draws ``rand(n_cells, num_clusters)`` then
             ``randn(n_cells, post_latent_dim)``.
+        noise
+            Those draws given per cell instead (``generator`` is then not used), so that a
+            cell's draws do not depend on its position in the sequence.
 
         Returns
         -------
@@ -554,7 +582,9 @@ class CellPLMModule(BaseModuleClass):
         """
         out = self.encode(x)
         mode = "train" if self.training else ("sample" if sample else "argmax")
-        out.update(self.latent.gmvae(out["pre_latent"], mode=mode, generator=generator))
+        out.update(
+            self.latent.gmvae(out["pre_latent"], mode=mode, generator=generator, noise=noise)
+        )
         return out
 
     def _get_generative_input(

@@ -18,6 +18,8 @@ import pandas as pd
 import torch
 
 from ..._anndata import resolve_seed
+from ..._cell_rng import RandomStream
+from ..._docs import DOC_RANDOM_STREAM, doc_params
 from ..._settings import settings
 from ..._validation import InputError
 from ._embed import token_batches
@@ -69,6 +71,7 @@ def restrict_gene_index(
     return index
 
 
+@doc_params(random_stream=DOC_RANDOM_STREAM)
 def attention_sums(
     module: SCGPTModule,
     blocks: Iterable,
@@ -82,6 +85,7 @@ def attention_sums(
     max_length: int,
     n_bins: int = OFFICIAL_N_BINS,
     random_state: int | None = 0,
+    random_stream: RandomStream = "cell",
     device: str | torch.device = "cpu",
     n_cells: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -98,7 +102,8 @@ def attention_sums(
     module
         The scGPT module (put in eval mode for the run; its training flag is restored).
     blocks
-        Cells x genes blocks in dataset order (the tokenizer's random streams run across them).
+        Cells x genes blocks (in dataset order with ``random_stream="official"``, whose
+        streams run across them).
     gene_index
         Vocabulary id of each column, -1 for columns that are not to be tokens.
     cls_id
@@ -117,6 +122,7 @@ def attention_sums(
         Value bins.
     random_state
         Seed of the binning tie-breaks and of the subsampling (``None``: ``sft.settings.seed``).
+    {random_stream}
     device
         Where to run.
     n_cells
@@ -165,6 +171,7 @@ def attention_sums(
         max_length=max_length,
         n_bins=n_bins,
         random_state=resolve_seed(random_state),
+        random_stream=random_stream,
     )
     which = layer % n_layers
     current, first, block_groups = -1, 0, None

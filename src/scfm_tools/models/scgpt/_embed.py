@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 from ..._anndata import iter_row_blocks, resolve_seed
+from ..._cell_rng import RandomStream
+from ..._docs import DOC_RANDOM_STREAM, doc_params
 from ..._progress import progress_bar
 from ..._settings import settings
 from ...pp._match_genes import GeneMatch, as_gene_match, match_to_vocab
@@ -73,6 +75,7 @@ def iter_token_batches(
     max_length: int | None = None,
     n_bins: int = OFFICIAL_N_BINS,
     random_state: int | None = 0,
+    random_stream: RandomStream = "cell",
     device: str | torch.device = "cpu",
     n_cells: int | None = None,
 ) -> Iterator[TokenBatch]:
@@ -103,6 +106,7 @@ def iter_token_batches(
         max_length=max_length,
         n_bins=n_bins,
         random_state=resolve_seed(random_state),
+        random_stream=random_stream,
     )
     n_empty = yield from token_batches(
         module,
@@ -174,6 +178,7 @@ def token_batches(
     return n_empty
 
 
+@doc_params(random_stream=DOC_RANDOM_STREAM)
 def iter_embeddings(
     module: SCGPTModule,
     vocab: dict[str, int],
@@ -185,15 +190,18 @@ def iter_embeddings(
     max_length: int | None = None,
     n_bins: int = OFFICIAL_N_BINS,
     random_state: int | None = 0,
+    random_stream: RandomStream = "cell",
     device: str | torch.device = "cpu",
     n_cells: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Embed consecutive blocks of cells; yields one ``(n_block, d_model)`` array per block.
 
-    Blocks must come in dataset order (the random streams of :class:`CellTokenizer` run across
-    blocks), so feeding the row chunks of a backed AnnData gives the same result as one matrix.
-    Within a block, cells are sorted by length into minibatches (little padding) and the
-    results put back in block order.
+    With the default ``random_stream="cell"`` a cell's embedding depends on that cell alone, so
+    blocks may come in any order or from several files. With ``"official"`` the random streams
+    of :class:`CellTokenizer` run across blocks, which must then come in dataset order (feeding
+    the row chunks of a backed AnnData gives the same result as one matrix). Within a block,
+    cells are sorted by length into minibatches (little padding) and the results put back in
+    block order.
 
     Parameters
     ----------
@@ -217,8 +225,9 @@ def iter_embeddings(
         Value bins; the official embedding path always uses 51.
     random_state
         Seed of the binning tie-breaks and the subsampling; ``None`` uses
-        ``sft.settings.seed``. ``0`` reproduces the official ``embed_data`` run after
-        ``np.random.seed(0)``.
+        ``sft.settings.seed``. With ``random_stream="official"``, ``0`` reproduces the official
+        ``embed_data`` run after ``np.random.seed(0)``.
+    {random_stream}
     device
         Where to run (``"auto"`` picks a GPU when there is one).
     n_cells
@@ -240,6 +249,7 @@ def iter_embeddings(
         max_length=max_length,
         n_bins=n_bins,
         random_state=random_state,
+        random_stream=random_stream,
         device=device,
         n_cells=n_cells,
     ):
@@ -258,6 +268,7 @@ def iter_embeddings(
         yield out
 
 
+@doc_params(random_stream=DOC_RANDOM_STREAM)
 def embed_matrix(
     module: SCGPTModule,
     vocab: dict[str, int],
@@ -269,6 +280,7 @@ def embed_matrix(
     max_length: int | None = None,
     n_bins: int = OFFICIAL_N_BINS,
     random_state: int | None = 0,
+    random_stream: RandomStream = "cell",
     device: str | torch.device = "cpu",
     chunk_size: int = 10_000,
 ) -> np.ndarray:
@@ -279,7 +291,8 @@ def embed_matrix(
     counts, subsampling above ``max_length``, the transformer, the ``<cls>`` output
     L2-normalised. Runs under :func:`torch.inference_mode` (bf16 autocast on CUDA), streaming
     ``chunk_size`` cells at a time; a cell's embedding does not depend on ``batch_size`` or
-    ``chunk_size``.
+    ``chunk_size`` and, with the default ``random_stream="cell"``, not on the other cells
+    either (a subset, another order or the same cells in two files give the same vectors).
 
     Parameters
     ----------
@@ -303,6 +316,9 @@ def embed_matrix(
         Value bins; the official embedding path always uses 51.
     random_state
         Seed of the binning tie-breaks and the subsampling (``None``: ``sft.settings.seed``).
+        With ``random_stream="official"``, ``0`` reproduces the official ``embed_data`` run
+        after ``np.random.seed(0)``.
+    {random_stream}
     device
         Where to run.
     chunk_size
@@ -329,6 +345,7 @@ def embed_matrix(
         max_length=max_length,
         n_bins=n_bins,
         random_state=random_state,
+        random_stream=random_stream,
         device=device,
         n_cells=n_cells,
     ):

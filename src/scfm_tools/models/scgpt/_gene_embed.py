@@ -3,7 +3,7 @@
 Token mode is what the official GRN tutorial takes as gene embeddings: each gene's
 embedding-table row through the gene encoder's layer norm, independent of any cell. Context
 mode runs cells through the model exactly as zero-shot cell embedding does (same tokens, same
-random streams, see :func:`~scfm_tools.models.scgpt._embed.iter_token_batches`) and averages,
+random draws, see :func:`~scfm_tools.models.scgpt._embed.iter_token_batches`) and averages,
 for each gene, the last layer's output at that gene's token over the cells in which it is a
 token.
 """
@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from ..._anndata import iter_row_blocks
+from ..._cell_rng import RandomStream
+from ..._docs import DOC_RANDOM_STREAM, doc_params
 from ...pp._match_genes import GeneMatch
 from ._embed import _autocast, iter_token_batches
 from ._module import SCGPTModule
@@ -48,6 +50,7 @@ def token_gene_embeddings(module: SCGPTModule, ids: Sequence[int] | np.ndarray) 
     return module.encoder(idx).float().cpu().numpy()
 
 
+@doc_params(random_stream=DOC_RANDOM_STREAM)
 def context_gene_embeddings(
     module: SCGPTModule,
     vocab: dict[str, int],
@@ -59,6 +62,7 @@ def context_gene_embeddings(
     max_length: int | None = None,
     n_bins: int = OFFICIAL_N_BINS,
     random_state: int | None = 0,
+    random_stream: RandomStream = "cell",
     device: str | torch.device = "cpu",
     chunk_size: int = 10_000,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -85,6 +89,7 @@ def context_gene_embeddings(
         Value bins.
     random_state
         Seed of the binning tie-breaks and the subsampling.
+    {random_stream}
     device
         Where to run.
     chunk_size
@@ -112,6 +117,7 @@ def context_gene_embeddings(
         max_length=max_length,
         n_bins=n_bins,
         random_state=random_state,
+        random_stream=random_stream,
         device=device,
         n_cells=X.shape[0],
     ):

@@ -18,7 +18,8 @@ from scvi.data.fields import CategoricalObsField, LayerField
 from scvi.model.base import BaseModelClass
 
 from ..._anndata import get_matrix, iter_chunks, iter_row_blocks, resolve_seed
-from ..._docs import doc_params
+from ..._cell_rng import RandomStream
+from ..._docs import DOC_RANDOM_STREAM, doc_params
 from ..._validation import check_nonnegative, check_unique_names
 from ...pp._match_genes import _SPECIAL, GeneMatch, load_vocab, match_adata_genes
 from ...train import DOC_TRAIN_SCALE, BindableDataModule, TrainingMixin
@@ -537,6 +538,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         return self.max_seq_len if max_length is None else int(max_length)
 
     @torch.inference_mode()
+    @doc_params(random_stream=DOC_RANDOM_STREAM)
     def get_latent_representation(
         self,
         adata: AnnData | None = None,
@@ -548,6 +550,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         max_length: int | None = None,
         random_state: int | None = 0,
         chunk_size: int = 10_000,
+        random_stream: RandomStream = "cell",
         return_info: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, dict[str, Any]]:
         """Cell embeddings: the L2-normalised ``<cls>`` output (the zero-shot scGPT embedding).
@@ -556,9 +559,11 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         cell the expressed vocabulary genes with ``<cls>`` first, per-cell quantile binning,
         random subsampling above ``max_length`` genes. Cells are streamed ``chunk_size`` at a
         time (backed AnnData included) and sorted by length into minibatches; the result does
-        not depend on ``batch_size`` or ``chunk_size``. As in the official code, the random
-        tie-breaks of the binning come from one stream that runs over the cells in order, so
-        embedding a subset (``indices``) gives the subset's own draws.
+        not depend on ``batch_size`` or ``chunk_size``. With the default
+        ``random_stream="cell"`` it does not depend on the other cells either, so embedding a
+        subset (``indices``), or the data split in two files, gives the same vectors;
+        ``random_stream="official"`` draws from one stream over the cells in order, as the
+        official code, and a subset then gets its own draws.
 
         Parameters
         ----------
@@ -580,6 +585,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             ``sft.settings.seed``).
         chunk_size
             Cells read and tokenized at a time.
+        {random_stream}
         return_info
             Also return what to record about the run (genes matched, ``max_length``, seed).
 
@@ -603,6 +609,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             max_length=length,
             n_bins=self.n_bins,
             random_state=seed,
+            random_stream=random_stream,
             device=self.device,
             n_cells=adata.n_obs,
         )
@@ -613,7 +620,12 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             start += len(block)
         if not return_info:
             return emb
-        info = {"n_genes_matched": int(match.n_matched), "max_length": length, "random_state": seed}
+        info = {
+            "n_genes_matched": int(match.n_matched),
+            "max_length": length,
+            "random_state": seed,
+            "random_stream": random_stream,
+        }
         return emb, info
 
     @torch.inference_mode()
@@ -664,6 +676,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         max_length: int | None = None,
         random_state: int | None = 0,
         chunk_size: int = 10_000,
+        random_stream: RandomStream = "cell",
     ) -> GeneEmbeddings:
         """Embed the genes of ``adata`` (``sft.tl.embed_genes``), one row per ``var`` entry.
 
@@ -676,7 +689,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             tutorial's gene embeddings; no expression is read). ``"context"``: the last
             layer's output at each gene's token, averaged over the cells in which it is one
             (cells tokenized as by :meth:`get_latent_representation`).
-        layer, gene_key, batch_size, max_length, random_state, chunk_size
+        layer, gene_key, batch_size, max_length, random_state, chunk_size, random_stream
             As in :meth:`get_latent_representation` (context mode only, except ``gene_key``).
 
         Returns
@@ -703,13 +716,17 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             batch_size=batch_size,
             max_length=length,
             random_state=seed,
+            random_stream=random_stream,
             device=self.device,
             chunk_size=chunk_size,
         )
         n_cells = np.zeros(match.n_genes, dtype=np.int64)
         n_cells[match.matched] = counts
         params.update(
-            max_length=length, random_state=seed, n_genes_embedded=int((counts > 0).sum())
+            max_length=length,
+            random_state=seed,
+            random_stream=random_stream,
+            n_genes_embedded=int((counts > 0).sum()),
         )
         return GeneEmbeddings(rows_on_var(rows, match), match.matched.copy(), n_cells, params)
 
@@ -726,6 +743,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         max_length: int | None = None,
         random_state: int | None = 0,
         chunk_size: int = 10_000,
+        random_stream: RandomStream = "cell",
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Gene x gene attention summed over cells, per group of cells (``sft.tl.grn``).
 
@@ -747,7 +765,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             Number of groups.
         attention_layer
             Transformer layer (negative counts from the last).
-        batch_size, max_length, random_state, chunk_size
+        batch_size, max_length, random_state, chunk_size, random_stream
             As in :meth:`get_latent_representation`.
 
         Returns
@@ -773,6 +791,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             max_length=length,
             n_bins=self.n_bins,
             random_state=seed,
+            random_stream=random_stream,
             device=self.device,
             n_cells=adata.n_obs,
         )
@@ -782,9 +801,11 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             "attention_layer": int(attention_layer % n_layers),
             "max_length": length,
             "random_state": seed,
+            "random_stream": random_stream,
         }
         return sums, counts, columns, params
 
+    @doc_params(random_stream=DOC_RANDOM_STREAM)
     def get_attention(
         self,
         adata: AnnData | None = None,
@@ -795,6 +816,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         batch_size: int = 16,
         max_length: int | None = None,
         random_state: int | None = 0,
+        random_stream: RandomStream = "cell",
     ) -> pd.DataFrame:
         """Gene x gene attention of one layer, heads averaged, averaged over cells.
 
@@ -822,6 +844,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             Longest token sequence (``None``: the model's ``max_seq_len``).
         random_state
             Seed of the binning tie-breaks and of the subsampling.
+        {random_stream}
 
         Returns
         -------
@@ -835,6 +858,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             batch_size=batch_size,
             max_length=max_length,
             random_state=random_state,
+            random_stream=random_stream,
         )
         mean = np.divide(sums[0], counts[0], out=np.zeros_like(sums[0]), where=counts[0] > 0)
         names = pd.Index(np.asarray(adata.var_names, dtype=object)[columns], name="gene")

@@ -2,18 +2,26 @@
 
 Per cell (``get_batch_cell_embeddings`` + ``DataCollator(do_binning=True, sampling=True,
 keep_first_n_tokens=1)``): the non-zero genes found in the vocabulary, in ``var`` order, with
-their raw values; the values binned per cell (:func:`scfm_tools.pp.quantile_bin`, 51 bins, ties
-spread at random); ``<cls>`` prepended with value ``pad_value``; if the sequence is longer than
-``max_length``, a random subset of ``max_length - 1`` genes kept after ``<cls>`` (in the random
-order the permutation gives, as the official ``_sample``). Binning happens before subsampling,
-so the bins of a long cell are ranks among all its expressed genes.
+their raw values; the values binned per cell (:func:`scfm_tools.pp._binning.quantile_bin`, 51
+bins, ties spread at random); ``<cls>`` prepended with value ``pad_value``; if the sequence is
+longer than ``max_length``, a random subset of ``max_length - 1`` genes kept after ``<cls>`` (in
+a random order, as the official ``_sample``). Binning happens before subsampling, so the bins of
+a long cell are ranks among all its expressed genes.
 
-The official code draws tie-breaking numbers from the global numpy stream and subsampling
-permutations from the global torch stream, cell after cell in dataset order. Here both streams
-are explicit (:class:`CellTokenizer` holds a ``np.random.RandomState`` and a
-``torch.Generator`` seeded with the same ``random_state``) and are consumed in dataset order
-whatever the later batching, so with ``random_state=s`` the tokens equal the official ones
-after ``np.random.seed(s)`` / ``torch.manual_seed(s)`` (single-process data loading).
+Where the random numbers come from is :class:`CellTokenizer`'s ``random_stream``:
+
+- ``"cell"`` (default): each cell reads its own stream, keyed by ``random_state`` and a hash of
+  its expressed vocabulary genes and the order of their values (:mod:`scfm_tools._cell_rng`;
+  the bins read nothing else, so counts and log-normalised values of a cell draw alike). A tie
+  draw is read at the gene's vocabulary id and the kept genes are those with the smallest draws
+  of a second stream, so a cell's tokens depend on that cell alone: not on the cells before it,
+  the order of the cells or of the genes, nor on how the data is split into files or chunks.
+- ``"official"``: the official code draws tie-breaking numbers from the global numpy stream and
+  subsampling permutations from the global torch stream, cell after cell in dataset order.
+  Here both streams are explicit (a ``np.random.RandomState`` and a ``torch.Generator`` seeded
+  with ``random_state``) and are consumed in dataset order whatever the later batching, so the
+  tokens equal the official ones after ``np.random.seed(s)`` / ``torch.manual_seed(s)``
+  (single-process data loading), but a cell's tokens depend on the cells before it.
 """
 
 from __future__ import annotations
@@ -25,6 +33,15 @@ import numpy as np
 import torch
 from scipy import sparse
 
+from ..._cell_rng import (
+    STREAM_SUBSAMPLE,
+    STREAM_TIES,
+    RandomStream,
+    cell_keys,
+    check_random_stream,
+    entry_uniform,
+    value_ranks,
+)
 from ...pp._binning import quantile_bin
 
 if TYPE_CHECKING:
@@ -39,7 +56,11 @@ Cell = tuple[np.ndarray, np.ndarray]
 
 
 class CellTokenizer:
-    """Stateful tokenizer: cells in, ``(gene_ids, values)`` pairs out, in dataset order.
+    """Tokenizer: cells in, ``(gene_ids, values)`` pairs out.
+
+    With ``random_stream="official"`` it holds the official run's random streams and consumes
+    them, so blocks must come in dataset order; with ``"cell"`` (default) it holds no state
+    and a cell's tokens do not depend on the other cells.
 
     Parameters
     ----------
@@ -54,7 +75,11 @@ class CellTokenizer:
     n_bins
         Number of bins (zero bin included).
     random_state
-        Seed of both random streams (binning ties and subsampling).
+        Seed of the random draws (binning ties and subsampling).
+    random_stream
+        ``"cell"``: each cell draws from its own stream (keyed by ``random_state`` and the
+        cell); ``"official"``: one numpy and one torch stream run over the cells in order, as
+        the official code (see the module documentation).
     """
 
     def __init__(
@@ -66,6 +91,7 @@ class CellTokenizer:
         max_length: int,
         n_bins: int = OFFICIAL_N_BINS,
         random_state: int = 0,
+        random_stream: RandomStream = "cell",
     ) -> None:
         gene_index = np.asarray(gene_index, dtype=np.int64)
         if gene_index.ndim != 1:
@@ -81,8 +107,11 @@ class CellTokenizer:
         self.pad_value = float(pad_value)
         self.max_length = int(max_length)
         self.n_bins = n_bins
-        self.rng = np.random.RandomState(random_state)
-        self.generator = torch.Generator().manual_seed(random_state)
+        self.random_state = int(random_state)
+        self.random_stream = check_random_stream(random_stream)
+        official = self.random_stream == "official"
+        self.rng = np.random.RandomState(random_state) if official else None
+        self.generator = torch.Generator().manual_seed(random_state) if official else None
 
     @classmethod
     def from_match(cls, match: GeneMatch | np.ndarray, **kwargs) -> CellTokenizer:
@@ -90,16 +119,20 @@ class CellTokenizer:
         index = match if isinstance(match, np.ndarray) else match.index
         return cls(index, **kwargs)
 
-    def _subsample(self, n_genes: int) -> np.ndarray | None:
+    def _subsample(self, n_genes: int, draws: np.ndarray | None) -> np.ndarray | None:
+        """Positions of the genes kept (in a random order), or ``None`` when all fit."""
         if n_genes + 1 <= self.max_length:
             return None
-        perm = torch.randperm(n_genes, generator=self.generator)[: self.max_length - 1]
-        return perm.numpy()
+        if draws is None:
+            return torch.randperm(n_genes, generator=self.generator)[: self.max_length - 1].numpy()
+        # The genes with the smallest draws of the cell's own stream: a uniform random subset.
+        return np.argsort(draws, kind="stable")[: self.max_length - 1]
 
     def __call__(self, block) -> list[Cell]:
         """Tokenize a block of cells (rows; dense array or sparse matrix, columns in var order).
 
-        Consumes the random streams, so call it on consecutive blocks in dataset order.
+        With ``random_stream="official"`` it consumes the random streams, so call it on
+        consecutive blocks in dataset order.
 
         Parameters
         ----------
@@ -120,20 +153,30 @@ class CellTokenizer:
         # dropped because the official code only tokenizes np.nonzero(row).
         sub.eliminate_zeros()
         sub.sort_indices()
+        # Values reach the official binning as float32 (torch .float()).
+        sub.data = sub.data.astype(np.float32)
+        all_genes = self.column_ids[sub.indices]
+        ties = picks = None
+        if self.random_stream == "cell":
+            rows = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
+            ranks = value_ranks(rows, sub.data)
+            keys = cell_keys(self.random_state, rows, all_genes, ranks, sub.shape[0])
+            ties = entry_uniform(keys, rows, all_genes, STREAM_TIES)
+            picks = entry_uniform(keys, rows, all_genes, STREAM_SUBSAMPLE)
         cells: list[Cell] = []
         for row in range(sub.shape[0]):
             lo, hi = sub.indptr[row], sub.indptr[row + 1]
-            genes = self.column_ids[sub.indices[lo:hi]]
-            # Values reach the official binning as float32 (torch .float()).
-            values = sub.data[lo:hi].astype(np.float32)
+            genes = all_genes[lo:hi]
+            values = sub.data[lo:hi]
+            draws = self.rng if ties is None else ties[lo:hi]
             binned = (
-                quantile_bin(values, self.n_bins, self.rng).astype(np.float32)
+                quantile_bin(values, self.n_bins, draws).astype(np.float32)
                 if values.size
                 else values
             )
             ids = np.concatenate([[self.cls_id], genes]).astype(np.int64)
             vals = np.concatenate([[self.pad_value], binned]).astype(np.float32)
-            keep = self._subsample(genes.size)
+            keep = self._subsample(genes.size, None if picks is None else picks[lo:hi])
             if keep is not None:
                 keep = np.concatenate([[0], keep + 1])
                 ids, vals = ids[keep], vals[keep]

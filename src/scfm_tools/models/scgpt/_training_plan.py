@@ -54,7 +54,7 @@ def tokenize_block(
     block
         Cells x genes, columns as ``tokenizer`` expects them.
     tokenizer
-        Tokenizer over those columns (consumes its random streams).
+        Tokenizer over those columns (see :class:`CellTokenizer` for its random draws).
     pad_id
         Id of ``<pad>``.
     pad_value
@@ -102,7 +102,7 @@ def tokenize_minibatch(
         scvi-tools minibatch: ``X`` (cells x registered genes, dense or sparse) and, with
         ``use_batch_labels``, ``batch`` (``(cells, 1)`` batch codes).
     tokenizer
-        Tokenizer over the registered genes (consumes its random streams).
+        Tokenizer over the registered genes (see :class:`CellTokenizer` for its random draws).
     pad_id
         Id of ``<pad>``.
     pad_value

@@ -1,0 +1,214 @@
+"""Per-cell random streams: a cell's random draws depend on the seed and on that cell alone.
+
+The official scGPT and CellPLM code draw their random numbers (binning tie-breaks, subsampling
+of long cells, Gaussian-mixture samples) from one global stream, cell after cell, so a cell's
+result depends on the cells before it: re-embedding a subset, another order or a dataset split
+in two files gives other vectors. With ``random_stream="cell"`` every cell instead reads its
+own stream, keyed by the seed and a hash of the cell's expressed genes and their values.
+
+The key of a cell is a sum over its non-zero entries of a 64-bit hash of (gene id, value as
+float32), mixed with the seed; steps that read only the order of a cell's values (quantile
+binning) key on the values' ranks instead (:func:`value_ranks`). A sum does not depend on the
+order the entries are stored in, and float32 holds counts exactly, so the key is the same
+whether the counts are stored as int32, float32 or float64, sparse or dense, and whatever
+chunk or batch the cell lands in; two identical cells get the same draws.
+
+The draws are the outputs of SplitMix64 (Steele, Lea & Flood 2014; Java's
+``SplittableRandom``) started from the key and read at a counter: draw ``i`` of a cell is
+``mix(state + (i + 1) * gamma)``. The counter is the gene id for per-gene draws, so those do
+not depend on the column order either. Everything is integer arithmetic on ``uint64`` arrays:
+the same on every platform, and vectorised over a whole block of cells.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+__all__ = [
+    "RANDOM_STREAMS",
+    "STREAM_COMPONENT",
+    "STREAM_GAUSSIAN",
+    "STREAM_SUBSAMPLE",
+    "STREAM_TIES",
+    "RandomStream",
+    "cell_bits",
+    "cell_keys",
+    "cell_normal",
+    "cell_uniform",
+    "check_random_stream",
+    "entry_uniform",
+    "value_ranks",
+]
+
+RandomStream = Literal["cell", "official"]
+RANDOM_STREAMS: tuple[str, ...] = ("cell", "official")
+
+# The uses of a cell's key, one stream each; numbered in one place so that no two share one.
+STREAM_TIES = 1  # scGPT binning: tie-breaks among equal quantile edges
+STREAM_SUBSAMPLE = 2  # scGPT: which genes of a long cell are kept
+STREAM_COMPONENT = 3  # CellPLM: Gumbel noise of the mixture component
+STREAM_GAUSSIAN = 4  # CellPLM: Gaussian noise of the latent sample
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_MASK64 = (1 << 64) - 1
+
+
+def check_random_stream(random_stream: str) -> RandomStream:
+    """Return ``random_stream`` if it is ``"cell"`` or ``"official"``, else raise a clear error."""
+    if random_stream not in RANDOM_STREAMS:
+        raise ValueError(
+            f"random_stream must be 'cell' (each cell draws from its own stream; the default) "
+            f"or 'official' (one stream over the cells in order, as the official code), got "
+            f"{random_stream!r}."
+        )
+    return random_stream  # type: ignore[return-value]
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function on a ``uint64`` array (wrapping arithmetic, a new array)."""
+    x = np.array(x, dtype=np.uint64, copy=True)
+    x ^= x >> np.uint64(30)
+    x *= _M1
+    x ^= x >> np.uint64(27)
+    x *= _M2
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def _salt(value: int) -> np.ndarray:
+    """Mix a seed or stream number into a ``uint64`` (+gamma: 0 is a fixed point of mix)."""
+    return _mix(np.array([int(value) & _MASK64], dtype=np.uint64) + _GAMMA)
+
+
+def cell_keys(
+    seed: int, rows: np.ndarray, genes: np.ndarray, values: np.ndarray, n_cells: int
+) -> np.ndarray:
+    """Key of each cell's random stream, from the seed and the cell's non-zero entries.
+
+    Parameters
+    ----------
+    seed
+        The run's seed (``random_state``).
+    rows
+        Cell (``0 .. n_cells - 1``) of each non-zero entry, in any order.
+    genes
+        Gene id of each entry (non-negative integers: vocabulary ids or model gene indices, so
+        that the key does not depend on the column order of the input).
+    values
+        Value of each entry (read as float32; entries equal to 0 must be left out).
+    n_cells
+        Number of cells.
+
+    Returns
+    -------
+    ``(n_cells,)`` ``uint64`` keys; a cell without entries gets the key of the seed alone.
+    """
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    entry = _mix(_mix(np.asarray(genes, dtype=np.uint64) + _GAMMA) ^ bits)
+    sums = np.zeros(n_cells, dtype=np.uint64)
+    np.add.at(sums, np.asarray(rows, dtype=np.intp), entry)
+    return _mix(sums ^ _salt(seed))
+
+
+def value_ranks(rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Dense rank of each entry's value among its cell's values (1 for the smallest).
+
+    Keying a cell on the ranks instead of the values (:func:`cell_keys`) gives the same draws
+    to any order-preserving transform of the cell, e.g. counts and their ``log1p`` of counts
+    per 10,000; right for steps that read only the order of the values (quantile binning).
+
+    Parameters
+    ----------
+    rows
+        Cell of each entry.
+    values
+        Value of each entry.
+
+    Returns
+    -------
+    ``int64`` ranks, aligned with ``rows``.
+    """
+    rows, values = np.asarray(rows), np.asarray(values)
+    order = np.lexsort((values, rows))
+    r, v = rows[order], values[order]
+    first = np.ones(r.size, dtype=bool)  # first entry of its cell
+    first[1:] = r[1:] != r[:-1]
+    level = np.cumsum(first | np.concatenate([[True], v[1:] != v[:-1]]))
+    start = np.maximum.accumulate(np.where(first, level, 0))
+    ranks = np.empty(r.size, dtype=np.int64)
+    ranks[order] = level - start + 1
+    return ranks
+
+
+def cell_bits(keys: np.ndarray, counters: np.ndarray, stream: int) -> np.ndarray:
+    """64 random bits per (cell key, counter): draw ``counter`` of the cell's stream ``stream``.
+
+    ``keys`` and ``counters`` broadcast against each other; ``stream`` (a small integer)
+    separates the independent uses of one cell's key (e.g. tie-breaks and subsampling).
+    """
+    state = _mix(np.asarray(keys, dtype=np.uint64) ^ _salt(stream))
+    steps = (np.asarray(counters, dtype=np.uint64) + np.uint64(1)) * _GAMMA
+    return _mix(state + steps)
+
+
+def _unit(bits: np.ndarray, dtype) -> np.ndarray:
+    """Uniform floats in ``[0, 1)`` from random bits, with the precision of ``dtype``."""
+    if np.dtype(dtype) == np.float32:
+        return ((bits >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)).astype(dtype)
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def entry_uniform(keys: np.ndarray, rows: np.ndarray, genes: np.ndarray, stream: int) -> np.ndarray:
+    """One uniform draw in ``[0, 1)`` (float64) per non-zero entry, from its cell and gene.
+
+    Parameters
+    ----------
+    keys
+        Cell keys from :func:`cell_keys`.
+    rows
+        Cell of each entry.
+    genes
+        Gene id of each entry: the counter of the draw in the cell's stream, so an entry's draw
+        does not depend on where it is stored.
+    stream
+        Which of the cell's streams.
+
+    Returns
+    -------
+    The draws, aligned with ``rows``.
+    """
+    keys = np.asarray(keys, dtype=np.uint64)[np.asarray(rows, dtype=np.intp)]
+    return _unit(cell_bits(keys, genes, stream), np.float64)
+
+
+def cell_uniform(keys: np.ndarray, n: int, stream: int, dtype=np.float64) -> np.ndarray:
+    """``(n_cells, n)`` uniform draws in ``[0, 1)``, row ``c`` from cell ``c``'s stream.
+
+    Parameters
+    ----------
+    keys
+        Cell keys from :func:`cell_keys`.
+    n
+        Draws per cell.
+    stream
+        Which of the cell's streams.
+    dtype
+        ``float64`` (53 random bits) or ``float32`` (24 bits, so never rounded up to 1).
+
+    Returns
+    -------
+    The draws.
+    """
+    keys = np.asarray(keys, dtype=np.uint64)
+    return _unit(cell_bits(keys[:, None], np.arange(n, dtype=np.uint64)[None, :], stream), dtype)
+
+
+def cell_normal(keys: np.ndarray, n: int, stream: int) -> np.ndarray:
+    """``(n_cells, n)`` standard normal draws (float64, Box-Muller), row ``c`` from cell ``c``."""
+    u = cell_uniform(keys, 2 * n, stream)
+    radius = np.sqrt(-2.0 * np.log1p(-u[:, 0::2]))
+    return radius * np.cos(2.0 * np.pi * u[:, 1::2])
