@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -29,9 +29,8 @@ from ..._cell_rng import (
     check_random_stream,
 )
 from ..._docs import DOC_RANDOM_STREAM, doc_params
-from ..._progress import progress_bar
-from ..._settings import settings
 from ...pp._match_genes import GeneMatch, as_gene_match
+from ..base._streaming import as_device, gather_blocks, iter_minibatches, run_minibatches
 from ._module import CellNoise, CellPLMModule
 from ._sequences import iter_sequences, sequence_rows
 
@@ -41,12 +40,6 @@ if TYPE_CHECKING:
 __all__ = ["cell_noise", "embed_matrix", "official_generator", "sample_draws"]
 
 logger = logging.getLogger("scfm_tools")
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None or isinstance(device, str):
-        return settings.resolve_device(device)
-    return torch.device(device)
 
 
 def official_generator(seed: int, *, pipeline: bool) -> torch.Generator:
@@ -131,6 +124,65 @@ def sample_draws(
     return lambda counts: {"noise": cell_noise(counts, seed, n_clusters, latent_dim)}
 
 
+class SequenceInputs(NamedTuple):
+    """One CellPLM sequence on the device: its cells' counts, draws and decoder batch ids."""
+
+    counts: torch.Tensor
+    """Sparse ``(cells, n_genes)`` counts on the model's genes."""
+    draws: dict[str, Any]
+    """Keywords of ``module.inference`` for the sequence's random draws."""
+    batch: torch.Tensor | None
+    """Decoder batch ids of the cells, or ``None``."""
+
+
+def sequence_split(
+    sequences: list[np.ndarray],
+    match: GeneMatch,
+    n_genes: int,
+    draws: Callable[[torch.Tensor], dict[str, Any]],
+    *,
+    covariate: np.ndarray | None = None,
+    inspect: Callable[[np.ndarray, torch.Tensor], None] | None = None,
+):
+    """CellPLM's minibatching in the shared streaming loop: one sequence of cells per pass.
+
+    The whole matrix is one block (a sample's cells attend to each other, so a sequence cannot
+    be cut at a row block); each pass is one sequence (a sample, or a ``max_cells`` chunk of
+    one), read from the rows of ``X`` it names.
+
+    Parameters
+    ----------
+    sequences
+        Row indices of each sequence (:func:`~scfm_tools.models.cellplm._sequences.sequence_rows`).
+    match
+        The data's genes matched to the model's.
+    n_genes
+        The model's number of genes.
+    draws
+        ``draws(counts)``: the sequence's random draws (:func:`sample_draws`).
+    covariate
+        Decoder batch id of each row, or ``None``.
+    inspect
+        Called with each sequence's rows and CPU counts (e.g. to count empty cells).
+
+    Returns
+    -------
+    A split function for :func:`~scfm_tools.models.base._streaming.iter_minibatches`.
+    """
+
+    def split(X, dev: torch.device):
+        def passes():
+            for rows, counts in iter_sequences(X, sequences, match, n_genes):
+                if inspect is not None:
+                    inspect(rows, counts)
+                batch = None if covariate is None else torch.from_numpy(covariate[rows]).to(dev)
+                yield rows, SequenceInputs(counts.to(dev), draws(counts), batch)
+
+        return X.shape[0], passes()
+
+    return split
+
+
 @doc_params(random_stream=DOC_RANDOM_STREAM)
 def embed_matrix(
     module: CellPLMModule,
@@ -202,26 +254,25 @@ def embed_matrix(
         if len(batch) != n_cells:
             raise ValueError(f"batch has {len(batch)} entries but X has {n_cells} rows.")
         codes = np.unique(batch, return_inverse=True)[1].astype(np.int64)
-    dev = _device(device)
+    dev = as_device(device)
     draws = sample_draws(module, random_state, random_stream, sample=sample, pipeline=True)
-    out = np.empty((n_cells, module.n_latent), dtype=np.float32)
-    was_training = module.training
-    module.to(dev).eval()
     n_empty = 0
-    try:
-        with progress_bar(n_cells, desc="CellPLM") as bar:
-            for rows, counts in iter_sequences(
-                X, sequence_rows(codes, max_cells), match, module.n_genes
-            ):
-                extra = draws(counts)
-                counts = counts.to(dev)
-                n_empty += len(rows) - int(torch.unique(counts.indices()[0]).numel())
-                with torch.inference_mode():
-                    emb = module.inference(counts, sample=sample, **extra)["mean"]
-                out[rows] = emb.float().cpu().numpy()
-                bar.update(len(rows))
-    finally:
-        module.train(was_training)
+
+    def count_empty(rows: np.ndarray, counts: torch.Tensor) -> None:
+        nonlocal n_empty
+        n_empty += len(rows) - int(torch.unique(counts.indices()[0]).numel())
+
+    split = sequence_split(
+        sequence_rows(codes, max_cells), match, module.n_genes, draws, inspect=count_empty
+    )
+    batches = iter_minibatches(module, [X], split, device=dev, n_cells=n_cells, desc="CellPLM")
+    results = run_minibatches(
+        batches,
+        lambda inputs: module.inference(inputs.counts, sample=sample, **inputs.draws)["mean"],
+        device=dev,
+        mixed_precision=False,  # sparse inputs
+    )
+    out = next(gather_blocks(results, (module.n_latent,)))
     if n_empty:
         logger.warning(
             "%d cells express no gene of the CellPLM gene list; their embedding comes from the "

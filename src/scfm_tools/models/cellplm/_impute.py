@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..._progress import progress_bar
 from ..._validation import InputError
-from ._sequences import iter_sequences
+from ..base._streaming import gather_blocks, iter_minibatches, run_minibatches
+from ._embed import SequenceInputs, sequence_split
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -81,25 +81,21 @@ def denoise_sequences(
     """
     cols = np.flatnonzero(match.matched)
     ids = torch.from_numpy(match.index[cols]).to(device)
-    out = np.empty((X.shape[0], cols.size), dtype=np.float32)
-    was_training = module.training
-    module.to(device).eval()
-    try:
-        with progress_bar(X.shape[0], desc="CellPLM") as bar:
-            for rows, counts in iter_sequences(X, sequences, match, module.n_genes):
-                extra = draws(counts)
-                counts = counts.to(device)
-                batch = None if covariate is None else torch.from_numpy(covariate[rows]).to(device)
-                with torch.inference_mode():
-                    z = module.inference(counts, sample=sample, **extra)["z"]
-                    mean = module.generative(z, batch=batch)["mean"][:, ids]
-                    if rescale:
-                        observed = torch.sparse.sum(counts, dim=1).to_dense().unsqueeze(1)
-                        mean = mean / mean.sum(1, keepdim=True) * observed
-                out[rows] = mean.float().cpu().numpy()
-                bar.update(len(rows))
-        with torch.inference_mode():
-            dispersion = module.decoder.out_layer.dispersion()[ids].cpu().numpy()
-    finally:
-        module.train(was_training)
+
+    def forward(inputs: SequenceInputs) -> torch.Tensor:
+        z = module.inference(inputs.counts, sample=sample, **inputs.draws)["z"]
+        mean = module.generative(z, batch=inputs.batch)["mean"][:, ids]
+        if rescale:
+            observed = torch.sparse.sum(inputs.counts, dim=1).to_dense().unsqueeze(1)
+            mean = mean / mean.sum(1, keepdim=True) * observed
+        return mean
+
+    split = sequence_split(sequences, match, module.n_genes, draws, covariate=covariate)
+    batches = iter_minibatches(
+        module, [X], split, device=device, n_cells=X.shape[0], desc="CellPLM"
+    )
+    results = run_minibatches(batches, forward, device=device, mixed_precision=False)
+    out = next(gather_blocks(results, (cols.size,)))
+    with torch.inference_mode():
+        dispersion = module.decoder.out_layer.dispersion()[ids].cpu().numpy()
     return out, dispersion

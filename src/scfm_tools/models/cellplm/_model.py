@@ -24,8 +24,9 @@ from ...pp._match_genes import GeneMatch, match_adata_genes, match_to_vocab
 from ...train import DOC_TRAIN_SCALE, TrainingMixin
 from .._gene_embeddings import GeneEmbeddings, token_table_rows
 from ..base import PretrainedMixin, unbound_registry
+from ..base._streaming import as_device
 from ._checkpoint import load_cellplm_checkpoint
-from ._embed import _device, embed_matrix, sample_draws
+from ._embed import embed_matrix, sample_draws
 from ._impute import decoder_batch_ids, denoise_sequences
 from ._module import CellPLMModule
 from ._sequences import batch_codes, sequence_rows
@@ -577,7 +578,7 @@ class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
             sample=sample,
             draws=sample_draws(self.module, seed, random_stream, sample=sample, pipeline=False),
             rescale=rescale,
-            device=_device(self.device),
+            device=as_device(self.device),
         )
         cols = np.flatnonzero(match.matched)
         out = np.full(adata.shape, np.nan, dtype=np.float32)

@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 from ..._anndata import iter_row_blocks
-from ..._progress import progress_bar
-from ..._settings import settings
 from ...pp._match_genes import GeneMatch, as_gene_match
+from ..base._streaming import as_device, gather_blocks, iter_minibatches, run_minibatches
 from ._module import SCBERTModule
 from ._tokenizer import SCBERTTokenizer
 
@@ -49,23 +48,15 @@ def cells_per_pass(batch_size: int, seq_len: int, device: torch.device) -> int:
     return max(1, min(batch_size, budget // seq_len))
 
 
-def _autocast(device: torch.device):
-    # bf16 on CUDA only (the FAVOR+ features stay float32 inside the attention).
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @contextlib.contextmanager
-def _eval_on(module: SCBERTModule, device: torch.device, key_max: str | None):
-    was_training, old_key_max = module.training, module.performer.key_max
-    module.to(device).eval()
+def _key_max(module: SCBERTModule, key_max: str | None):
+    """Override the module's FAVOR+ key stabiliser extent for the run, then restore it."""
+    old_key_max = module.performer.key_max
     if key_max is not None:
         module.performer.key_max = key_max
     try:
         yield
     finally:
-        module.train(was_training)
         module.performer.key_max = old_key_max
 
 
@@ -83,22 +74,30 @@ def _iter_outputs(
 ) -> Iterator[np.ndarray]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    dev = settings.resolve_device(device) if isinstance(device, str) else torch.device(device)
+    dev = as_device(device)
     step = cells_per_pass(batch_size, module.seq_len, dev)
     n_sparse = 0
-    with _eval_on(module, dev, key_max), progress_bar(n_cells, desc="scBERT") as bar:
-        for block in blocks:
-            counts = tokenizer.reindex(block)
-            if module.n_genes >= _GENOME_WIDE:
-                n_sparse += int((np.diff(counts.indptr) < _OFFICIAL_MIN_GENES).sum())
-            out = np.empty((counts.shape[0], width), dtype=np.float32)
-            for start in range(0, counts.shape[0], step):
-                tokens = tokenizer.tokens_from_counts(counts[start : start + step]).to(dev)
-                with torch.inference_mode(), _autocast(dev):
-                    result = fn(tokens)
-                out[start : start + len(tokens)] = result.float().cpu().numpy()
-                bar.update(len(tokens))
-            yield out
+
+    def split(block, dev: torch.device):
+        # Every cell reads all of the model's genes: minibatches of equal length, in row order.
+        nonlocal n_sparse
+        counts = tokenizer.reindex(block)
+        if module.n_genes >= _GENOME_WIDE:
+            n_sparse += int((np.diff(counts.indptr) < _OFFICIAL_MIN_GENES).sum())
+        passes = (
+            (
+                np.arange(start, min(start + step, counts.shape[0])),
+                tokenizer.tokens_from_counts(counts[start : start + step]).to(dev),
+            )
+            for start in range(0, counts.shape[0], step)
+        )
+        return counts.shape[0], passes
+
+    with _key_max(module, key_max):
+        batches = iter_minibatches(
+            module, blocks, split, device=dev, n_cells=n_cells, desc="scBERT"
+        )
+        yield from gather_blocks(run_minibatches(batches, fn, device=dev), (width,))
     if n_sparse:
         logger.warning(
             "%d cells express fewer than %d of the model's genes; the official scBERT "

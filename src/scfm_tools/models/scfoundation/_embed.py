@@ -9,9 +9,8 @@ chunk, sorted by their number of expressed genes so that a batch holds cells of 
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -19,11 +18,10 @@ import torch
 from scipy import sparse
 
 from ..._anndata import iter_row_blocks
-from ..._progress import progress_bar
-from ..._settings import settings
 from ..._validation import InputError, check_counts, check_lognorm
 from ...pp._match_genes import GeneMatch, as_gene_match
 from .._length_batches import length_batches
+from ..base._streaming import Minibatch, as_device, gather_blocks, iter_minibatches, run_minibatches
 from ._module import Pool, SCFoundationModule
 from ._preprocess import (
     GeneReindexer,
@@ -44,12 +42,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Output",
-    "block_passes",
     "check_values",
     "embed_matrix",
     "iter_outputs",
     "prepare_blocks",
     "prepare_options",
+    "run_passes",
     "total_counts_of",
 ]
 
@@ -62,29 +60,6 @@ _OUTPUTS = ("cell", "gene", "gene_expression")
 # attention with a padding mask may hold at once on CPU.
 _TOKENS_PER_PASS = {"cpu": 1 << 17, "cuda": 1 << 20}
 _SCORES_PER_PASS = {"cpu": 1 << 27, "cuda": 1 << 31}
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None or isinstance(device, str):
-        return settings.resolve_device(device)
-    return torch.device(device)
-
-
-def _autocast(device: torch.device):
-    # bf16 on CUDA only (the FAVOR+ features stay float32 inside the attention).
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _eval_on(module: SCFoundationModule, device: torch.device):
-    was_training = module.training
-    module.to(device).eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def _check_output(output: str, pool: str) -> None:
@@ -134,46 +109,36 @@ def iter_outputs(
     _check_output(output, pool)
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    dev = _device(device)
-    with _eval_on(module, dev), progress_bar(n_cells, desc="scFoundation") as bar:
-        for values, t, s in blocks:
-            n = values.shape[0]
-            if output == "cell":
-                width: tuple[int, ...] = (4 * module.enc_dim if pool == "all" else module.enc_dim,)
-            elif output == "gene":
-                width = (module.n_genes, module.dec_dim)
-            else:
-                width = (module.n_genes,)
-            out = np.empty((n, *width), dtype=np.float32)
-            passes = block_passes(
-                module, values, t, s, output=output, pool=pool, batch_size=batch_size, device=dev
-            )
-            for rows, result in passes:
-                out[rows] = result.float().cpu().numpy()
-                bar.update(len(rows))
-            yield out
+    if output == "cell":
+        width: tuple[int, ...] = (4 * module.enc_dim if pool == "all" else module.enc_dim,)
+    elif output == "gene":
+        width = (module.n_genes, module.dec_dim)
+    else:
+        width = (module.n_genes,)
+    yield from gather_blocks(
+        run_passes(module, blocks, output, pool, batch_size, device, n_cells), width
+    )
 
 
-def block_passes(
+def run_passes(
     module: SCFoundationModule,
-    values: sparse.csr_matrix,
-    t: np.ndarray,
-    s: np.ndarray,
-    *,
+    blocks: Iterable[tuple[sparse.csr_matrix, np.ndarray, np.ndarray]],
     output: Output,
-    pool: Pool = "all",
+    pool: Pool,
     batch_size: int,
-    device: torch.device,
-) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """Run the model on one prepared block, one forward pass at a time.
+    device: str | torch.device,
+    n_cells: int | None,
+) -> Iterator[tuple[Minibatch, torch.Tensor | None]]:
+    """Run the model on prepared blocks in the shared streaming loop, one pass at a time.
 
-    The module must already be in eval mode on ``device``; arguments as in
-    :func:`iter_outputs`, whose checks this skips. Yields ``(rows, outputs)`` per pass: the
-    block's rows (grouped by length, so not in block order) and their outputs on ``device``,
-    for callers that reduce over cells instead of keeping every cell's output.
+    scFoundation's minibatching: cells sorted by their number of expressed genes, as many per
+    pass as the token and attention-score budgets allow. Arguments as in :func:`iter_outputs`,
+    whose checks this skips; yields ``(minibatch, outputs)``, for callers that reduce over
+    cells instead of keeping every cell's output.
     """
-    tokens = _TOKENS_PER_PASS.get(device.type, _TOKENS_PER_PASS["cpu"])
-    scores = _SCORES_PER_PASS.get(device.type, _SCORES_PER_PASS["cpu"])
+    dev = as_device(device)
+    tokens = _TOKENS_PER_PASS.get(dev.type, _TOKENS_PER_PASS["cpu"])
+    scores = _SCORES_PER_PASS.get(dev.type, _SCORES_PER_PASS["cpu"])
     heads = module.config["enc_heads"]
     decoder = output != "cell"
 
@@ -182,14 +147,23 @@ def block_passes(
         per_cell = module.seq_len if decoder else longest
         return n * per_cell <= tokens and n * heads * longest * longest <= scores
 
-    for rows in length_batches(np.diff(values.indptr), batch_size, fits=fits):
-        x = sequences(values[rows], t[rows], s[rows]).to(device)
-        with torch.inference_mode(), _autocast(device):
-            if output == "cell":
-                result = module.cell_embedding(x, pool)
-            else:
-                result = module.gene_outputs(x, head=output == "gene_expression")
-        yield rows, result
+    def split(block, dev: torch.device):
+        values, t, s = block
+        passes = (
+            (rows, sequences(values[rows], t[rows], s[rows]).to(dev))
+            for rows in length_batches(np.diff(values.indptr), batch_size, fits=fits)
+        )
+        return values.shape[0], passes
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if output == "cell":
+            return module.cell_embedding(x, pool)
+        return module.gene_outputs(x, head=output == "gene_expression")
+
+    batches = iter_minibatches(
+        module, blocks, split, device=dev, n_cells=n_cells, desc="scFoundation"
+    )
+    return run_minibatches(batches, forward, device=dev)
 
 
 def prepare_blocks(

@@ -20,9 +20,8 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from ..._progress import progress_bar
 from ._checkpoint import entry_for
-from ._embed import _device, _eval_on, block_passes
+from ._embed import run_passes
 
 if TYPE_CHECKING:
     from ._module import SCFoundationModule
@@ -82,24 +81,25 @@ def context_gene_embeddings(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    dev = _device(device)
     expressed = np.zeros(module.n_genes, dtype=np.int64)
     n_seen = 0
     sums = None
-    with _eval_on(module, dev), progress_bar(n_cells, desc="scFoundation") as bar:
+
+    def counted():
+        nonlocal n_seen, expressed
         for values, t, s in blocks:
             n_seen += values.shape[0]
             expressed += np.bincount(values.indices[values.data > 0], minlength=module.n_genes)
-            passes = block_passes(
-                module, values, t, s, output="gene", batch_size=batch_size, device=dev
-            )
-            for rows, out in passes:
-                if sums is None:
-                    # float64 sums keep the mean exact over many cells; MPS has no float64.
-                    dtype = torch.float32 if out.device.type == "mps" else torch.float64
-                    sums = torch.zeros(out.shape[1:], dtype=dtype, device=out.device)
-                sums += out.sum(dim=0, dtype=sums.dtype)
-                bar.update(len(rows))
+            yield values, t, s
+
+    for _, out in run_passes(module, counted(), "gene", "all", batch_size, device, n_cells):
+        if out is None:
+            continue
+        if sums is None:
+            # float64 sums keep the mean exact over many cells; MPS has no float64.
+            dtype = torch.float32 if out.device.type == "mps" else torch.float64
+            sums = torch.zeros(out.shape[1:], dtype=dtype, device=out.device)
+        sums += out.sum(dim=0, dtype=sums.dtype)
     if sums is None:
         return np.full((module.n_genes, module.dec_dim), np.nan, np.float32), expressed
     return (sums.cpu().numpy() / n_seen).astype(np.float32), expressed

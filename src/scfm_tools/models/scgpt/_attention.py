@@ -20,8 +20,8 @@ import torch
 from ..._anndata import resolve_seed
 from ..._cell_rng import RandomStream
 from ..._docs import DOC_RANDOM_STREAM, doc_params
-from ..._settings import settings
 from ..._validation import InputError
+from ..base._streaming import as_device
 from ._embed import token_batches
 from ._module import SCGPTModule
 from ._tokenizer import OFFICIAL_N_BINS, CellTokenizer
@@ -156,7 +156,7 @@ def attention_sums(
         groups = np.asarray(groups, dtype=np.int64)
         if groups.size and (groups.min() < 0 or groups.max() >= n_groups):
             raise ValueError(f"groups must hold codes 0 .. {n_groups - 1}, one per cell.")
-    dev = settings.resolve_device(device) if isinstance(device, str) else torch.device(device)
+    dev = as_device(device)
     acc_dtype = torch.float32 if dev.type == "mps" else torch.float64
     # vocabulary id -> position among the token genes; <cls>, <pad> and the rest map to -1
     lookup = torch.full((int(max(gene_index.max(), cls_id, module.pad_token_id)) + 1,), -1)
@@ -202,9 +202,9 @@ def attention_sums(
             if not batch.n_block:
                 continue
             with torch.inference_mode():
-                out = module.encode(**batch.tensors, return_attention=[which])
+                out = module.encode(**batch.inputs, return_attention=[which])
                 weights = out["attention"][which].mean(1)  # (cells, query, key)
-                pos = lookup[batch.tensors["gene_ids"]]
+                pos = lookup[batch.inputs["gene_ids"]]
                 both = (pos[:, :, None] >= 0) & (pos[:, None, :] >= 0)
                 offset = torch.as_tensor(block_groups[batch.rows], device=dev) * (n * n)
                 flat = offset[:, None, None] + pos[:, :, None] * n + pos[:, None, :]

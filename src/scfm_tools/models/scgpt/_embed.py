@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Generator, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,18 +12,13 @@ import torch
 from ..._anndata import iter_row_blocks, resolve_seed
 from ..._cell_rng import RandomStream
 from ..._docs import DOC_RANDOM_STREAM, doc_params
-from ..._progress import progress_bar
-from ..._settings import settings
 from ...pp._match_genes import GeneMatch, as_gene_match, match_to_vocab
 from .._length_batches import length_batches
+from ..base._streaming import Minibatch, gather_blocks, iter_minibatches, run_minibatches
 from ._module import SCGPTModule
 from ._tokenizer import OFFICIAL_N_BINS, CellTokenizer, pad_cells
 
-if TYPE_CHECKING:
-    pass
-
 __all__ = [
-    "TokenBatch",
     "embed_matrix",
     "iter_embeddings",
     "iter_token_batches",
@@ -44,26 +38,6 @@ def _gene_index(var_names: Sequence[str] | GeneMatch, vocab: dict[str, int]) -> 
     return np.asarray(match.index, dtype=np.int64)
 
 
-def _autocast(device: torch.device):
-    # bf16 on CUDA only: on CPU it brings no speed here and would cost exactness.
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-class TokenBatch(NamedTuple):
-    """One padded minibatch of tokenized cells, as :func:`iter_token_batches` yields it."""
-
-    block: int
-    """Index of the block the cells come from (blocks in the order given)."""
-    n_block: int
-    """Number of cells in that block."""
-    rows: np.ndarray
-    """Positions of the minibatch's cells within their block."""
-    tensors: dict[str, torch.Tensor]
-    """``gene_ids``, ``values`` and ``padding_mask`` on the run's device (``<cls>`` first)."""
-
-
 def iter_token_batches(
     module: SCGPTModule,
     vocab: dict[str, int],
@@ -78,7 +52,7 @@ def iter_token_batches(
     random_stream: RandomStream = "cell",
     device: str | torch.device = "cpu",
     n_cells: int | None = None,
-) -> Iterator[TokenBatch]:
+) -> Iterator[Minibatch]:
     """Tokenize consecutive blocks of cells into length-sorted minibatches on the device.
 
     The input side shared by every scGPT pass over cells (cell embeddings, context-aware gene
@@ -90,7 +64,9 @@ def iter_token_batches(
 
     Yields
     ------
-    :class:`TokenBatch` es, block after block, every cell of a block in exactly one of them;
+    :class:`~scfm_tools.models.base._streaming.Minibatch` es (``inputs``: ``gene_ids``,
+    ``values`` and ``padding_mask``, ``<cls>`` first), block after block, every cell of a
+    block in exactly one of them;
     an empty block gives one batch with no rows and no tensors.
     """
     pad_token = args.get("pad_token", "<pad>")
@@ -135,17 +111,20 @@ def token_batches(
     batch_size: int,
     device: str | torch.device = "cpu",
     n_cells: int | None = None,
-) -> Generator[TokenBatch, None, int]:
+) -> Generator[Minibatch, None, int]:
     """Tokenize blocks with ``tokenizer`` into length-sorted, padded minibatches on the device.
 
-    The loop under :func:`iter_token_batches`, for callers that build their own tokenizer
-    (e.g. attention over a chosen subset of genes). ``module`` is moved to ``device`` and kept
-    in eval mode while the generator runs; its training flag is restored when it ends or is
-    closed. ``n_cells`` (the cells in all blocks, when known) is the progress bar's total.
+    scGPT's minibatching in the shared streaming loop
+    (:func:`~scfm_tools.models.base._streaming.iter_minibatches`), for callers that build their
+    own tokenizer (e.g. attention over a chosen subset of genes). ``module`` is moved to
+    ``device`` and kept in eval mode while the generator runs; its training flag is restored
+    when it ends or is closed. ``n_cells`` (the cells in all blocks, when known) is the progress
+    bar's total.
 
     Yields
     ------
-    :class:`TokenBatch` es, block after block (see :func:`iter_token_batches`).
+    :class:`~scfm_tools.models.base._streaming.Minibatch` es whose ``inputs`` are
+    ``gene_ids``, ``values`` and ``padding_mask`` (``<cls>`` first), block after block.
 
     Returns
     -------
@@ -153,28 +132,22 @@ def token_batches(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    dev = settings.resolve_device(device) if isinstance(device, str) else torch.device(device)
-    was_training = module.training
-    module.to(dev).eval()
     n_empty = 0
-    try:
-        with progress_bar(n_cells, desc="scGPT") as bar:
-            for number, block in enumerate(blocks):
-                cells = tokenizer(block)
-                lengths = np.fromiter(
-                    (len(ids) for ids, _ in cells), dtype=np.int64, count=len(cells)
-                )
-                n_empty += int((lengths == 1).sum())
-                if not cells:
-                    yield TokenBatch(number, 0, np.empty(0, dtype=np.int64), {})
-                    continue
-                for rows in length_batches(lengths, batch_size):
-                    batch = pad_cells([cells[i] for i in rows], pad_id=pad_id, pad_value=pad_value)
-                    batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-                    yield TokenBatch(number, len(cells), rows, batch)
-                    bar.update(len(rows))
-    finally:
-        module.train(was_training)
+
+    def split(block, dev: torch.device):
+        nonlocal n_empty
+        cells = tokenizer(block)
+        lengths = np.fromiter((len(ids) for ids, _ in cells), dtype=np.int64, count=len(cells))
+        n_empty += int((lengths == 1).sum())
+
+        def passes():
+            for rows in length_batches(lengths, batch_size):
+                batch = pad_cells([cells[i] for i in rows], pad_id=pad_id, pad_value=pad_value)
+                yield rows, {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+
+        return len(cells), passes()
+
+    yield from iter_minibatches(module, blocks, split, device=device, n_cells=n_cells, desc="scGPT")
     return n_empty
 
 
@@ -237,9 +210,7 @@ def iter_embeddings(
     ------
     L2-normalised ``<cls>`` embeddings, float32, one row per cell of the block.
     """
-    out: np.ndarray | None = None
-    current = -1
-    for batch in iter_token_batches(
+    batches = iter_token_batches(
         module,
         vocab,
         args,
@@ -252,20 +223,13 @@ def iter_embeddings(
         random_stream=random_stream,
         device=device,
         n_cells=n_cells,
-    ):
-        if batch.block != current:
-            if out is not None:
-                yield out
-            out = np.empty((batch.n_block, module.d_model), dtype=np.float32)
-            current = batch.block
-        if not batch.n_block:
-            continue
-        dev = batch.tensors["gene_ids"].device
-        with torch.inference_mode(), _autocast(dev):
-            emb = module.cell_embedding(**batch.tensors, normalize=True)
-        out[batch.rows] = emb.float().cpu().numpy()
-    if out is not None:
-        yield out
+    )
+    results = run_minibatches(
+        batches,
+        lambda inputs: module.cell_embedding(**inputs, normalize=True),
+        device=device,
+    )
+    yield from gather_blocks(results, (module.d_model,))
 
 
 @doc_params(random_stream=DOC_RANDOM_STREAM)

@@ -20,7 +20,8 @@ from ..._anndata import iter_row_blocks
 from ..._cell_rng import RandomStream
 from ..._docs import DOC_RANDOM_STREAM, doc_params
 from ...pp._match_genes import GeneMatch
-from ._embed import _autocast, iter_token_batches
+from ..base._streaming import autocast
+from ._embed import iter_token_batches
 from ._module import SCGPTModule
 from ._tokenizer import OFFICIAL_N_BINS
 
@@ -123,7 +124,7 @@ def context_gene_embeddings(
     ):
         if not batch.n_block:
             continue
-        gene_ids = batch.tensors["gene_ids"]
+        gene_ids = batch.inputs["gene_ids"]
         if sums is None:
             dev = gene_ids.device
             # float64 sums keep the mean exact over many cells; MPS has no float64.
@@ -131,11 +132,11 @@ def context_gene_embeddings(
             sums = torch.zeros((ids.size, module.d_model), dtype=dtype, device=dev)
             counts = torch.zeros(ids.size, dtype=torch.int64, device=dev)
             lookup = torch.as_tensor(position, device=dev)
-        with torch.inference_mode(), _autocast(gene_ids.device):
-            out = module.encode(**batch.tensors)["transformer_output"]
+        with torch.inference_mode(), autocast(gene_ids.device):
+            out = module.encode(**batch.inputs)["transformer_output"]
         # <cls> (first) and padding carry no gene
         rows = lookup[gene_ids[:, 1:]]
-        keep = ~batch.tensors["padding_mask"][:, 1:] & (rows >= 0)
+        keep = ~batch.inputs["padding_mask"][:, 1:] & (rows >= 0)
         rows = rows[keep]
         sums.index_add_(0, rows, out[:, 1:][keep].to(sums.dtype))
         counts.index_add_(0, rows, torch.ones_like(rows))
