@@ -417,7 +417,9 @@ def test_bad_batch_key_leaves_adata_unchanged(cellbench, tiny_ckpt):
 def test_unknown_option_is_refused(cellbench, tiny_ckpt):
     adata = cellbench.copy()
     snap = snapshot(adata)
-    with pytest.raises(TypeError, match=r"it takes \['batch_key', 'random_stream', 'sample'\]"):
+    with pytest.raises(
+        TypeError, match=r"it takes \['batch_key', 'max_cells', 'random_stream', 'sample'\]"
+    ):
         sft.tl.embed_cells(adata, tiny_ckpt, samples=True)
     assert_unchanged(adata, snap)
 
@@ -480,7 +482,7 @@ def test_impute_refuses_bad_input(cellbench, tiny_ckpt, tmp_path, fixtures_dir):
     snap = snapshot(adata)
     with pytest.raises(NotImplementedError, match="impute is not available for scgpt models"):
         sft.tl.impute(adata, fixtures_dir / "scgpt" / "ckpt_folder")
-    with pytest.raises(NotImplementedError, match="no model was given.*CellPLM or scFoundation"):
+    with pytest.raises(NotImplementedError, match="No model was given.*CellPLM or scFoundation"):
         sft.tl.impute(adata)
     genes = list(cellbench.var["gene_ids"])[:100]
     headless = _write_checkpoint(tmp_path, genes, drop=("decoder.",))

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import sparse
 
 import scfm_tools as sft
 from _unchanged import assert_unchanged, snapshot
@@ -26,6 +27,20 @@ def cells(data_dir):
 @pytest.fixture(scope="module")
 def pbmc(data_dir):
     return ad.read_h5ad(data_dir / PBMC)[:30].copy()
+
+
+@pytest.fixture(scope="module")
+def plm_cells(fixtures_dir):
+    """The CellPLM fixture's cells: counts on (a subset of) its own gene list, in samples."""
+    arrays = dict(np.load(fixtures_dir / "cellplm" / "fixture_io.npz"))
+    return ad.AnnData(
+        sparse.csr_matrix(arrays["counts"]),
+        obs=pd.DataFrame(
+            {"batch": arrays["obs_batch"].astype(str)},
+            index=[f"c{i}" for i in range(len(arrays["counts"]))],
+        ),
+        var=pd.DataFrame(index=[str(g) for g in arrays["var_names"]]),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +72,7 @@ def test_unbound_models_load_without_adata(fixtures_dir, scfoundation_ckpt, scbe
 
 @pytest.mark.parametrize("family", ["scgpt", "scbert", "scfoundation", "cellplm"])
 def test_embed_cells_with_object_equals_path(
-    family, cells, pbmc, fixtures_dir, scfoundation_ckpt, scbert_ckpt
+    family, cells, pbmc, plm_cells, fixtures_dir, scfoundation_ckpt, scbert_ckpt
 ):
     source, obj, data, kwargs = {
         "scgpt": (None, lambda: SCGPT.from_pretrained("scgpt-default"), cells, {}),
@@ -72,7 +87,7 @@ def test_embed_cells_with_object_equals_path(
         "cellplm": (
             fixtures_dir / "cellplm",
             lambda: CellPLM.from_pretrained(fixtures_dir / "cellplm"),
-            cells,
+            plm_cells,
             {"batch_key": "batch"},
         ),
     }[family]
@@ -97,20 +112,20 @@ def test_a_model_trained_here_runs_through_tl(cells):
     torch.manual_seed(0)
     model = SCGPT(adata, d_model=16, n_heads=2, d_hid=16, n_layers=1, max_seq_len=64)
     model.train(max_epochs=1, batch_size=20, accelerator="cpu", enable_progress_bar=False)
-    query = cells.copy()
+    query = adata.copy()
     sft.tl.embed_cells(query, model)
     np.testing.assert_allclose(
         query.obsm["X_scgpt"], model.get_latent_representation(query), atol=1e-6
     )
     assert query.uns["scgpt"]["params"]["trained_here"] is True
-    # The trained model's own cells are embedded with the genes it was set up on.
     assert np.isfinite(query.obsm["X_scgpt"]).all()
 
 
-def test_impute_with_object_equals_path(cells, fixtures_dir, pbmc, scfoundation_ckpt):
+def test_impute_with_object_equals_path(plm_cells, fixtures_dir, pbmc, scfoundation_ckpt):
     root = fixtures_dir / "cellplm"
-    by_path = sft.tl.impute(cells, root, batch_key="batch", copy=True)
-    by_object = sft.tl.impute(cells, CellPLM.from_pretrained(root), batch_key="batch", copy=True)
+    by_path = sft.tl.impute(plm_cells, root, batch_key="batch", copy=True)
+    model = CellPLM.from_pretrained(root)
+    by_object = sft.tl.impute(plm_cells, model, batch_key="batch", copy=True)
     np.testing.assert_allclose(
         by_object.layers["cellplm_denoised"], by_path.layers["cellplm_denoised"], atol=1e-5
     )
@@ -170,18 +185,18 @@ def test_a_checkpoint_is_loaded_once(cells, monkeypatch):
     ],
 )
 def test_arguments_a_family_cannot_honour_are_refused(
-    model, kwargs, error, match, cells, pbmc, fixtures_dir, scbert_ckpt
+    model, kwargs, error, match, cells, pbmc, plm_cells, fixtures_dir, scbert_ckpt
 ):
     source = {"cellplm_fixture": fixtures_dir / "cellplm", "scbert": scbert_ckpt}.get(model, model)
-    data = (pbmc if model == "scbert" else cells).copy()
+    data = {"scbert": pbmc, "cellplm_fixture": plm_cells}.get(model, cells).copy()
     snap = snapshot(data)
     with pytest.raises(error, match=match):
         sft.tl.embed_cells(data, source, **kwargs)
     assert_unchanged(data, snap)
 
 
-def test_cellplm_cells_per_sequence_is_max_cells(cells, fixtures_dir):
-    adata = cells.copy()
+def test_cellplm_cells_per_sequence_is_max_cells(plm_cells, fixtures_dir):
+    adata = plm_cells.copy()
     sft.tl.embed_cells(adata, fixtures_dir / "cellplm", max_cells=7)
     params = adata.uns["cellplm"]["params"]
     assert params["max_cells"] == 7 and params["n_sequences"] == int(np.ceil(adata.n_obs / 7))

@@ -320,7 +320,7 @@ def test_shipped_default_model(read_shared):
 def test_from_pretrained_unknown_model(pbmc):
     adata = pbmc[:20].copy()
     SCGPT.setup_anndata(adata)
-    with pytest.raises(FileNotFoundError, match="neither a registered model"):
+    with pytest.raises(sft.hub.UnknownModelError, match="not an existing file or folder"):
         SCGPT.from_pretrained("no-such-scgpt-model", adata)
 
 

@@ -89,11 +89,16 @@ def load_for(
     :func:`scfm_tools.models.base.load_model`); the family picks which weights its checkpoint
     holds for the task from the options (scFoundation's entries).
     """
-    from ..models.base import load_model
+    from ..models.base import PretrainedMixin, load_model
 
     if not hasattr(located.cls, method):
         raise NotImplementedError(unavailable(method, located.family))
     load_kwargs, run_options = located.cls.pretrained_options(method, options)
+    if isinstance(located.source, PretrainedMixin):
+        # A loaded model's weights are chosen already: only options the user gave that would
+        # choose others are refused.
+        given = {k: v for k, v in load_kwargs.items() if set(options) - set(run_options)}
+        return load_model(located.source, load_kwargs=given), run_options
     return load_model(located.source, load_kwargs=load_kwargs), run_options
 
 

@@ -107,6 +107,24 @@ class PretrainedMixin:
             **extra,
         }
 
+    @classmethod
+    def _build(cls, *args: Any, **kwargs: Any) -> PretrainedMixin:
+        """Construct a model whose weights are about to be overwritten by a checkpoint's.
+
+        The fresh module's random initialisation must not move the caller's random state.
+        """
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            return cls(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        # scvi-tools' own repr prints a table and returns an empty string.
+        source = getattr(self, "pretrained_", None)
+        extra = f"; from {source['source']}" if source else ""
+        trained = getattr(self, "is_trained_", False)
+        return f"{getattr(self, '_model_summary_string', '')}{extra}; trained: {trained}"
+
     @property
     def model_name(self) -> str:
         """The registered name or checkpoint the weights came from (else the class name)."""

@@ -246,7 +246,7 @@ class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
         kwargs.pop("n_genes")
         if dropout is not None:
             kwargs["dropout"] = dropout
-        model = cls(adata, gene_list=genes, batch_covariate=False, **kwargs)
+        model = cls._build(adata, gene_list=genes, batch_covariate=False, **kwargs)
         model.module.load_state_dict(pretrained.state_dict())
         model.module.eval()
         model._set_pretrained(resolved, report)

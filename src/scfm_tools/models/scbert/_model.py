@@ -372,7 +372,7 @@ class SCBERT(PretrainedMixin, TrainingMixin, BaseModelClass):
         cfg = pretrained.config
         ckpt_head: Head = "classifier" if pretrained.is_classifier else "pretrain"
         head = ckpt_head if head is None else head
-        model = cls(
+        model = cls._build(
             adata,
             genes=genes,
             head=head,

@@ -217,7 +217,7 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         kwargs = dict(pretrained.config)
         kwargs.pop("n_genes")
         kwargs.update(module_kwargs)
-        model = cls(adata, gene_list=genes, **kwargs)
+        model = cls._build(adata, gene_list=genes, **kwargs)
         model.module.load_state_dict(pretrained.state_dict())
         model.module.eval()
         model._load_report = report

@@ -315,7 +315,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
                     f"up with {n_batch}; set it up with a batch_key of as many categories."
                 )
         batch_table = {"n_batch_labels": cfg["n_batch_labels"]} if adata is None else {}
-        model = cls(
+        model = cls._build(
             adata,
             vocab=vocab,
             d_model=cfg["d_model"],
@@ -497,7 +497,11 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         return self.registry_["setup_args"].get("layer")
 
     def _query(
-        self, adata: AnnData | None, indices: Sequence[int] | None, layer: str | None
+        self,
+        adata: AnnData | None,
+        indices: Sequence[int] | None,
+        layer: str | None,
+        chunk_size: int = 10_000,
     ) -> AnnData:
         if adata is None:
             if self.adata is None:
@@ -505,7 +509,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             adata = self.adata
         if indices is not None:
             adata = adata[np.asarray(indices)]
-        check_nonnegative(adata, layer)
+        check_nonnegative(adata, layer, chunk_size=chunk_size)
         return adata
 
     def _blocks(self, adata: AnnData, layer: str | None, chunk_size: int = 10_000):
@@ -595,7 +599,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         ``return_info=True``).
         """
         layer = self._layer if layer is None else layer
-        adata = self._query(adata, indices, layer)
+        adata = self._query(adata, indices, layer, chunk_size)
         match = self.match_genes(adata, gene_key)
         seed = resolve_seed(random_state)
         length = self._max_length(max_length)
@@ -863,8 +867,3 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         mean = np.divide(sums[0], counts[0], out=np.zeros_like(sums[0]), where=counts[0] > 0)
         names = pd.Index(np.asarray(adata.var_names, dtype=object)[columns], name="gene")
         return pd.DataFrame(mean.astype(np.float32), index=names, columns=names)
-
-    def __repr__(self) -> str:
-        source = getattr(self, "pretrained_", None)
-        extra = f"; from {source['source']}" if source else ""
-        return f"{self._model_summary_string}{extra}; trained: {self.is_trained_}"
