@@ -8,8 +8,8 @@ layer and the layers of the tiers below it, nothing above and no peer of its own
 tier, bottom up                          may import, besides itself
 =======================================  =========================================================
 ``_settings``, ``_docs``, ``_h5ad``,     nothing of the package
-``_metrics``
-``_anndata``                             the first tier (and the package's ``__version__``)
+``_metrics``, ``_errors``, ``_cell_rng``
+``_anndata``, ``_progress``              the first tier (and the package's ``__version__``)
 ``_validation``                          ``_anndata`` and below
 ``_labels``                              ``_validation`` and below
 ``nn``                                   the private helpers above (``_settings`` ... ``_labels``)
@@ -45,8 +45,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 
 #: The tiers, bottom up.
 TIERS: tuple[tuple[str, ...], ...] = (
-    ("_settings", "_docs", "_h5ad", "_metrics"),
-    ("_anndata",),
+    ("_settings", "_docs", "_h5ad", "_metrics", "_errors", "_cell_rng"),
+    ("_anndata", "_progress"),
     ("_validation",),
     ("_labels",),
     ("nn",),

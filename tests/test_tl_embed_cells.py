@@ -171,7 +171,8 @@ def test_view_of_backed_adata_is_refused_before_any_work(scgpt_fixture, tmp_path
     def no_model(*args, **kwargs):
         raise AssertionError("the model was reached")
 
-    monkeypatch.setattr("scfm_tools.tl._embed_cells.resolve_model", no_model)
+    for where in ("_embed_cells", "_embed_genes", "_impute"):
+        monkeypatch.setattr(f"scfm_tools.tl.{where}.locate_model", no_model)
     for call in (sft.tl.embed_cells, sft.tl.embed_genes, sft.tl.impute):
         with pytest.raises(InputError, match=r"view \(a subset\) of a backed AnnData.*to_memory"):
             call(view, root / "ckpt_folder")

@@ -115,7 +115,7 @@ def resolve_adata(data: Any, *, copy: bool = False, mod: str | None = None) -> t
     """
     from anndata import AnnData
 
-    from ._validation import InputError
+    from ._errors import InputError
 
     if isinstance(data, AnnData):
         if mod is not None:

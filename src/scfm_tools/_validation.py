@@ -14,6 +14,7 @@ import pandas as pd
 from scipy import sparse
 
 from ._anndata import describe_source, get_matrix, iter_chunks
+from ._errors import InputError
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -28,10 +29,6 @@ __all__ = [
     "check_unique_names",
     "first_non_integer",
 ]
-
-
-class InputError(ValueError):
-    """Raised when the input data is not what a function needs; the message says how to fix it."""
 
 
 def _values(block) -> np.ndarray:
