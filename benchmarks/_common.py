@@ -259,13 +259,17 @@ def run_worker(
     threads: int,
     timeout: float | None = None,
     echo: Callable[[str], None] | None = print,
+    pythonpath: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Run ``python script --worker <spec>`` in a fresh process and return its reply.
 
     The child's log lines (stderr) are passed to ``echo``; a child that fails or sends no reply
-    raises ``RuntimeError`` with the end of its output.
+    raises ``RuntimeError`` with the end of its output. ``pythonpath`` puts a folder first on
+    the child's import path (e.g. another commit's ``src``).
     """
     env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
     proc = subprocess.run(

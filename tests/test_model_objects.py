@@ -154,6 +154,14 @@ def test_gene_tasks_with_object_equal_path(cells):
     assert (by_object.varp[key] != by_name.varp[key]).nnz == 0
 
 
+def test_gene_modules_with_object_equals_name(cells):
+    by_name = sft.tl.gene_modules(cells, score_cells=False, copy=True)
+    model = SCGPT.from_pretrained("scgpt-default")
+    by_object = sft.tl.gene_modules(cells, model, score_cells=False, copy=True)
+    assert by_object.var["gene_module"].equals(by_name.var["gene_module"])
+    assert by_object.uns["gene_module"]["params"]["model"] == "scgpt-default"
+
+
 def test_a_checkpoint_is_loaded_once(cells, monkeypatch):
     from scfm_tools.models.scgpt import _model
 

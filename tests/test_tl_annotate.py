@@ -102,6 +102,11 @@ def test_fine_tuned_checkpoint_and_model_object(cells, checkpoint, tmp_path):
     sft.tl.annotate(a, model, key_added="ft")
     np.testing.assert_array_equal(a.obs["ft_label"].astype(str), expected["label"].astype(str))
     assert a.uns["ft"]["params"]["fine_tuned"] == "model"
+    # a fine-tuned model with a reference: predict, or fine-tune anew? Said, not guessed.
+    snap = snapshot(a)
+    with pytest.raises(ValueError, match="fine-tuned classifier.*ambiguous.*method="):
+        sft.tl.annotate(a, model, reference=ref, label_key="cell_type", key_added="ft")
+    assert_unchanged(a, snap)
     # the same model exported (with classes.txt) and read back from disk
     path = model.export_checkpoint(tmp_path / "ft")
     assert (path.parent / "classes.txt").read_text().split("\n") == model.classes

@@ -242,6 +242,37 @@ def test_reference_without_model_genes_fails_cleanly(pbmc):
     assert_unchanged(query, snap)
 
 
+def test_query_sharing_no_gene_with_the_reference_is_refused(cellbench, pbmc):
+    """Both match the model, but not each other: labels could not carry over."""
+    ref, _ = pbmc
+    query = cellbench[1][:30].copy()
+    query = query[:, ~query.var_names.isin(ref.var_names)].copy()
+    snap, ref_snap = snapshot(query), snapshot(ref)
+    with pytest.raises(InputError, match=r"share 0 of the model's genes"):
+        sft.tl.annotate(query, reference=ref, label_key="cell_type")
+    assert_unchanged(query, snap)
+    assert_unchanged(ref, ref_snap)
+
+
+def test_reference_labels_named_unassigned_or_integer_with_gaps(pbmc):
+    ref, query = pbmc
+    query = query[:40].copy()
+    clash = ref.copy()
+    clash.obs["cell_type"] = clash.obs["cell_type"].astype(str).replace("B-cells", "Unassigned")
+    snap = snapshot(clash)
+    with pytest.raises(InputError, match="named 'Unassigned'.*rename it"):
+        sft.tl.annotate(query, reference=clash, label_key="cell_type", threshold=0.5)
+    assert_unchanged(clash, snap)
+    numbered = ref.copy()
+    codes = numbered.obs["cell_type"].astype("category").cat.codes.astype(float)
+    numbered.obs["code"] = codes.where(np.arange(numbered.n_obs) % 7 != 0)  # NaN gaps: float
+    assert numbered.obs["code"].dtype == np.float64
+    out = sft.tl.annotate(query, reference=numbered, label_key="code", copy=True)
+    classes = out.uns["scgpt"]["params"]["classes"]
+    assert sorted(classes) == sorted(str(int(c)) for c in np.unique(codes))
+    assert not any("." in c for c in classes)
+
+
 # --- sft.pl.annotation ---------------------------------------------------------------------
 
 

@@ -61,8 +61,10 @@ def labels_from_proba(proba: pd.DataFrame, threshold: float | None) -> pd.DataFr
 def reference_labels(reference: AnnData, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     """Validate the reference's cell-type column; return ``(labelled_mask, labels_as_str)``.
 
-    Cells without a label (NaN) are left out, with a warning. Raises :class:`InputError` when the
-    column is missing or holds fewer than two cell types.
+    Cells without a label (NaN) are left out, with a warning; integer labels stay integers
+    (``1``, not ``1.0``) when missing values made the column float. Raises :class:`InputError`
+    when the column is missing, holds fewer than two cell types, or names one
+    ``"Unassigned"`` (the label of cells below the threshold).
     """
     if label_key not in reference.obs.columns:
         raise InputError(
@@ -78,7 +80,19 @@ def reference_labels(reference: AnnData, label_key: str) -> tuple[np.ndarray, np
             int((~keep).sum()),
             label_key,
         )
-    labels = column[keep].astype(str).to_numpy()
+    kept = column[keep]
+    values = kept.cat.categories if isinstance(kept.dtype, pd.CategoricalDtype) else kept
+    if pd.api.types.is_float_dtype(values) and np.all(np.mod(values, 1) == 0):
+        # Integer labels become floats beside missing values; name them as the integers.
+        kept = kept.astype(np.float64).astype(np.int64)
+    labels = kept.astype(str).to_numpy()
+    if UNASSIGNED in labels:
+        raise InputError(
+            f"the reference has a cell type named {UNASSIGNED!r} in obs[{label_key!r}], the "
+            "label annotate gives cells below the threshold; rename it first, e.g. "
+            f"`ref.obs[{label_key!r}] = ref.obs[{label_key!r}].replace({{{UNASSIGNED!r}: "
+            "'Unassigned (reference)'})`, or drop those cells."
+        )
     n_types = len(np.unique(labels))
     if n_types < 2:
         raise InputError(

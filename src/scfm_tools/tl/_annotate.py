@@ -82,6 +82,37 @@ def _choose_method(method: str | None, located: LocatedModel, reference: Any, mo
     return method
 
 
+def _check_shared_genes(
+    model: PretrainedMixin,
+    query: AnnData,
+    reference: AnnData,
+    query_key: str | None,
+    reference_key: str | None,
+) -> int:
+    """Refuse a query and a reference that share too few of the model's genes.
+
+    Each is matched to the model on its own; the labels carry over only through genes both
+    have. At least 10 genes and 10% of the smaller side's matched genes must be shared.
+    """
+    from .._errors import InputError
+
+    sides = []
+    for cells, key in ((query, query_key), (reference, reference_key)):
+        match = model.match_genes(cells, key)
+        sides.append(set(np.asarray(match.index)[match.matched].tolist()))
+    shared = len(sides[0] & sides[1])
+    smaller = min(len(sides[0]), len(sides[1]))
+    if shared < 10 or shared < 0.1 * smaller:
+        raise InputError(
+            f"the query and the reference share {shared} of the model's genes (query "
+            f"{len(sides[0])}, reference {len(sides[1])}): too few for their cell types to "
+            "carry over (at least 10 genes and 10% are needed). Check that both name genes the "
+            "same way (symbols or Ensembl IDs; gene_key= for a var column) and come from the "
+            "same species."
+        )
+    return shared
+
+
 def _accelerator(device: torch.device) -> str:
     return {"cuda": "gpu", "cpu": "cpu", "mps": "mps"}.get(device.type, "auto")
 
@@ -133,6 +164,8 @@ def _fine_tune(
 
     seed = resolve_seed(random_state)
     ref = _reference_adata(reference, label_key, reference_layer, gene_key)
+    # the copy names its genes by gene_key already
+    shared = _check_shared_genes(loaded, query, ref, gene_key, None)
     located.cls.setup_anndata(ref, labels_key=label_key)
     options = dict(options)
     train_kwargs = dict(options.pop("train_kwargs", None) or {})
@@ -160,6 +193,7 @@ def _fine_tune(
         "max_epochs": max_epochs,
         "class_weights": class_weights if isinstance(class_weights, str | None) else "custom",
         "fine_tuned": "reference",
+        "n_genes_shared_with_reference": shared,
     }
     if "train_loss" in history:
         params["final_train_loss"] = float(np.asarray(history["train_loss"]).ravel()[-1])
@@ -196,6 +230,7 @@ def _transfer(
     # A view of the labelled cells: nothing of the caller's reference is copied or written.
     ref = ref if keep.all() else ref[keep]
     check_model_values(ref, reference_layer, located, chunk_size=chunk_size, caller="annotate")
+    shared = _check_shared_genes(loaded, query, ref, gene_key, gene_key)
     seed = resolve_seed(random_state)
 
     def embed(cells: AnnData, cells_layer: str | None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -234,6 +269,7 @@ def _transfer(
             "label_key": label_key,
             "reference_layer": reference_layer,
             "n_reference_cells": int(ref.n_obs),
+            "n_genes_shared_with_reference": shared,
             "n_neighbors": min(n_neighbors, int(ref.n_obs)) if method == "knn" else None,
             "class_weight": class_weight,
         }
@@ -420,6 +456,14 @@ def annotate(
     check_model_values(ad, layer, located, chunk_size=chunk_size, caller="annotate")
     task = "get_latent_representation" if chosen in ("knn", "logreg") else "predict_proba"
     loaded, options = load_for(located, task, model_kwargs)
+    if reference is not None and method is None and getattr(loaded, "classes", None) is not None:
+        raise ValueError(
+            f"{loaded.model_name} is a fine-tuned classifier (cell types "
+            f"{list(loaded.classes)[:5]}...) and a reference was given: that is ambiguous. Drop "
+            "reference= to predict its cell types, or say method='finetune' (fine-tune it anew "
+            "on the reference), 'knn' or 'logreg' (transfer the reference's labels on its "
+            "embeddings)."
+        )
     dev = prepare_device(loaded, device)
     described = loaded.params()
     started = time.perf_counter()

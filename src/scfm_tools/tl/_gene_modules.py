@@ -19,6 +19,7 @@ from ._model_arg import DOC_MODEL, locate_model
 if TYPE_CHECKING:
     from anndata import AnnData
 
+    from ..models.base import PretrainedMixin
     from ._enrichment import GeneSetsLike
 
 __all__ = ["gene_modules"]
@@ -78,7 +79,7 @@ def _relabel(labels: np.ndarray, min_module_size: int) -> tuple[np.ndarray, list
 @doc_params(model=DOC_MODEL, random_state=DOC_RANDOM_STATE, copy=DOC_COPY)
 def gene_modules(
     adata: AnnData,
-    model: str | os.PathLike | None = None,
+    model: str | os.PathLike | PretrainedMixin | None = None,
     *,
     use_rep: str | None = None,
     resolution: float = 1.0,

@@ -34,6 +34,8 @@ from ._model_arg import (
 if TYPE_CHECKING:
     from anndata import AnnData
 
+    from ..models.base import PretrainedMixin
+
 __all__ = ["grn", "resolve_grn_key"]
 
 logger = logging.getLogger("scfm_tools")
@@ -178,7 +180,7 @@ def _embedding_scores(emb: np.ndarray, rows: slice) -> np.ndarray:
 )
 def grn(
     adata: AnnData,
-    model: str | os.PathLike | None = None,
+    model: str | os.PathLike | PretrainedMixin | None = None,
     *,
     method: GRNMethod = "attention",
     groupby: str | None = None,
