@@ -16,6 +16,7 @@ from ._model_arg import (
     DEFAULT_MODEL,
     LocatedModel,
     call_model,
+    cell_embeddings,
     check_model_values,
     load_for,
     locate_model,
@@ -234,22 +235,18 @@ def _transfer(
     seed = resolve_seed(random_state)
 
     def embed(cells: AnnData, cells_layer: str | None) -> tuple[np.ndarray, dict[str, Any]]:
-        (emb, info), used = call_model(
-            loaded.get_latent_representation,
+        return cell_embeddings(
+            loaded,
             cells,
             task="annotate",
-            family=located.family,
-            given={"batch_size": batch_size, "max_length": max_length},
-            quiet={
-                "layer": cells_layer,
-                "gene_key": gene_key,
-                "random_state": seed,
-                "chunk_size": chunk_size,
-            },
+            batch_size=batch_size,
+            max_length=max_length,
+            layer=cells_layer,
+            gene_key=gene_key,
+            random_state=seed,
+            chunk_size=chunk_size,
             options=options,
-            return_info=True,
         )
-        return np.asarray(emb, dtype=np.float32), {**info, "batch_size": used.get("batch_size")}
 
     query_emb, params = embed(query, layer)
     ref_emb, ref_params = embed(ref, reference_layer)

@@ -11,7 +11,7 @@ from .._anndata import params_record, resolve_adata
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from ._model_arg import (
     DOC_MODEL,
-    call_model,
+    cell_embeddings,
     check_model_values,
     load_for,
     locate_model,
@@ -160,20 +160,17 @@ def embed_cells(
     loaded, options = load_for(located, "get_latent_representation", model_kwargs)
     dev = prepare_device(loaded, device)
     started = time.perf_counter()
-    (emb, run_params), used = call_model(
-        loaded.get_latent_representation,
+    emb, run_params = cell_embeddings(
+        loaded,
         ad,
         task="embed_cells",
-        family=located.family,
-        given={"batch_size": batch_size, "max_length": max_length},
-        quiet={
-            "layer": layer,
-            "gene_key": gene_key,
-            "random_state": random_state,
-            "chunk_size": chunk_size,
-        },
+        batch_size=batch_size,
+        max_length=max_length,
+        layer=layer,
+        gene_key=gene_key,
+        random_state=random_state,
+        chunk_size=chunk_size,
         options=options,
-        return_info=True,
     )
     elapsed = time.perf_counter() - started
 
@@ -185,7 +182,6 @@ def embed_cells(
             **loaded.params(),
             layer=layer,
             gene_key=gene_key,
-            batch_size=used.get("batch_size"),
             **run_params,
         )
     }

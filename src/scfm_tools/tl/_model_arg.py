@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from anndata import AnnData
 
@@ -159,6 +160,44 @@ def call_model(
     kwargs.update({k: v for k, v in (quiet or {}).items() if k in params})
     used = {k: kwargs.get(k, params[k].default) for k in standard if k in params}
     return fn(*args, **kwargs, **(options or {}), **fixed), used
+
+
+def cell_embeddings(
+    model: PretrainedMixin,
+    adata: AnnData,
+    *,
+    task: str,
+    batch_size: int | None,
+    max_length: int | None,
+    layer: str | None,
+    gene_key: str | None,
+    random_state: int | None,
+    chunk_size: int,
+    options: Mapping[str, Any],
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Embed ``adata``'s cells with ``model``, as ``embed_cells`` and label transfer do.
+
+    Returns the ``(n_cells, d)`` float32 embeddings and the run's record (the model's, plus
+    the ``batch_size`` it ran with).
+    """
+    import numpy as np
+
+    (emb, info), used = call_model(
+        model.get_latent_representation,
+        adata,
+        task=task,
+        family=model.family,
+        given={"batch_size": batch_size, "max_length": max_length},
+        quiet={
+            "layer": layer,
+            "gene_key": gene_key,
+            "random_state": random_state,
+            "chunk_size": chunk_size,
+        },
+        options=options,
+        return_info=True,
+    )
+    return np.asarray(emb, dtype=np.float32), {**info, "batch_size": used.get("batch_size")}
 
 
 def prepare_device(model: PretrainedMixin, device: str | torch.device | None) -> torch.device:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 if TYPE_CHECKING:
+    from anndata import AnnData
+
     from ...hub import Family, ResolvedModel
+    from ...pp._match_genes import GeneMatch
 
 __all__ = ["PretrainedMixin", "ValuesNeeded", "unbound_registry"]
 
@@ -48,6 +51,7 @@ class PretrainedMixin:
     #: its own (False for CellPLM, whose cells attend to the other cells of their sequence).
     reads_cells_alone: ClassVar[bool] = True
     pretrained_: dict[str, Any]
+    gene_match: GeneMatch | None
 
     @classmethod
     def locate(cls, name_or_path: str | os.PathLike | ResolvedModel) -> ResolvedModel:
@@ -124,6 +128,43 @@ class PretrainedMixin:
         extra = f"; from {source['source']}" if source else ""
         trained = getattr(self, "is_trained_", False)
         return f"{getattr(self, '_model_summary_string', '')}{extra}; trained: {trained}"
+
+    def _model_genes(self) -> Any:
+        """Return the vocabulary or gene list that :meth:`match_genes` matches against."""
+        raise NotImplementedError
+
+    def match_genes(self, adata: AnnData, gene_key: str | None = None) -> GeneMatch:
+        """Match the genes of ``adata`` (``var_names`` or ``var[gene_key]``) to the model's.
+
+        Parameters
+        ----------
+        adata
+            The AnnData.
+        gene_key
+            ``adata.var`` column with gene symbols or Ensembl IDs (``None``: ``var_names``).
+
+        Returns
+        -------
+        The match (model index of each gene, matched mask, overlap), logged; too small an
+        overlap is refused.
+        """
+        from ...pp._match_genes import match_adata_genes
+
+        bound = getattr(self, "adata", None)
+        if gene_key is None and bound is not None and adata.var_names.equals(bound.var_names):
+            return self.gene_match
+        caller = type(self).__name__
+        return match_adata_genes(adata, self._model_genes(), gene_key=gene_key, caller=caller)
+
+    def _cells(self, adata: AnnData | None, indices: Sequence[int] | None) -> AnnData:
+        """Return the cells to run on: ``adata`` (``None``: the model's own), rows ``indices``."""
+        import numpy as np
+
+        if adata is None:
+            adata = getattr(self, "adata", None)
+            if adata is None:
+                raise ValueError("this model has no AnnData attached; pass `adata=`.")
+        return adata if indices is None else adata[np.asarray(indices)]
 
     @property
     def model_name(self) -> str:

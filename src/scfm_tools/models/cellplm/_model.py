@@ -20,7 +20,7 @@ from ..._anndata import get_matrix, resolve_seed
 from ..._cell_rng import RandomStream
 from ..._docs import DOC_RANDOM_STREAM, doc_params
 from ..._validation import InputError, check_counts, check_unique_names
-from ...pp._match_genes import GeneMatch, match_adata_genes, match_to_vocab
+from ...pp._match_genes import GeneMatch, match_to_vocab
 from ...train import DOC_TRAIN_SCALE, TrainingMixin
 from .._gene_embeddings import GeneEmbeddings, token_table_rows
 from ..base import PretrainedMixin, unbound_registry
@@ -382,36 +382,8 @@ class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
         )
 
     # outputs -----------------------------------------------------------------------------------
-    def _query(self, adata: AnnData | None, indices: Sequence[int] | None) -> AnnData:
-        if adata is None:
-            if self.adata is None:
-                raise ValueError("this model has no AnnData attached; pass `adata=`.")
-            adata = self.adata
-        if indices is not None:
-            adata = adata[np.asarray(indices)]
-        return adata
-
-    def match_genes(self, adata: AnnData, gene_key: str | None = None) -> GeneMatch:
-        """Match the genes of ``adata`` (``var_names`` or ``var[gene_key]``) to the model's.
-
-        Parameters
-        ----------
-        adata
-            The AnnData.
-        gene_key
-            ``adata.var`` column with gene symbols or Ensembl IDs (``None``: ``var_names``).
-
-        Returns
-        -------
-        The match (model index of each gene, matched mask, overlap), logged once.
-        """
-        if (
-            gene_key is None
-            and self.adata is not None
-            and adata.var_names.equals(self.adata.var_names)
-        ):
-            return self.gene_match
-        return match_adata_genes(adata, self.gene_list, gene_key=gene_key, caller="CellPLM")
+    def _model_genes(self) -> Any:
+        return self.gene_list
 
     def _sequences(
         self, adata: AnnData, batch_key: str | None, max_cells: int | None
@@ -485,7 +457,7 @@ class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
         ``(n_cells, post_latent_dim)`` float32 array (and the run's record with
         ``return_info=True``).
         """
-        adata = self._query(adata, indices)
+        adata = self._cells(adata, indices)
         codes, rows = self._sequences(adata, batch_key, max_cells)
         layer = self.registry_["setup_args"].get("layer") if layer is None else layer
         match = self.match_genes(adata, gene_key)

@@ -608,6 +608,9 @@ class SCBERT(PretrainedMixin, TrainingMixin, BaseModelClass):
         )
 
     # outputs -------------------------------------------------------------------------------------
+    def _model_genes(self) -> Any:
+        return self.genes
+
     @property
     def _layer(self) -> str | None:
         return self.registry_["setup_args"].get("layer")
@@ -615,36 +618,9 @@ class SCBERT(PretrainedMixin, TrainingMixin, BaseModelClass):
     def _query(
         self, adata: AnnData | None, indices: Sequence[int] | None, layer: str | None
     ) -> AnnData:
-        if adata is None:
-            if self.adata is None:
-                raise ValueError("this model has no AnnData attached; pass `adata=`.")
-            adata = self.adata
-        if indices is not None:
-            adata = adata[np.asarray(indices)]
+        adata = self._cells(adata, indices)
         check_counts(adata, layer)
         return adata
-
-    def match_genes(self, adata: AnnData, gene_key: str | None = None) -> GeneMatch:
-        """Match the genes of ``adata`` (``var_names`` or ``var[gene_key]``) to the model's.
-
-        Parameters
-        ----------
-        adata
-            The AnnData.
-        gene_key
-            ``adata.var`` column with gene symbols or Ensembl IDs (``None``: ``var_names``).
-
-        Returns
-        -------
-        The match (model index of each gene, matched mask, overlap), logged once.
-        """
-        if (
-            gene_key is None
-            and self.adata is not None
-            and adata.var_names.equals(self.adata.var_names)
-        ):
-            return self.gene_match
-        return match_adata_genes(adata, self.genes, gene_key=gene_key, caller="SCBERT")
 
     def _tokenizer(self, match: GeneMatch) -> SCBERTTokenizer:
         return SCBERTTokenizer.from_match(

@@ -19,7 +19,7 @@ from scvi.model.base import BaseModelClass
 from ..._anndata import get_matrix, resolve_seed
 from ..._docs import doc_params
 from ..._validation import InputError, check_counts, check_nonempty, check_unique_names
-from ...pp._match_genes import GeneMatch, match_adata_genes
+from ...pp._match_genes import match_adata_genes
 from ...train import DOC_TRAIN_SCALE, TrainingMixin
 from .._gene_embeddings import GeneEmbeddings, rows_on_var, token_table_rows
 from ..base import PretrainedMixin, unbound_registry
@@ -367,39 +367,11 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         )
 
     # outputs -----------------------------------------------------------------------------------
-    def _query(self, adata: AnnData | None, indices: Sequence[int] | None) -> AnnData:
-        if adata is None:
-            if self.adata is None:
-                raise ValueError("this model has no AnnData attached; pass `adata=`.")
-            adata = self.adata
-        if indices is not None:
-            adata = adata[np.asarray(indices)]
-        return adata
+    def _model_genes(self) -> Any:
+        return self.gene_list
 
     def _layer(self, layer: str | None) -> str | None:
         return self.registry_["setup_args"].get("layer") if layer is None else layer
-
-    def match_genes(self, adata: AnnData, gene_key: str | None = None) -> GeneMatch:
-        """Match the genes of ``adata`` (``var_names`` or ``var[gene_key]``) to the model's.
-
-        Parameters
-        ----------
-        adata
-            The AnnData.
-        gene_key
-            ``adata.var`` column with gene symbols or Ensembl IDs (``None``: ``var_names``).
-
-        Returns
-        -------
-        The match (model index of each gene, matched mask, overlap), logged once.
-        """
-        if (
-            gene_key is None
-            and self.adata is not None
-            and adata.var_names.equals(self.adata.var_names)
-        ):
-            return self.gene_match
-        return match_adata_genes(adata, self.gene_list, gene_key=gene_key, caller="SCFoundation")
 
     def _require(self, prefixes: tuple[str, ...], what: str) -> None:
         """Refuse weights the checkpoint lacked (they would be a random initialisation)."""
@@ -469,7 +441,7 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         ``(n_cells, 4 * enc_dim)`` or ``(n_cells, enc_dim)`` float32 array (and the run's
         record with ``return_info=True``).
         """
-        adata = self._query(adata, indices)
+        adata = self._cells(adata, indices)
         layer = self._layer(layer)
         depth, totals, options = prepare_options(
             adata,
@@ -540,7 +512,7 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         -------
         float32 array, genes in the model's order (:attr:`gene_list`).
         """
-        adata = self._query(adata, indices)
+        adata = self._cells(adata, indices)
         match = self.match_genes(adata, gene_key)
         if match.n_matched == 0:
             raise InputError("no gene of adata is in the model's gene list.")

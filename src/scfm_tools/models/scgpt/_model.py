@@ -21,7 +21,7 @@ from ..._anndata import get_matrix, iter_chunks, iter_row_blocks, resolve_seed
 from ..._cell_rng import RandomStream
 from ..._docs import DOC_RANDOM_STREAM, doc_params
 from ..._validation import check_nonnegative, check_unique_names
-from ...pp._match_genes import _SPECIAL, GeneMatch, load_vocab, match_adata_genes
+from ...pp._match_genes import _SPECIAL, load_vocab, match_adata_genes
 from ...train import DOC_TRAIN_SCALE, BindableDataModule, TrainingMixin
 from .._gene_embeddings import GeneEmbeddings, rows_on_var
 from ..base import PretrainedMixin, unbound_registry
@@ -492,6 +492,9 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         datamodule.bind(self.vocab, collate)
 
     # outputs -----------------------------------------------------------------------------------
+    def _model_genes(self) -> Any:
+        return self.vocab
+
     @property
     def _layer(self) -> str | None:
         return self.registry_["setup_args"].get("layer")
@@ -503,40 +506,13 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         layer: str | None,
         chunk_size: int = 10_000,
     ) -> AnnData:
-        if adata is None:
-            if self.adata is None:
-                raise ValueError("this model has no AnnData attached; pass `adata=`.")
-            adata = self.adata
-        if indices is not None:
-            adata = adata[np.asarray(indices)]
+        adata = self._cells(adata, indices)
         check_nonnegative(adata, layer, chunk_size=chunk_size)
         return adata
 
     def _blocks(self, adata: AnnData, layer: str | None, chunk_size: int = 10_000):
         for _, block in iter_chunks(adata, layer, chunk_size=chunk_size):
             yield block
-
-    def match_genes(self, adata: AnnData, gene_key: str | None = None) -> GeneMatch:
-        """Match the genes of ``adata`` (``var_names`` or ``var[gene_key]``) to the model's.
-
-        Parameters
-        ----------
-        adata
-            The AnnData.
-        gene_key
-            ``adata.var`` column with gene symbols or Ensembl IDs (``None``: ``var_names``).
-
-        Returns
-        -------
-        The match (model index of each gene, matched mask, overlap), logged once.
-        """
-        if (
-            gene_key is None
-            and self.adata is not None
-            and (adata is self.adata or adata.var_names.equals(self.adata.var_names))
-        ):
-            return self.gene_match
-        return match_adata_genes(adata, self.vocab, gene_key=gene_key, caller="SCGPT")
 
     def _max_length(self, max_length: int | None) -> int:
         return self.max_seq_len if max_length is None else int(max_length)
