@@ -38,6 +38,19 @@ def _values(block) -> np.ndarray:
     return block.data if sparse.issparse(block) else np.asarray(block).ravel()
 
 
+def _rows_with_nonzero(block) -> np.ndarray:
+    """Whether each row of ``block`` holds a non-zero value, without a copy of the block."""
+    if not sparse.issparse(block):
+        return np.asarray(block).any(axis=1)
+    block = sparse.csr_matrix(block)
+    stored = np.diff(block.indptr) > 0
+    has = np.zeros(block.shape[0], dtype=bool)
+    if stored.any():
+        # One segment per row that stores values (rows storing none lie between them, empty).
+        has[stored] = np.logical_or.reduceat(block.data != 0, block.indptr[:-1][stored])
+    return has
+
+
 def check_numeric(adata: AnnData, layer: str | None = None) -> None:
     """Check that the matrix holds real numbers (not strings, objects or booleans)."""
     X = get_matrix(adata, layer)
@@ -196,8 +209,7 @@ def check_nonempty(
     gene_totals = np.zeros(adata.n_vars)
     for start, block in iter_chunks(adata, layer, chunk_size=chunk_size):
         if cells:
-            per_cell = np.asarray(abs(block).sum(axis=1)).ravel()
-            empty = np.flatnonzero(per_cell == 0)
+            empty = np.flatnonzero(~_rows_with_nonzero(block))
             if empty.size:
                 names = list(adata.obs_names[start + empty[:3]])
                 raise InputError(
