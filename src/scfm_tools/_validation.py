@@ -1,8 +1,9 @@
 """Input checks shared by every function.
 
 Each check reads the data in chunks (so a backed or million-cell AnnData is checked in bounded
-memory), raises :class:`InputError` with what it found and what to do, and never writes to the
-AnnData it looks at.
+memory; each loop drops its block before the next is read, so one block is held at a time),
+raises :class:`InputError` with what it found and what to do, and never writes to the AnnData
+it looks at.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def first_non_integer(
         vals = _values(block)
         if vals.dtype.kind == "f" and _non_integer(vals).any():
             return _first_offender(adata, layer, start, block, _non_integer)
+        del block, vals
     return None
 
 
@@ -140,6 +142,7 @@ def check_nonnegative(
                 "normalised/log1p values, not scaled or centred ones) is needed. Pass the layer "
                 "that holds it with `layer=`."
             )
+        del block, vals
 
 
 def check_lognorm(adata: AnnData, layer: str | None = None, *, chunk_size: int = 10_000) -> None:
@@ -169,6 +172,7 @@ def check_lognorm(adata: AnnData, layer: str | None = None, *, chunk_size: int =
             vmax = max(vmax, float(vals.max()))
             if all_integer and not np.array_equal(vals, np.round(vals)):
                 all_integer = False
+        del block, vals
     if all_integer and vmax > 0:
         raise InputError(
             f"{where} holds only integers (max {vmax:g}): these look like raw counts, but "
@@ -218,6 +222,7 @@ def check_nonempty(
                 )
         if genes:
             gene_totals += np.asarray(abs(block).sum(axis=0)).ravel()
+        del block
     if genes and (gene_totals == 0).any():
         names = list(adata.var_names[np.flatnonzero(gene_totals == 0)[:3]])
         raise InputError(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from ..._anndata import get_matrix, iter_row_blocks
+from ..._anndata import get_matrix, row_blocks
 from ..._settings import settings
 from ..._validation import check_counts
 from ...pp._match_genes import GeneMatch, as_gene_match, match_adata_genes
@@ -242,7 +242,7 @@ def embed_matrix(
         )
     tokenizer = SCBERTTokenizer.from_match(match, module.n_genes, bin_num=module.num_tokens - 2)
 
-    blocks = (block for _, block in iter_row_blocks(X, chunk_size=chunk_size))
+    blocks = row_blocks(X, chunk_size=chunk_size)
     parts = list(
         iter_embeddings(
             module, tokenizer, blocks, batch_size=batch_size, device=device, key_max=key_max

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..._anndata import get_matrix, iter_row_blocks, resolve_seed
+from ..._anndata import get_matrix, resolve_seed, row_blocks
 from ..._settings import settings
 from ..._validation import InputError
 from ...pp._match_genes import match_adata_genes
@@ -240,7 +240,7 @@ def attention_resolved(
     index = restrict_gene_index(match.index, adata.var_names, genes)
     seed = resolve_seed(random_state)
     length = int(args.get("max_seq_len", 1200)) if max_length is None else int(max_length)
-    blocks = (b for _, b in iter_row_blocks(get_matrix(adata, layer), chunk_size=chunk_size))
+    blocks = row_blocks(get_matrix(adata, layer), chunk_size=chunk_size)
     sums, counts, columns = attention_sums(
         module,
         blocks,

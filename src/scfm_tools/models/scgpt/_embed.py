@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
-from ..._anndata import get_matrix, iter_row_blocks, resolve_seed
+from ..._anndata import get_matrix, resolve_seed, row_blocks
 from ..._settings import settings
 from ...pp._match_genes import GeneMatch, as_gene_match, match_adata_genes, match_to_vocab
 from .._length_batches import length_batches
@@ -156,6 +156,9 @@ def token_batches(
     try:
         for number, block in enumerate(blocks):
             cells = tokenizer(block)
+            # Neither the block nor (after its batches) its tokens are held while the next
+            # block is read and tokenized: with deep cells each is hundreds of MB.
+            del block
             lengths = np.fromiter((len(ids) for ids, _ in cells), dtype=np.int64, count=len(cells))
             n_empty += int((lengths == 1).sum())
             if not cells:
@@ -165,6 +168,7 @@ def token_batches(
                 batch = pad_cells([cells[i] for i in rows], pad_id=pad_id, pad_value=pad_value)
                 batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
                 yield TokenBatch(number, len(cells), rows, batch)
+            del cells, batch
     finally:
         module.train(was_training)
     return n_empty
@@ -308,7 +312,7 @@ def embed_matrix(
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     n_cells = X.shape[0]
     match = as_gene_match(var_names, vocab, n_columns=X.shape[1])
-    blocks = (block for _, block in iter_row_blocks(X, chunk_size=chunk_size))
+    blocks = row_blocks(X, chunk_size=chunk_size)
     out = np.empty((n_cells, module.d_model), dtype=np.float32)
     start = 0
     for emb in iter_embeddings(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from ..._anndata import get_matrix, iter_row_blocks, resolve_seed
+from ..._anndata import get_matrix, resolve_seed, row_blocks
 from ...pp._match_genes import GeneMatch, match_adata_genes
 from .._gene_embeddings import GeneEmbeddings, rows_on_var
 from ._checkpoint import load_scgpt_folder
@@ -105,7 +105,7 @@ def context_gene_embeddings(
     position = np.full(max(vocab.values()) + 1, -1, dtype=np.int64)
     position[ids] = np.arange(ids.size)
     sums = counts = lookup = None
-    blocks = (block for _, block in iter_row_blocks(X, chunk_size=chunk_size))
+    blocks = row_blocks(X, chunk_size=chunk_size)
     for batch in iter_token_batches(
         module,
         vocab,
