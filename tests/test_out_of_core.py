@@ -7,6 +7,8 @@ rows at a time, and that ``impute(out=...)`` writes complete files or none.
 
 from __future__ import annotations
 
+import weakref
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -102,6 +104,35 @@ def test_checks_read_backed_data_in_chunks(backed, monkeypatch):
     with pytest.raises(InputError, match="genes that are zero in every cell"):
         check_nonempty(backed, chunk_size=32, genes=True)
     assert spy.reads == [32, 32, 32, 4]
+
+
+class _Tracked:
+    """A matrix that notes, at each read, whether earlier blocks' data are still alive."""
+
+    def __init__(self, X):
+        self.X, self.shape, self.dtype = X, X.shape, X.dtype
+        self.refs: list[weakref.ref] = []
+        self.alive_at_read: list[int] = []
+
+    def __getitem__(self, index):
+        self.alive_at_read.append(sum(ref() is not None for ref in self.refs))
+        block = self.X[index]
+        self.refs.append(weakref.ref(block.data))
+        return block
+
+
+def test_row_passes_hold_one_block_at_a_time(backed, monkeypatch):
+    """No earlier block is alive when the next is read: two deep-cell blocks would be ~1 GB."""
+    tracked = _Tracked(backed.X[:])
+    for block in _anndata.row_blocks(tracked, chunk_size=30):
+        assert block.shape[1] == backed.n_vars
+        del block
+    assert tracked.alive_at_read == [0, 0, 0, 0]
+    monkeypatch.setattr(_anndata, "get_matrix", lambda adata, layer=None: tracked)
+    tracked.refs.clear(), tracked.alive_at_read.clear()
+    check_counts(backed, chunk_size=30)
+    check_nonempty(backed, chunk_size=30, genes=False)
+    assert tracked.alive_at_read == [0] * 12
 
 
 def test_checks_on_backed_data_name_the_cell(cells_file, tmp_path):

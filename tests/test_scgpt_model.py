@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scanpy as sc
 import torch
+from scipy import sparse
 
 import scfm_tools as sft
 from _unchanged import assert_unchanged, snapshot
@@ -120,6 +121,20 @@ def test_batch_label_tokens(pbmc, tmp_path):
 
 
 # --- on-the-fly tokenization ----------------------------------------------------------------
+def test_tokenizer_reads_a_long_block_as_cell_after_cell(pbmc):
+    """A block longer than the tokenizer's row slices gives the tokens of one cell at a time."""
+    X = sparse.vstack([pbmc.X] * 8).tocsr()  # 2,400 cells: slices of 1,024 rows and a rest
+    kwargs = {"cls_id": 201, "pad_value": PAD, "max_length": 48, "random_state": 3}
+    whole = CellTokenizer(np.arange(pbmc.n_vars), **kwargs)(X)
+    one = CellTokenizer(np.arange(pbmc.n_vars), **kwargs)
+    single = [one(X[i : i + 1])[0] for i in range(X.shape[0])]
+    # both subsampled (48 tokens) and shorter cells, so both random streams are exercised
+    assert len(whole) == X.shape[0] and {len(ids) == 48 for ids, _ in whole} == {True, False}
+    for (ids, vals), (want_ids, want_vals) in zip(whole, single, strict=True):
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(vals, want_vals)
+
+
 def test_minibatch_tokenization_masks_only_gene_values(pbmc):
     X = torch.from_numpy(pbmc.X[:40].toarray())
     n_genes = (X > 0).sum(1)

@@ -7,6 +7,7 @@ from _unchanged import assert_unchanged, snapshot
 from scfm_tools._anndata import as_block, iter_chunks, resolve_adata
 from scfm_tools._validation import (
     InputError,
+    _rows_with_nonzero,
     check_counts,
     check_lognorm,
     check_nonempty,
@@ -83,6 +84,21 @@ def test_empty_cells_and_genes(pbmc):
         check_nonempty(ok, cells=False, genes=True)
     with pytest.raises(InputError, match="at least one cell"):
         check_nonempty(pbmc[:0].copy())
+
+
+def test_rows_with_nonzero_reads_stored_values():
+    """Empty rows found without abs(block) copies: stored zeros, runs of rows storing nothing."""
+    data = np.array([0, 3, -1, 0, 0, 0, 2.5])
+    indices = np.array([4, 0, 2, 3, 1, 2, 0])
+    indptr = np.array([0, 0, 1, 1, 3, 4, 4, 6, 7, 7])  # rows 0, 2, 5, 8 store nothing
+    block = sparse.csr_matrix((data, indices, indptr), shape=(9, 5))
+    assert block.nnz == 7  # the explicit zeros are kept
+    # rows 1, 4 and 6 store only zeros; row 3 holds a negative value
+    want = [False, False, False, True, False, False, False, True, False]
+    np.testing.assert_array_equal(_rows_with_nonzero(block), want)
+    np.testing.assert_array_equal(_rows_with_nonzero(block.toarray()), want)
+    empty = sparse.csr_matrix((4, 5))
+    np.testing.assert_array_equal(_rows_with_nonzero(empty), [False] * 4)
 
 
 def test_duplicated_gene_names(pbmc):

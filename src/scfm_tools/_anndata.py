@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ __all__ = [
     "report_rows",
     "resolve_adata",
     "resolve_seed",
+    "row_blocks",
 ]
 
 # Told (rows done, rows in all) after each block of every row pass; set by report_rows.
@@ -86,9 +88,21 @@ def iter_row_blocks(
     report = _row_progress.get()
     n_rows = X.shape[0]
     for start in range(0, n_rows, chunk_size):
-        yield start, as_block(X[start : start + chunk_size])
+        block = as_block(X[start : start + chunk_size])
+        yield start, block
+        # Dropped before the next read, so that two blocks are never held at once (consumers
+        # drop theirs too: a loop variable holds the block until the next one has been read).
+        del block
         if report is not None:  # the consumer is done with the block when it asks for the next
             report(min(start + chunk_size, n_rows), n_rows)
+
+
+def row_blocks(X, *, chunk_size: int = 10_000) -> Iterator[np.ndarray | sparse.csr_matrix]:
+    """Yield the blocks of :func:`iter_row_blocks` without their starts.
+
+    Unlike a generator expression over it, holds no block while the next one is read.
+    """
+    return map(operator.itemgetter(1), iter_row_blocks(X, chunk_size=chunk_size))
 
 
 @contextlib.contextmanager

@@ -1,8 +1,9 @@
 """Input checks shared by every function.
 
 Each check reads the data in chunks (so a backed or million-cell AnnData is checked in bounded
-memory), raises :class:`InputError` with what it found and what to do, and never writes to the
-AnnData it looks at.
+memory; each loop drops its block before the next is read, so one block is held at a time),
+raises :class:`InputError` with what it found and what to do, and never writes to the AnnData
+it looks at.
 """
 
 from __future__ import annotations
@@ -33,6 +34,19 @@ __all__ = [
 
 def _values(block) -> np.ndarray:
     return block.data if sparse.issparse(block) else np.asarray(block).ravel()
+
+
+def _rows_with_nonzero(block) -> np.ndarray:
+    """Whether each row of ``block`` holds a non-zero value, without a copy of the block."""
+    if not sparse.issparse(block):
+        return np.asarray(block).any(axis=1)
+    block = sparse.csr_matrix(block)
+    stored = np.diff(block.indptr) > 0
+    has = np.zeros(block.shape[0], dtype=bool)
+    if stored.any():
+        # One segment per row that stores values (rows storing none lie between them, empty).
+        has[stored] = np.logical_or.reduceat(block.data != 0, block.indptr[:-1][stored])
+    return has
 
 
 def check_numeric(adata: AnnData, layer: str | None = None) -> None:
@@ -76,6 +90,7 @@ def first_non_integer(
         vals = _values(block)
         if vals.dtype.kind == "f" and _non_integer(vals).any():
             return _first_offender(adata, layer, start, block, _non_integer)
+        del block, vals
     return None
 
 
@@ -124,6 +139,7 @@ def check_nonnegative(
                 "normalised/log1p values, not scaled or centred ones) is needed. Pass the layer "
                 "that holds it with `layer=`."
             )
+        del block, vals
 
 
 def check_lognorm(adata: AnnData, layer: str | None = None, *, chunk_size: int = 10_000) -> None:
@@ -153,6 +169,7 @@ def check_lognorm(adata: AnnData, layer: str | None = None, *, chunk_size: int =
             vmax = max(vmax, float(vals.max()))
             if all_integer and not np.array_equal(vals, np.round(vals)):
                 all_integer = False
+        del block, vals
     if all_integer and vmax > 0:
         raise InputError(
             f"{where} holds only integers (max {vmax:g}): these look like raw counts, but "
@@ -193,8 +210,7 @@ def check_nonempty(
     gene_totals = np.zeros(adata.n_vars)
     for start, block in iter_chunks(adata, layer, chunk_size=chunk_size):
         if cells:
-            per_cell = np.asarray(abs(block).sum(axis=1)).ravel()
-            empty = np.flatnonzero(per_cell == 0)
+            empty = np.flatnonzero(~_rows_with_nonzero(block))
             if empty.size:
                 names = list(adata.obs_names[start + empty[:3]])
                 raise InputError(
@@ -203,6 +219,7 @@ def check_nonempty(
                 )
         if genes:
             gene_totals += np.asarray(abs(block).sum(axis=0)).ravel()
+        del block
     if genes and (gene_totals == 0).any():
         names = list(adata.var_names[np.flatnonzero(gene_totals == 0)[:3]])
         raise InputError(

@@ -166,6 +166,12 @@ class PretrainedMixin:
                 raise ValueError("this model has no AnnData attached; pass `adata=`.")
         return adata if indices is None else adata[np.asarray(indices)]
 
+    def _blocks(self, adata: AnnData, layer: str | None, chunk_size: int = 10_000):
+        """Return the cells' values, ``chunk_size`` rows at a time (one block held at once)."""
+        from ..._anndata import get_matrix, row_blocks
+
+        return row_blocks(get_matrix(adata, layer), chunk_size=chunk_size)
+
     @property
     def model_name(self) -> str:
         """The registered name or checkpoint the weights came from (else the class name)."""

@@ -106,12 +106,16 @@ def iter_minibatches(
         with progress_bar(n_cells, desc=desc) as bar:
             for number, block in enumerate(blocks):
                 n_block, parts = split(block, dev)
+                # Neither the block nor (after its minibatches) what was made of it is held
+                # while the next block is read: with deep cells each is hundreds of MB.
+                del block
                 if n_block == 0:
                     yield Minibatch(number, 0, np.empty(0, dtype=np.int64), None)
                     continue
                 for rows, inputs in parts:
                     yield Minibatch(number, n_block, rows, inputs)
                     bar.update(len(rows))
+                del parts, inputs
     finally:
         module.train(was_training)
 

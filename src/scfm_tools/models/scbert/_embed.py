@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
-from ..._anndata import iter_row_blocks
+from ..._anndata import row_blocks
 from ...pp._match_genes import GeneMatch, as_gene_match
 from ..base._streaming import as_device, gather_blocks, iter_minibatches, run_minibatches
 from ._module import SCBERTModule
@@ -245,7 +245,7 @@ def embed_matrix(
         )
     tokenizer = SCBERTTokenizer.from_match(match, module.n_genes, bin_num=module.num_tokens - 2)
 
-    blocks = (block for _, block in iter_row_blocks(X, chunk_size=chunk_size))
+    blocks = row_blocks(X, chunk_size=chunk_size)
     parts = list(
         iter_embeddings(
             module,

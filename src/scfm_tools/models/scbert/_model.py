@@ -16,7 +16,7 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 from scvi.model.base import BaseModelClass
 
-from ..._anndata import get_matrix, iter_chunks, resolve_seed
+from ..._anndata import resolve_seed
 from ..._docs import doc_params
 from ..._labels import labels_from_proba
 from ..._validation import InputError, check_counts, check_unique_names
@@ -626,11 +626,6 @@ class SCBERT(PretrainedMixin, TrainingMixin, BaseModelClass):
         return SCBERTTokenizer.from_match(
             match, self.module.n_genes, bin_num=self.module.num_tokens - 2
         )
-
-    def _blocks(self, adata: AnnData, layer: str | None, chunk_size: int = 10_000):
-        get_matrix(adata, layer)  # a clear error for a missing layer
-        for _, block in iter_chunks(adata, layer, chunk_size=chunk_size):
-            yield block
 
     def get_latent_representation(
         self,

@@ -186,7 +186,10 @@ def prepare_blocks(
 
     def raw_blocks():
         for start, block in iter_row_blocks(X, chunk_size=chunk_size):
-            yield start, reindexer(block)
+            reindexed = reindexer(block)
+            del block  # one block held at a time (see iter_row_blocks)
+            yield start, reindexed
+            del reindexed
 
     bulk_target = None
     warned = False

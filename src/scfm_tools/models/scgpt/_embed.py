@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..._anndata import iter_row_blocks, resolve_seed
+from ..._anndata import resolve_seed, row_blocks
 from ..._cell_rng import RandomStream
 from ..._docs import DOC_RANDOM_STREAM, doc_params
 from ...pp._match_genes import GeneMatch, as_gene_match, match_to_vocab
@@ -296,7 +296,7 @@ def embed_matrix(
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     n_cells = X.shape[0]
     match = as_gene_match(var_names, vocab, n_columns=X.shape[1])
-    blocks = (block for _, block in iter_row_blocks(X, chunk_size=chunk_size))
+    blocks = row_blocks(X, chunk_size=chunk_size)
     out = np.empty((n_cells, module.d_model), dtype=np.float32)
     start = 0
     for emb in iter_embeddings(

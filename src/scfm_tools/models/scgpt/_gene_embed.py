@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..._anndata import iter_row_blocks
+from ..._anndata import row_blocks
 from ..._cell_rng import RandomStream
 from ..._docs import DOC_RANDOM_STREAM, doc_params
 from ...pp._match_genes import GeneMatch
@@ -107,7 +107,7 @@ def context_gene_embeddings(
     position = np.full(max(vocab.values()) + 1, -1, dtype=np.int64)
     position[ids] = np.arange(ids.size)
     sums = counts = lookup = None
-    blocks = (block for _, block in iter_row_blocks(X, chunk_size=chunk_size))
+    blocks = row_blocks(X, chunk_size=chunk_size)
     for batch in iter_token_batches(
         module,
         vocab,

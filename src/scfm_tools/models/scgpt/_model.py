@@ -17,7 +17,7 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 from scvi.model.base import BaseModelClass
 
-from ..._anndata import get_matrix, iter_chunks, iter_row_blocks, resolve_seed
+from ..._anndata import get_matrix, resolve_seed, row_blocks
 from ..._cell_rng import RandomStream
 from ..._docs import DOC_RANDOM_STREAM, doc_params
 from ..._validation import check_nonnegative, check_unique_names
@@ -510,10 +510,6 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         check_nonnegative(adata, layer, chunk_size=chunk_size)
         return adata
 
-    def _blocks(self, adata: AnnData, layer: str | None, chunk_size: int = 10_000):
-        for _, block in iter_chunks(adata, layer, chunk_size=chunk_size):
-            yield block
-
     def _max_length(self, max_length: int | None) -> int:
         return self.max_seq_len if max_length is None else int(max_length)
 
@@ -761,7 +757,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         matrix = get_matrix(adata, self._layer if layer is None else layer)
         sums, counts, columns = attention_sums(
             self.module,
-            (block for _, block in iter_row_blocks(matrix, chunk_size=chunk_size)),
+            row_blocks(matrix, chunk_size=chunk_size),
             index,
             cls_id=self.vocab["<cls>"],
             layer=attention_layer,

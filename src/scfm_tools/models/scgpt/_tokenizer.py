@@ -53,6 +53,8 @@ __all__ = ["OFFICIAL_N_BINS", "CellTokenizer", "pad_cells"]
 OFFICIAL_N_BINS = 51
 
 Cell = tuple[np.ndarray, np.ndarray]
+# Rows of a block selected and tokenized together (bounds the tokenizer's copy of the block).
+_ROWS_AT_A_TIME = 1024
 
 
 class CellTokenizer:
@@ -148,7 +150,17 @@ class CellTokenizer:
                 f"expected a cells x {self.n_columns} matrix (one column per gene), got shape "
                 f"{block.shape}."
             )
-        sub = sparse.csr_matrix(block)[:, self.columns]
+        block = sparse.csr_matrix(block)
+        cells: list[Cell] = []
+        # A few rows at a time: the in-vocabulary columns of the whole block would be a second
+        # copy of it (hundreds of MB for 10,000 deep cells).
+        for start in range(0, block.shape[0], _ROWS_AT_A_TIME):
+            self._tokenize_rows(block[start : start + _ROWS_AT_A_TIME], cells)
+        return cells
+
+    def _tokenize_rows(self, rows: sparse.csr_matrix, cells: list[Cell]) -> None:
+        """Append the ``(gene_ids, values)`` of each row of ``rows`` to ``cells``."""
+        sub = rows[:, self.columns]
         # Column slicing leaves canonical CSR (sorted, no duplicates); stored zeros are
         # dropped because the official code only tokenizes np.nonzero(row).
         sub.eliminate_zeros()
@@ -158,12 +170,11 @@ class CellTokenizer:
         all_genes = self.column_ids[sub.indices]
         ties = picks = None
         if self.random_stream == "cell":
-            rows = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
-            ranks = value_ranks(rows, sub.data)
-            keys = cell_keys(self.random_state, rows, all_genes, ranks, sub.shape[0])
-            ties = entry_uniform(keys, rows, all_genes, STREAM_TIES)
-            picks = entry_uniform(keys, rows, all_genes, STREAM_SUBSAMPLE)
-        cells: list[Cell] = []
+            cell_of = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
+            ranks = value_ranks(cell_of, sub.data)
+            keys = cell_keys(self.random_state, cell_of, all_genes, ranks, sub.shape[0])
+            ties = entry_uniform(keys, cell_of, all_genes, STREAM_TIES)
+            picks = entry_uniform(keys, cell_of, all_genes, STREAM_SUBSAMPLE)
         for row in range(sub.shape[0]):
             lo, hi = sub.indptr[row], sub.indptr[row + 1]
             genes = all_genes[lo:hi]
@@ -181,7 +192,6 @@ class CellTokenizer:
                 keep = np.concatenate([[0], keep + 1])
                 ids, vals = ids[keep], vals[keep]
             cells.append((ids, vals))
-        return cells
 
 
 def pad_cells(cells: Sequence[Cell], *, pad_id: int, pad_value: float) -> dict[str, torch.Tensor]:
