@@ -21,8 +21,15 @@ smallest size's (CPU time, since wall clock follows the machine's load). The sma
 also run with the file loaded in memory, for contrast, and its first 2,860 cells (the source
 file in order) are checked against an in-memory embedding of the source.
 
-Run ``python benchmarks/bench_out_of_core.py`` (10k and 100k cells, about 5 minutes on 2 idle
-cores), ``--sizes 10000 100000 1000000`` for the 1M-cell run (about 12 GB of disk in
+Deep cells: the 450 real CellBench cells of ``cellbench_3celllines_celseq2_dropseq.h5ad``
+(11,533 genes, ~5,900 non-zero per cell, five times the PBMCs'), replicated the same way to
+``--deep-sizes`` (10k and 100k cells) and embedded backed the same way. A 10,000-cell chunk of
+them is ~450 MiB of CSR, so any copy of a chunk, or anything kept per cell, shows; the check
+is that the peak RSS at the largest deep size stays under ``--deep-ratio`` (1.3x) the peak at
+the smallest. Their first 450 cells are checked against the source embedded in memory.
+
+Run ``python benchmarks/bench_out_of_core.py`` (10k and 100k cells of both, about 15 minutes
+on 2 idle cores), ``--sizes 10000 100000 1000000`` for the 1M-cell run (about 12 GB of disk in
 ``--workdir`` and ~22 min more on 2 idle cores). Results go to
 ``benchmarks/results/out_of_core.{json,md}``.
 """
@@ -60,6 +67,7 @@ from _common import (
 
 NAME = "out_of_core"
 DATA_FILE = "pbmc_10x_3chemistries_unlabeled.h5ad"
+DEEP_FILE = "cellbench_3celllines_celseq2_dropseq.h5ad"
 WRITE_BLOCK = 10_000
 SAMPLE_EVERY_S = 0.02
 
@@ -113,6 +121,7 @@ def job_embed(spec: dict[str, Any]) -> dict[str, Any]:
     wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
     emb = adata.obsm["X_scgpt"]
     out = {
+        "cells": spec["cells"],
         "mode": spec["mode"],
         "n_cells": int(adata.n_obs),
         "seconds": wall,
@@ -156,6 +165,7 @@ def _markdown(payload: dict[str, Any]) -> str:
     table = markdown_table(
         payload["runs"],
         [
+            ("cells", "data"),
             ("mode", "input"),
             ("n_cells", "cells"),
             ("file_gib", "file (GiB)"),
@@ -185,7 +195,8 @@ def _markdown(payload: dict[str, Any]) -> str:
         "",
         "`sft.tl.embed_cells(adata, device='cpu')` with the embedded `scgpt-default` "
         f"(batch size {st['batch_size']}, chunks of {st['chunk_size']} cells; input checks "
-        f"included) on real PBMCs ({DATA_FILE}, 11,221 genes) replicated into an uncompressed "
+        f"included) on real PBMCs ({DATA_FILE}, 11,221 genes) and on deep cells ({DEEP_FILE}, "
+        "11,533 genes, ~5,900 non-zero per cell), each replicated into an uncompressed "
         "CSR .h5ad, read with `backed='r'`; each run in a fresh process. RSS before: after "
         "imports, model warm-up and opening the file; peak: sampled every 20 ms during the "
         "call; growth beyond embeddings: growth minus the returned n x 64 float32 matrix. "
@@ -216,10 +227,14 @@ def _command(argv: list[str]) -> str:
 
 
 def _checks(
-    runs: list[dict[str, Any]], flat_mib: float, peak_gib: float, linear_tolerance: float
+    runs: list[dict[str, Any]],
+    flat_mib: float,
+    peak_gib: float,
+    linear_tolerance: float,
+    deep_ratio: float,
 ) -> dict[str, Any]:
-    """The three checks (flat, bounded, linear) and the notes that state them."""
-    backed = [r for r in runs if r["mode"] == "backed"]
+    """The four checks (flat, bounded, linear, deep bounded) and the notes that state them."""
+    backed = [r for r in runs if r["mode"] == "backed" and r["cells"] == "pbmc"]
     first, last = backed[0], backed[-1]
     base = first["growth_beyond_output_mib"]
     most = max(backed, key=lambda r: r["growth_beyond_output_mib"])
@@ -242,6 +257,20 @@ def _checks(
         f"correctness: the first {first['check_cells']:,} cells of the backed file vs the "
         f"source embedded in memory: max abs diff {first['max_abs_diff_vs_source']:.1e}.",
     ]
+    deep = [r for r in runs if r["cells"] == "deep"]
+    deep_bounded = True
+    if deep:
+        low, high = deep[0], deep[-1]
+        ratio = high["peak_rss_sampled_mib"] / low["peak_rss_sampled_mib"]
+        deep_bounded = ratio < deep_ratio
+        notes.append(
+            f"deep cells, memory set by the chunk: peak RSS {high['peak_rss_sampled_mib']:,.0f} "
+            f"MiB at {high['n_cells']:,} cells ({high['cells_per_s']:.0f} cells/s) vs "
+            f"{low['peak_rss_sampled_mib']:,.0f} MiB at {low['n_cells']:,} "
+            f"({low['cells_per_s']:.0f} cells/s): x{ratio:.3f}, under x{deep_ratio:g}: "
+            f"{deep_bounded}; first {low['check_cells']} cells vs the source in memory: max abs "
+            f"diff {low['max_abs_diff_vs_source']:.1e}."
+        )
     memory = [r for r in runs if r["mode"] == "memory"]
     if memory:
         notes.append(
@@ -250,7 +279,13 @@ def _checks(
             "(the matrix itself), cells/s "
             f"{memory[0]['cells_per_s']:.0f} vs {first['cells_per_s']:.0f}."
         )
-    return {"memory_flat": flat, "memory_bounded": bounded, "time_linear": linear, "notes": notes}
+    return {
+        "memory_flat": flat,
+        "memory_bounded": bounded,
+        "time_linear": linear,
+        "deep_memory_bounded": deep_bounded,
+        "notes": notes,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,6 +293,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--sizes", type=int, nargs="+", default=[10_000, 100_000], help="cells per file"
+    )
+    parser.add_argument(
+        "--deep-sizes",
+        type=int,
+        nargs="*",
+        default=[10_000, 100_000],
+        help="cells per deep-cell file (none: skip them)",
+    )
+    parser.add_argument(
+        "--deep-ratio",
+        type=float,
+        default=1.3,
+        help="bound on the largest / smallest deep size's peak RSS",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -282,30 +330,39 @@ def main(argv: list[str] | None = None) -> int:
 
     set_threads(args.threads)
     machine = machine_info(args.threads)
-    source = shared_path("SFT_DATA", "../shared/data") / DATA_FILE
-    sizes = sorted(set(args.sizes))
+    data = shared_path("SFT_DATA", "../shared/data")
+    # (data, source, size, modes, check against the source): PBMCs first, then deep cells
+    plan = [
+        ("pbmc", data / DATA_FILE, n, ["backed", "memory"] if i == 0 else ["backed"], i == 0)
+        for i, n in enumerate(sorted(set(args.sizes)))
+    ]
+    plan += [
+        ("deep", data / DEEP_FILE, n, ["backed"], i == 0)
+        for i, n in enumerate(sorted(set(args.deep_sizes)))
+    ]
     script = Path(__file__).resolve()
     wall = time.perf_counter()
-    runs, files = [], {}
+    runs, files = [], []
     with tempfile.TemporaryDirectory(prefix="bench_ooc_", dir=args.workdir) as tmp:
-        for n in sizes:
-            path = Path(tmp) / f"pbmc_{n}.h5ad"
-            files[n] = write_replicated_h5ad(source, n, path, block=WRITE_BLOCK)
-            print(f"== {n} cells: {files[n]['file_gib']:.2f} GiB in {files[n]['build_s']:.0f} s")
-            modes = ["backed", "memory"] if n == sizes[0] else ["backed"]
+        for cells, source, n, modes, check in plan:
+            path = Path(tmp) / f"{cells}_{n}.h5ad"
+            built = {"cells": cells, **write_replicated_h5ad(source, n, path, block=WRITE_BLOCK)}
+            files.append(built)
+            print(f"== {cells} {n} cells: {built['file_gib']:.2f} GiB in {built['build_s']:.0f} s")
             for mode in modes:
                 spec = {
                     "job": "embed",
+                    "cells": cells,
                     "mode": mode,
                     "path": str(path),
                     "source": str(source),
                     "threads": args.threads,
                     "batch_size": args.batch_size,
                     "chunk_size": args.chunk_size,
-                    "check": n == sizes[0] and mode == "backed",
+                    "check": check and mode == "backed",
                 }
                 reply = run_worker(script, spec, threads=args.threads)
-                runs.append({**reply, "file_gib": files[n]["file_gib"]})
+                runs.append({**reply, "file_gib": built["file_gib"]})
                 print(
                     f"   {mode:6s} {reply['cells_per_s']:7.1f} cells/s, RSS "
                     f"{reply['rss_before_mib']:.0f} -> {reply['peak_rss_sampled_mib']:.0f} MiB "
@@ -314,30 +371,35 @@ def main(argv: list[str] | None = None) -> int:
                 )
             path.unlink()
 
-    checks = _checks(runs, args.flat_mib, args.peak_gib, args.linear_tolerance)
+    checks = _checks(runs, args.flat_mib, args.peak_gib, args.linear_tolerance, args.deep_ratio)
     payload = {
         "command": _command(argv if argv is not None else sys.argv[1:]),
         "machine": machine,
         "settings": {
-            "sizes": sizes,
+            "sizes": sorted(set(args.sizes)),
+            "deep_sizes": sorted(set(args.deep_sizes)),
+            "deep_ratio": args.deep_ratio,
             "threads": args.threads,
             "batch_size": args.batch_size,
             "chunk_size": args.chunk_size,
             "flat_bound_mib": args.flat_mib,
             "peak_bound_gib": args.peak_gib,
             "linear_tolerance": args.linear_tolerance,
-            "data": display_path(source),
+            "data": display_path(data / DATA_FILE),
+            "deep_data": display_path(data / DEEP_FILE),
             "wall_s": time.perf_counter() - wall,
             "load_average_end": load_average(),
         },
-        "files": list(files.values()),
+        "files": files,
         "runs": runs,
         **checks,
     }
     json_path, md_path = write_results(args.out, payload, _markdown(payload))
     print("\n".join(checks["notes"]))
     print(f"wrote {display_path(json_path)} and {display_path(md_path)}")
-    passed = checks["memory_flat"] and checks["memory_bounded"] and checks["time_linear"]
+    passed = all(
+        checks[k] for k in ("memory_flat", "memory_bounded", "time_linear", "deep_memory_bounded")
+    )
     return 0 if passed else 1
 
 
