@@ -162,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--after", default="worktree", help="commit, or 'worktree' (default)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--plm-copies", type=int, default=300, help="copies of the 10 CellPLM cells")
+    parser.add_argument(
+        "--plm-copies", type=int, default=300, help="copies of the 10 CellPLM cells"
+    )
     parser.add_argument("--jobs", nargs="*", default=None, help="job keys (default: all)")
     parser.add_argument("--out", default="ab_speed")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
