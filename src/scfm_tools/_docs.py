@@ -36,7 +36,8 @@ random_stream
 
 DOC_CHUNK_SIZE = """\
 chunk_size
-    Cells processed at a time; bounds memory on large or backed data."""
+    Cells read and processed at a time (default 2,000); bounds memory on large or backed
+    data."""
 
 
 def doc_params(**kwds: str) -> Callable[[F], F]:

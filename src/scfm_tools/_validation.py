@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from ._anndata import describe_source, get_matrix, iter_chunks
+from ._anndata import DEFAULT_CHUNK_SIZE, describe_source, get_matrix, iter_chunks
 from ._errors import InputError
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ def _non_integer(v: np.ndarray) -> np.ndarray:
 
 
 def first_non_integer(
-    adata: AnnData, layer: str | None = None, *, chunk_size: int = 10_000
+    adata: AnnData, layer: str | None = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> str | None:
     """Describe the first non-integer value (cell, gene, value), or ``None`` if all are integers."""
     for start, block in iter_chunks(adata, layer, chunk_size=chunk_size):
@@ -94,7 +94,9 @@ def first_non_integer(
     return None
 
 
-def check_counts(adata: AnnData, layer: str | None = None, *, chunk_size: int = 10_000) -> None:
+def check_counts(
+    adata: AnnData, layer: str | None = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> None:
     """Check that the matrix holds raw counts: finite, non-negative integers.
 
     Raises
@@ -114,7 +116,7 @@ def check_counts(adata: AnnData, layer: str | None = None, *, chunk_size: int = 
 
 
 def check_nonnegative(
-    adata: AnnData, layer: str | None = None, *, chunk_size: int = 10_000
+    adata: AnnData, layer: str | None = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> None:
     """Check that the matrix holds finite, non-negative numbers (counts or normalised values).
 
@@ -142,7 +144,9 @@ def check_nonnegative(
         del block, vals
 
 
-def check_lognorm(adata: AnnData, layer: str | None = None, *, chunk_size: int = 10_000) -> None:
+def check_lognorm(
+    adata: AnnData, layer: str | None = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> None:
     """Check that the matrix holds log-normalised values: finite, non-negative, not raw counts.
 
     Raises
@@ -185,7 +189,7 @@ def check_nonempty(
     *,
     cells: bool = True,
     genes: bool = False,
-    chunk_size: int = 10_000,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> None:
     """Check that the AnnData has cells and genes, and that no cell (or gene) is all zeros.
 

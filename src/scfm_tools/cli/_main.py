@@ -55,7 +55,7 @@ def _common(parser: argparse.ArgumentParser, *, output_required: bool = True) ->
 def _inference(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-added", help="key of the result (default: per model family)")
     parser.add_argument("--batch-size", type=int, help="cells per forward pass")
-    parser.add_argument("--chunk-size", type=int, help="cells read at a time (default 10000)")
+    parser.add_argument("--chunk-size", type=int, help="cells read at a time (default 2000)")
     parser.add_argument(
         "--backed",
         action="store_true",

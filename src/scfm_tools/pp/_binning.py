@@ -9,6 +9,7 @@ import numpy as np
 from scipy import sparse
 
 from .._anndata import (
+    DEFAULT_CHUNK_SIZE,
     describe_source,
     get_matrix,
     iter_chunks,
@@ -287,7 +288,7 @@ def bin_values(
     key_added: str | None = None,
     random_state: int | None = None,
     random_stream: RandomStream = "cell",
-    chunk_size: int = 10_000,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     mod: str | None = None,
     copy: bool = False,
 ) -> AnnData | None:

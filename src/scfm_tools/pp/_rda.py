@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import sparse
 
-from .._anndata import iter_chunks, params_record, resolve_adata, resolve_seed
+from .._anndata import DEFAULT_CHUNK_SIZE, iter_chunks, params_record, resolve_adata, resolve_seed
 from .._docs import DOC_ADATA, DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from .._settings import logger
 from .._validation import check_counts, check_nonempty
@@ -87,7 +87,7 @@ def downsample_rda(
     min_counts: float = 1000,
     random_state: int | None = None,
     key_added: str = "rda",
-    chunk_size: int = 10_000,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     copy: bool = False,
     mod: str | None = None,
 ) -> AnnData | None:

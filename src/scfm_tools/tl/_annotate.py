@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .._anndata import params_record, resolve_adata
+from .._anndata import DEFAULT_CHUNK_SIZE, params_record, resolve_adata
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from .._labels import labels_from_proba, reference_labels
 from ._label_transfer import transfer_labels
@@ -309,7 +309,7 @@ def annotate(
     max_epochs: int = 10,
     random_state: int | None = 0,
     device: str | None = None,
-    chunk_size: int = 10_000,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     mod: str | None = None,
     copy: bool = False,
     **model_kwargs: Any,

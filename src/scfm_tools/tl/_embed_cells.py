@@ -7,7 +7,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from .._anndata import params_record, resolve_adata
+from .._anndata import DEFAULT_CHUNK_SIZE, params_record, resolve_adata
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from ._model_arg import (
     DOC_MODEL,
@@ -46,7 +46,7 @@ def embed_cells(
     max_length: int | None = None,
     random_state: int | None = 0,
     device: str | None = None,
-    chunk_size: int = 10_000,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     mod: str | None = None,
     copy: bool = False,
     **model_kwargs: Any,

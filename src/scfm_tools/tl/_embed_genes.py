@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .._anndata import params_record, resolve_adata
+from .._anndata import DEFAULT_CHUNK_SIZE, params_record, resolve_adata
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from .._validation import InputError
 from ._model_arg import (
@@ -52,7 +52,7 @@ def compute_gene_embeddings(
     max_length: int | None = None,
     random_state: int | None = 0,
     device: str | None = None,
-    chunk_size: int = 10_000,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     caller: str = "embed_genes",
     **model_kwargs: Any,
 ) -> tuple[GeneEmbeddings, PretrainedMixin]:
@@ -147,7 +147,7 @@ def embed_genes(
     max_length: int | None = None,
     random_state: int | None = 0,
     device: str | None = None,
-    chunk_size: int = 10_000,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     mod: str | None = None,
     copy: bool = False,
     **model_kwargs: Any,

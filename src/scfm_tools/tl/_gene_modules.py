@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._anndata import params_record, resolve_adata, resolve_seed
+from .._anndata import DEFAULT_CHUNK_SIZE, params_record, resolve_adata, resolve_seed
 from .._docs import DOC_COPY, DOC_RANDOM_STATE, doc_params
 from .._validation import InputError
 from ._model_arg import DOC_MODEL, locate_model
@@ -91,7 +91,7 @@ def gene_modules(
     layer: str | None = None,
     key_added: str = "gene_module",
     random_state: int | None = 0,
-    chunk_size: int = 10_000,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     copy: bool = False,
     mod: str | None = None,
     **embed_kwargs: Any,

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .._anndata import params_record, resolve_adata
+from .._anndata import DEFAULT_CHUNK_SIZE, params_record, resolve_adata
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from .._progress import progress_bar
 from .._validation import InputError
@@ -193,7 +193,7 @@ def grn(
     max_length: int | None = None,
     random_state: int | None = 0,
     device: str | None = None,
-    chunk_size: int = 10_000,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     key_added: str | None = None,
     mod: str | None = None,
     copy: bool = False,

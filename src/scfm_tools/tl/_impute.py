@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._anndata import params_record, resolve_adata
+from .._anndata import DEFAULT_CHUNK_SIZE, params_record, resolve_adata
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from .._h5ad import check_output_path
 from .._validation import check_counts, check_nonempty
@@ -66,7 +66,7 @@ def impute(
     batch_size: int | None = None,
     random_state: int | None = 0,
     device: str | None = None,
-    chunk_size: int = 10_000,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     out: str | os.PathLike | None = None,
     mod: str | None = None,
     copy: bool = False,

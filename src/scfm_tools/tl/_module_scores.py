@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .._anndata import describe_source, iter_chunks
+from .._anndata import DEFAULT_CHUNK_SIZE, describe_source, iter_chunks
 from .._validation import check_nonnegative, first_non_integer
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def module_scores(
     modules: Mapping[str, np.ndarray],
     *,
     layer: str | None = None,
-    chunk_size: int = 10_000,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[pd.DataFrame, str]:
     """Score each cell on each module: the mean over the module's genes of their z-scores.
 

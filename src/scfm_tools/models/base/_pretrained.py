@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from ..._anndata import DEFAULT_CHUNK_SIZE
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
@@ -166,7 +168,7 @@ class PretrainedMixin:
                 raise ValueError("this model has no AnnData attached; pass `adata=`.")
         return adata if indices is None else adata[np.asarray(indices)]
 
-    def _blocks(self, adata: AnnData, layer: str | None, chunk_size: int = 10_000):
+    def _blocks(self, adata: AnnData, layer: str | None, chunk_size: int = DEFAULT_CHUNK_SIZE):
         """Return the cells' values, ``chunk_size`` rows at a time (one block held at once)."""
         from ..._anndata import get_matrix, row_blocks
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
-from ..._anndata import row_blocks
+from ..._anndata import DEFAULT_CHUNK_SIZE, row_blocks
 from ...pp._match_genes import GeneMatch, as_gene_match
 from ..base._streaming import as_device, gather_blocks, iter_minibatches, run_minibatches
 from ._module import SCBERTModule
@@ -200,7 +200,7 @@ def embed_matrix(
     *,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
-    chunk_size: int = 10_000,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     key_max: Literal["sample", "batch"] | None = None,
 ) -> np.ndarray:
     """Embed the cells of a cells x genes count matrix with scBERT.

@@ -16,7 +16,7 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 from scvi.model.base import BaseModelClass
 
-from ..._anndata import resolve_seed
+from ..._anndata import DEFAULT_CHUNK_SIZE, resolve_seed
 from ..._docs import doc_params
 from ..._labels import labels_from_proba
 from ..._validation import InputError, check_counts, check_unique_names
@@ -635,7 +635,7 @@ class SCBERT(PretrainedMixin, TrainingMixin, BaseModelClass):
         layer: str | None = None,
         gene_key: str | None = None,
         batch_size: int = 8,
-        chunk_size: int = 10_000,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         key_max: Literal["sample", "batch"] = "sample",
         return_info: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, dict[str, Any]]:
@@ -735,7 +735,7 @@ class SCBERT(PretrainedMixin, TrainingMixin, BaseModelClass):
         layer: str | None = None,
         gene_key: str | None = None,
         batch_size: int = 8,
-        chunk_size: int = 10_000,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> pd.DataFrame:
         """Class probabilities of each cell (classifier head), cells x classes.
 
@@ -774,7 +774,7 @@ class SCBERT(PretrainedMixin, TrainingMixin, BaseModelClass):
         layer: str | None = None,
         gene_key: str | None = None,
         batch_size: int = 8,
-        chunk_size: int = 10_000,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> pd.DataFrame:
         """Cell types and confidences, as the official ``predict.py``.
 

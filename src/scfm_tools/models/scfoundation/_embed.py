@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from ..._anndata import iter_row_blocks
+from ..._anndata import DEFAULT_CHUNK_SIZE, iter_row_blocks
 from ..._validation import InputError, check_counts, check_lognorm
 from ...pp._match_genes import GeneMatch, as_gene_match
 from .._length_batches import length_batches
@@ -242,7 +242,7 @@ def embed_matrix(
     total_counts: Sequence[float] | np.ndarray | None = None,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
-    chunk_size: int = 10_000,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     obs_names: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Run scFoundation on the cells of a cells x genes matrix (official ``get_embedding.py``).

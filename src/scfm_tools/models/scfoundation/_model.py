@@ -16,7 +16,7 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import LayerField
 from scvi.model.base import BaseModelClass
 
-from ..._anndata import get_matrix, resolve_seed
+from ..._anndata import DEFAULT_CHUNK_SIZE, get_matrix, resolve_seed
 from ..._docs import doc_params
 from ..._validation import InputError, check_counts, check_nonempty, check_unique_names
 from ...pp._match_genes import match_adata_genes
@@ -392,7 +392,7 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         layer: str | None = None,
         gene_key: str | None = None,
         batch_size: int = 8,
-        chunk_size: int = 10_000,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         target_depth: TargetDepth = "t4",
         pool: Pool = "all",
         pre_normalized: PreNormalized = "F",
@@ -489,7 +489,7 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         layer: str | None = None,
         gene_key: str | None = None,
         batch_size: int = 8,
-        chunk_size: int = 10_000,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> np.ndarray:
         """Predicted expression (or the decoder's gene embeddings) at a target depth.
 
@@ -536,7 +536,7 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         layer: str | None = None,
         gene_key: str | None = None,
         batch_size: int = 8,
-        chunk_size: int = 10_000,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         target_depth: TargetDepth = "t4",
         clip_negative: bool = True,
     ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
@@ -611,7 +611,7 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         layer: str | None = None,
         gene_key: str | None = None,
         batch_size: int = 64,
-        chunk_size: int = 10_000,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         target_depth: TargetDepth = "t4",
         pre_normalized: PreNormalized = "F",
         input_type: InputType = "singlecell",

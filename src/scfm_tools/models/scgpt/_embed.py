@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..._anndata import resolve_seed, row_blocks
+from ..._anndata import DEFAULT_CHUNK_SIZE, resolve_seed, row_blocks
 from ..._cell_rng import RandomStream
 from ..._docs import DOC_RANDOM_STREAM, doc_params
 from ...pp._match_genes import GeneMatch, as_gene_match, match_to_vocab
@@ -246,7 +246,7 @@ def embed_matrix(
     random_state: int | None = 0,
     random_stream: RandomStream = "cell",
     device: str | torch.device = "cpu",
-    chunk_size: int = 10_000,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> np.ndarray:
     """Zero-shot scGPT cell embeddings of a cells x genes count matrix.
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..._anndata import row_blocks
+from ..._anndata import DEFAULT_CHUNK_SIZE, row_blocks
 from ..._cell_rng import RandomStream
 from ..._docs import DOC_RANDOM_STREAM, doc_params
 from ...pp._match_genes import GeneMatch
@@ -65,7 +65,7 @@ def context_gene_embeddings(
     random_state: int | None = 0,
     random_stream: RandomStream = "cell",
     device: str | torch.device = "cpu",
-    chunk_size: int = 10_000,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean last-layer output at each matched gene's token, over the cells where it is one.
 

@@ -17,7 +17,7 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 from scvi.model.base import BaseModelClass
 
-from ..._anndata import get_matrix, resolve_seed, row_blocks
+from ..._anndata import DEFAULT_CHUNK_SIZE, get_matrix, resolve_seed, row_blocks
 from ..._cell_rng import RandomStream
 from ..._docs import DOC_RANDOM_STREAM, doc_params
 from ..._validation import check_nonnegative, check_unique_names
@@ -504,7 +504,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         adata: AnnData | None,
         indices: Sequence[int] | None,
         layer: str | None,
-        chunk_size: int = 10_000,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> AnnData:
         adata = self._cells(adata, indices)
         check_nonnegative(adata, layer, chunk_size=chunk_size)
@@ -525,7 +525,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         batch_size: int = 64,
         max_length: int | None = None,
         random_state: int | None = 0,
-        chunk_size: int = 10_000,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         random_stream: RandomStream = "cell",
         return_info: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, dict[str, Any]]:
@@ -651,7 +651,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         batch_size: int = 64,
         max_length: int | None = None,
         random_state: int | None = 0,
-        chunk_size: int = 10_000,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         random_stream: RandomStream = "cell",
     ) -> GeneEmbeddings:
         """Embed the genes of ``adata`` (``sft.tl.embed_genes``), one row per ``var`` entry.
@@ -718,7 +718,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         batch_size: int = 16,
         max_length: int | None = None,
         random_state: int | None = 0,
-        chunk_size: int = 10_000,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         random_stream: RandomStream = "cell",
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Gene x gene attention summed over cells, per group of cells (``sft.tl.grn``).
