@@ -309,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--chunk-size", type=int, default=10_000)
+    parser.add_argument(
+        "--chunk-size", type=int, default=2_000, help="cells per chunk (the package default)"
+    )
     parser.add_argument("--flat-mib", type=float, default=64.0, help="flatness bound (MiB)")
     parser.add_argument("--peak-gib", type=float, default=4.0, help="peak RSS bound (GiB)")
     parser.add_argument(
