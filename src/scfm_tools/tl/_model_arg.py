@@ -98,8 +98,8 @@ def load_for(
     if isinstance(located.source, PretrainedMixin):
         # A loaded model's weights are chosen already: only options the user gave that would
         # choose others are refused.
-        given = {k: v for k, v in load_kwargs.items() if set(options) - set(run_options)}
-        return load_model(located.source, load_kwargs=given), run_options
+        chosen = set(options) - set(run_options)
+        return load_model(located.source, load_kwargs=load_kwargs if chosen else None), run_options
     return load_model(located.source, load_kwargs=load_kwargs), run_options
 
 

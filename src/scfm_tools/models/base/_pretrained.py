@@ -6,8 +6,6 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from ..._anndata import DEFAULT_CHUNK_SIZE
-
 if TYPE_CHECKING:
     from anndata import AnnData
 
@@ -167,12 +165,6 @@ class PretrainedMixin:
             if adata is None:
                 raise ValueError("this model has no AnnData attached; pass `adata=`.")
         return adata if indices is None else adata[np.asarray(indices)]
-
-    def _blocks(self, adata: AnnData, layer: str | None, chunk_size: int = DEFAULT_CHUNK_SIZE):
-        """Return the cells' values, ``chunk_size`` rows at a time (one block held at once)."""
-        from ..._anndata import get_matrix, row_blocks
-
-        return row_blocks(get_matrix(adata, layer), chunk_size=chunk_size)
 
     @property
     def model_name(self) -> str:

@@ -115,7 +115,7 @@ def iter_minibatches(
                 for rows, inputs in parts:
                     yield Minibatch(number, n_block, rows, inputs)
                     bar.update(len(rows))
-                del parts, inputs
+                del parts
     finally:
         module.train(was_training)
 

@@ -16,7 +16,7 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 from scvi.model.base import BaseModelClass
 
-from ..._anndata import DEFAULT_CHUNK_SIZE, resolve_seed
+from ..._anndata import DEFAULT_CHUNK_SIZE, get_matrix, resolve_seed, row_blocks
 from ..._docs import doc_params
 from ..._labels import labels_from_proba
 from ..._validation import InputError, check_counts, check_unique_names
@@ -25,7 +25,7 @@ from ...train import DOC_TRAIN_SCALE, TrainingMixin
 from .._gene_embeddings import GeneEmbeddings, token_table_rows
 from ..base import PretrainedMixin, unbound_registry
 from ._checkpoint import GENE_LIST_FILE, load_scbert_checkpoint, read_gene_list
-from ._embed import iter_embeddings, iter_probabilities
+from ._embed import embed_matrix, iter_probabilities
 from ._module import SCBERTModule
 from ._tokenizer import SCBERTTokenizer
 from ._training_plan import SCBERTTrainingPlan
@@ -675,17 +675,15 @@ class SCBERT(PretrainedMixin, TrainingMixin, BaseModelClass):
         layer = self._layer if layer is None else layer
         adata = self._query(adata, indices, layer)
         match = self.match_genes(adata, gene_key)
-        chunks = iter_embeddings(
+        emb = embed_matrix(
             self.module,
-            self._tokenizer(match),
-            self._blocks(adata, layer, chunk_size),
+            get_matrix(adata, layer),
+            match,
             batch_size=batch_size,
             device=self.device,
+            chunk_size=chunk_size,
             key_max=key_max,
-            n_cells=adata.n_obs,
         )
-        parts = list(chunks)
-        emb = np.concatenate(parts) if parts else np.empty((0, self.module.dim), np.float32)
         if not return_info:
             return emb
         info = {
@@ -756,7 +754,7 @@ class SCBERT(PretrainedMixin, TrainingMixin, BaseModelClass):
         chunks = iter_probabilities(
             self.module,
             self._tokenizer(self.match_genes(adata, gene_key)),
-            self._blocks(adata, layer, chunk_size),
+            row_blocks(get_matrix(adata, layer), chunk_size=chunk_size),
             batch_size=batch_size,
             device=self.device,
             n_cells=adata.n_obs,

@@ -373,14 +373,18 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
     def _layer(self, layer: str | None) -> str | None:
         return self.registry_["setup_args"].get("layer") if layer is None else layer
 
+    @property
+    def _entry(self) -> str | None:
+        """The ``models.ckpt`` entry the weights came from (``None``: not from a checkpoint)."""
+        return getattr(self, "pretrained_", {}).get("entry")
+
     def _require(self, prefixes: tuple[str, ...], what: str) -> None:
         """Refuse weights the checkpoint lacked (they would be a random initialisation)."""
         report = self._load_report
         if report is not None and any(k.startswith(prefixes) for k in report.missing):
-            entry = self.pretrained_.get("entry")
             raise ValueError(
-                f"the checkpoint {self.model_name} [{entry!r}] lacks the {what} weights, so it "
-                "cannot give this output."
+                f"the checkpoint {self.model_name} [{self._entry!r}] lacks the {what} weights, so "
+                "it cannot give this output."
             )
 
     @torch.inference_mode()
@@ -472,7 +476,7 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         info = {
             "n_genes_matched": int(match.n_matched),
             "n_genes_model": self.module.n_genes,
-            "entry": self.pretrained_.get("entry") if hasattr(self, "pretrained_") else None,
+            "entry": self._entry,
             "pool": pool,
             **options,
         }
@@ -596,7 +600,7 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
             start = stop
         params = {
             "n_genes_matched": int(match.n_matched),
-            "entry": self.pretrained_.get("entry") if hasattr(self, "pretrained_") else None,
+            "entry": self._entry,
             "target_depth": depth.text,
             "clip_negative": bool(clip_negative),
             "values": "log1p(counts per 10,000) at the target depth",
@@ -643,14 +647,17 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         """  # noqa: E501
         if mode not in ("token", "context"):
             raise ValueError(f"mode must be 'token' or 'context', got {mode!r}.")
-        entry = self.pretrained_.get("entry") if hasattr(self, "pretrained_") else None
         if mode == "token":
             check_options(pre_normalized, input_type)
             parse_target_depth(target_depth)
             self._require(("pos_emb.",), "gene (position) embedding")
             match = self.match_genes(adata, gene_key)
             rows = token_table_rows(token_gene_embeddings(self.module), match)
-            params = {"n_genes_matched": int(match.n_matched), "entry": entry, "table": "pos_emb"}
+            params = {
+                "n_genes_matched": int(match.n_matched),
+                "entry": self._entry,
+                "table": "pos_emb",
+            }
             return GeneEmbeddings(rows, match.matched.copy(), None, params)
         layer = self._layer(layer)
         depth, totals, options = prepare_options(
@@ -681,7 +688,7 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         n_cells[match.matched] = expressed[cols]
         params: dict[str, Any] = {
             "n_genes_matched": int(match.n_matched),
-            "entry": entry,
+            "entry": self._entry,
             "output": "decoder gene embeddings, mean over all cells",
             "n_cells_counts": "cells expressing the gene",
             **options,

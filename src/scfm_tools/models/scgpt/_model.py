@@ -34,7 +34,7 @@ from ._checkpoint import (
     read_vocab,
     write_scgpt_checkpoint,
 )
-from ._embed import iter_embeddings
+from ._embed import embed_matrix
 from ._gene_embed import context_gene_embeddings, token_gene_embeddings
 from ._module import SCGPTModule
 from ._tokenizer import OFFICIAL_N_BINS
@@ -575,11 +575,11 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         match = self.match_genes(adata, gene_key)
         seed = resolve_seed(random_state)
         length = self._max_length(max_length)
-        chunks = iter_embeddings(
+        emb = embed_matrix(
             self.module,
             self.vocab,
             self.args,
-            self._blocks(adata, layer, chunk_size),
+            get_matrix(adata, layer),
             match,
             batch_size=batch_size,
             max_length=length,
@@ -587,13 +587,8 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             random_state=seed,
             random_stream=random_stream,
             device=self.device,
-            n_cells=adata.n_obs,
+            chunk_size=chunk_size,
         )
-        emb = np.empty((adata.n_obs, self.module.d_model), dtype=np.float32)
-        start = 0
-        for block in chunks:
-            emb[start : start + len(block)] = block
-            start += len(block)
         if not return_info:
             return emb
         info = {
