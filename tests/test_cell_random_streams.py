@@ -90,6 +90,20 @@ def test_cell_keys_follow_the_cell_not_its_storage(pbmc):
     np.testing.assert_array_equal(value_ranks(rows, lognorm), value_ranks(rows, X.data))
 
 
+def test_value_ranks_are_dense_ranks_within_each_cell():
+    rng = np.random.default_rng(3)
+    rows = rng.integers(0, 30, 2_000)  # entries in no particular order
+    counts = rng.integers(-5, 40, 2_000).astype(np.float64)  # negatives and many ties
+    for values in (counts, counts.astype(np.float32), counts + rng.normal(0, 1e-9, 2_000)):
+        ranks = value_ranks(rows, values)
+        for cell in range(30):
+            mine = rows == cell
+            distinct = np.unique(values[mine])
+            np.testing.assert_array_equal(
+                ranks[mine], np.searchsorted(distinct, values[mine]) + 1, err_msg=str(cell)
+            )
+
+
 def test_draws_are_uniform_and_normal():
     keys = cell_keys(0, np.arange(1000), np.arange(1000), np.ones(1000), 1000)
     u = cell_uniform(keys, 200, stream=3)

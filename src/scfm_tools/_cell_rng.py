@@ -69,8 +69,11 @@ def check_random_stream(random_stream: str) -> RandomStream:
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's output function on a ``uint64`` array (wrapping arithmetic, a new array)."""
-    x = np.array(x, dtype=np.uint64, copy=True)
+    """SplitMix64's output function on a ``uint64`` array (wrapping arithmetic).
+
+    Works in place on ``x`` and returns it: every caller hands it a temporary, and a copy of
+    millions of entries per call is a measurable part of a tokenizer's time.
+    """
     x ^= x >> np.uint64(30)
     x *= _M1
     x ^= x >> np.uint64(27)
@@ -133,15 +136,33 @@ def value_ranks(rows: np.ndarray, values: np.ndarray) -> np.ndarray:
     ``int64`` ranks, aligned with ``rows``.
     """
     rows, values = np.asarray(rows), np.asarray(values)
-    order = np.lexsort((values, rows))
-    r, v = rows[order], values[order]
+    # One sort of 64-bit keys (cell in the high half, the value's order code in the low half)
+    # instead of a two-key lexsort: about twice as fast on millions of entries.
+    key = (rows.astype(np.uint64) << np.uint64(32)) | _order_codes(values)
+    order = np.argsort(key)
+    k, r = key[order], rows[order]
     first = np.ones(r.size, dtype=bool)  # first entry of its cell
     first[1:] = r[1:] != r[:-1]
-    level = np.cumsum(first | np.concatenate([[True], v[1:] != v[:-1]]))
+    level = np.cumsum(first | np.concatenate([[True], k[1:] != k[:-1]]))
     start = np.maximum.accumulate(np.where(first, level, 0))
     ranks = np.empty(r.size, dtype=np.int64)
     ranks[order] = level - start + 1
     return ranks
+
+
+def _order_codes(values: np.ndarray) -> np.ndarray:
+    """``uint64`` codes below 2**32 that order and tie exactly as ``values`` do.
+
+    Values that float32 holds exactly (counts, float32 data) map to their float32 bit patterns
+    made monotonic (sign bit flipped for non-negative values, all bits for negative ones);
+    other values to their index among the sorted distinct values.
+    """
+    as32 = values.astype(np.float32)
+    if not np.array_equal(as32, values):
+        return np.unique(values, return_inverse=True)[1].reshape(-1).astype(np.uint64)
+    bits = as32.view(np.uint32)
+    negative = (bits >> np.uint32(31)).astype(bool)
+    return np.where(negative, ~bits, bits | np.uint32(0x80000000)).astype(np.uint64)
 
 
 def cell_bits(keys: np.ndarray, counters: np.ndarray, stream: int) -> np.ndarray:
@@ -150,9 +171,18 @@ def cell_bits(keys: np.ndarray, counters: np.ndarray, stream: int) -> np.ndarray
     ``keys`` and ``counters`` broadcast against each other; ``stream`` (a small integer)
     separates the independent uses of one cell's key (e.g. tie-breaks and subsampling).
     """
-    state = _mix(np.asarray(keys, dtype=np.uint64) ^ _salt(stream))
+    return _draw(_stream_states(keys, stream), counters)
+
+
+def _stream_states(keys: np.ndarray, stream: int) -> np.ndarray:
+    """Start state of stream ``stream`` of each cell key."""
+    return _mix(np.asarray(keys, dtype=np.uint64) ^ _salt(stream))
+
+
+def _draw(states: np.ndarray, counters: np.ndarray) -> np.ndarray:
+    """SplitMix64 output ``counter`` of the streams started at ``states`` (broadcast)."""
     steps = (np.asarray(counters, dtype=np.uint64) + np.uint64(1)) * _GAMMA
-    return _mix(state + steps)
+    return _mix(states + steps)
 
 
 def _unit(bits: np.ndarray, dtype) -> np.ndarray:
@@ -181,8 +211,9 @@ def entry_uniform(keys: np.ndarray, rows: np.ndarray, genes: np.ndarray, stream:
     -------
     The draws, aligned with ``rows``.
     """
-    keys = np.asarray(keys, dtype=np.uint64)[np.asarray(rows, dtype=np.intp)]
-    return _unit(cell_bits(keys, genes, stream), np.float64)
+    # cell_bits with the per-cell half of its mixing done once per cell, not once per entry.
+    state = _stream_states(keys, stream)[np.asarray(rows, dtype=np.intp)]
+    return _unit(_draw(state, genes), np.float64)
 
 
 def cell_uniform(keys: np.ndarray, n: int, stream: int, dtype=np.float64) -> np.ndarray:

@@ -127,8 +127,11 @@ class CellTokenizer:
             return None
         if draws is None:
             return torch.randperm(n_genes, generator=self.generator)[: self.max_length - 1].numpy()
-        # The genes with the smallest draws of the cell's own stream: a uniform random subset.
-        return np.argsort(draws, kind="stable")[: self.max_length - 1]
+        # The genes with the smallest draws of the cell's own stream: a uniform random subset,
+        # in the order of their draws. A partition first: sorting all of a deep cell's draws
+        # costs several times more.
+        keep = np.sort(np.argpartition(draws, self.max_length - 2)[: self.max_length - 1])
+        return keep[np.argsort(draws[keep], kind="stable")]
 
     def __call__(self, block) -> list[Cell]:
         """Tokenize a block of cells (rows; dense array or sparse matrix, columns in var order).
