@@ -20,7 +20,8 @@ from scfm_tools._cell_rng import (
     cell_normal,
     cell_uniform,
     check_random_stream,
-    value_ranks,
+    gene_hashes,
+    gene_set_keys,
 )
 from scfm_tools.models.cellplm import CellPLMModule, cell_noise, module_config
 from scfm_tools.models.cellplm import embed_matrix as cellplm_embed
@@ -84,24 +85,29 @@ def test_cell_keys_follow_the_cell_not_its_storage(pbmc):
     data[0] += 1
     changed = cell_keys(7, rows, X.indices, data, 50) != keys
     np.testing.assert_array_equal(np.flatnonzero(changed), [0])
-    # ranks see counts and their log1p per 10,000 alike
-    totals = np.asarray(X.sum(1)).ravel()
-    lognorm = np.log1p(X.data / totals[rows] * 1e4)
-    np.testing.assert_array_equal(value_ranks(rows, lognorm), value_ranks(rows, X.data))
 
 
-def test_value_ranks_are_dense_ranks_within_each_cell():
-    rng = np.random.default_rng(3)
-    rows = rng.integers(0, 30, 2_000)  # entries in no particular order
-    counts = rng.integers(-5, 40, 2_000).astype(np.float64)  # negatives and many ties
-    for values in (counts, counts.astype(np.float32), counts + rng.normal(0, 1e-9, 2_000)):
-        ranks = value_ranks(rows, values)
-        for cell in range(30):
-            mine = rows == cell
-            distinct = np.unique(values[mine])
-            np.testing.assert_array_equal(
-                ranks[mine], np.searchsorted(distinct, values[mine]) + 1, err_msg=str(cell)
-            )
+def test_gene_set_keys_follow_the_genes_of_each_row(pbmc):
+    X = pbmc.X[:50]
+    keys = gene_set_keys(7, X.indptr, gene_hashes(X.indices))
+    assert np.unique(keys).size == 50
+    # the entries of a row in another order: the same keys
+    indices = X.indices.copy()
+    for row in range(50):
+        lo, hi = X.indptr[row], X.indptr[row + 1]
+        indices[lo:hi] = indices[lo:hi][::-1]
+    np.testing.assert_array_equal(gene_set_keys(7, X.indptr, gene_hashes(indices)), keys)
+    # one gene more in row 3 changes that row's key only; the seed changes every key
+    genes = [X.indices[X.indptr[r] : X.indptr[r + 1]] for r in range(50)]
+    genes[3] = np.append(genes[3], 10_000)
+    indptr = np.concatenate([[0], np.cumsum([g.size for g in genes])])
+    changed = gene_set_keys(7, indptr, gene_hashes(np.concatenate(genes))) != keys
+    np.testing.assert_array_equal(np.flatnonzero(changed), [3])
+    assert not (gene_set_keys(8, X.indptr, gene_hashes(X.indices)) == keys).any()
+    # rows without genes, first, between and last, get the seed's own key
+    empty = gene_set_keys(7, np.array([0, 0, 2, 2, 3, 3]), gene_hashes(np.array([5, 9, 5])))
+    assert empty[0] == empty[2] == empty[4] != empty[1]
+    assert empty[3] == gene_set_keys(7, np.array([0, 1]), gene_hashes(np.array([5])))[0]
 
 
 def test_draws_are_uniform_and_normal():

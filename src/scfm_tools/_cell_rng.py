@@ -7,11 +7,14 @@ in two files gives other vectors. With ``random_stream="cell"`` every cell inste
 own stream, keyed by the seed and a hash of the cell's expressed genes and their values.
 
 The key of a cell is a sum over its non-zero entries of a 64-bit hash of (gene id, value as
-float32), mixed with the seed; steps that read only the order of a cell's values (quantile
-binning) key on the values' ranks instead (:func:`value_ranks`). A sum does not depend on the
-order the entries are stored in, and float32 holds counts exactly, so the key is the same
-whether the counts are stored as int32, float32 or float64, sparse or dense, and whatever
-chunk or batch the cell lands in; two identical cells get the same draws.
+float32), mixed with the seed (:func:`cell_keys`). Steps that read only which genes a cell
+expresses and the order of their values (scGPT's quantile binning and gene subsampling) key on
+the set of expressed genes alone (:func:`gene_set_keys`): the same draws then serve a cell's
+counts and any order-preserving transform of them, and no per-cell sort of the values is paid
+(ranking millions of entries cost more than the model on small checkpoints). A sum does not
+depend on the order the entries are stored in, and float32 holds counts exactly, so the key is
+the same whether the counts are stored as int32, float32 or float64, sparse or dense, and
+whatever chunk or batch the cell lands in; two identical cells get the same draws.
 
 The draws are the outputs of SplitMix64 (Steele, Lea & Flood 2014; Java's
 ``SplittableRandom``) started from the key and read at a counter: draw ``i`` of a cell is
@@ -39,7 +42,8 @@ __all__ = [
     "cell_uniform",
     "check_random_stream",
     "entry_uniform",
-    "value_ranks",
+    "gene_hashes",
+    "gene_set_keys",
 ]
 
 RandomStream = Literal["cell", "official"]
@@ -117,52 +121,37 @@ def cell_keys(
     return _mix(sums ^ _salt(seed))
 
 
-def value_ranks(rows: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Dense rank of each entry's value among its cell's values (1 for the smallest).
+def gene_hashes(genes: np.ndarray) -> np.ndarray:
+    """64-bit hash of each gene id (non-negative integers), for :func:`gene_set_keys`.
 
-    Keying a cell on the ranks instead of the values (:func:`cell_keys`) gives the same draws
-    to any order-preserving transform of the cell, e.g. counts and their ``log1p`` of counts
-    per 10,000; right for steps that read only the order of the values (quantile binning).
+    A tokenizer hashes its genes once and gathers the hashes of each block's entries.
+    """
+    return _mix(np.asarray(genes, dtype=np.uint64) + _GAMMA)
+
+
+def gene_set_keys(seed: int, indptr: np.ndarray, entry_hashes: np.ndarray) -> np.ndarray:
+    """Key of each CSR row's stream, from the seed and the set of genes the row holds.
 
     Parameters
     ----------
-    rows
-        Cell of each entry.
-    values
-        Value of each entry.
+    seed
+        The run's seed (``random_state``).
+    indptr
+        CSR row pointer of the rows (``n_rows + 1`` entries).
+    entry_hashes
+        :func:`gene_hashes` of the gene of each stored entry (no entries for zeros), in CSR
+        order.
 
     Returns
     -------
-    ``int64`` ranks, aligned with ``rows``.
+    ``(n_rows,)`` ``uint64`` keys; a row without entries gets the key of the seed alone.
     """
-    rows, values = np.asarray(rows), np.asarray(values)
-    # One sort of 64-bit keys (cell in the high half, the value's order code in the low half)
-    # instead of a two-key lexsort: about twice as fast on millions of entries.
-    key = (rows.astype(np.uint64) << np.uint64(32)) | _order_codes(values)
-    order = np.argsort(key)
-    k, r = key[order], rows[order]
-    first = np.ones(r.size, dtype=bool)  # first entry of its cell
-    first[1:] = r[1:] != r[:-1]
-    level = np.cumsum(first | np.concatenate([[True], k[1:] != k[:-1]]))
-    start = np.maximum.accumulate(np.where(first, level, 0))
-    ranks = np.empty(r.size, dtype=np.int64)
-    ranks[order] = level - start + 1
-    return ranks
-
-
-def _order_codes(values: np.ndarray) -> np.ndarray:
-    """``uint64`` codes below 2**32 that order and tie exactly as ``values`` do.
-
-    Values that float32 holds exactly (counts, float32 data) map to their float32 bit patterns
-    made monotonic (sign bit flipped for non-negative values, all bits for negative ones);
-    other values to their index among the sorted distinct values.
-    """
-    as32 = values.astype(np.float32)
-    if not np.array_equal(as32, values):
-        return np.unique(values, return_inverse=True)[1].reshape(-1).astype(np.uint64)
-    bits = as32.view(np.uint32)
-    negative = (bits >> np.uint32(31)).astype(bool)
-    return np.where(negative, ~bits, bits | np.uint32(0x80000000)).astype(np.uint64)
+    # Row sums by differences of a wrapping cumulative sum: exact modulo 2**64, and unlike
+    # np.add.reduceat right for empty rows.
+    totals = np.zeros(entry_hashes.size + 1, dtype=np.uint64)
+    np.cumsum(entry_hashes, dtype=np.uint64, out=totals[1:])
+    indptr = np.asarray(indptr, dtype=np.intp)
+    return _mix((totals[indptr[1:]] - totals[indptr[:-1]]) ^ _salt(seed))
 
 
 def cell_bits(keys: np.ndarray, counters: np.ndarray, stream: int) -> np.ndarray:

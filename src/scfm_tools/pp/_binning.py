@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -20,10 +21,10 @@ from .._anndata import (
 from .._cell_rng import (
     STREAM_TIES,
     RandomStream,
-    cell_keys,
     check_random_stream,
     entry_uniform,
-    value_ranks,
+    gene_hashes,
+    gene_set_keys,
 )
 from .._docs import (
     DOC_ADATA,
@@ -38,7 +39,7 @@ from .._validation import InputError, check_counts, check_nonnegative
 if TYPE_CHECKING:
     from anndata import AnnData
 
-__all__ = ["bin_values", "quantile_bin", "scbert_bins", "scbert_log2_norm"]
+__all__ = ["bin_values", "quantile_bin", "quantile_bin_csr", "scbert_bins", "scbert_log2_norm"]
 
 logger = logging.getLogger("scfm_tools")
 
@@ -75,14 +76,19 @@ def _row_quantiles(data: np.ndarray, indptr: np.ndarray, n_edges: int) -> np.nda
     return edges
 
 
-def _quantile_bin_csr(
-    data: np.ndarray, indptr: np.ndarray, n_bins: int, ties: np.ndarray
+def quantile_bin_csr(
+    data: np.ndarray,
+    indptr: np.ndarray,
+    n_bins: int,
+    ties: np.ndarray | Callable[[np.ndarray], np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Bin the non-zero values of CSR rows (``data`` in row order, no stored zeros).
 
     Returns the bins of ``data`` and the ``(n_rows, n_bins - 1)`` quantile edges. ``ties`` holds
-    one uniform draw in ``[0, 1)`` per value; a value equal to several edges takes the bin the
-    draw picks among them, as ``scgpt.preprocess._digitize`` does with ``np.random.rand``.
+    one uniform draw in ``[0, 1)`` per value, or gives the draws of the values at the positions
+    it is called with (only values equal to several edges need one); a value equal to several
+    edges takes the bin the draw picks among them, as ``scgpt.preprocess._digitize`` does with
+    ``np.random.rand``.
     """
     edges = _row_quantiles(data, indptr, n_bins - 1)
     left = np.empty(data.size, dtype=np.int64)
@@ -94,6 +100,11 @@ def _quantile_bin_csr(
         left[sl] = np.digitize(data[sl], edges[row])
         right[sl] = np.digitize(data[sl], edges[row], right=True)
     # A value equal to several edges gets a uniform draw among the bins those edges span.
+    if callable(ties):
+        digits = left.astype(BIN_DTYPE)
+        tied = np.flatnonzero(right != left)
+        digits[tied] = np.ceil(ties(tied) * (right[tied] - left[tied]) + left[tied])
+        return digits, edges
     digits = np.ceil(ties * (right - left) + left).astype(BIN_DTYPE)
     return digits, edges
 
@@ -162,7 +173,7 @@ def quantile_bin(
     nonzero = np.flatnonzero(values)
     ties = _tie_draws(draws, nonzero.size)
     out = np.zeros(values.shape, dtype=BIN_DTYPE)
-    digits, _ = _quantile_bin_csr(values[nonzero], np.array([0, nonzero.size]), n_bins, ties)
+    digits, _ = quantile_bin_csr(values[nonzero], np.array([0, nonzero.size]), n_bins, ties)
     out[nonzero] = digits
     return out
 
@@ -188,17 +199,18 @@ def _scgpt_chunk(
 ) -> tuple[sparse.csr_matrix, np.ndarray]:
     """Bin a chunk: ties from the official stream ``rng``, or per cell (``rng=None``).
 
-    Per cell, a value's draw is read at its column in the stream keyed by ``seed``, the cell's
-    non-zero columns and the order of their values (the bins depend on nothing else).
+    Per cell, a value's draw is read at its column in the stream keyed by ``seed`` and the
+    cell's non-zero columns (the bins depend on nothing else than these and the values' order).
     """
     if rng is None:
         rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
-        ranks = value_ranks(rows, csr.data)
-        keys = cell_keys(seed, rows, csr.indices, ranks, csr.shape[0])
-        ties = entry_uniform(keys, rows, csr.indices, STREAM_TIES)
+        keys = gene_set_keys(seed, csr.indptr, gene_hashes(csr.indices))
+
+        def ties(tied: np.ndarray) -> np.ndarray:
+            return entry_uniform(keys, rows[tied], csr.indices[tied], STREAM_TIES)
     else:
         ties = _tie_draws(rng, csr.nnz)
-    digits, edges = _quantile_bin_csr(csr.data, csr.indptr, n_bins, ties)
+    digits, edges = quantile_bin_csr(csr.data, csr.indptr, n_bins, ties)
     binned = sparse.csr_matrix((digits, csr.indices.copy(), csr.indptr.copy()), shape=csr.shape)
     # The official Preprocessor keeps [0, edges...] per cell, and n_bins zeros for empty cells.
     full_edges = np.zeros((csr.shape[0], n_bins), dtype=np.float64)
@@ -299,14 +311,14 @@ def bin_values(
     digitized against the ``n_bins - 1`` quantiles of that cell's non-zero values, into
     ``1..n_bins-1``. A value equal to several edges (common with integer counts) gets a uniform
     random bin among them. By default (``random_stream="cell"``) that draw comes from the cell's
-    own stream (keyed by ``random_state``, the cell's non-zero columns and the order of their
-    values), so a cell gets the same bins whatever other cells are binned with it. With
-    ``random_stream="official"`` the draws come from one ``np.random.RandomState(random_state)``
-    stream that runs over the cells in order, one draw per non-zero value: the result equals the
-    official code run after ``np.random.seed(random_state)``, but binning a subset of cells
-    then gives other tie draws. Either way ``chunk_size`` does not change the result. Binning is
-    rank based, so raw counts or normalised/log1p values both work (they give the same bins up
-    to rounding); they must be finite and non-negative. All-zero cells stay all zero.
+    own stream (keyed by ``random_state`` and the cell's non-zero columns), so a cell gets the
+    same bins whatever other cells are binned with it. With ``random_stream="official"`` the
+    draws come from one ``np.random.RandomState(random_state)`` stream that runs over the cells
+    in order, one draw per non-zero value: the result equals the official code run after
+    ``np.random.seed(random_state)``, but binning a subset of cells then gives other tie draws.
+    Either way ``chunk_size`` does not change the result. Binning is rank based, so raw counts
+    or normalised/log1p values both work (they give the same bins up to rounding); they must be
+    finite and non-negative. All-zero cells stay all zero.
 
     ``flavor="scbert"`` is scBERT's tokenization: each cell is scaled to a total of 1e4,
     ``log2(1 + x)`` taken, capped at ``n_bins`` and truncated, giving tokens ``0..n_bins``
