@@ -1,4 +1,4 @@
-"""sft.tl.annotate from a labelled reference (knn, logreg) and the plots of its results.
+"""sft.tl.annotate from a labelled reference (auto, expression, knn, logreg) and its plots.
 
 Real labelled data, the embedded default model. Measured with "scgpt-default" (random_state 0):
 cellbench, CEL-seq2 reference -> Drop-seq query on the reference's 200 most variable genes:
@@ -50,7 +50,7 @@ def pbmc(data_dir):
 def pbmc_knn(pbmc):
     ref, query = pbmc
     query, snap = query.copy(), snapshot(ref)
-    sft.tl.annotate(query, reference=ref, label_key="cell_type")  # model=None: knn
+    sft.tl.annotate(query, reference=ref, label_key="cell_type", method="knn")
     assert_unchanged(ref, snap)
     return query
 
@@ -110,7 +110,7 @@ def _macro_f1(truth, predicted, labels):
     return float(np.mean(scores))
 
 
-def test_default_is_knn_with_the_default_model(pbmc, pbmc_knn):
+def test_knn_with_the_default_model(pbmc, pbmc_knn):
     ref, _ = pbmc
     query = pbmc_knn
     labels, scores = query.obs["scgpt_label"], query.obs["scgpt_score"]
@@ -268,9 +268,86 @@ def test_reference_labels_named_unassigned_or_integer_with_gaps(pbmc):
     numbered.obs["code"] = codes.where(np.arange(numbered.n_obs) % 7 != 0)  # NaN gaps: float
     assert numbered.obs["code"].dtype == np.float64
     out = sft.tl.annotate(query, reference=numbered, label_key="code", copy=True)
-    classes = out.uns["scgpt"]["params"]["classes"]
+    classes = out.uns["annotate"]["params"]["classes"]
     assert sorted(classes) == sorted(str(int(c)) for c in np.unique(codes))
     assert not any("." in c for c in classes)
+
+
+# --- the measured default (method="auto") and the expression baseline ---------------------
+def _logreg_on_log_expression(ref, query):
+    """The baseline as a user would fit it: scanpy normalisation, sklearn's defaults."""
+    import scanpy as sc
+    from sklearn.linear_model import LogisticRegression
+
+    genes = ref.var_names.intersection(query.var_names)
+    sides = []
+    for cells in (ref, query):
+        cells = cells.copy()
+        sc.pp.normalize_total(cells, target_sum=1e4)
+        sc.pp.log1p(cells)
+        sides.append(cells[:, genes].X)
+    fit = LogisticRegression(max_iter=1000, random_state=0)
+    fit.fit(sides[0], ref.obs["cell_type"].astype(str))
+    return fit.predict(sides[1])
+
+
+@pytest.mark.parametrize("data", ["pbmc", "cellbench_all_genes"])
+def test_default_measures_the_ways_and_matches_logistic_regression(data, request, data_dir):
+    if data == "pbmc":
+        ref, query = request.getfixturevalue("pbmc")
+    else:  # CEL-seq2 reference, Drop-seq query, every gene: the embedding cannot tell them apart
+        adata = ad.read_h5ad(data_dir / "cellbench_3celllines_celseq2_dropseq.h5ad")
+        ref = adata[adata.obs["batch"] == "sc_celseq2"].copy()
+        query = adata[adata.obs["batch"] == "sc_dropseq"].copy()
+    snap = snapshot(ref)
+    out = sft.tl.annotate(query, reference=ref, label_key="cell_type", copy=True)
+    assert_unchanged(ref, snap)
+    params = out.uns["annotate"]["params"]
+    selection = params["selection"]
+    assert params["method"] == "auto" and selection["n_folds"] == 5
+    scores = selection["cross_validated_macro_f1"]
+    assert set(scores) == {"expression", "knn", "logreg"}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+    best = max(scores, key=scores.get)
+    if scores[best] > scores["expression"] + selection["model_margin"]:
+        assert selection["chosen"] == best
+    else:
+        assert selection["chosen"] == "expression"
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    main = _main_types(query)
+    ours = _macro_f1(truth, out.obs["annotate_label"].astype(str).to_numpy(), main)
+    baseline = _macro_f1(truth, _logreg_on_log_expression(ref, query), main)
+    assert ours >= baseline - 0.01, (ours, baseline, selection)
+    if data == "cellbench_all_genes":
+        # The zero-shot embedding reads noise here (kNN ~0.4 on held-out cells); expression wins.
+        assert selection["chosen"] == "expression" and scores["knn"] < 0.6 and ours > 0.95
+
+
+def test_expression_method_runs_no_model_and_small_references_skip_the_hold_out(pbmc):
+    ref, query = pbmc
+    query = query[:60].copy()
+    out = sft.tl.annotate(
+        query, reference=ref, label_key="cell_type", method="expression", copy=True
+    )
+    params = out.uns["annotate"]["params"]
+    assert (
+        params["method"] == "expression" and params["model"] is None if "model" in params else True
+    )
+    assert "family" not in params and params["n_expression_genes_shared_with_reference"] == 200
+    np.testing.assert_allclose(out.obsm["annotate_proba"].sum(axis=1), 1.0, rtol=1e-5)
+    # a cell type with 4 cells: no folds, the expression path is taken
+    small = ref[ref.obs["cell_type"].isin(["B-cells", "NK cells"])].copy()
+    nk = np.flatnonzero(small.obs["cell_type"] == "NK cells")
+    small = small[np.concatenate([np.flatnonzero(small.obs["cell_type"] == "B-cells"), nk[:4]])]
+    out = sft.tl.annotate(query, reference=small.copy(), label_key="cell_type", copy=True)
+    selection = out.uns["annotate"]["params"]["selection"]
+    assert selection["chosen"] == "expression" and "cross_validated_macro_f1" not in selection
+    with pytest.raises(ValueError, match="runs no model: leave model= out"):
+        sft.tl.annotate(query, "scgpt-default", reference=ref, label_key="cell_type",
+                        method="expression")  # fmt: skip
+    with pytest.raises(ValueError, match="max_length= applies to method='auto'"):
+        sft.tl.annotate(query, reference=ref, label_key="cell_type", method="expression",
+                        max_length=100)  # fmt: skip
 
 
 # --- sft.pl.annotation ---------------------------------------------------------------------

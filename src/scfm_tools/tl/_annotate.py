@@ -11,6 +11,12 @@ import numpy as np
 from .._anndata import DEFAULT_CHUNK_SIZE, params_record, resolve_adata
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from .._labels import labels_from_proba, reference_labels
+from ._annotate_auto import (
+    MODEL_MARGIN,
+    N_FOLDS,
+    choose_by_validation,
+    shared_log_expression,
+)
 from ._label_transfer import transfer_labels
 from ._model_arg import (
     DEFAULT_MODEL,
@@ -35,8 +41,10 @@ __all__ = ["annotate"]
 
 logger = logging.getLogger("scfm_tools")
 
-Method = Literal["knn", "logreg", "finetune"]
-_METHODS = ("knn", "logreg", "finetune")
+Method = Literal["auto", "expression", "knn", "logreg", "finetune"]
+_METHODS = ("auto", "expression", "knn", "logreg", "finetune")
+# Methods that read the model's cell embeddings.
+_EMBEDDING_METHODS = ("auto", "knn", "logreg")
 # Cells per forward pass: scBERT's official fine-tuning batch; embedding: the family's default.
 _BATCH_SIZE = {"finetune": 8, "classifier": 8}
 
@@ -73,7 +81,12 @@ def _choose_method(method: str | None, located: LocatedModel, reference: Any, mo
             )
         return "classifier"
     if method is None:
-        method = "finetune" if model is not None and can_finetune else "knn"
+        method = "auto" if model is None else "finetune" if can_finetune else "knn"
+    if method == "expression" and model is not None:
+        raise ValueError(
+            "method='expression' fits a logistic regression on the expression itself and runs "
+            "no model: leave model= out, or pick method='knn', 'logreg' or 'finetune'."
+        )
     if method == "finetune" and not can_finetune:
         raise NotImplementedError(
             f"method='finetune' cannot fine-tune {family} models: "
@@ -221,53 +234,109 @@ def _transfer(
     mod: str | None,
     options: dict[str, Any],
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Embed query and reference with the same model and carry the reference's labels over."""
+    """Carry the reference's labels over to the query cells.
+
+    On the model's embeddings, on the expression, or on whichever of those measures best on
+    the reference's cells by cross-validation (``method="auto"``).
+    """
     from anndata import AnnData
 
     from .._anndata import resolve_seed
+    from .._validation import check_counts
 
     _, ref = resolve_adata(reference, mod=None if isinstance(reference, AnnData) else mod)
     keep, labels = reference_labels(ref, label_key)
     # A view of the labelled cells: nothing of the caller's reference is copied or written.
     ref = ref if keep.all() else ref[keep]
-    check_model_values(ref, reference_layer, located, chunk_size=chunk_size, caller="annotate")
-    shared = _check_shared_genes(loaded, query, ref, gene_key, gene_key)
     seed = resolve_seed(random_state)
-
-    def embed(cells: AnnData, cells_layer: str | None) -> tuple[np.ndarray, dict[str, Any]]:
-        return cell_embeddings(
-            loaded,
-            cells,
-            task="annotate",
-            batch_size=batch_size,
-            max_length=max_length,
-            layer=cells_layer,
+    params: dict[str, Any] = {}
+    features: dict[str, tuple[Any, Any]] = {}
+    if method != "expression":
+        check_model_values(ref, reference_layer, located, chunk_size=chunk_size, caller="annotate")
+        params["n_genes_shared_with_reference"] = _check_shared_genes(
+            loaded, query, ref, gene_key, gene_key
+        )
+    if method in ("auto", "expression"):
+        for cells, cells_layer in ((query, layer), (ref, reference_layer)):
+            check_counts(cells, cells_layer, chunk_size=chunk_size)
+        query_x, ref_x, genes = shared_log_expression(
+            query,
+            ref,
+            layer=layer,
+            reference_layer=reference_layer,
             gene_key=gene_key,
-            random_state=seed,
             chunk_size=chunk_size,
-            options=options,
+        )
+        features["expression"] = (ref_x, query_x)
+        # All genes both have (the model paths count only the model's genes).
+        params["n_expression_genes_shared_with_reference"] = int(genes.size)
+    if method != "expression":
+
+        def embed(cells: AnnData, cells_layer: str | None) -> tuple[np.ndarray, dict[str, Any]]:
+            return cell_embeddings(
+                loaded,
+                cells,
+                task="annotate",
+                batch_size=batch_size,
+                max_length=max_length,
+                layer=cells_layer,
+                gene_key=gene_key,
+                random_state=seed,
+                chunk_size=chunk_size,
+                options=options,
+            )
+
+        query_emb, embed_params = embed(query, layer)
+        ref_emb, ref_params = embed(ref, reference_layer)
+        params.update(embed_params)
+        if "n_genes_matched" in ref_params:
+            params["reference_n_genes_matched"] = ref_params["n_genes_matched"]
+        features["knn"] = features["logreg"] = (ref_emb, query_emb)
+
+    def fit(name: str, train: Any, predict_on: Any) -> pd.DataFrame:
+        ref_features = features[name][0]
+        return transfer_labels(
+            "logreg" if name == "expression" else name,
+            ref_features if train is None else ref_features[train],
+            labels if train is None else labels[train],
+            predict_on,
+            n_neighbors=n_neighbors,
+            class_weight=class_weight,
+            standardize=name != "expression",
+            random_state=seed,
         )
 
-    query_emb, params = embed(query, layer)
-    ref_emb, ref_params = embed(ref, reference_layer)
-    proba = transfer_labels(
-        method,
-        ref_emb,
-        labels,
-        query_emb,
-        n_neighbors=n_neighbors,
-        class_weight=class_weight,
-        random_state=seed,
-    )
-    if "n_genes_matched" in ref_params:
-        params["reference_n_genes_matched"] = ref_params["n_genes_matched"]
+    chosen = method
+    if method == "auto":
+
+        def candidate(name: str):
+            def predict(train: np.ndarray, validation: np.ndarray) -> np.ndarray:
+                proba = fit(name, train, features[name][0][validation])
+                return np.asarray(proba.columns)[proba.to_numpy().argmax(axis=1)]
+
+            return predict
+
+        chosen, scores = choose_by_validation(
+            {name: candidate(name) for name in ("expression", "knn", "logreg")},
+            labels,
+            baseline="expression",
+            random_state=seed,
+        )
+        params["selection"] = {"chosen": chosen, "model_margin": MODEL_MARGIN}
+        if scores is not None:
+            params["selection"].update(cross_validated_macro_f1=scores, n_folds=N_FOLDS)
+        logger.info(
+            "annotate (auto): cross-validated macro-F1 on the reference %s -> %s",
+            "not measured" if scores is None else {k: round(v, 3) for k, v in scores.items()},
+            chosen,
+        )
+    proba = fit(chosen, None, features[chosen][1])
     params.update(
         {
             "label_key": label_key,
             "reference_layer": reference_layer,
             "n_reference_cells": int(ref.n_obs),
-            "n_genes_shared_with_reference": shared,
-            "n_neighbors": min(n_neighbors, int(ref.n_obs)) if method == "knn" else None,
+            "n_neighbors": min(n_neighbors, int(ref.n_obs)) if chosen == "knn" else None,
             "class_weight": class_weight,
         }
     )
@@ -316,10 +385,21 @@ def annotate(
 ) -> AnnData | None:
     """Annotate cell types with a foundation model.
 
-    Three ways, by ``method``:
+    Five ways, by ``method``:
 
-    - ``"knn"`` (the default with a ``reference`` when the model cannot be fine-tuned, and
-      always with ``model=None``): the query and the labelled reference are embedded with the
+    - ``"auto"`` (the default with a ``reference`` and ``model=None``): measures the three
+      ways below that need no training of the model (``"expression"``, and ``"knn"`` and
+      ``"logreg"`` on the default model's embeddings) by stratified 5-fold cross-validation on
+      the labelled reference, takes the one with the best macro-F1, and fits it on the whole
+      reference. A model path is taken only when it beats ``"expression"`` by more than 0.02:
+      a zero-shot embedding can lose to the plain expression on cells from another batch. With
+      a cell type of fewer than 5 reference cells there are no folds, and ``"expression"`` is
+      used. What was measured and chosen is recorded in ``uns[key]["params"]["selection"]``.
+    - ``"expression"``: a multinomial logistic regression on the log-normalised expression
+      (counts per 10,000, ``log1p``) of the genes the query and the reference share, as
+      CellTypist fits; no foundation model runs. The baseline every model path is held to.
+    - ``"knn"`` (the default with a given ``model`` that cannot be fine-tuned): the query and
+      the labelled reference are embedded with the
       same model (as :func:`~scfm_tools.tl.embed_cells`, genes matched per AnnData), and each
       query cell takes the labels of its ``n_neighbors`` nearest reference cells (exact cosine
       search), each vote weighted by ``1 / distance``; the score is the winner's share of the
@@ -355,9 +435,9 @@ def annotate(
         Column of ``reference.obs`` with the cell types (needed with ``reference``); cells
         without a label (NaN) are left out.
     method
-        ``"knn"``, ``"logreg"`` or ``"finetune"`` (see above); ``None`` picks ``"finetune"``
-        for a given model that can be fine-tuned and ``"knn"`` otherwise. Leave it out without
-        a reference.
+        ``"auto"``, ``"expression"``, ``"knn"``, ``"logreg"`` or ``"finetune"`` (see above);
+        ``None`` picks ``"auto"`` without a model, ``"finetune"`` for a given model that can be
+        fine-tuned and ``"knn"`` for another given model. Leave it out without a reference.
     n_neighbors
         Reference cells voting for each query cell (``method="knn"`` only; default 15, at most
         the number of labelled reference cells).
@@ -372,7 +452,8 @@ def annotate(
         Column of ``var`` (of ``adata`` and ``reference``) with gene symbols; ``None`` uses
         ``var_names``.
     key_added
-        Prefix of the keys written; default the model family (e.g. ``"scgpt"``, ``"scbert"``).
+        Prefix of the keys written; default ``"annotate"`` for ``"auto"`` and ``"expression"``,
+        else the model family (e.g. ``"scgpt"``, ``"scbert"``).
     threshold
         Score below which a cell is ``"Unassigned"``; ``None`` labels every cell.
     batch_size
@@ -380,7 +461,7 @@ def annotate(
         classifier and fine-tuning (the official value); for embedding (knn, logreg) the
         family's default, as in :func:`~scfm_tools.tl.embed_cells` (CellPLM refuses it).
     max_length
-        Most genes per cell when embedding (``method="knn"`` or ``"logreg"``), as in
+        Most genes per cell when embedding (``method="auto"``, ``"knn"`` or ``"logreg"``), as in
         :func:`~scfm_tools.tl.embed_cells`; ``None`` uses the checkpoint's.
     max_epochs
         Fine-tuning epochs over the reference (``method="finetune"``).
@@ -413,7 +494,8 @@ def annotate(
       rows summing to 1);
     - ``adata.uns["<key>"]["params"]``: method, model, family, weights sha256, threshold,
       classes, ``label_key``, reference size, ``n_neighbors`` or ``class_weight``, genes
-      matched, training settings, package version.
+      matched, training settings, ``selection`` (``"auto"``: the chosen way, the
+      cross-validated macro-F1 of each), package version.
 
     For a MuData, the label and score also go to ``mdata.obs["<mod>:<key>_label"]`` and
     ``["<mod>:<key>_score"]`` (as ``mdata.update()`` names them), and the scores to
@@ -447,12 +529,23 @@ def annotate(
     ):
         if value is not None and chosen != owner:
             raise ValueError(f"{name}= applies to method={owner!r}, not to {chosen!r}.")
-    if max_length is not None and chosen not in ("knn", "logreg"):
-        raise ValueError("max_length= applies to method='knn' or 'logreg' (embedding).")
+    if max_length is not None and chosen not in _EMBEDDING_METHODS:
+        raise ValueError(
+            "max_length= applies to method='auto', 'knn' or 'logreg' (embedding), not to "
+            f"{chosen!r}."
+        )
+    if chosen == "expression" and model_kwargs:
+        raise ValueError(
+            f"method='expression' runs no model, so model options {sorted(model_kwargs)} do not "
+            "apply."
+        )
     batch = _BATCH_SIZE.get(chosen) if batch_size is None else int(batch_size)
-    check_model_values(ad, layer, located, chunk_size=chunk_size, caller="annotate")
-    task = "get_latent_representation" if chosen in ("knn", "logreg") else "predict_proba"
-    loaded, options = load_for(located, task, model_kwargs)
+    if chosen != "expression":
+        check_model_values(ad, layer, located, chunk_size=chunk_size, caller="annotate")
+    task = "get_latent_representation" if chosen in _EMBEDDING_METHODS else "predict_proba"
+    loaded, options = (
+        (None, {}) if chosen == "expression" else load_for(located, task, model_kwargs)
+    )
     if reference is not None and method is None and getattr(loaded, "classes", None) is not None:
         raise ValueError(
             f"{loaded.model_name} is a fine-tuned classifier (cell types "
@@ -461,10 +554,10 @@ def annotate(
             "on the reference), 'knn' or 'logreg' (transfer the reference's labels on its "
             "embeddings)."
         )
-    dev = prepare_device(loaded, device)
-    described = loaded.params()
+    dev = "cpu" if loaded is None else prepare_device(loaded, device)
+    described = {"model": None} if loaded is None else loaded.params()
     started = time.perf_counter()
-    if chosen in ("knn", "logreg"):
+    if chosen in ("auto", "expression", "knn", "logreg"):
         proba, run_params = _transfer(
             loaded,
             located,
@@ -484,7 +577,7 @@ def annotate(
             mod=mod,
             options=options,
         )
-        batch = run_params.pop("batch_size")
+        batch = run_params.pop("batch_size", batch)
     elif chosen == "finetune":
         proba, run_params = _fine_tune(
             loaded,
@@ -524,13 +617,14 @@ def annotate(
             options=options,
         )
         run_params = {"fine_tuned": "model"}
-    if "n_genes_matched" not in run_params:
+    if loaded is not None and "n_genes_matched" not in run_params:
         run_params["n_genes_matched"] = int(loaded.match_genes(ad, gene_key).n_matched)
     run_params["classes"] = [str(c) for c in proba.columns]
     prediction = labels_from_proba(proba, threshold)
     elapsed = time.perf_counter() - started
 
-    key = key_added or family
+    # The measured default and the expression path are not one family's annotation.
+    key = key_added or ("annotate" if chosen in ("auto", "expression") else family)
     # Positional (not index-aligned) assignment keeps the categories, "Unassigned" included.
     ad.obs[f"{key}_label"] = prediction["label"].array
     ad.obs[f"{key}_score"] = prediction["score"].to_numpy(dtype=np.float32)

@@ -83,23 +83,27 @@ def logreg_proba(
     query: np.ndarray,
     *,
     class_weight: Literal["balanced"] | None = None,
+    standardize: bool = True,
     random_state: int = 0,
 ) -> pd.DataFrame:
     """Class probabilities from a multinomial logistic regression fitted on the reference.
 
-    The embedding dimensions are standardised on the reference first: L2-normalised embeddings
+    Embedding dimensions are standardised on the reference first: L2-normalised embeddings
     have small per-dimension spread, against which the default L2 penalty would dominate.
 
     Parameters
     ----------
     reference
-        Reference embeddings, cells x dimensions.
+        Reference features (embeddings, or a sparse matrix of expression), cells x features.
     labels
         Cell type of each reference cell.
     query
-        Query embeddings, cells x the same dimensions.
+        Query features, cells x the same features.
     class_weight
         ``"balanced"`` weighs each class by the inverse of its frequency; ``None``: equal.
+    standardize
+        Standardise each feature on the reference (dense features only); ``False`` fits the
+        features as they are (log-normalised expression).
     random_state
         Seed of the solver.
 
@@ -107,16 +111,18 @@ def logreg_proba(
     -------
     Query cells x classes (sorted) probabilities.
     """
+    from scipy import sparse
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    head = make_pipeline(
-        StandardScaler(),
-        LogisticRegression(max_iter=1000, class_weight=class_weight, random_state=random_state),
-    )
-    head.fit(np.asarray(reference, dtype=np.float64), labels)
-    proba = head.predict_proba(np.asarray(query, dtype=np.float64))
+    def features(X):
+        return X.astype(np.float64) if sparse.issparse(X) else np.asarray(X, dtype=np.float64)
+
+    logreg = LogisticRegression(max_iter=1000, class_weight=class_weight, random_state=random_state)
+    head = make_pipeline(StandardScaler(), logreg) if standardize else logreg
+    head.fit(features(reference), labels)
+    proba = head.predict_proba(features(query))
     classes = head.classes_
     return pd.DataFrame(proba.astype(np.float32), columns=pd.Index(classes, dtype=object))
 
@@ -129,9 +135,13 @@ def transfer_labels(
     *,
     n_neighbors: int = 15,
     class_weight: Literal["balanced"] | None = None,
+    standardize: bool = True,
     random_state: int = 0,
 ) -> pd.DataFrame:
-    """Class probabilities of the query cells by ``method`` (``"knn"`` or ``"logreg"``)."""
+    """Class probabilities of the query cells by ``method`` (``"knn"`` or ``"logreg"``).
+
+    ``standardize`` applies to ``"logreg"`` (see :func:`logreg_proba`).
+    """
     if reference.shape[1] != query.shape[1]:
         raise ValueError(
             f"the reference embeddings have {reference.shape[1]} dimensions, the query's "
@@ -141,6 +151,11 @@ def transfer_labels(
         return knn_proba(reference, labels, query, n_neighbors=n_neighbors)
     if method == "logreg":
         return logreg_proba(
-            reference, labels, query, class_weight=class_weight, random_state=random_state
+            reference,
+            labels,
+            query,
+            class_weight=class_weight,
+            standardize=standardize,
+            random_state=random_state,
         )
     raise ValueError(f"method must be 'knn' or 'logreg', got {method!r}.")
