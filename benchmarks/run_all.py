@@ -31,6 +31,8 @@ from _common import RESULTS_DIR, machine_info, markdown_table
 HERE = Path(__file__).resolve().parent
 # Order: cheap and most-read first. Keys are the scripts' stems without "bench_".
 SUITE = {
+    "default_embedding": "leave-one-dataset-out: default models' embeddings vs PCA and scVI",
+    "default_annotation": "default annotate(reference=...) vs logistic regression",
     "embedding_quality": "zero-shot embeddings vs HVG+PCA and scVI (kNN, scib-metrics)",
     "annotation": "annotation macro-F1 vs logistic regression and kNN-on-PCA",
     "imputation": "imputation vs no imputation, kNN smoothing and diffusion",

@@ -171,7 +171,7 @@ def impute(args: argparse.Namespace) -> int:
 
 # annotate -----------------------------------------------------------------------------------------
 def annotate(args: argparse.Namespace) -> int:
-    """``scfm-tools annotate``: :func:`sft.tl.annotate` -> ``obs['<family>_label']`` ..."""
+    """``scfm-tools annotate``: :func:`sft.tl.annotate` -> ``obs['<key>_label']`` ..."""
     from ..tl import annotate as annotate_fn
 
     options = _given(

@@ -125,9 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--reference-layer", help="layer of REF with its counts")
     annotate.add_argument(
         "--method",
-        choices=["knn", "logreg", "finetune"],
-        help="with --reference: kNN or logistic regression on embeddings, or fine-tuning "
-        "(scBERT); default: finetune where the model can, else knn",
+        choices=["auto", "expression", "knn", "logreg", "finetune"],
+        help="with --reference: measure the ways below by cross-validation and take the best "
+        "(auto), logistic regression on the expression, kNN or logistic regression on "
+        "embeddings, or fine-tuning (scBERT); default: auto without --model, finetune where "
+        "the given model can, else knn",
     )
     annotate.add_argument("--threshold", type=float, help="score below which cells are Unassigned")
     annotate.add_argument("--max-epochs", type=int, help="fine-tuning epochs over REF")

@@ -38,7 +38,7 @@ _LABELS = {
 }
 _NEEDS = {
     "scgpt": "best_model.pt (or model.safetensors), args.json and vocab.json in one folder",
-    "cellplm": "<prefix>.best.ckpt and <prefix>.config.json in one folder",
+    "cellplm": "<prefix>.best.ckpt (or .safetensors) and <prefix>.config.json in one folder",
     "scfoundation": "models.ckpt",
     "scbert": "a .pth checkpoint such as panglao_pretrain.pth (optionally gene_list.txt)",
 }
@@ -47,6 +47,8 @@ _SCGPT_FILES = {"weights": "best_model.pt", "args": "args.json", "vocab": "vocab
 # as the scGPT loader does.
 _SCGPT_WEIGHTS = ("model.safetensors", "best_model.pt")
 _CELLPLM_SUFFIXES = {"weights": ".best.ckpt", "config": ".config.json"}
+# The project's own CellPLM weights (<prefix>.safetensors); preferred to a .best.ckpt beside it.
+_CELLPLM_SAFETENSORS = ".safetensors"
 _SCBERT_GENE_LIST = "gene_list.txt"
 
 
@@ -123,10 +125,27 @@ def _scgpt_files(path: Path) -> tuple[Path, dict[str, Path], dict[str, str]]:
 
 
 def _cellplm_prefix(name: str) -> str | None:
-    for suffix in _CELLPLM_SUFFIXES.values():
+    if name in _SCGPT_WEIGHTS:  # scGPT's model.safetensors is not a CellPLM prefix
+        return None
+    for suffix in (*_CELLPLM_SUFFIXES.values(), _CELLPLM_SAFETENSORS):
         if name.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return None
+
+
+def _is_cellplm_file(path: Path) -> bool:
+    """Tell a CellPLM checkpoint file by its name (``<prefix>.safetensors``: config beside)."""
+    prefix = _cellplm_prefix(path.name)
+    if prefix is None:
+        return False
+    if path.name.endswith(_CELLPLM_SAFETENSORS):  # a name other families' weights may have too
+        return (path.parent / f"{prefix}{_CELLPLM_SUFFIXES['config']}").is_file()
+    return True
+
+
+def _cellplm_signs(folder: Path) -> list[str]:
+    """Names of the CellPLM checkpoint files in ``folder``."""
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and _is_cellplm_file(p))
 
 
 def _cellplm_files(path: Path) -> tuple[Path, dict[str, Path], dict[str, str]]:
@@ -139,14 +158,7 @@ def _cellplm_files(path: Path) -> tuple[Path, dict[str, Path], dict[str, str]]:
     if path.is_file():
         prefix = _cellplm_prefix(path.name)
     else:
-        prefixes = sorted(
-            {
-                _cellplm_prefix(p.name)
-                for s in _CELLPLM_SUFFIXES.values()
-                for p in folder.glob(f"*{s}")
-            }
-            - {None}
-        )
+        prefixes = sorted({_cellplm_prefix(n) for n in _cellplm_signs(folder)} - {None})
         if len(prefixes) > 1:
             raise ValueError(
                 f"The folder {folder} holds several CellPLM checkpoints ({', '.join(prefixes)}); "
@@ -154,6 +166,10 @@ def _cellplm_files(path: Path) -> tuple[Path, dict[str, Path], dict[str, str]]:
             )
         prefix = prefixes[0] if prefixes else "<prefix>"
     expected = {role: f"{prefix}{suffix}" for role, suffix in _CELLPLM_SUFFIXES.items()}
+    if (folder / f"{prefix}{_CELLPLM_SAFETENSORS}").is_file():
+        expected["weights"] = f"{prefix}{_CELLPLM_SAFETENSORS}"
+    if path.is_file() and not path.name.endswith(_CELLPLM_SUFFIXES["config"]):
+        expected["weights"] = path.name
     found = {role: folder / n for role, n in expected.items() if (folder / n).is_file()}
     missing = {role: n for role, n in expected.items() if role not in found}
     return folder, found, missing
@@ -194,7 +210,9 @@ _LAYOUTS: dict[str, Callable[[Path], tuple[Path, dict[str, Path], dict[str, str]
 
 def _family_of_file(path: Path) -> Family:
     name = path.name
-    if _cellplm_prefix(name) is not None:
+    if name in _SCGPT_WEIGHTS:
+        return "scgpt"
+    if _is_cellplm_file(path):
         return "cellplm"
     if name.endswith(".ckpt"):
         return "scfoundation"
@@ -205,15 +223,15 @@ def _family_of_file(path: Path) -> Family:
     raise ValueError(
         f"Cannot tell the model family of {path} from its name; pass family= (one of "
         f"{list(FAMILIES)}). Name conventions: scGPT best_model.pt (*.pt) or "
-        "model.safetensors, CellPLM <prefix>.best.ckpt, scFoundation models.ckpt (*.ckpt), "
-        "scBERT *.pth."
+        "model.safetensors, CellPLM <prefix>.best.ckpt or <prefix>.safetensors, scFoundation "
+        "models.ckpt (*.ckpt), scBERT *.pth."
     )
 
 
 def _family_of_folder(folder: Path) -> Family:
     signs = {
         "scgpt": [n for n in {*_SCGPT_FILES.values(), *_SCGPT_WEIGHTS} if (folder / n).is_file()],
-        "cellplm": sorted(p.name for s in _CELLPLM_SUFFIXES.values() for p in folder.glob(f"*{s}")),
+        "cellplm": _cellplm_signs(folder),
         "scfoundation": sorted(
             p.name for p in folder.glob("*.ckpt") if not p.name.endswith(".best.ckpt")
         ),

@@ -58,6 +58,15 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":  # the project's own weights (no pickle)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            obj = load_file(path)
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path} could not be read as safetensors: {err}") from err
+        return _check_state_dict(obj, path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
@@ -67,6 +76,11 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         ) from err
     if isinstance(obj, Mapping) and "model_state_dict" in obj:
         obj = obj["model_state_dict"]
+    return _check_state_dict(obj, path)
+
+
+def _check_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """``obj`` as a CellPLM state dict, or a clear error saying what the file holds."""
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         keys = list(obj)[:5] if isinstance(obj, Mapping) else type(obj).__name__
         raise ValueError(
@@ -166,9 +180,10 @@ def load_cellplm_checkpoint(
 
     Reads ``<prefix>.config.json`` (hyper-parameters and the Ensembl gene list) and
     ``<prefix>.best.ckpt`` (``torch.load(weights_only=True)``, weights under
-    ``"model_state_dict"``) and loads every tensor whose key and shape match. Unlike the official
-    ``load_pretrain``, nothing is dropped silently: missing, unexpected and mismatched keys are
-    listed in the returned report and in a WARNING. The weights of submodules the official
+    ``"model_state_dict"``; or ``<prefix>.safetensors``, as the package's own default) and
+    loads every tensor whose key and shape match. Unlike the official ``load_pretrain``, nothing
+    is dropped silently: missing, unexpected and mismatched keys are listed in the returned
+    report and in a WARNING. The weights of submodules the official
     forward pass never uses (``embedder.norm0``, ``embedder.pe_enc``, see
     :data:`IGNORED_PREFIXES`) are not loaded, which is logged at INFO level.
 
