@@ -65,24 +65,24 @@ def test_annotate_writes_rna_columns_where_muon_users_look(mdata, reference):
     ref_snapshot = reference.obs.copy()
     out = sft.tl.annotate(m, reference=reference, label_key="cell_type", mod="rna", copy=True)
     assert isinstance(out, mudata.MuData)
-    assert "scgpt_label" not in m["rna"].obs and "rna:scgpt_label" not in m.obs
+    assert "annotate_label" not in m["rna"].obs and "rna:annotate_label" not in m.obs
     pd.testing.assert_frame_equal(reference.obs, ref_snapshot)
     rna = out["rna"]
     classes = sorted(reference.obs["cell_type"].astype(str).unique())
-    assert list(rna.obs["scgpt_label"].cat.categories) == classes
-    assert rna.uns["scgpt"]["params"]["method"] == "knn"
+    assert list(rna.obs["annotate_label"].cat.categories) == classes
+    assert rna.uns["annotate"]["params"]["method"] == "auto"
     # identical to annotating the modality on its own
     alone = mdata["rna"].copy()
     sft.tl.annotate(alone, reference=reference, label_key="cell_type")
-    np.testing.assert_array_equal(rna.obs["scgpt_label"], alone.obs["scgpt_label"])
-    np.testing.assert_array_equal(rna.obs["scgpt_score"], alone.obs["scgpt_score"])
+    np.testing.assert_array_equal(rna.obs["annotate_label"], alone.obs["annotate_label"])
+    np.testing.assert_array_equal(rna.obs["annotate_score"], alone.obs["annotate_score"])
     # in the MuData as mdata.update() names them, before and after update()
-    np.testing.assert_array_equal(out.obs["rna:scgpt_label"], rna.obs["scgpt_label"])
-    np.testing.assert_array_equal(np.asarray(out.obsm["scgpt_proba"]), rna.obsm["scgpt_proba"])
+    np.testing.assert_array_equal(out.obs["rna:annotate_label"], rna.obs["annotate_label"])
+    np.testing.assert_array_equal(np.asarray(out.obsm["annotate_proba"]), rna.obsm["annotate_proba"])
     out.update()
-    np.testing.assert_array_equal(out.obs["rna:scgpt_label"], rna.obs["scgpt_label"])
-    np.testing.assert_allclose(out.obs["rna:scgpt_score"], rna.obs["scgpt_score"])
-    assert not any(c.startswith("prot:scgpt") for c in out.obs.columns)
+    np.testing.assert_array_equal(out.obs["rna:annotate_label"], rna.obs["annotate_label"])
+    np.testing.assert_allclose(out.obs["rna:annotate_score"], rna.obs["annotate_score"])
+    assert not any(c.startswith("prot:annotate") for c in out.obs.columns)
 
 
 def test_modality_with_fewer_cells_aligns_by_name(mdata, reference):
@@ -90,10 +90,10 @@ def test_modality_with_fewer_cells_aligns_by_name(mdata, reference):
     m = mudata.MuData({"rna": rna, "prot": mdata["prot"].copy()})
     sft.tl.embed_cells(m, mod="rna")
     sft.tl.annotate(m, reference=reference, label_key="cell_type", mod="rna")
-    assert "X_scgpt" not in m.obsm and "scgpt_proba" not in m.obsm  # not all cells have one
-    labels = m.obs["rna:scgpt_label"]
+    assert "X_scgpt" not in m.obsm and "annotate_proba" not in m.obsm  # not all cells have one
+    labels = m.obs["rna:annotate_label"]
     assert labels.loc[mdata.obs_names[:50]].isna().all()
-    np.testing.assert_array_equal(labels.loc[rna.obs_names], m["rna"].obs["scgpt_label"])
+    np.testing.assert_array_equal(labels.loc[rna.obs_names], m["rna"].obs["annotate_label"])
 
 
 def test_gene_level_tasks_write_into_the_modality(mdata):
