@@ -58,9 +58,17 @@ def test_cellplm_default_safetensors_and_imputation(cells, tmp_path):
     assert not report.missing and not report.mismatched and len(genes) == config["out_dim"]
     model = CellPLM.from_pretrained("cellplm-default")
     assert model.gene_list == genes
-    out = sft.tl.impute(cells, model="cellplm-default", copy=True)
+    out = sft.tl.impute(cells, copy=True)  # no model: the shipped CellPLM
+    assert out.uns["cellplm_denoised"]["params"]["model"] == "cellplm-default"
     imputed = out.layers["cellplm_denoised"]
     assert imputed.shape == cells.shape and np.isfinite(imputed).all() and (imputed >= 0).all()
+    # denoised, not copied: the model's values differ from the counts, yet follow them per cell
+    counts = cells.X.toarray()
+    assert not np.allclose(imputed, counts)
+    per_cell = [
+        np.corrcoef(np.log1p(a), np.log1p(b))[0, 1] for a, b in zip(imputed, counts, strict=True)
+    ]
+    assert np.median(per_cell) > 0.3
     # a damaged safetensors file is refused with a message naming it
     folder = tmp_path / "broken"
     folder.mkdir()

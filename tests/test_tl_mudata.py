@@ -78,7 +78,9 @@ def test_annotate_writes_rna_columns_where_muon_users_look(mdata, reference):
     np.testing.assert_array_equal(rna.obs["annotate_score"], alone.obs["annotate_score"])
     # in the MuData as mdata.update() names them, before and after update()
     np.testing.assert_array_equal(out.obs["rna:annotate_label"], rna.obs["annotate_label"])
-    np.testing.assert_array_equal(np.asarray(out.obsm["annotate_proba"]), rna.obsm["annotate_proba"])
+    np.testing.assert_array_equal(
+        np.asarray(out.obsm["annotate_proba"]), rna.obsm["annotate_proba"]
+    )
     out.update()
     np.testing.assert_array_equal(out.obs["rna:annotate_label"], rna.obs["annotate_label"])
     np.testing.assert_allclose(out.obs["rna:annotate_score"], rna.obs["annotate_score"])

@@ -16,7 +16,7 @@ from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_p
 from .._h5ad import check_output_path
 from .._validation import check_counts, check_nonempty
 from ._model_arg import (
-    DEFAULT_MODEL,
+    DEFAULT_IMPUTE_MODEL,
     call_model,
     load_for,
     locate_model,
@@ -44,9 +44,9 @@ model
     of a family that can reconstruct expression (CellPLM: ``<prefix>.best.ckpt`` beside
     ``<prefix>.config.json``, or their folder; scFoundation: ``models.ckpt``) or such a model
     object (:class:`~scfm_tools.models.CellPLM`, :class:`~scfm_tools.models.SCFoundation`,
-    loaded with ``from_pretrained`` or trained here). ``None`` means the
-    package's default model, a small scGPT that cannot, so the call then fails with a message
-    saying what to pass."""
+    loaded with ``from_pretrained`` or trained here). ``None`` means ``"cellplm-default"``,
+    the small CellPLM that ships with the package (works offline; its card says what it was
+    trained on)."""
 
 
 @doc_params(
@@ -185,18 +185,12 @@ def impute(
     check_counts(ad, layer, chunk_size=chunk_size)
     check_nonempty(ad, layer, chunk_size=chunk_size)
 
-    located = locate_model(model)
+    located = locate_model(model, default=DEFAULT_IMPUTE_MODEL)
     if not hasattr(located.cls, "get_imputed_expression"):
-        default = (
-            ""
-            if model is not None
-            else f"No model was given, and the default ({DEFAULT_MODEL}) is a scGPT model. "
-        )
         raise NotImplementedError(
-            f"{unavailable('get_imputed_expression', located.family, 'impute')} {default}No "
-            "imputation model ships with the package: pass model= a CellPLM or scFoundation "
-            "checkpoint (a path, or a name from sft.hub.list_models()) or model object; "
-            "tutorials/04_imputation.ipynb trains a small CellPLM for the purpose."
+            f"{unavailable('get_imputed_expression', located.family, 'impute')} Pass model= a "
+            "CellPLM or scFoundation checkpoint (a path, or a name from sft.hub.list_models()) "
+            f"or model object, or leave it out for the shipped {DEFAULT_IMPUTE_MODEL}."
         )
     loaded, options = load_for(located, "get_imputed_expression", model_kwargs)
     dev = prepare_device(loaded, device)
