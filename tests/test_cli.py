@@ -194,10 +194,11 @@ def test_impute_equals_the_api(pbmc_file, tmp_path):
         assert (result.X != expected.X).nnz == 0
 
 
-def test_impute_with_the_default_model_says_which_can(pbmc_file, tmp_path, capsys):
+def test_impute_without_a_model_says_what_to_pass(pbmc_file, tmp_path, capsys):
     assert _run("impute", pbmc_file, "-o", tmp_path / "o.h5ad") == 2
     err = capsys.readouterr().err
-    assert "impute is not available for scgpt models" in err and "scfoundation" in err
+    assert "impute has no default model" in err and "CellPLM or scFoundation" in err
+    assert not (tmp_path / "o.h5ad").exists()
 
 
 # annotate ---------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Every shipped default is listed as embedded, its files match the sha256 of its card, and
 ``sft.tl.embed_cells(adata, model="<name>")`` runs on real cells with no network. The CellPLM
-default is stored as safetensors; it also imputes, so ``sft.tl.impute`` has an offline model.
+default is stored as safetensors and imputes offline (though not well enough to be the default).
 """
 
 from __future__ import annotations
@@ -58,7 +58,11 @@ def test_cellplm_default_safetensors_and_imputation(cells, tmp_path):
     assert not report.missing and not report.mismatched and len(genes) == config["out_dim"]
     model = CellPLM.from_pretrained("cellplm-default")
     assert model.gene_list == genes
-    out = sft.tl.impute(cells, copy=True)  # no model: the shipped CellPLM
+    snap = snapshot(cells)
+    with pytest.raises(NotImplementedError, match="no default model.*worse than no imputation"):
+        sft.tl.impute(cells)
+    assert_unchanged(cells, snap)
+    out = sft.tl.impute(cells, "cellplm-default", copy=True)
     assert out.uns["cellplm_denoised"]["params"]["model"] == "cellplm-default"
     imputed = out.layers["cellplm_denoised"]
     assert imputed.shape == cells.shape and np.isfinite(imputed).all() and (imputed >= 0).all()

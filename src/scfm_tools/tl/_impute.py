@@ -16,7 +16,6 @@ from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_p
 from .._h5ad import check_output_path
 from .._validation import check_counts, check_nonempty
 from ._model_arg import (
-    DEFAULT_IMPUTE_MODEL,
     call_model,
     load_for,
     locate_model,
@@ -44,9 +43,9 @@ model
     of a family that can reconstruct expression (CellPLM: ``<prefix>.best.ckpt`` beside
     ``<prefix>.config.json``, or their folder; scFoundation: ``models.ckpt``) or such a model
     object (:class:`~scfm_tools.models.CellPLM`, :class:`~scfm_tools.models.SCFoundation`,
-    loaded with ``from_pretrained`` or trained here). ``None`` means ``"cellplm-default"``,
-    the small CellPLM that ships with the package (works offline; its card says what it was
-    trained on)."""
+    loaded with ``from_pretrained`` or trained here). ``"cellplm-default"`` ships with the
+    package and runs offline, but imputes cells it never saw worse than no imputation; there
+    is no default, so ``None`` fails with a message saying what to pass."""
 
 
 @doc_params(
@@ -185,12 +184,22 @@ def impute(
     check_counts(ad, layer, chunk_size=chunk_size)
     check_nonempty(ad, layer, chunk_size=chunk_size)
 
-    located = locate_model(model, default=DEFAULT_IMPUTE_MODEL)
+    if model is None:
+        raise NotImplementedError(
+            "impute has no default model: the small CellPLM that ships with the package "
+            "('cellplm-default', offline) imputes thinned PBMCs it never saw worse than no "
+            "imputation (per-cell Pearson 0.27 vs 0.72, benchmarks/results/"
+            "imputation_default.md). Pass model= a CellPLM or scFoundation checkpoint (a "
+            "path, or a name from sft.hub.list_models(), e.g. 'cellplm-default' knowing this) "
+            "or model object; tutorials/04_imputation.ipynb trains a small CellPLM on the "
+            "data's own cells."
+        )
+    located = locate_model(model)
     if not hasattr(located.cls, "get_imputed_expression"):
         raise NotImplementedError(
             f"{unavailable('get_imputed_expression', located.family, 'impute')} Pass model= a "
             "CellPLM or scFoundation checkpoint (a path, or a name from sft.hub.list_models()) "
-            f"or model object, or leave it out for the shipped {DEFAULT_IMPUTE_MODEL}."
+            "or model object."
         )
     loaded, options = load_for(located, "get_imputed_expression", model_kwargs)
     dev = prepare_device(loaded, device)

@@ -25,8 +25,6 @@ logger = logging.getLogger("scfm_tools")
 
 #: The model that ships inside the package, used when ``model=None``.
 DEFAULT_MODEL = "scgpt-default"
-#: The shipped default for imputation (the scGPT default has no expression decoder).
-DEFAULT_IMPUTE_MODEL = "cellplm-default"
 
 DOC_MODEL = """\
 model
@@ -56,8 +54,8 @@ class LocatedModel(NamedTuple):
         return self.source.params()
 
 
-def locate_model(model: Any, default: str = DEFAULT_MODEL) -> LocatedModel:
-    """Find the family of ``model`` (``None``: ``default``) without loading weights."""
+def locate_model(model: Any) -> LocatedModel:
+    """Find the family of ``model`` (``None``: the shipped default) without loading weights."""
     from ..hub import load
     from ..models.base import PretrainedMixin, model_class
 
@@ -69,7 +67,7 @@ def locate_model(model: Any, default: str = DEFAULT_MODEL) -> LocatedModel:
             "model object such as sft.models.SCGPT.from_pretrained(...), or None for the "
             f"default; got {type(model).__name__} {model!r}."
         )
-    resolved = load(default if model is None else model)
+    resolved = load(DEFAULT_MODEL if model is None else model)
     return LocatedModel(model_class(resolved.family), resolved)
 
 
