@@ -26,6 +26,7 @@ from scipy import sparse
 
 from .._anndata import DEFAULT_CHUNK_SIZE, get_matrix, row_blocks
 from .._errors import InputError
+from .._progress import progress_bar
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -168,11 +169,14 @@ def choose_by_validation(
     folds = StratifiedKFold(N_FOLDS, shuffle=True, random_state=random_state)
     splits = list(folds.split(np.zeros(labels.size), labels))
     scores = {}
-    for name, predict in candidates.items():
-        predicted = labels.copy()
-        for train, validation in splits:
-            predicted[validation] = predict(train, validation)
-        scores[name] = float(f1_score(labels, predicted, average="macro"))
+    total = len(candidates) * len(splits)
+    with progress_bar(total, desc="annotate: measuring the ways", unit="fits") as bar:
+        for name, predict in candidates.items():
+            predicted = labels.copy()
+            for train, validation in splits:
+                predicted[validation] = predict(train, validation)
+                bar.update(1)
+            scores[name] = float(f1_score(labels, predicted, average="macro"))
     best = max(scores, key=lambda name: (scores[name], name == baseline))
     if best != baseline and scores[best] <= scores[baseline] + MODEL_MARGIN:
         best = baseline
