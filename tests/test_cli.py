@@ -257,6 +257,20 @@ def test_annotate_reference_without_label_key(labelled, tmp_path, capsys):
     assert "label_key" in capsys.readouterr().err
 
 
+def test_annotate_default_with_majority_voting_equals_the_api(labelled, tmp_path):
+    folder = labelled[0]
+    reference = ad.read_h5ad(folder / "ref.h5ad")
+    expected = ad.read_h5ad(folder / "query.h5ad")
+    sft.tl.annotate(expected, reference=reference, label_key="cell_type", majority_voting=True)
+    out = tmp_path / "annotated.h5ad"
+    args = ["annotate", folder / "query.h5ad", "-o", out, "--reference", folder / "ref.h5ad"]
+    assert _run(*args, "--label-key", "cell_type", "--majority-voting") == 0
+    result = ad.read_h5ad(out)
+    for column in ("annotate_label", "annotate_majority_voting", "annotate_over_clustering"):
+        np.testing.assert_array_equal(result.obs[column], expected.obs[column])
+    assert result.uns["annotate"]["params"]["method"] == "auto"
+
+
 # pretrain ---------------------------------------------------------------------------------------
 def test_pretrain_writes_a_loadable_model(cellbench_file, tmp_path, capsys):
     model_dir = tmp_path / "model"

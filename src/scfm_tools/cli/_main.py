@@ -132,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
         "the given model can, else knn",
     )
     annotate.add_argument("--threshold", type=float, help="score below which cells are Unassigned")
+    annotate.add_argument(
+        "--majority-voting",
+        action="store_true",
+        default=None,
+        help="give every cell of an over-cluster its most common label (CellTypist)",
+    )
+    annotate.add_argument("--over-clustering", help="obs column of IN with the clusters to vote in")
+    annotate.add_argument(
+        "--min-prop", type=float, help="share of a cluster the top label needs (else Heterogeneous)"
+    )
     annotate.add_argument("--max-epochs", type=int, help="fine-tuning epochs over REF")
 
     pretrain = add("pretrain", "train a model on IN (scGPT), save it, optionally embed IN with it")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .._anndata import DEFAULT_CHUNK_SIZE, params_record, resolve_adata
+from .._anndata import DEFAULT_CHUNK_SIZE, params_record, resolve_adata, resolve_seed
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from .._labels import labels_from_proba, reference_labels
 from ._annotate_auto import (
@@ -174,8 +174,6 @@ def _fine_tune(
     options: dict[str, Any],
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Fine-tune a copy of ``loaded`` on the reference's cell types, then predict the query."""
-    from .._anndata import resolve_seed
-
     seed = resolve_seed(random_state)
     ref = _reference_adata(reference, label_key, reference_layer, gene_key)
     # the copy names its genes by gene_key already
@@ -233,15 +231,15 @@ def _transfer(
     chunk_size: int,
     mod: str | None,
     options: dict[str, Any],
-) -> tuple[pd.DataFrame, dict[str, Any]]:
+) -> tuple[pd.DataFrame, dict[str, Any], Any]:
     """Carry the reference's labels over to the query cells.
 
     On the model's embeddings, on the expression, or on whichever of those measures best on
-    the reference's cells by cross-validation (``method="auto"``).
+    the reference's cells by cross-validation (``method="auto"``). Also returns the query's
+    features the chosen way read (embeddings, or a sparse matrix of expression).
     """
     from anndata import AnnData
 
-    from .._anndata import resolve_seed
     from .._validation import check_counts
 
     _, ref = resolve_adata(reference, mod=None if isinstance(reference, AnnData) else mod)
@@ -340,14 +338,65 @@ def _transfer(
             "class_weight": class_weight,
         }
     )
-    return proba.set_axis(query.obs_names.copy(), axis=0), params
+    return proba.set_axis(query.obs_names.copy(), axis=0), params, features[chosen][1]
+
+
+def _majority_voting(
+    ad: AnnData,
+    labels: np.ndarray,
+    over_clustering: str | None,
+    min_prop: float,
+    features: Any,
+    embed: Any,
+    random_state: int | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Vote in the given clusters, or in Leiden over-clusters of ``features``.
+
+    ``features``: what the chosen way read (``None``: fine-tuned models, then ``embed()`` gives
+    the model's embedding of the query; sparse: expression, reduced to 50 principal components).
+    """
+    import pandas as pd
+    from scipy import sparse
+
+    from ._majority_voting import majority_vote, over_cluster
+
+    seed = resolve_seed(random_state)
+    if over_clustering is not None:
+        clusters = ad.obs[over_clustering].to_numpy(dtype=object)
+        source = f"obs[{over_clustering!r}]"
+    else:
+        if features is None:
+            features, source = embed(), "Leiden on the model's embedding"
+        elif sparse.issparse(features):
+            from scanpy.pp import pca
+
+            n_comps = max(1, min(50, features.shape[0] - 1, features.shape[1] - 1))
+            features = pca(features.astype(np.float32), n_comps=n_comps, random_state=seed)
+            source = "Leiden on 50 principal components of the log-normalised expression"
+        else:
+            source = "Leiden on the model's embedding"
+        clusters = over_cluster(features, random_state=seed)
+    voted = majority_vote(labels, clusters, min_prop=min_prop)
+    record = {
+        "over_clustering": source,
+        "n_clusters": int(pd.Series(clusters).nunique(dropna=False)),
+        "min_prop": float(min_prop),
+    }
+    columns = {
+        "majority_voting": voted,
+        "over_clustering": pd.Categorical(clusters.astype(str))
+        if over_clustering is None
+        else None,
+    }
+    return columns, record
 
 
 def _write_to_mudata(obj: Any, ad: AnnData, mod: str | None, key: str) -> None:
     """Put the labels where muon users look: ``mdata.obs["<mod>:<key>_label"]``, as update()."""
     mod = "rna" if mod is None else mod
-    for column in (f"{key}_label", f"{key}_score"):
-        obj.obs[f"{mod}:{column}"] = ad.obs[column].reindex(obj.obs_names)
+    for column in (f"{key}_label", f"{key}_score", f"{key}_majority_voting"):
+        if column in ad.obs.columns:
+            obj.obs[f"{mod}:{column}"] = ad.obs[column].reindex(obj.obs_names)
     if obj.n_obs == ad.n_obs and (obj.obs_names == ad.obs_names).all():
         obj.obsm[f"{key}_proba"] = ad.obsm[f"{key}_proba"]
 
@@ -373,6 +422,9 @@ def annotate(
     gene_key: str | None = None,
     key_added: str | None = None,
     threshold: float | None = None,
+    majority_voting: bool = False,
+    over_clustering: str | None = None,
+    min_prop: float = 0.0,
     batch_size: int | None = None,
     max_length: int | None = None,
     max_epochs: int = 10,
@@ -456,6 +508,19 @@ def annotate(
         else the model family (e.g. ``"scgpt"``, ``"scbert"``).
     threshold
         Score below which a cell is ``"Unassigned"``; ``None`` labels every cell.
+    majority_voting
+        Refine the labels as CellTypist does: over-cluster the query and give every cell of a
+        cluster the label most of its cells got, in ``obs["<key>_majority_voting"]`` (the
+        per-cell labels stay in ``obs["<key>_label"]``).
+    over_clustering
+        Column of ``adata.obs`` with the clusters to vote in (``majority_voting`` only);
+        ``None``: Leiden over-clusters (CellTypist's resolution for the number of cells) of
+        the cosine neighbour graph of what the annotation read: the model's embedding of the
+        query, or for ``"expression"`` the first 50 principal components of its log-normalised
+        expression; written to ``obs["<key>_over_clustering"]``.
+    min_prop
+        Share of its cluster's cells the top label must hold (``majority_voting`` only); below
+        it the cluster is ``"Heterogeneous"``.
     batch_size
         Cells per forward pass (and per training minibatch); ``None``: 8 for scBERT's
         classifier and fine-tuning (the official value); for embedding (knn, logreg) the
@@ -492,6 +557,8 @@ def annotate(
       probability;
     - ``adata.obsm["<key>_proba"]``: the scores of every cell type (DataFrame, cells x types,
       rows summing to 1);
+    - with ``majority_voting``: ``adata.obs["<key>_majority_voting"]`` (categorical) and, when
+      the clusters were made here, ``adata.obs["<key>_over_clustering"]``;
     - ``adata.uns["<key>"]["params"]``: method, model, family, weights sha256, threshold,
       classes, ``label_key``, reference size, ``n_neighbors`` or ``class_weight``, genes
       matched, training settings, ``selection`` (``"auto"``: the chosen way, the
@@ -519,7 +586,19 @@ def annotate(
         raise ValueError(f"n_neighbors must be a positive integer, got {n_neighbors!r}.")
     if class_weight not in (None, "balanced"):
         raise ValueError(f"class_weight must be 'balanced' or None, got {class_weight!r}.")
+    if not majority_voting and (over_clustering is not None or min_prop != 0.0):
+        raise ValueError("over_clustering= and min_prop= apply to majority_voting=True only.")
+    if not 0.0 <= float(min_prop) <= 1.0:
+        raise ValueError(f"min_prop must lie in [0, 1], got {min_prop!r}.")
     obj, ad = resolve_adata(adata, copy=copy, mod=mod)
+    if over_clustering is not None and over_clustering not in ad.obs.columns:
+        from .._errors import InputError
+
+        raise InputError(
+            f"over_clustering={over_clustering!r} is not a column of adata.obs (columns: "
+            f"{list(ad.obs.columns)}); name the column with the query's clusters, or leave it "
+            "out to over-cluster here."
+        )
     located = locate_model(model)
     family = located.family
     chosen = _choose_method(method, located, reference, model)
@@ -557,8 +636,9 @@ def annotate(
     dev = "cpu" if loaded is None else prepare_device(loaded, device)
     described = {"model": None} if loaded is None else loaded.params()
     started = time.perf_counter()
+    query_features = None
     if chosen in ("auto", "expression", "knn", "logreg"):
-        proba, run_params = _transfer(
+        proba, run_params, query_features = _transfer(
             loaded,
             located,
             ad,
@@ -621,6 +701,28 @@ def annotate(
         run_params["n_genes_matched"] = int(loaded.match_genes(ad, gene_key).n_matched)
     run_params["classes"] = [str(c) for c in proba.columns]
     prediction = labels_from_proba(proba, threshold)
+    voting = None
+    if majority_voting:
+        voting, run_params["majority_voting"] = _majority_voting(
+            ad,
+            prediction["label"].to_numpy(dtype=object),
+            over_clustering,
+            min_prop,
+            query_features,
+            lambda: cell_embeddings(
+                loaded,
+                ad,
+                task="annotate",
+                batch_size=batch_size,
+                max_length=None,
+                layer=layer,
+                gene_key=gene_key,
+                random_state=resolve_seed(random_state),
+                chunk_size=chunk_size,
+                options=options,
+            )[0],
+            random_state,
+        )
     elapsed = time.perf_counter() - started
 
     # The measured default and the expression path are not one family's annotation.
@@ -629,6 +731,10 @@ def annotate(
     ad.obs[f"{key}_label"] = prediction["label"].array
     ad.obs[f"{key}_score"] = prediction["score"].to_numpy(dtype=np.float32)
     ad.obsm[f"{key}_proba"] = proba.set_axis(ad.obs_names, axis=0)
+    if voting is not None:
+        ad.obs[f"{key}_majority_voting"] = voting["majority_voting"]
+        if over_clustering is None:
+            ad.obs[f"{key}_over_clustering"] = voting["over_clustering"]
     ad.uns[key] = {
         "params": params_record(
             method=chosen,
