@@ -25,16 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
-import anndata as ad
-import numpy as np
 import torch
+from _shared_data import REPO, unlabelled_union
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("SFT_DATA", REPO.parent / "shared" / "data"))
 OUT_DIR = REPO / "src" / "scfm_tools" / "data" / "models" / "cellplm-default"
 NAME = "cellplm-default"
 PREFIX = "cellplm"
@@ -52,27 +48,6 @@ TRAINING = {"max_epochs": 10, "max_cells": 1000, "lr": 1e-3, "random_state": 0}
 logger = logging.getLogger("train_default_cellplm")
 
 
-def read(name: str) -> ad.AnnData:
-    """Read one of the shared real datasets."""
-    path = DATA_DIR / name
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: set SFT_DATA to the folder holding the shared datasets."
-        )
-    return ad.read_h5ad(path)
-
-
-def training_data(files: tuple[str, ...]) -> ad.AnnData:
-    """Concatenate the files over the union of their genes, labels removed, file as sample."""
-    parts = {}
-    for name in files:
-        adata = read(name)
-        parts[name] = ad.AnnData(X=adata.X.astype(np.float32), obs=adata.obs[[]], var=adata.var[[]])
-    adata = ad.concat(parts, join="outer", label="dataset", index_unique="-")
-    adata.X = adata.X.tocsr()
-    return adata
-
-
 def train(files: tuple[str, ...], out: Path) -> dict:
     """Pretrain, write the weights and config into ``out``; return what the card records."""
     import scvi
@@ -81,7 +56,7 @@ def train(files: tuple[str, ...], out: Path) -> dict:
     from scfm_tools.models import CellPLM
 
     scvi.settings.seed = TRAINING["random_state"]
-    adata = training_data(files)
+    adata = unlabelled_union(files)
     logger.info("training data: %d cells x %d genes", adata.n_obs, adata.n_vars)
     CellPLM.setup_anndata(adata, batch_key="dataset")
     model = CellPLM(adata, **CONFIG)

@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import scanpy as sc
 import torch
+from _shared_data import REPO, read, unlabelled_union
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("SFT_DATA", REPO.parent / "shared" / "data"))
 OUT_DIR = REPO / "src" / "scfm_tools" / "data" / "models" / "scgpt-default"
 
 TRAIN_FILES = (
@@ -65,31 +62,6 @@ TRAINING = {
 }
 
 
-def read(name: str) -> ad.AnnData:
-    """Read one of the shared real datasets."""
-    path = DATA_DIR / name
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: set SFT_DATA to the folder holding the shared datasets."
-        )
-    return ad.read_h5ad(path)
-
-
-def training_data() -> ad.AnnData:
-    """Concatenate the training files over the union of their genes, labels removed.
-
-    A gene absent from a file is stored as zero, which the tokenizer treats as "not expressed":
-    exactly what the file says about it.
-    """
-    parts = {}
-    for name in TRAIN_FILES:
-        adata = read(name)
-        parts[name] = ad.AnnData(X=adata.X.astype(np.float32), obs=adata.obs[[]], var=adata.var[[]])
-    adata = ad.concat(parts, join="outer", label="dataset", index_unique="-")
-    adata.X = adata.X.tocsr()
-    return adata
-
-
 def train(out: Path) -> dict:
     """Pretrain, export the folder and return what the card records about the run."""
     import scvi
@@ -98,7 +70,7 @@ def train(out: Path) -> dict:
 
     # Seeds torch, numpy and random: the train/validation split and the minibatch order.
     scvi.settings.seed = TRAINING["random_state"]
-    adata = training_data()
+    adata = unlabelled_union(TRAIN_FILES)
     print(f"training data: {adata.n_obs:,} cells x {adata.n_vars:,} genes", flush=True)
     SCGPT.setup_anndata(adata)
     model = SCGPT(adata, **CONFIG)
