@@ -22,7 +22,7 @@ def _unit_rows(X: np.ndarray) -> np.ndarray:
 
 
 def cosine_knn(
-    X: np.ndarray, n_neighbors: int, *, random_state: int = 0, unit: str = "genes"
+    X: np.ndarray, n_neighbors: int, *, random_state: int = 0, rows: str = "genes"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Find the ``n_neighbors`` nearest rows of each row by cosine similarity (itself excluded).
 
@@ -36,7 +36,7 @@ def cosine_knn(
         Neighbours per row (less than ``n``).
     random_state
         Seed of pynndescent.
-    unit
+    rows
         What the rows are, for the progress bar (``"genes"``, ``"cells"``).
 
     Returns
@@ -62,7 +62,7 @@ def cosine_knn(
         return take(idx, order, axis=1), take(sims, order, axis=1).astype(np.float32)
     indices = np.empty((n, n_neighbors), dtype=np.int64)
     sims = np.empty((n, n_neighbors), dtype=np.float32)
-    with progress_bar(n, desc=f"neighbours of the {unit}", unit=unit) as bar:
+    with progress_bar(n, desc=f"neighbours of the {rows}", unit=rows) as bar:
         for lo in range(0, n, _BLOCK):
             hi = min(lo + _BLOCK, n)
             block = unit[lo:hi] @ unit.T

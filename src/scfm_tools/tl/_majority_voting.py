@@ -48,7 +48,7 @@ def over_cluster(features: np.ndarray, *, random_state: int = 0) -> np.ndarray:
     if n < 3:
         return np.zeros(n, dtype=int).astype(str)
     indices, sims = cosine_knn(
-        features, min(_N_NEIGHBORS, n - 1), random_state=random_state, unit="cells"
+        features, min(_N_NEIGHBORS, n - 1), random_state=random_state, rows="cells"
     )
     labels = leiden_labels(
         knn_graph(indices, sims),
