@@ -25,6 +25,7 @@ the same on every platform, and vectorised over a whole block of cells.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -43,6 +44,7 @@ __all__ = [
     "check_random_stream",
     "entry_uniform",
     "gene_hashes",
+    "gene_set_draws",
     "gene_set_keys",
 ]
 
@@ -152,6 +154,37 @@ def gene_set_keys(seed: int, indptr: np.ndarray, entry_hashes: np.ndarray) -> np
     np.cumsum(entry_hashes, dtype=np.uint64, out=totals[1:])
     indptr = np.asarray(indptr, dtype=np.intp)
     return _mix((totals[indptr[1:]] - totals[indptr[:-1]]) ^ _salt(seed))
+
+
+def gene_set_draws(
+    seed: int, indptr: np.ndarray, genes: np.ndarray, entry_hashes: np.ndarray
+) -> Callable[[int, np.ndarray], np.ndarray]:
+    """Uniform draws of the stored entries of CSR rows, each row keyed on its set of genes.
+
+    Parameters
+    ----------
+    seed
+        The run's seed (``random_state``).
+    indptr
+        CSR row pointer of the rows.
+    genes
+        Gene id of each stored entry: the counter of its draw, so that a draw does not depend
+        on where the entry is stored.
+    entry_hashes
+        :func:`gene_hashes` of ``genes`` (a tokenizer gathers them from a table it keeps).
+
+    Returns
+    -------
+    ``draws(stream, entries)``: one float64 draw in ``[0, 1)`` of stream ``stream`` for each of
+    ``entries`` (positions or a mask over the stored entries).
+    """
+    keys = gene_set_keys(seed, indptr, entry_hashes)
+    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+
+    def draws(stream: int, entries: np.ndarray) -> np.ndarray:
+        return entry_uniform(keys, rows[entries], genes[entries], stream)
+
+    return draws
 
 
 def cell_bits(keys: np.ndarray, counters: np.ndarray, stream: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
@@ -22,9 +23,8 @@ from .._cell_rng import (
     STREAM_TIES,
     RandomStream,
     check_random_stream,
-    entry_uniform,
     gene_hashes,
-    gene_set_keys,
+    gene_set_draws,
 )
 from .._docs import (
     DOC_ADATA,
@@ -99,13 +99,12 @@ def quantile_bin_csr(
         sl = slice(indptr[row], indptr[row + 1])
         left[sl] = np.digitize(data[sl], edges[row])
         right[sl] = np.digitize(data[sl], edges[row], right=True)
-    # A value equal to several edges gets a uniform draw among the bins those edges span.
-    if callable(ties):
-        digits = left.astype(BIN_DTYPE)
-        tied = np.flatnonzero(right != left)
-        digits[tied] = np.ceil(ties(tied) * (right[tied] - left[tied]) + left[tied])
-        return digits, edges
-    digits = np.ceil(ties * (right - left) + left).astype(BIN_DTYPE)
+    # A value equal to several edges gets a uniform draw among the bins those edges span; the
+    # others keep their one bin (the official formula gives it too: the span is 0).
+    draws_at = ties if callable(ties) else np.asarray(ties).__getitem__
+    digits = left.astype(BIN_DTYPE)
+    tied = np.flatnonzero(right != left)
+    digits[tied] = np.ceil(draws_at(tied) * (right[tied] - left[tied]) + left[tied])
     return digits, edges
 
 
@@ -203,11 +202,8 @@ def _scgpt_chunk(
     cell's non-zero columns (the bins depend on nothing else than these and the values' order).
     """
     if rng is None:
-        rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
-        keys = gene_set_keys(seed, csr.indptr, gene_hashes(csr.indices))
-
-        def ties(tied: np.ndarray) -> np.ndarray:
-            return entry_uniform(keys, rows[tied], csr.indices[tied], STREAM_TIES)
+        draws = gene_set_draws(seed, csr.indptr, csr.indices, gene_hashes(csr.indices))
+        ties = functools.partial(draws, STREAM_TIES)
     else:
         ties = _tie_draws(rng, csr.nnz)
     digits, edges = quantile_bin_csr(csr.data, csr.indptr, n_bins, ties)

@@ -26,6 +26,7 @@ Where the random numbers come from is :class:`CellTokenizer`'s ``random_stream``
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -39,9 +40,8 @@ from ..._cell_rng import (
     STREAM_TIES,
     RandomStream,
     check_random_stream,
-    entry_uniform,
     gene_hashes,
-    gene_set_keys,
+    gene_set_draws,
 )
 from ...pp._binning import quantile_bin_csr
 
@@ -188,16 +188,14 @@ class CellTokenizer:
         lengths = np.diff(sub.indptr)
         picks = None
         if self.random_stream == "cell":
-            cell_of = np.repeat(np.arange(sub.shape[0]), lengths)
-            keys = gene_set_keys(self.random_state, sub.indptr, self.column_hashes[sub.indices])
-
-            def ties(tied: np.ndarray) -> np.ndarray:
-                return entry_uniform(keys, cell_of[tied], all_genes[tied], STREAM_TIES)
-
+            draws = gene_set_draws(
+                self.random_state, sub.indptr, all_genes, self.column_hashes[sub.indices]
+            )
+            ties = functools.partial(draws, STREAM_TIES)
             # Subsampling draws only for the cells too long to keep whole (zeros elsewhere).
             picks = np.zeros(sub.nnz, dtype=np.float64)
             long = np.repeat(lengths + 1 > self.max_length, lengths)
-            picks[long] = entry_uniform(keys, cell_of[long], all_genes[long], STREAM_SUBSAMPLE)
+            picks[long] = draws(STREAM_SUBSAMPLE, long)
         else:
             # The official loop draws np.random.rand(len(row)) cell after cell: the same numbers
             # as one draw for all the rows' values.
