@@ -51,7 +51,6 @@ logger = logging.getLogger("train_default_cellplm")
 def train(files: tuple[str, ...], out: Path) -> dict:
     """Pretrain, write the weights and config into ``out``; return what the card records."""
     import scvi
-    from safetensors.torch import save_file
 
     from scfm_tools.models import CellPLM
 
@@ -72,12 +71,8 @@ def train(files: tuple[str, ...], out: Path) -> dict:
     seconds = time.perf_counter() - start
     history = {k: [float(v) for v in model.history[k].values.ravel()] for k in model.history}
     out.mkdir(parents=True, exist_ok=True)
-    # The official pair, then its weights as safetensors (no pickle in the package).
-    weights = model.export(out / PREFIX, overwrite=True)
-    state = {k: v.contiguous() for k, v in model.module.state_dict().items()}
-    save_file(state, str(out / f"{PREFIX}.safetensors"))
-    (out / f"{PREFIX}.safetensors").chmod(0o644)  # package data: readable by all
-    weights.unlink()
+    # The official config beside safetensors weights (no pickle in the package).
+    model.export(out / PREFIX, overwrite=True, weights="safetensors")
     logger.info("trained in %.0f s; train_loss %s", seconds, history["train_loss"][-3:])
     return {
         "cells": int(adata.n_obs),

@@ -155,6 +155,14 @@ def test_export_reload_and_embed_cells_agree(trained, tmp_path):
     # and the decoder reconstructs through sft.tl.impute
     sft.tl.impute(fresh, path, batch_key="batch")
     assert np.isfinite(fresh.layers["cellplm_denoised"]).all()
+    # the package's own format: safetensors beside the same config, read the same way
+    safe = model.export(tmp_path / "safe" / "mine", weights="safetensors")
+    assert safe.name == "mine.safetensors" and not (safe.parent / "mine.best.ckpt").exists()
+    again = adata.copy()
+    sft.tl.embed_cells(again, safe.parent, batch_key="batch")
+    np.testing.assert_array_equal(again.obsm["X_cellplm"], fresh.obsm["X_cellplm"])
+    with pytest.raises(ValueError, match="weights must be 'ckpt' or 'safetensors'"):
+        model.export(tmp_path / "other", weights="pickle")
 
 
 def test_setup_refuses_non_counts(cellbench):

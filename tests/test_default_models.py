@@ -79,5 +79,5 @@ def test_cellplm_default_safetensors_and_imputation(cells, tmp_path):
     source = sft.hub.load("cellplm-default").path
     (folder / "cellplm.config.json").write_bytes((source / "cellplm.config.json").read_bytes())
     (folder / "cellplm.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(ValueError, match="could not be read as safetensors"):
+    with pytest.raises(ValueError, match="could not be read as a safetensors file"):
         load_cellplm_checkpoint(folder)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._load_report import LoadReport, load_matching
+from .._safetensors import read_safetensors
 from ._module import CellPLMModule
 
 if TYPE_CHECKING:
@@ -59,14 +60,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":  # the project's own weights (no pickle)
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            obj = load_file(path)
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"{path} could not be read as safetensors: {err}") from err
-        return _check_state_dict(obj, path)
+        return _check_state_dict(read_safetensors(path), path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:

@@ -7,7 +7,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -254,13 +254,20 @@ class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
         model.official_config_ = {k: v for k, v in config.items() if k != "gene_list"}
         return model
 
-    def export(self, prefix: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    def export(
+        self,
+        prefix: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        weights: Literal["ckpt", "safetensors"] = "ckpt",
+    ) -> Path:
         """Write the model as an official CellPLM checkpoint pair.
 
         ``<prefix>.config.json`` (official keys and the gene list) and ``<prefix>.best.ckpt``
         (``{"model_state_dict": ...}``), which
         :func:`~scfm_tools.models.cellplm.load_cellplm_checkpoint`, :meth:`from_pretrained`,
-        ``sft.tl`` and the official ``load_pretrain`` read.
+        ``sft.tl`` and the official ``load_pretrain`` read; or ``<prefix>.safetensors`` in place
+        of the pickle (the package's own, which the official code does not read).
 
         Parameters
         ----------
@@ -268,6 +275,8 @@ class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
             Path prefix, e.g. ``"models/my_cellplm"``.
         overwrite
             Replace existing files.
+        weights
+            ``"ckpt"`` (the official format) or ``"safetensors"``.
 
         Returns
         -------
@@ -275,7 +284,10 @@ class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
         """
         prefix = Path(prefix).expanduser()
         config_path = prefix.with_name(prefix.name + ".config.json")
-        weights_path = prefix.with_name(prefix.name + ".best.ckpt")
+        if weights not in ("ckpt", "safetensors"):
+            raise ValueError(f"weights must be 'ckpt' or 'safetensors', got {weights!r}.")
+        suffix = ".best.ckpt" if weights == "ckpt" else ".safetensors"
+        weights_path = prefix.with_name(prefix.name + suffix)
         existing = [p.name for p in (config_path, weights_path) if p.exists()]
         if existing and not overwrite:
             raise FileExistsError(f"{existing} exist in {prefix.parent}; pass overwrite=True.")
@@ -292,7 +304,13 @@ class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
         }
         prefix.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-        torch.save({"model_state_dict": state}, weights_path)
+        if weights == "ckpt":
+            torch.save({"model_state_dict": state}, weights_path)
+        else:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in state.items()}, str(weights_path))
+            weights_path.chmod(0o644)  # readable as package data, as torch.save's files are
         config_path.write_text(json.dumps(config), encoding="utf-8")
         return weights_path
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .._load_report import LoadReport, load_matching
+from .._safetensors import read_safetensors
 from ._module import SCGPTModule
 
 __all__ = [
@@ -130,19 +131,9 @@ def add_special_tokens(vocab: Mapping[str, int]) -> dict[str, int]:
     return out
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path, device="cpu")
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} could not be read as a safetensors file: {err}") from err
-
-
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        obj = _read_safetensors(path)
+        obj = read_safetensors(path)
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
