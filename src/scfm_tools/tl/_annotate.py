@@ -127,6 +127,25 @@ def _check_shared_genes(
     return shared
 
 
+def _check_values(
+    cells: AnnData, layer: str | None, method: str, located: LocatedModel, chunk_size: int
+) -> None:
+    """One pass of checks over the values ``method`` reads.
+
+    The ways that read the expression need raw counts, which every family reads too, so for
+    them the counts check stands for the model's (``"auto"`` also refuses empty cells, as the
+    model's check does); the others get the model's check.
+    """
+    from .._validation import check_counts, check_nonempty
+
+    if method in ("auto", "expression"):
+        check_counts(cells, layer, chunk_size=chunk_size)
+        if method == "auto":
+            check_nonempty(cells, layer, chunk_size=chunk_size)
+    else:
+        check_model_values(cells, layer, located, chunk_size=chunk_size, caller="annotate")
+
+
 def _accelerator(device: torch.device) -> str:
     return {"cuda": "gpu", "cpu": "cpu", "mps": "mps"}.get(device.type, "auto")
 
@@ -240,8 +259,6 @@ def _transfer(
     """
     from anndata import AnnData
 
-    from .._validation import check_counts
-
     _, ref = resolve_adata(reference, mod=None if isinstance(reference, AnnData) else mod)
     keep, labels = reference_labels(ref, label_key)
     # A view of the labelled cells: nothing of the caller's reference is copied or written.
@@ -249,14 +266,12 @@ def _transfer(
     seed = resolve_seed(random_state)
     params: dict[str, Any] = {}
     features: dict[str, tuple[Any, Any]] = {}
+    _check_values(ref, reference_layer, method, located, chunk_size)
     if method != "expression":
-        check_model_values(ref, reference_layer, located, chunk_size=chunk_size, caller="annotate")
         params["n_genes_shared_with_reference"] = _check_shared_genes(
             loaded, query, ref, gene_key, gene_key
         )
     if method in ("auto", "expression"):
-        for cells, cells_layer in ((query, layer), (ref, reference_layer)):
-            check_counts(cells, cells_layer, chunk_size=chunk_size)
         query_x, ref_x, genes = shared_log_expression(
             query,
             ref,
@@ -372,7 +387,7 @@ def _majority_voting(
 
             n_comps = max(1, min(50, features.shape[0] - 1, features.shape[1] - 1))
             features = pca(features.astype(np.float32), n_comps=n_comps, random_state=seed)
-            source = "Leiden on 50 principal components of the log-normalised expression"
+            source = f"Leiden on {n_comps} principal components of the log-normalised expression"
         else:
             source = "Leiden on the model's embedding"
         clusters = over_cluster(features, random_state=seed)
@@ -619,8 +634,7 @@ def annotate(
             "apply."
         )
     batch = _BATCH_SIZE.get(chosen) if batch_size is None else int(batch_size)
-    if chosen != "expression":
-        check_model_values(ad, layer, located, chunk_size=chunk_size, caller="annotate")
+    _check_values(ad, layer, chosen, located, chunk_size)
     task = "get_latent_representation" if chosen in _EMBEDDING_METHODS else "predict_proba"
     loaded, options = (
         (None, {}) if chosen == "expression" else load_for(located, task, model_kwargs)
