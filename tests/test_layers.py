@@ -45,7 +45,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 
 #: The tiers, bottom up.
 TIERS: tuple[tuple[str, ...], ...] = (
-    ("_settings", "_docs", "_h5ad", "_metrics", "_errors", "_cell_rng"),
+    ("_settings", "_docs", "_h5ad", "_metrics", "_errors", "_cell_rng", "_lognorm"),
     ("_anndata", "_progress"),
     ("_validation",),
     ("_labels",),

@@ -26,6 +26,7 @@ from scipy import sparse
 
 from .._anndata import DEFAULT_CHUNK_SIZE, get_matrix, row_blocks
 from .._errors import InputError
+from .._lognorm import log1p_per_10k
 from .._progress import progress_bar
 
 if TYPE_CHECKING:
@@ -47,8 +48,6 @@ N_FOLDS = 5
 MODEL_MARGIN = 0.02
 #: Fewest reference cells of every cell type for the folds (one per fold at least).
 MIN_CELLS_PER_CLASS = N_FOLDS
-# Counts per cell after scaling, as scanpy's normalize_total(target_sum=1e4).
-_TARGET_SUM = 1e4
 
 
 def _gene_names(adata: AnnData, gene_key: str | None) -> np.ndarray:
@@ -60,14 +59,10 @@ def _log_normalised(
     adata: AnnData, layer: str | None, columns: np.ndarray, chunk_size: int
 ) -> sparse.csr_matrix:
     """``log1p`` of counts per 10,000 (totals over all genes) in ``columns``, read in chunks."""
-    blocks = []
-    for block in row_blocks(get_matrix(adata, layer), chunk_size=chunk_size):
-        csr = sparse.csr_matrix(block, dtype=np.float32)
-        totals = np.asarray(csr.sum(axis=1)).ravel()
-        scale = _TARGET_SUM / np.where(totals > 0, totals, 1.0)
-        part = sparse.diags(scale.astype(np.float32)) @ csr[:, columns]
-        part.data = np.log1p(part.data)
-        blocks.append(part.tocsr())
+    blocks = [
+        log1p_per_10k(block, columns, dtype=np.float32)
+        for block in row_blocks(get_matrix(adata, layer), chunk_size=chunk_size)
+    ]
     return sparse.vstack(blocks, format="csr")
 
 

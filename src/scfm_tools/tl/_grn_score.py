@@ -12,6 +12,7 @@ from scipy import sparse
 
 from .._anndata import iter_chunks, params_record, resolve_adata
 from .._docs import DOC_LAYER, doc_params
+from .._lognorm import log1p_per_10k
 from .._validation import InputError, check_nonnegative, first_non_integer
 from ._grn import resolve_grn_key
 
@@ -21,9 +22,6 @@ if TYPE_CHECKING:
 __all__ = ["grn_score"]
 
 logger = logging.getLogger("scfm_tools")
-
-# Counts are normalised to this total per cell before log1p (scanpy's usual choice).
-_TARGET_SUM = 1e4
 
 
 def _read_prior(prior: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
@@ -85,10 +83,7 @@ def _abs_correlation(
     chunk_size = max(256, int(2e7 // max(union.size, 1)))
     for _, block in iter_chunks(adata, layer, chunk_size=chunk_size):
         if counts:
-            size = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
-            scale = np.divide(_TARGET_SUM, size, out=np.zeros_like(size), where=size > 0)
-            block = sparse.diags(scale) @ sparse.csr_matrix(block)
-            x = np.log1p(block[:, union].toarray())
+            x = log1p_per_10k(block, union).toarray()
         else:
             x = block[:, union]
             x = x.toarray() if sparse.issparse(x) else np.asarray(x, dtype=np.float64)
