@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from _baselines import pca_embedding, scvi_embedding
 from _common import (
     REPO_ROOT,
     load_average,
@@ -86,30 +87,6 @@ def _scores(X: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
-def _pca(adata) -> np.ndarray:
-    import scanpy as sc
-
-    cells = adata.copy()
-    sc.pp.normalize_total(cells, target_sum=1e4)
-    sc.pp.log1p(cells)
-    sc.pp.highly_variable_genes(cells, n_top_genes=min(2000, cells.n_vars))
-    cells = cells[:, cells.var["highly_variable"]].copy()
-    sc.pp.pca(cells, n_comps=min(50, cells.n_vars - 1), random_state=0)
-    return cells.obsm["X_pca"]
-
-
-def _scvi(adata, batch_key: str, epochs: int) -> np.ndarray:
-    import scvi
-
-    scvi.settings.seed = 0
-    cells = adata.copy()
-    batches = cells.obs[batch_key].nunique() > 1
-    scvi.model.SCVI.setup_anndata(cells, batch_key=batch_key if batches else None)
-    model = scvi.model.SCVI(cells, n_latent=10)
-    model.train(max_epochs=epochs, accelerator="cpu", enable_progress_bar=False)
-    return model.get_latent_representation()
-
-
 def _train_without(name: str, out: Path, max_epochs: int) -> float:
     started = time.perf_counter()
     subprocess.run(
@@ -157,8 +134,8 @@ def main() -> None:
                 cells = adata.copy()
                 sft.tl.embed_cells(cells, model, key_added="X_emb", **options)
                 embeddings[method] = cells.obsm["X_emb"]
-            embeddings["PCA (50 PCs, 2,000 HVG)"] = _pca(adata)
-            embeddings["scVI (10 latent)"] = _scvi(adata, batch_key, opts.scvi_epochs)
+            embeddings["PCA (50 PCs, 2,000 HVG)"] = pca_embedding(adata)
+            embeddings["scVI (10 latent)"] = scvi_embedding(adata, batch_key, opts.scvi_epochs)
             for method, X in embeddings.items():
                 rows.append({"dataset": name, "cells": int(adata.n_obs), "method": method,
                              **_scores(X, labels)})  # fmt: skip

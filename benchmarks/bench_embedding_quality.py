@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 
+from _baselines import pca_embedding, scvi_embedding
 from _common import (
     RESULTS_DIR,
     machine_info,
@@ -63,38 +64,6 @@ def _load(name: str, data_dir):
     adata = adata[keep].copy()
     counts = adata.obs["cell_type"].value_counts()
     return adata[adata.obs["cell_type"].isin(counts.index[counts >= 10])].copy()
-
-
-def _is_counts(adata) -> bool:
-    data = adata.X.data if hasattr(adata.X, "data") else np.asarray(adata.X)
-    return bool(np.array_equal(data, np.round(data)))
-
-
-def _pca(adata) -> np.ndarray:
-    import scanpy as sc
-
-    pca = adata.copy()
-    if _is_counts(pca):
-        sc.pp.normalize_total(pca, target_sum=1e4)
-        sc.pp.log1p(pca)
-    n_top = min(2000, pca.n_vars)
-    sc.pp.highly_variable_genes(pca, n_top_genes=n_top)
-    sc.pp.pca(pca, n_comps=min(50, n_top - 1), mask_var="highly_variable", random_state=0)
-    return pca.obsm["X_pca"]
-
-
-def _scvi(adata, batch_key: str | None, epochs: int) -> np.ndarray | None:
-    """scVI latent space; None when the data are not counts (scVI models counts)."""
-    if not _is_counts(adata):
-        return None
-    import scvi
-
-    scvi.settings.seed = 0
-    data = adata.copy()
-    scvi.model.SCVI.setup_anndata(data, batch_key=batch_key)
-    model = scvi.model.SCVI(data, n_latent=10)
-    model.train(max_epochs=epochs, accelerator="cpu", enable_progress_bar=False)
-    return model.get_latent_representation()
 
 
 def _scib(adata, keys: list[str], label_key: str, batch_key: str | None) -> dict[str, dict]:
@@ -179,10 +148,10 @@ def main() -> None:
             (key,) = set(adata.obsm) - before
             seconds[key] = time.perf_counter() - started
         started = time.perf_counter()
-        adata.obsm[PCA_KEY] = _pca(adata)
+        adata.obsm[PCA_KEY] = pca_embedding(adata)
         seconds[PCA_KEY] = time.perf_counter() - started
         started = time.perf_counter()
-        latent = _scvi(adata, batch_key, args.scvi_epochs)
+        latent = scvi_embedding(adata, batch_key, args.scvi_epochs)
         if latent is not None:
             adata.obsm[SCVI_KEY] = latent
             seconds[SCVI_KEY] = time.perf_counter() - started

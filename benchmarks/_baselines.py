@@ -1,0 +1,49 @@
+"""The embeddings a user makes without the package, for the benchmarks to compare against."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["is_counts", "pca_embedding", "scvi_embedding"]
+
+
+def is_counts(adata) -> bool:
+    """Whether ``adata.X`` holds whole numbers (raw counts rather than normalised values)."""
+    data = adata.X.data if hasattr(adata.X, "data") else np.asarray(adata.X)
+    return bool(np.array_equal(data, np.round(data)))
+
+
+def pca_embedding(adata) -> np.ndarray:
+    """50 principal components of the log-normalised 2,000 most variable genes (scanpy's way).
+
+    Counts are normalised to 10,000 per cell and ``log1p``-ed first; other values are taken as
+    log-normalised already.
+    """
+    import scanpy as sc
+
+    pca = adata.copy()
+    if is_counts(pca):
+        sc.pp.normalize_total(pca, target_sum=1e4)
+        sc.pp.log1p(pca)
+    n_top = min(2000, pca.n_vars)
+    sc.pp.highly_variable_genes(pca, n_top_genes=n_top)
+    sc.pp.pca(pca, n_comps=min(50, n_top - 1), mask_var="highly_variable", random_state=0)
+    return pca.obsm["X_pca"]
+
+
+def scvi_embedding(adata, batch_key: str | None, epochs: int) -> np.ndarray | None:
+    """scVI's 10-dimensional latent space; ``None`` when the data are not counts.
+
+    The batch is a covariate only where ``batch_key`` names more than one batch.
+    """
+    if not is_counts(adata):
+        return None
+    import scvi
+
+    scvi.settings.seed = 0
+    data = adata.copy()
+    batches = batch_key is not None and data.obs[batch_key].nunique() > 1
+    scvi.model.SCVI.setup_anndata(data, batch_key=batch_key if batches else None)
+    model = scvi.model.SCVI(data, n_latent=10)
+    model.train(max_epochs=epochs, accelerator="cpu", enable_progress_bar=False)
+    return model.get_latent_representation()
