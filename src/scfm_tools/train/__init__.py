@@ -15,6 +15,7 @@ from ._checkpoints import (
 )
 from ._data_splitter import SeededDataSplitter
 from ._datamodule import BindableDataModule, Collate
+from ._fine_tune import RestoreBestWeights, stratified_split
 from ._mixin import DOC_TRAIN_SCALE, TrainingMixin
 from ._seeding import (
     EpochSeedCallback,
@@ -32,6 +33,7 @@ __all__ = [
     "Collate",
     "EpochSeedCallback",
     "EpochShuffleSampler",
+    "RestoreBestWeights",
     "SeededDataSplitter",
     "SeededStreamsMixin",
     "TrainingMixin",
@@ -40,5 +42,6 @@ __all__ = [
     "is_complete_checkpoint",
     "resolve_resume",
     "resolve_strategy",
+    "stratified_split",
     "training_epoch",
 ]

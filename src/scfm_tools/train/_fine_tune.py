@@ -1,0 +1,103 @@
+"""What fine-tuning a classifier on labelled cells needs, whatever the family.
+
+A stratified validation split (every cell type keeps its share in training and in validation,
+so early stopping watches all of them), and a callback that keeps the weights of the best
+validation epoch in memory and puts them back when training ends (scvi-tools' own
+``SaveCheckpoint(load_best_on_end=True)`` writes a full model folder to disk every time the
+score improves).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from ._seeding import derive_seed
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["RestoreBestWeights", "stratified_split"]
+
+logger = logging.getLogger("scfm_tools")
+
+# Stream key of the stratified split (apart from the training streams).
+_SPLIT_KEY = 7_000_003
+
+
+def stratified_split(
+    codes: np.ndarray, validation_size: float, random_state: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split cells into training and validation sets, class by class.
+
+    Each class gives ``round(validation_size * n)`` of its ``n`` cells to validation, but
+    always keeps at least one in training (a class of one cell is in training only).
+
+    Parameters
+    ----------
+    codes
+        Class code of each cell.
+    validation_size
+        Share of each class held out, in ``[0, 1)``.
+    random_state
+        Seed of the draw.
+
+    Returns
+    -------
+    ``(train, validation)``: sorted cell indices (int64); ``validation`` may be empty.
+    """
+    if not 0.0 <= float(validation_size) < 1.0:
+        raise ValueError(f"validation_size must lie in [0, 1), got {validation_size!r}.")
+    codes = np.asarray(codes).ravel()
+    rng = np.random.default_rng(derive_seed(int(random_state), _SPLIT_KEY))
+    held: list[np.ndarray] = []
+    for code in np.unique(codes):
+        members = rng.permutation(np.flatnonzero(codes == code))
+        n_val = min(round(validation_size * members.size), members.size - 1)
+        held.append(members[:n_val])
+    validation = np.sort(np.concatenate(held)).astype(np.int64) if held else np.empty(0, np.int64)
+    train = np.setdiff1d(np.arange(codes.size, dtype=np.int64), validation)
+    return train, validation
+
+
+class RestoreBestWeights(Callback):
+    """Keep the module's weights of the best validation epoch; restore them at the end.
+
+    Parameters
+    ----------
+    monitor
+        The logged metric to watch (lower is better).
+    """
+
+    def __init__(self, monitor: str = "validation_loss") -> None:
+        self.monitor = monitor
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self._best: dict[str, torch.Tensor] | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Copy the weights (to CPU) when the watched metric improved."""
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        score = float(trainer.callback_metrics[self.monitor])
+        if not np.isfinite(score) or (self.best_score is not None and score >= self.best_score):
+            return
+        self.best_score, self.best_epoch = score, int(trainer.current_epoch)
+        state = pl_module.module.state_dict()
+        self._best = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Put the best weights back into the module."""
+        if self._best is None:
+            return
+        pl_module.module.load_state_dict(self._best)
+        logger.info(
+            "restored the weights of epoch %d (%s %.4g)",
+            self.best_epoch,
+            self.monitor,
+            self.best_score,
+        )
