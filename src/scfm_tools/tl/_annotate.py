@@ -45,8 +45,6 @@ Method = Literal["auto", "expression", "knn", "logreg", "finetune"]
 _METHODS = ("auto", "expression", "knn", "logreg", "finetune")
 # Methods that read the model's cell embeddings.
 _EMBEDDING_METHODS = ("auto", "knn", "logreg")
-# Cells per forward pass: scBERT's official fine-tuning batch; embedding: the family's default.
-_BATCH_SIZE = {"finetune": 8, "classifier": 8}
 
 DOC_ANNOTATE_MODEL = f"""\
 model
@@ -185,8 +183,8 @@ def _fine_tune(
     layer: str | None,
     reference_layer: str | None,
     gene_key: str | None,
-    batch_size: int,
-    max_epochs: int,
+    batch_size: int | None,
+    max_epochs: int | None,
     random_state: int | None,
     device: torch.device,
     chunk_size: int,
@@ -201,19 +199,20 @@ def _fine_tune(
     options = dict(options)
     train_kwargs = dict(options.pop("train_kwargs", None) or {})
     train_kwargs.setdefault("accelerator", _accelerator(device))
-    classifier, _ = call_model(
+    # None leaves the family's own fine-tuning defaults (epochs, minibatch) in force.
+    classifier, used = call_model(
         loaded.fine_tune_classifier,
         ref,
         label_key,
         task="annotate",
         family=located.family,
-        given={},
-        quiet={"batch_size": batch_size, "max_epochs": max_epochs, "random_state": seed},
+        given={"batch_size": batch_size, "max_epochs": max_epochs},
+        quiet={"random_state": seed},
         options=options,
         train_kwargs=train_kwargs,
     )
     proba = classifier.predict_proba(
-        query, layer=layer, gene_key=gene_key, batch_size=batch_size, chunk_size=chunk_size
+        query, layer=layer, gene_key=gene_key, batch_size=used["batch_size"], chunk_size=chunk_size
     )
     history = getattr(classifier, "history", None) or {}
     class_weights = options.get("class_weights", "official")
@@ -221,7 +220,8 @@ def _fine_tune(
         "random_state": seed,
         "label_key": label_key,
         "n_reference_cells": int(ref.n_obs),
-        "max_epochs": max_epochs,
+        "max_epochs": used["max_epochs"],
+        "batch_size": used["batch_size"],
         "class_weights": class_weights if isinstance(class_weights, str | None) else "custom",
         "fine_tuned": "reference",
         "n_genes_shared_with_reference": shared,
@@ -442,7 +442,7 @@ def annotate(
     min_prop: float = 0.0,
     batch_size: int | None = None,
     max_length: int | None = None,
-    max_epochs: int = 10,
+    max_epochs: int | None = None,
     random_state: int | None = 0,
     device: str | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -537,14 +537,15 @@ def annotate(
         Share of its cluster's cells the top label must hold (``majority_voting`` only); below
         it the cluster is ``"Heterogeneous"``.
     batch_size
-        Cells per forward pass (and per training minibatch); ``None``: 8 for scBERT's
-        classifier and fine-tuning (the official value); for embedding (knn, logreg) the
-        family's default, as in :func:`~scfm_tools.tl.embed_cells` (CellPLM refuses it).
+        Cells per forward pass (and per training minibatch); ``None``: the family's default
+        for fine-tuning and prediction (scBERT: 8, the official value) and for embedding
+        (knn, logreg), as in :func:`~scfm_tools.tl.embed_cells` (CellPLM refuses it).
     max_length
         Most genes per cell when embedding (``method="auto"``, ``"knn"`` or ``"logreg"``), as in
         :func:`~scfm_tools.tl.embed_cells`; ``None`` uses the checkpoint's.
     max_epochs
-        Fine-tuning epochs over the reference (``method="finetune"``).
+        Most fine-tuning epochs over the reference (``method="finetune"``); ``None``: the
+        family's default (scBERT: 10).
     {random_state}
     device
         ``"cpu"``, ``"cuda"``, ``"auto"``...; ``None`` uses ``sft.settings.device``.
@@ -633,7 +634,7 @@ def annotate(
             f"method='expression' runs no model, so model options {sorted(model_kwargs)} do not "
             "apply."
         )
-    batch = _BATCH_SIZE.get(chosen) if batch_size is None else int(batch_size)
+    batch = None if batch_size is None else int(batch_size)
     _check_values(ad, layer, chosen, located, chunk_size)
     task = "get_latent_representation" if chosen in _EMBEDDING_METHODS else "predict_proba"
     loaded, options = (
@@ -689,6 +690,7 @@ def annotate(
             chunk_size=chunk_size,
             options=options,
         )
+        batch = run_params.pop("batch_size", batch)
     else:
         if getattr(loaded, "classes", None) is None:
             raise ValueError(
@@ -696,20 +698,16 @@ def annotate(
                 "a fine-tuned one: pass a labelled reference (reference=, label_key=) to "
                 "fine-tune it for annotation first."
             )
-        proba, _ = call_model(
+        proba, used = call_model(
             loaded.predict_proba,
             ad,
             task="annotate",
             family=family,
-            given={},
-            quiet={
-                "layer": layer,
-                "gene_key": gene_key,
-                "batch_size": batch,
-                "chunk_size": chunk_size,
-            },
+            given={"batch_size": batch},
+            quiet={"layer": layer, "gene_key": gene_key, "chunk_size": chunk_size},
             options=options,
         )
+        batch = used.get("batch_size", batch)
         run_params = {"fine_tuned": "model"}
     if loaded is not None and "n_genes_matched" not in run_params:
         run_params["n_genes_matched"] = int(loaded.match_genes(ad, gene_key).n_matched)
