@@ -15,7 +15,7 @@ from ._checkpoints import (
 )
 from ._data_splitter import SeededDataSplitter
 from ._datamodule import BindableDataModule, Collate
-from ._fine_tune import RestoreBestWeights, stratified_split
+from ._fine_tune import ClassWeights, RestoreBestWeights, compute_class_weights, stratified_split
 from ._mixin import DOC_TRAIN_SCALE, TrainingMixin
 from ._seeding import (
     EpochSeedCallback,
@@ -30,6 +30,7 @@ __all__ = [
     "DOC_TRAIN_SCALE",
     "AtomicModelCheckpoint",
     "BindableDataModule",
+    "ClassWeights",
     "Collate",
     "EpochSeedCallback",
     "EpochShuffleSampler",
@@ -37,6 +38,7 @@ __all__ = [
     "SeededDataSplitter",
     "SeededStreamsMixin",
     "TrainingMixin",
+    "compute_class_weights",
     "derive_seed",
     "find_resume_checkpoint",
     "is_complete_checkpoint",

@@ -21,7 +21,7 @@ from ..._docs import doc_params
 from ..._labels import labels_from_proba
 from ..._validation import InputError, check_counts, check_unique_names
 from ...pp._match_genes import GeneMatch, match_adata_genes
-from ...train import DOC_TRAIN_SCALE, TrainingMixin
+from ...train import DOC_TRAIN_SCALE, ClassWeights, TrainingMixin, compute_class_weights
 from .._gene_embeddings import GeneEmbeddings, token_table_rows
 from ..base import PretrainedMixin, unbound_registry
 from ._checkpoint import GENE_LIST_FILE, load_scbert_checkpoint, read_gene_list
@@ -43,45 +43,6 @@ logger = logging.getLogger("scfm_tools")
 CLASSES_FILE = "classes.txt"
 Head = Literal["pretrain", "classifier"]
 Trainable = Literal["official", "all", "head"]
-ClassWeights = Literal["official", "balanced"] | Sequence[float] | np.ndarray | None
-
-
-def compute_class_weights(counts: np.ndarray, scheme: ClassWeights) -> torch.Tensor | None:
-    """Per-class loss weights from the number of training cells of each class.
-
-    Parameters
-    ----------
-    counts
-        Cells per class.
-    scheme
-        ``"official"``: ``(1 - n_c / N)^2``, as computed in scBERT's finetune.py;
-        ``"balanced"``: ``N / (K n_c)``; explicit weights; or ``None`` (no weighting).
-
-    Returns
-    -------
-    A float32 tensor of ``len(counts)`` weights, or ``None``.
-    """
-    counts = np.asarray(counts, dtype=np.float64)
-    if scheme is None:
-        return None
-    if isinstance(scheme, str):
-        if scheme == "official":
-            weights = (1 - counts / counts.sum()) ** 2
-        elif scheme == "balanced":
-            weights = counts.sum() / (len(counts) * np.maximum(counts, 1))
-        else:
-            raise ValueError(
-                f"class_weights must be 'official', 'balanced', a sequence of weights or None, "
-                f"got {scheme!r}."
-            )
-    else:
-        weights = np.asarray(scheme, dtype=np.float64)
-        if weights.shape != counts.shape or (weights < 0).any():
-            raise ValueError(
-                f"class_weights needs {len(counts)} non-negative weights (one per class), got "
-                f"shape {weights.shape}."
-            )
-    return torch.as_tensor(weights, dtype=torch.float32)
 
 
 def _gene2vec_table(gene2vec, n_genes: int, dim: int) -> torch.Tensor | None:
