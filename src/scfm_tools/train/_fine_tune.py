@@ -1,15 +1,16 @@
 """What fine-tuning a classifier on labelled cells needs, whatever the family.
 
-A stratified validation split (every cell type keeps its share in training and in validation,
-so early stopping watches all of them), and a callback that keeps the weights of the best
-validation epoch in memory and puts them back when training ends (scvi-tools' own
-``SaveCheckpoint(load_best_on_end=True)`` writes a full model folder to disk every time the
-score improves).
+Loss weights against imbalanced cell types, a stratified validation split (every cell type
+keeps its share in training and in validation, so early stopping watches all of them), and a
+callback that keeps the weights of the best validation epoch in memory and puts them back when
+training ends (scvi-tools' own ``SaveCheckpoint(load_best_on_end=True)`` writes a full model
+folder to disk every time the score improves).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -21,12 +22,53 @@ from ._seeding import derive_seed
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["RestoreBestWeights", "stratified_split"]
+__all__ = ["ClassWeights", "RestoreBestWeights", "compute_class_weights", "stratified_split"]
 
 logger = logging.getLogger("scfm_tools")
 
 # Stream key of the stratified split (apart from the training streams).
 _SPLIT_KEY = 7_000_003
+
+#: How to weigh the classes' losses (see :func:`compute_class_weights`).
+ClassWeights = Literal["official", "balanced"] | Sequence[float] | np.ndarray | None
+
+
+def compute_class_weights(counts: np.ndarray, scheme: ClassWeights) -> torch.Tensor | None:
+    """Per-class loss weights from the number of training cells of each class.
+
+    Parameters
+    ----------
+    counts
+        Cells per class.
+    scheme
+        ``"official"``: ``(1 - n_c / N)^2``, as computed in scBERT's finetune.py;
+        ``"balanced"``: ``N / (K n_c)``; explicit weights; or ``None`` (no weighting).
+
+    Returns
+    -------
+    A float32 tensor of ``len(counts)`` weights, or ``None``.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if scheme is None:
+        return None
+    if isinstance(scheme, str):
+        if scheme == "official":
+            weights = (1 - counts / counts.sum()) ** 2
+        elif scheme == "balanced":
+            weights = counts.sum() / (len(counts) * np.maximum(counts, 1))
+        else:
+            raise ValueError(
+                f"class_weights must be 'official', 'balanced', a sequence of weights or None, "
+                f"got {scheme!r}."
+            )
+    else:
+        weights = np.asarray(scheme, dtype=np.float64)
+        if weights.shape != counts.shape or (weights < 0).any():
+            raise ValueError(
+                f"class_weights needs {len(counts)} non-negative weights (one per class), got "
+                f"shape {weights.shape}."
+            )
+    return torch.as_tensor(weights, dtype=torch.float32)
 
 
 def stratified_split(
