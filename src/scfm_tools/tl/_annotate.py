@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Literal
@@ -215,7 +216,11 @@ def _fine_tune(
         query, layer=layer, gene_key=gene_key, batch_size=used["batch_size"], chunk_size=chunk_size
     )
     history = getattr(classifier, "history", None) or {}
-    class_weights = options.get("class_weights", "official")
+    # The weighting used: the caller's, else the family's default.
+    family_default = inspect.signature(loaded.fine_tune_classifier).parameters.get("class_weights")
+    class_weights = options.get(
+        "class_weights", None if family_default is None else family_default.default
+    )
     params: dict[str, Any] = {
         "random_state": seed,
         "label_key": label_key,
