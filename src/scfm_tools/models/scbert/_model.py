@@ -19,9 +19,10 @@ from scvi.model.base import BaseModelClass
 from ..._anndata import DEFAULT_CHUNK_SIZE, get_matrix, resolve_seed, row_blocks
 from ..._docs import doc_params
 from ..._labels import labels_from_proba
-from ..._validation import InputError, check_counts, check_unique_names
+from ..._validation import check_counts, check_unique_names
 from ...pp._match_genes import GeneMatch, match_adata_genes
 from ...train import DOC_TRAIN_SCALE, ClassWeights, TrainingMixin, compute_class_weights
+from .._classifier import Head, check_labels_key, registered_classes, resolve_classes
 from .._gene_embeddings import GeneEmbeddings, token_table_rows
 from ..base import PretrainedMixin, unbound_registry
 from ._checkpoint import GENE_LIST_FILE, load_scbert_checkpoint, read_gene_list
@@ -41,7 +42,6 @@ __all__ = ["CLASSES_FILE", "SCBERT", "compute_class_weights"]
 logger = logging.getLogger("scfm_tools")
 
 CLASSES_FILE = "classes.txt"
-Head = Literal["pretrain", "classifier"]
 Trainable = Literal["official", "all", "head"]
 
 
@@ -157,7 +157,9 @@ class SCBERT(PretrainedMixin, TrainingMixin, BaseModelClass):
         self.gene_match = (
             None if adata is None else match_adata_genes(adata, genes, caller="SCBERT")
         )
-        self.classes = self._resolve_classes(head, classes)
+        self.classes = resolve_classes(
+            head, classes, registered_classes(self.adata_manager), model="SCBERT"
+        )
         self.module = self._module_cls(
             len(genes),
             num_tokens=num_tokens,
@@ -181,33 +183,6 @@ class SCBERT(PretrainedMixin, TrainingMixin, BaseModelClass):
             )
         )
         self.init_params_ = self._get_init_params(locals())
-
-    def _registered_classes(self) -> list[str] | None:
-        if self.adata_manager is None or self.registry_["setup_args"].get("labels_key") is None:
-            return None
-        mapping = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
-        return [str(c) for c in mapping.categorical_mapping]
-
-    def _resolve_classes(self, head: Head, classes: Sequence[str] | None) -> list[str] | None:
-        if head == "pretrain":
-            return None
-        registered = self._registered_classes()
-        if classes is None:
-            if registered is None:
-                raise ValueError(
-                    "head='classifier' needs cell-type labels: call "
-                    "SCBERT.setup_anndata(adata, labels_key=...) first, or pass `classes`."
-                )
-            classes = registered
-        classes = [str(c) for c in classes]
-        if registered is not None and registered != classes:
-            raise ValueError(
-                f"the registered labels {registered[:5]}... are not the classifier's classes "
-                f"{classes[:5]}... (same names in the same order are needed)."
-            )
-        if len(classes) < 2:
-            raise InputError(f"a classifier needs at least 2 cell types, got {classes}.")
-        return classes
 
     # setup ---------------------------------------------------------------------------------------
     @classmethod
@@ -237,17 +212,7 @@ class SCBERT(PretrainedMixin, TrainingMixin, BaseModelClass):
         setup_method_args = cls._get_setup_method_args(**locals())
         check_counts(adata, layer)
         check_unique_names(adata.var_names)
-        if labels_key is not None:
-            if labels_key not in adata.obs.columns:
-                raise InputError(
-                    f"labels_key {labels_key!r} is not a column of adata.obs (columns: "
-                    f"{list(adata.obs.columns)}); pass the column that holds the cell types."
-                )
-            if adata.obs[labels_key].isna().any():
-                raise InputError(
-                    f"adata.obs[{labels_key!r}] has missing labels; drop those cells first, "
-                    f"e.g. `adata = adata[adata.obs[{labels_key!r}].notna()].copy()`."
-                )
+        check_labels_key(adata, labels_key)
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
             CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
