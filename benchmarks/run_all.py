@@ -37,7 +37,7 @@ SUITE = {
     "annotation": "annotation macro-F1 vs logistic regression and kNN-on-PCA",
     "imputation": "imputation vs no imputation, kNN smoothing and diffusion",
     "grn": "GRN AUPRC vs co-expression",
-    "perturbation": "perturbation-response frame: mean and additive baselines",
+    "perturbation": "perturbation prediction: methods against mean and additive baselines",
     "scgpt_speed": "scGPT embedding speed and memory vs the official path",
     "model_speed": "scBERT / scFoundation / CellPLM speed and memory at published sizes",
     "out_of_core": "embedding throughput and memory from backed files (10k-1M cells)",

@@ -7,5 +7,17 @@ from ._gene_modules import gene_modules
 from ._grn import grn
 from ._grn_score import grn_score
 from ._impute import impute
+from ._perturbation_metrics import perturbation_metrics
+from ._predict_perturbation import predict_perturbation
 
-__all__ = ["annotate", "embed_cells", "embed_genes", "gene_modules", "grn", "grn_score", "impute"]
+__all__ = [
+    "annotate",
+    "embed_cells",
+    "embed_genes",
+    "gene_modules",
+    "grn",
+    "grn_score",
+    "impute",
+    "perturbation_metrics",
+    "predict_perturbation",
+]
