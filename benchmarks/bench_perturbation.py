@@ -52,6 +52,7 @@ PREDICTORS = [
     ("additive", "additive", None, {}),
     ("linear (scgpt-default)", "linear", "scgpt-default", {}),
     ("linear (cellplm-default)", "linear", "cellplm-default", {}),
+    ("gears (scgpt-default)", "gears", "scgpt-default", {}),
 ]
 CEILING = "replicate ceiling"
 BASELINES = ("control", "mean", "additive")

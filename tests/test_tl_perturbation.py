@@ -147,3 +147,46 @@ def test_metrics_additive_beats_mean_on_held_out_doubles(train, norman):
     ceiling = scores.loc["replicate ceiling"]
     assert (ceiling["discrimination_l1"] == 1.0).all()
     assert ceiling["pearson_delta_top_de"].gt(0.5).all()
+
+
+def test_gears_trains_and_predicts_singles_combinations_and_unseen_genes(train, norman):
+    perts = [*HELD_OUT, "FOXO4", "CNN1"]
+    pred, predictor = sft.tl.predict_perturbation(
+        train, perts, method="gears", max_epochs=3, hidden=16, return_model=True
+    )
+    params = pred.uns["predict_perturbation"]["params"]
+    assert params["method"] == "gears" and params["max_epochs"] == 3
+    assert np.isfinite(params["final_train_loss"])
+    assert pred.shape == (4, train.n_vars) and np.isfinite(pred.X).all() and (pred.X >= 0).all()
+    # Different perturbations get different predictions (the perturbation reaches the output).
+    assert np.abs(pred.X[0] - pred.X[2]).max() > 1e-5
+    # Reused without refitting: the same predictions.
+    np.testing.assert_allclose(predictor.predict(perts), pred.X, rtol=1e-5, atol=1e-6)
+    # CNN1 has no embedding but was perturbed (with CBL) in training: its own learnt embedding.
+    # A gene neither embedded nor perturbed is refused.
+    with pytest.raises(InputError, match="NOT_A_GENE"):
+        sft.tl.predict_perturbation(train, ["NOT_A_GENE+FOXO4"], method="gears", max_epochs=1)
+
+
+def test_finetune_scgpt_predicts_from_control_cells(train):
+    # 120 read-out genes keep the transformer's sequences short; the cells are real.
+    small = train[:, :120].copy()
+    perts = ["MAP2K3+SLC38A2", "FOXO4", "CNN1"]
+    pred = sft.tl.predict_perturbation(
+        small,
+        perts,
+        method="finetune",
+        max_epochs=1,
+        cells_per_perturbation=4,
+        control_cells=8,
+    )
+    params = pred.uns["predict_perturbation"]["params"]
+    assert params["method"] == "finetune" and params["model"] == "scgpt-default"
+    assert np.isfinite(params["final_train_loss"])
+    assert pred.shape == (3, small.n_vars) and np.isfinite(pred.X).all() and (pred.X >= 0).all()
+    # The flags reach the output: two perturbations, two predictions.
+    assert np.abs(pred.X[0] - pred.X[1]).max() > 1e-6
+    with pytest.raises(InputError, match="no token for them"):
+        sft.tl.predict_perturbation(small, ["NOT_A_GENE"], method="finetune", max_epochs=1)
+    with pytest.raises(NotImplementedError, match="finetune"):
+        sft.tl.predict_perturbation(small, ["FOXO4"], method="finetune", model="cellplm-default")

@@ -15,7 +15,7 @@ from .._anndata import DEFAULT_CHUNK_SIZE, params_record, resolve_adata, resolve
 from .._docs import DOC_CHUNK_SIZE, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from .._validation import InputError, check_counts, check_unique_names
 from ._embed_genes import compute_gene_embeddings
-from ._model_arg import DEFAULT_MODEL, LocatedModel, locate_model, unavailable
+from ._model_arg import DEFAULT_MODEL, LocatedModel, load_for, locate_model, unavailable
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -114,11 +114,20 @@ def _build(
             "additive": pert.AdditivePredictor,
         }[method]
         return _construct(cls, method, options), {}
+    from .._settings import settings
+
     located = locate_model(model)
+    trained = {"random_state": random_state, "device": settings.resolve_device(device)}
+    if max_epochs is not None:
+        trained["max_epochs"] = max_epochs
     if method == "finetune":
-        if not hasattr(located.cls, "fine_tune_perturbation"):
-            raise NotImplementedError(unavailable("fine_tune_perturbation", located.family))
-        raise NotImplementedError("method='finetune' is not available yet.")
+        if not hasattr(located.cls, "perturbation_predictor_cls"):
+            raise NotImplementedError(
+                unavailable("perturbation_predictor_cls", located.family, "method='finetune'")
+            )
+        loaded, _ = load_for(located, "perturbation_predictor_cls", {})
+        cls = loaded.perturbation_predictor_cls
+        return _construct(cls, method, options, model=loaded, **trained), loaded.params()
     embed = _embedder(located, data.genes)
     record = located.params()
     source = str(record.get("model", located.family))
@@ -128,10 +137,13 @@ def _build(
         return _construct(
             pert.LinearPredictor, method, options, embed=embed, embedding_source=source
         ), record
-    raise NotImplementedError(f"method={method!r} is not available yet.")
+    return _construct(
+        pert.GearsPredictor, method, options, embed=embed, embedding_source=source, **trained
+    ), record
 
 
-def _construct(cls: type, method: str, options: dict[str, Any], **fixed: Any):
+def _construct(cls: Any, method: str, options: dict[str, Any], **fixed: Any):
+    """Build ``cls`` with the keyword-only options it takes, refusing others."""
     accepted = [
         name
         for name, p in inspect.signature(cls).parameters.items()
@@ -218,6 +230,22 @@ def predict_perturbation(
       effects as ``G`` (:class:`~scfm_tools.models.perturbation.LinearPredictor`); genes
       perturbed alone in ``adata`` keep their observed effect, combinations are sums. Options:
       ``n_components`` (10) and ``ridge`` (0.1), the paper's.
+    - ``"gears"``: a GEARS-style gene-graph network whose gene features are ``model``'s token
+      embeddings, scFoundation's route (:class:`~scfm_tools.models.perturbation.GearsPredictor`):
+      read-out genes linked by co-expression, perturbed genes by embedding similarity to the
+      genes perturbed in ``adata``, a combination as the sum of its genes' perturbation
+      embeddings; trained on resampled means of the observed perturbations, singles and
+      combinations alike (``max_epochs``, default 100; a few seconds to a minute on a CPU).
+      Options: ``hidden`` (64), ``n_neighbors`` (5), ``coexpression_neighbors`` (10),
+      ``batch_size`` (16), ``cells_per_mean`` (32), ``lr`` (1e-3), ``weight_decay`` (1e-4).
+    - ``"finetune"``: scGPT's perturbation fine-tuning, as the official tutorial
+      (:class:`~scfm_tools.models.scgpt.SCGPTPerturbationPredictor`): a copy of the scGPT
+      ``model`` gets a perturbation-flag embedding on its gene tokens and an affine decoder,
+      reads a control cell's log-normalised values at every read-out gene and is trained to
+      give a perturbed cell's (MSE over all genes, Adam at 1e-4, ``max_epochs`` default 15 as
+      the tutorial); predictions average over control cells. A perturbed gene that is not
+      read out is added as a flagged token. Options: ``batch_size`` (64), ``lr`` (1e-4),
+      ``cells_per_perturbation`` (``None``: all cells each epoch), ``control_cells`` (300).
 
     Parameters
     ----------
@@ -232,20 +260,24 @@ def predict_perturbation(
     control
         The control cells' value of ``obs[perturbation_key]`` (e.g. non-targeting guides).
     model
-        The foundation model whose gene embeddings (``"linear"``) describe the perturbed
-        genes: a registered name, a checkpoint path or a model object; ``None`` uses the
-        default that ships with the package (``"{default_model}"``). The baselines read none
-        (leave it ``None``). Or a predictor returned by an earlier call with
-        ``return_model=True``: it predicts again without refitting (``adata`` may then be
-        ``None``; ``method`` must be ``None`` or its own).
+        The foundation model whose gene embeddings (``"linear"``, ``"gears"``) describe the
+        perturbed genes, or the scGPT to fine-tune (``"finetune"``): a registered name, a
+        checkpoint path or a model object; ``None`` uses the default that ships with the
+        package (``"{default_model}"``). The baselines read none (leave it ``None``). Or a
+        predictor returned by an earlier call with ``return_model=True``: it predicts again
+        without refitting (``adata`` may then be ``None``; ``method`` must be ``None`` or its
+        own).
     method
-        ``"additive"``, ``"mean"``, ``"control"`` or ``"linear"``; ``None``: ``"additive"``.
+        ``"additive"``, ``"mean"``, ``"control"``, ``"linear"``, ``"gears"`` or
+        ``"finetune"``; ``None``: ``"additive"``.
     {layer}
     sep
         What joins the genes of a combination.
     max_epochs
-        Training epochs of the methods that train; must be ``None`` for the others.
+        Training epochs of the methods that train (``None``: the method's default); must be
+        ``None`` for the others.
     {random_state}
+        The training's initialisation and draws.
     device
         Device of the methods that train (``None``: ``sft.settings.device``).
     return_model
@@ -276,7 +308,10 @@ def predict_perturbation(
     InputError
         No control cells, values that are not raw counts, or a perturbed gene the method
         cannot predict (``"linear"``: a gene outside the model's vocabulary that ``adata``
-        never perturbed alone).
+        never perturbed alone; ``"gears"`` and ``"finetune"``: one that ``adata`` never
+        perturbed at all).
+    NotImplementedError
+        ``method="finetune"`` with a model that is not an scGPT.
     """
     from ..models.perturbation import PerturbationData, PerturbationPredictor
 

@@ -11,13 +11,17 @@ from ._base import PerturbationPredictor
 from ._baselines import AdditivePredictor, ControlPredictor, MeanPredictor
 from ._data import PerturbationData, join_perturbation, split_perturbation
 from ._embedded import EmbeddingPredictor, GeneEmbedder
+from ._gears import GearsPredictor
+from ._gears_module import GeneGraphModule
 from ._linear import LinearPredictor
 
 __all__ = [
     "AdditivePredictor",
     "ControlPredictor",
     "EmbeddingPredictor",
+    "GearsPredictor",
     "GeneEmbedder",
+    "GeneGraphModule",
     "LinearPredictor",
     "MeanPredictor",
     "PerturbationData",

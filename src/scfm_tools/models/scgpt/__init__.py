@@ -11,6 +11,8 @@ from ._checkpoint import (
 from ._embed import embed_matrix, iter_embeddings
 from ._model import SCGPT
 from ._module import SCGPTModule, mask_values
+from ._perturbation import SCGPTPerturbationPredictor
+from ._perturbation_module import SCGPTPerturbationModule
 from ._tokenizer import OFFICIAL_N_BINS, CellTokenizer, pad_cells
 from ._training_plan import SCGPTTrainingPlan, TokenizeCells, tokenize_block, tokenize_minibatch
 
@@ -21,6 +23,8 @@ __all__ = [
     "CellTokenizer",
     "LoadReport",
     "SCGPTModule",
+    "SCGPTPerturbationModule",
+    "SCGPTPerturbationPredictor",
     "SCGPTTrainingPlan",
     "TokenizeCells",
     "add_special_tokens",

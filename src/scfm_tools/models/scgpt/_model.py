@@ -37,6 +37,7 @@ from ._checkpoint import (
 from ._embed import embed_matrix
 from ._gene_embed import context_gene_embeddings, token_gene_embeddings
 from ._module import SCGPTModule
+from ._perturbation import SCGPTPerturbationPredictor
 from ._tokenizer import OFFICIAL_N_BINS
 from ._training_plan import SCGPTTrainingPlan, TokenizeCells
 
@@ -137,6 +138,8 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
 
     _module_cls = SCGPTModule
     _training_plan_cls = SCGPTTrainingPlan
+    # What sft.tl.predict_perturbation(method="finetune") fits: a fine-tuned copy of the model.
+    perturbation_predictor_cls = SCGPTPerturbationPredictor
     family = "scgpt"
     # Per-cell rank binning reads log-normalised values nearly as counts.
     values_needed = "counts_or_lognorm"
