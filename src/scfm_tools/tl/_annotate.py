@@ -212,8 +212,14 @@ def _fine_tune(
         options=options,
         train_kwargs=train_kwargs,
     )
-    proba = classifier.predict_proba(
-        query, layer=layer, gene_key=gene_key, batch_size=used["batch_size"], chunk_size=chunk_size
+    # The cells per forward pass of fine-tuning, where the family has that setting.
+    proba, _ = call_model(
+        classifier.predict_proba,
+        query,
+        task="annotate",
+        family=located.family,
+        given={"batch_size": used.get("batch_size")},
+        quiet={"layer": layer, "gene_key": gene_key, "chunk_size": chunk_size},
     )
     history = getattr(classifier, "history", None) or {}
     # The weighting used: the caller's, else the family's default.
@@ -226,7 +232,7 @@ def _fine_tune(
         "label_key": label_key,
         "n_reference_cells": int(ref.n_obs),
         "max_epochs": used["max_epochs"],
-        "batch_size": used["batch_size"],
+        "batch_size": used.get("batch_size"),
         "class_weights": class_weights if isinstance(class_weights, str | None) else "custom",
         "fine_tuned": "reference",
         "n_genes_shared_with_reference": shared,
