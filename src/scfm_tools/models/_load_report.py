@@ -78,11 +78,12 @@ def load_matching(
     family: str,
     renamed: Mapping[str, str] | None = None,
     strict: bool = False,
+    level: int = logging.WARNING,
 ) -> LoadReport:
     """Load every tensor of ``state`` whose key and shape match ``module``; report the rest.
 
     Values are copied in the module's dtype for each key. A report that is not clean is
-    logged as a WARNING, or raised with ``strict=True`` (before anything is loaded).
+    logged at ``level`` (WARNING), or raised with ``strict=True`` (before anything is loaded).
 
     Parameters
     ----------
@@ -98,6 +99,9 @@ def load_matching(
         Checkpoint key -> module key translations that were applied, for the report.
     strict
         Raise :class:`ValueError` instead of warning when the report is not clean.
+    level
+        Logging level of a report that is not clean (e.g. ``logging.INFO`` when the caller
+        builds new parts on purpose, as fine-tuning for another task does).
 
     Returns
     -------
@@ -121,6 +125,6 @@ def load_matching(
     if not report.clean:
         if strict:
             raise ValueError(f"checkpoint does not match the model (strict=True):\n{report}")
-        logger.warning("%s", report)
+        logger.log(level, "%s", report)
     module.load_state_dict(usable, strict=False)
     return report
