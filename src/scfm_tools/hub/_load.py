@@ -9,7 +9,8 @@ family                    files
 ``"scgpt"``               a folder with ``best_model.pt`` (or the project's own
                           ``model.safetensors``), ``args.json``, ``vocab.json``
 ``"cellplm"``             ``<prefix>.best.ckpt`` beside ``<prefix>.config.json``
-``"scfoundation"``        ``models.ckpt`` (or one other ``*.ckpt``)
+``"scfoundation"``        ``models.ckpt`` (or one other ``*.ckpt``), or the project's own
+                          ``models.safetensors`` with ``config.json`` beside it
 ``"scbert"``              one ``*.pth`` (e.g. ``panglao_pretrain.pth``), optionally with
                           ``gene_list.txt`` beside it
 ========================  ==============================================================
@@ -39,7 +40,7 @@ _LABELS = {
 _NEEDS = {
     "scgpt": "best_model.pt (or model.safetensors), args.json and vocab.json in one folder",
     "cellplm": "<prefix>.best.ckpt (or .safetensors) and <prefix>.config.json in one folder",
-    "scfoundation": "models.ckpt",
+    "scfoundation": "models.ckpt, or models.safetensors with config.json",
     "scbert": "a .pth checkpoint such as panglao_pretrain.pth (optionally gene_list.txt)",
 }
 _SCGPT_FILES = {"weights": "best_model.pt", "args": "args.json", "vocab": "vocab.json"}
@@ -50,6 +51,8 @@ _CELLPLM_SUFFIXES = {"weights": ".best.ckpt", "config": ".config.json"}
 # The project's own CellPLM weights (<prefix>.safetensors); preferred to a .best.ckpt beside it.
 _CELLPLM_SAFETENSORS = ".safetensors"
 _SCBERT_GENE_LIST = "gene_list.txt"
+# The project's own scFoundation weights and their config; preferred to a models.ckpt beside.
+_SCFOUNDATION_OWN = {"weights": "models.safetensors", "config": "config.json"}
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,8 @@ class ResolvedModel:
         ``"scgpt"``, ``"scfoundation"``, ``"scbert"`` or ``"cellplm"``.
     files
         Role -> path: always ``"weights"``; also ``"args"`` and ``"vocab"`` (scGPT),
-        ``"config"`` (CellPLM), ``"gene_list"`` (scBERT, when present).
+        ``"config"`` (CellPLM; scFoundation's own layout), ``"gene_list"`` (scBERT, when
+        present).
     sha256
         sha256 of the weights file (for ``adata.uns[key]["params"]``).
     path
@@ -176,6 +180,13 @@ def _cellplm_files(path: Path) -> tuple[Path, dict[str, Path], dict[str, str]]:
 
 
 def _scfoundation_files(path: Path) -> tuple[Path, dict[str, Path], dict[str, str]]:
+    folder = path if path.is_dir() else path.parent
+    if path.name == _SCFOUNDATION_OWN["weights"] or (
+        path.is_dir() and (path / _SCFOUNDATION_OWN["weights"]).is_file()
+    ):
+        found = {r: folder / n for r, n in _SCFOUNDATION_OWN.items() if (folder / n).is_file()}
+        missing = {r: n for r, n in _SCFOUNDATION_OWN.items() if r not in found}
+        return folder, found, missing
     if path.is_file():
         return path.parent, {"weights": path}, {}
     if (path / "models.ckpt").is_file():
@@ -214,7 +225,7 @@ def _family_of_file(path: Path) -> Family:
         return "scgpt"
     if _is_cellplm_file(path):
         return "cellplm"
-    if name.endswith(".ckpt"):
+    if name.endswith(".ckpt") or name == _SCFOUNDATION_OWN["weights"]:
         return "scfoundation"
     if name.endswith(".pth"):
         return "scbert"
@@ -224,7 +235,7 @@ def _family_of_file(path: Path) -> Family:
         f"Cannot tell the model family of {path} from its name; pass family= (one of "
         f"{list(FAMILIES)}). Name conventions: scGPT best_model.pt (*.pt) or "
         "model.safetensors, CellPLM <prefix>.best.ckpt or <prefix>.safetensors, scFoundation "
-        "models.ckpt (*.ckpt), scBERT *.pth."
+        "models.ckpt (*.ckpt) or models.safetensors, scBERT *.pth."
     )
 
 
@@ -233,7 +244,10 @@ def _family_of_folder(folder: Path) -> Family:
         "scgpt": [n for n in {*_SCGPT_FILES.values(), *_SCGPT_WEIGHTS} if (folder / n).is_file()],
         "cellplm": _cellplm_signs(folder),
         "scfoundation": sorted(
-            p.name for p in folder.glob("*.ckpt") if not p.name.endswith(".best.ckpt")
+            p.name
+            for p in folder.glob("*")
+            if (p.suffix == ".ckpt" and not p.name.endswith(".best.ckpt"))
+            or p.name == _SCFOUNDATION_OWN["weights"]
         ),
         "scbert": sorted(p.name for p in folder.glob("*.pth")),
     }

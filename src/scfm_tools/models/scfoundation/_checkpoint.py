@@ -9,11 +9,23 @@ official ``get_embedding.py`` picks the entry from its options (see :func:`entry
 The gene list is not in the checkpoint: it is ``OS_scRNA_gene_index.19264.tsv`` of the official
 repository (Apache-2.0), which ships with this package; a copy beside the checkpoint is
 preferred when present.
+
+The package's own layout (:func:`write_scfoundation_safetensors`; fine-tuned classifiers are
+always written so, since ``models.ckpt`` has no place for cell types) is a folder with
+
+- ``models.safetensors``: the module's state dict (keys without the ``model.`` prefix, the
+  classifier head under ``classifier.*``), tensors only;
+- ``config.json``: ``{"format": "scfm_tools.scfoundation", "format_version": 1,
+  "architecture": {SCFoundationModule arguments}, "classes": [cell types, in the order of the
+  head's outputs] or null, "classifier_input": {how cells are read for the head} or null}``;
+- ``OS_scRNA_gene_index.19264.tsv`` when the model's genes are not the official 19,264 (the
+  same file name the official layout uses).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import pickle
@@ -27,20 +39,26 @@ import torch
 
 from ..._validation import check_unique_names
 from .._load_report import LoadReport, load_matching
+from .._safetensors import read_safetensors, write_safetensors
 from ._module import SCFoundationModule
 
 if TYPE_CHECKING:
     from ...hub import ResolvedModel
 
 __all__ = [
+    "CONFIG_FILE",
     "ENTRIES",
     "GENE_INDEX_FILE",
+    "SAFETENSORS_FILE",
     "entry_for",
     "load_scfoundation_checkpoint",
     "module_config",
     "official_entry",
     "read_gene_index",
+    "read_scfoundation_config",
     "read_scfoundation_entry",
+    "write_gene_index",
+    "write_scfoundation_safetensors",
 ]
 
 logger = logging.getLogger("scfm_tools")
@@ -50,6 +68,13 @@ ENTRIES: tuple[Entry, ...] = ("cell", "gene", "rde")
 #: File name of the official gene list (19,264 gene symbols; column ``gene_name``).
 GENE_INDEX_FILE = "OS_scRNA_gene_index.19264.tsv"
 _PACKAGED_GENE_INDEX = GENE_INDEX_FILE + ".gz"
+#: The package's own layout: weights file and its config.
+SAFETENSORS_FILE = "models.safetensors"
+CONFIG_FILE = "config.json"
+_FORMAT = "scfm_tools.scfoundation"
+_FORMAT_VERSION = 1
+# Module arguments that are run options, not architecture: left to the loader's caller.
+_RUN_OPTIONS = ("dropout", "feature_redraw_interval")
 _PREFIX = "model."
 _ENC = "encoder.transformer_encoder."
 _DEC = "decoder.performer.net.layers."
@@ -119,6 +144,115 @@ def read_gene_index(path: str | os.PathLike | None = None) -> list[str]:
         return _parse_gene_index(
             fh, compression="gzip" if path.suffix == ".gz" else None, name=path.name
         )
+
+
+def write_gene_index(folder: Path, genes: Sequence[str]) -> Path | None:
+    """Write ``genes`` beside a checkpoint unless they are the official list (shipped here).
+
+    Returns the file written, or ``None`` (an old copy beside the checkpoint is removed then).
+    """
+    path = folder / GENE_INDEX_FILE
+    if list(genes) == read_gene_index():
+        path.unlink(missing_ok=True)
+        return None
+    table = pd.DataFrame({"gene_name": list(genes), "index": range(len(genes))})
+    table.to_csv(path, sep="\t", index=False)
+    return path
+
+
+def write_scfoundation_safetensors(
+    folder: str | os.PathLike,
+    module: SCFoundationModule,
+    genes: Sequence[str],
+    *,
+    classes: Sequence[str] | None = None,
+    classifier_input: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a module in the package's own layout (see the module notes).
+
+    Parameters
+    ----------
+    folder
+        Folder to write (created when absent).
+    module
+        The module.
+    genes
+        The model's genes, in model order.
+    classes
+        Cell types of the classifier head, in output order (needed when it has one).
+    classifier_input
+        How cells are read for the head (recorded for readers).
+    overwrite
+        Replace the files of an existing checkpoint.
+
+    Returns
+    -------
+    Path of ``models.safetensors``.
+    """
+    folder = Path(folder).expanduser()
+    if module.is_classifier != (classes is not None) or (
+        classes is not None and len(classes) != module.n_classes
+    ):
+        raise ValueError(
+            f"classes must name the head's {module.n_classes} outputs (None without a head), "
+            f"got {None if classes is None else len(classes)} names."
+        )
+    weights, config_path = folder / SAFETENSORS_FILE, folder / CONFIG_FILE
+    existing = [p.name for p in (weights, config_path, folder / GENE_INDEX_FILE) if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{folder} already holds {existing}; pass overwrite=True.")
+    folder.mkdir(parents=True, exist_ok=True)
+    architecture = {k: v for k, v in module.config.items() if k not in _RUN_OPTIONS}
+    config = {
+        "format": _FORMAT,
+        "format_version": _FORMAT_VERSION,
+        "architecture": architecture,
+        "classes": None if classes is None else [str(c) for c in classes],
+        "classifier_input": None if classifier_input is None else dict(classifier_input),
+    }
+    write_safetensors(weights, module.state_dict())
+    config_path.write_text(json.dumps(config, indent=1), encoding="utf-8")
+    write_gene_index(folder, genes)
+    return weights
+
+
+def read_scfoundation_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check the ``config.json`` of the package's own layout.
+
+    Parameters
+    ----------
+    path
+        The ``config.json`` file.
+
+    Returns
+    -------
+    The config (``architecture``, ``classes``, ``classifier_input``).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path.parent} has {SAFETENSORS_FILE} but no {CONFIG_FILE} (the architecture and "
+            "cell types of the weights); write both with SCFoundation.export(..., "
+            "weights='safetensors')."
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(config, Mapping) or config.get("format") != _FORMAT:
+        raise ValueError(
+            f"{path} is not the config of an scfm_tools scFoundation checkpoint (its 'format' "
+            f"must be {_FORMAT!r})."
+        )
+    if config.get("format_version", 0) > _FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version {config['format_version']}; this version of the package "
+            f"reads up to {_FORMAT_VERSION}: update scfm_tools."
+        )
+    if not isinstance(config.get("architecture"), Mapping):
+        raise ValueError(f"{path} has no 'architecture' (the SCFoundationModule arguments).")
+    return dict(config)
 
 
 def _other_family(obj: Any) -> str | None:
@@ -368,10 +502,12 @@ def load_scfoundation_checkpoint(
     Parameters
     ----------
     source
-        ``models.ckpt`` (or another ``.ckpt`` in the official layout), a folder holding one, a
-        registered model name, or a :class:`~scfm_tools.hub.ResolvedModel`.
+        ``models.ckpt`` (or another ``.ckpt`` in the official layout), ``models.safetensors``
+        (the package's layout), a folder holding one, a registered model name, or a
+        :class:`~scfm_tools.hub.ResolvedModel`.
     entry
-        ``"cell"``, ``"gene"`` or ``"rde"`` (see :func:`entry_for`).
+        ``"cell"``, ``"gene"`` or ``"rde"`` (see :func:`entry_for`); ignored for the package's
+        layout, which holds one set of weights.
     genes
         The model's gene list (a file read by :func:`read_gene_index`, or symbols); ``None``
         uses ``OS_scRNA_gene_index.19264.tsv`` beside the checkpoint if present, else the copy
@@ -385,7 +521,8 @@ def load_scfoundation_checkpoint(
     Returns
     -------
     ``(module, genes, config, report)``: the module in eval mode on CPU, the gene list (model
-    order), the flattened official config and the
+    order), the flattened official config (the package's layout: its ``config.json``, with the
+    cell types of a classifier under ``"classes"``) and the
     :class:`~scfm_tools.models._load_report.LoadReport`.
 
     Raises
@@ -403,8 +540,16 @@ def load_scfoundation_checkpoint(
             "its own family's loader (or pass it to sft.tl functions, which dispatch by family)."
         )
     weights = Path(resolved.weights)
-    config, state, renamed = read_scfoundation_entry(weights, entry)
-    kwargs = module_config(config, state)
+    if weights.suffix == ".safetensors":
+        # One set of weights: ``entry`` has nothing to choose.
+        config = read_scfoundation_config(weights.parent / CONFIG_FILE)
+        state, renamed = read_safetensors(weights), {}
+        kwargs = dict(config["architecture"])
+        source = str(weights)
+    else:
+        config, state, renamed = read_scfoundation_entry(weights, entry)
+        kwargs = module_config(config, state)
+        source = f"{weights} [{entry!r}]"
     fixed = set(kwargs) & set(module_kwargs)
     if fixed:
         raise TypeError(f"{sorted(fixed)} are read from the checkpoint and cannot be overridden.")
@@ -426,7 +571,7 @@ def load_scfoundation_checkpoint(
     report = load_matching(
         module,
         state,
-        source=f"{weights} [{entry!r}]",
+        source=source,
         family="scFoundation",
         renamed=renamed,
         strict=strict,

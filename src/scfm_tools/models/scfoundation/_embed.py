@@ -1,4 +1,4 @@
-"""scFoundation outputs of many cells at once: cell embeddings, gene embeddings, expression.
+"""scFoundation outputs of many cells at once: embeddings, expression, cell-type probabilities.
 
 The official ``get_embedding.py`` runs one cell at a time; here cells are batched (the encoder
 pads and masks cells of different lengths, the decoder's FAVOR+ stabiliser is per cell), so a
@@ -53,8 +53,8 @@ __all__ = [
 
 logger = logging.getLogger("scfm_tools")
 
-Output = Literal["cell", "gene", "gene_expression"]
-_OUTPUTS = ("cell", "gene", "gene_expression")
+Output = Literal["cell", "gene", "gene_expression", "proba"]
+_OUTPUTS = ("cell", "gene", "gene_expression", "proba")
 # Per forward pass: most tokens (the decoder reads n_genes + 2 per cell, the encoder the
 # expressed genes), and most encoder attention scores (cells x heads x length^2), which
 # attention with a padding mask may hold at once on CPU.
@@ -92,7 +92,8 @@ def iter_outputs(
     output
         ``"cell"``: cell embeddings (see ``pool``); ``"gene"``: the decoder's gene embeddings
         ``(cells, n_genes, dec_dim)``; ``"gene_expression"``: the regression head's predicted
-        expression ``(cells, n_genes)``.
+        expression ``(cells, n_genes)``; ``"proba"``: the classifier head's cell-type
+        probabilities ``(cells, n_classes)``.
     pool
         Cell-embedding pooling: ``"all"`` (``[S, T, max, mean]``) or ``"max"``.
     batch_size
@@ -111,6 +112,10 @@ def iter_outputs(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if output == "cell":
         width: tuple[int, ...] = (4 * module.enc_dim if pool == "all" else module.enc_dim,)
+    elif output == "proba":
+        if not module.is_classifier:
+            raise ValueError("output='proba' needs a module with a classifier head.")
+        width = (module.n_classes,)
     elif output == "gene":
         width = (module.n_genes, module.dec_dim)
     else:
@@ -140,7 +145,7 @@ def run_passes(
     tokens = _TOKENS_PER_PASS.get(dev.type, _TOKENS_PER_PASS["cpu"])
     scores = _SCORES_PER_PASS.get(dev.type, _SCORES_PER_PASS["cpu"])
     heads = module.config["enc_heads"]
-    decoder = output != "cell"
+    decoder = output in ("gene", "gene_expression")
 
     def fits(n: int, longest: int) -> bool:
         longest += 2  # T and S
@@ -158,6 +163,8 @@ def run_passes(
     def forward(x: torch.Tensor) -> torch.Tensor:
         if output == "cell":
             return module.cell_embedding(x, pool)
+        if output == "proba":
+            return module.class_probabilities(x)
         return module.gene_outputs(x, head=output == "gene_expression")
 
     batches = iter_minibatches(

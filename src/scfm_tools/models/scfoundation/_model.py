@@ -1,4 +1,4 @@
-"""The AnnData-facing scFoundation model: setup, RDA pretraining, embeddings, export."""
+"""The AnnData-facing scFoundation model: setup, RDA pretraining, fine-tuning, outputs, export."""
 
 from __future__ import annotations
 
@@ -13,17 +13,33 @@ import pandas as pd
 import torch
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
-from scvi.data.fields import LayerField
+from scvi.data.fields import CategoricalObsField, LayerField
 from scvi.model.base import BaseModelClass
 
 from ..._anndata import DEFAULT_CHUNK_SIZE, get_matrix, resolve_seed
 from ..._docs import doc_params
+from ..._labels import labels_from_proba, reference_labels
 from ..._validation import InputError, check_counts, check_nonempty, check_unique_names
 from ...pp._match_genes import match_adata_genes
-from ...train import DOC_TRAIN_SCALE, TrainingMixin
+from ...train import (
+    DOC_TRAIN_SCALE,
+    ClassWeights,
+    RestoreBestWeights,
+    TrainingMixin,
+    compute_class_weights,
+    stratified_split,
+)
+from .._classifier import check_labels_key, registered_classes, resolve_classes
 from .._gene_embeddings import GeneEmbeddings, rows_on_var, token_table_rows
 from ..base import PretrainedMixin, unbound_registry
-from ._checkpoint import Entry, entry_for, load_scfoundation_checkpoint, official_entry
+from ._checkpoint import (
+    Entry,
+    entry_for,
+    load_scfoundation_checkpoint,
+    official_entry,
+    write_gene_index,
+    write_scfoundation_safetensors,
+)
 from ._embed import embed_matrix, iter_outputs, prepare_blocks, prepare_options
 from ._gene_embed import context_gene_embeddings, token_gene_embeddings
 from ._module import Pool, SCFoundationModule
@@ -35,7 +51,7 @@ from ._preprocess import (
     check_options,
     parse_target_depth,
 )
-from ._training_plan import RDA_KEY, SCFoundationTrainingPlan
+from ._training_plan import CLASSIFIER_TARGET_DEPTH, RDA_KEY, SCFoundationTrainingPlan
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -47,6 +63,17 @@ if TYPE_CHECKING:
 __all__ = ["SCFoundation"]
 
 logger = logging.getLogger("scfm_tools")
+
+Trainable = Literal["official", "head", "all"]
+#: How the classifier reads cells (recorded with an exported classifier).
+CLASSIFIER_INPUT = {
+    "values": "raw counts, log1p of counts per 10,000 (official pre_normalized='F')",
+    "target_depth": CLASSIFIER_TARGET_DEPTH,
+    "pool": "max of the encoder outputs over the gene tokens",
+}
+
+#: Learning rate of fine_tune_classifier (the head starts from random weights).
+FINE_TUNE_LR = 1e-3
 
 # A small architecture for training from scratch; from_pretrained takes the checkpoint's.
 DEFAULT_ARCHITECTURE = {
@@ -61,7 +88,7 @@ DEFAULT_ARCHITECTURE = {
 
 
 class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
-    """scFoundation (xTrimoGene, Hao et al. 2024) as an scvi-tools model: RDA pretraining.
+    """scFoundation (xTrimoGene, Hao et al. 2024) as an scvi-tools model: pretrain, fine-tune.
 
     Every cell is read on the model's genes (genes of ``adata`` matched by symbol; model genes
     the data lacks are zero), ``log1p``-normalised to counts per 10,000, and given its two
@@ -72,6 +99,13 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
     80% are masked, 10% given a random value and 10% left visible), and the model predicts
     the original values there, knowing ``T`` and ``S`` (mean squared error). The encoder sees
     only the expressed, unmasked genes; the Performer decoder the whole gene sequence.
+
+    With cell types (``classes``, or ``labels_key`` registered by :meth:`setup_anndata`) the
+    model gets the cell-type head of the official fine-tuning example (``finetune_model.py``:
+    the encoder outputs max-pooled over the genes, ``BatchNorm1d`` and an MLP), and
+    :meth:`train` fine-tunes it with the official freezing (``trainable``) and a weighted
+    cross-entropy; :meth:`fine_tune_classifier` does all of that from a labelled reference,
+    and :meth:`predict` labels cells.
 
     Call :meth:`setup_anndata` first. Start from scratch with this constructor, or from a
     checkpoint (official ``models.ckpt`` or :meth:`export`-ed) with :meth:`from_pretrained`,
@@ -84,6 +118,12 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         inference only (then ``gene_list`` is needed).
     gene_list
         The model's genes; ``None`` uses ``adata.var_names``.
+    classes
+        Cell types of a classifier head, in output order; ``None`` takes the categories of the
+        registered ``labels_key``, or builds no head when none is registered. When labels are
+        registered they must be these, in this order.
+    trainable
+        With a classifier head, what training updates (see :meth:`set_trainable`).
     **module_kwargs
         Architecture, passed to :class:`~scfm_tools.models.scfoundation.SCFoundationModule`
         (defaults: ``enc_dim=64``, ``enc_depth=2``, ``enc_heads=4``, ``dec_dim=32``,
@@ -97,6 +137,8 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
     >>> model = sft.models.SCFoundation(adata)
     >>> model.train(max_epochs=10, plan_kwargs={"lr": 1e-3})
     >>> adata.obsm["X_scfoundation"] = model.get_latent_representation()
+    >>> classifier = model.fine_tune_classifier(ref, "cell_type")
+    >>> classifier.predict(query, threshold=0.5)
     """
 
     _module_cls = SCFoundationModule
@@ -110,6 +152,8 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         adata: AnnData | None = None,
         *,
         gene_list: Sequence[str] | None = None,
+        classes: Sequence[str] | None = None,
+        trainable: Trainable = "official",
         **module_kwargs: Any,
     ) -> None:
         unbound = None if adata is not None else unbound_registry("SCFoundation")
@@ -123,16 +167,27 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
             None if adata is None else match_adata_genes(adata, genes, caller="SCFoundation")
         )
         self._load_report: LoadReport | None = None
+        self.classes = self._resolve_classes(classes)
         kwargs = {**DEFAULT_ARCHITECTURE, **module_kwargs}
+        kwargs["n_classes"] = None if self.classes is None else len(self.classes)
         self.module = self._module_cls(len(genes), **kwargs)
+        if self.classes is not None:
+            self.set_trainable(trainable)
         cfg = self.module.config
         in_adata = "no AnnData" if adata is None else f"{self.gene_match.n_matched:,} in adata"
+        head = "" if self.classes is None else f", cell-type head ({len(self.classes)} classes)"
         self._model_summary_string = (
             f"SCFoundation model: {len(genes):,} genes ({in_adata}), "
             f"encoder {cfg['enc_dim']} x {cfg['enc_depth']} layers, Performer decoder "
-            f"{cfg['dec_dim']} x {cfg['dec_depth']} blocks"
+            f"{cfg['dec_dim']} x {cfg['dec_depth']} blocks{head}"
         )
         self.init_params_ = self._get_init_params(locals())
+
+    def _resolve_classes(self, classes: Sequence[str] | None) -> list[str] | None:
+        """Return the head's cell types: given, or registered; ``None``: no head."""
+        registered = registered_classes(self.adata_manager)
+        head = "pretrain" if classes is None and registered is None else "classifier"
+        return resolve_classes(head, classes, registered, model="SCFoundation")
 
     # setup -------------------------------------------------------------------------------------
     @classmethod
@@ -141,12 +196,15 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         adata: AnnData,
         layer: str | None = None,
         rda_layer: str | None = None,
+        labels_key: str | None = None,
         **kwargs: Any,
     ) -> None:
         """Register an AnnData for :class:`SCFoundation`.
 
         Both matrices must hold raw counts of the same cells and genes, with unique gene names
-        and no empty cell. Nothing is written to ``adata`` when a check fails.
+        and no empty cell. Nothing is written to ``adata`` when a check fails. With
+        ``labels_key``, a model built on ``adata`` gets a cell-type head and :meth:`train`
+        fine-tunes it.
 
         Parameters
         ----------
@@ -158,6 +216,9 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
             Layer holding the downsampled counts the model reads in training, e.g.
             ``"rda_counts"`` from :func:`scfm_tools.pp.downsample_rda`; ``None`` trains on
             undownsampled input (``S = T``).
+        labels_key
+            Column of ``adata.obs`` with cell types (at least two, no missing value), for the
+            classifier head.
         **kwargs
             Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
         """
@@ -166,6 +227,14 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         check_nonempty(adata, layer)
         check_unique_names(adata.var_names)
         fields = [LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True)]
+        if labels_key is not None:
+            if rda_layer is not None:
+                raise ValueError(
+                    "labels_key= (fine-tuning for cell types) and rda_layer= (RDA pretraining) "
+                    "do not go together; register one or the other."
+                )
+            check_labels_key(adata, labels_key)
+            fields.append(CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key))
         if rda_layer is not None:
             check_counts(adata, rda_layer)
             check_nonempty(adata, rda_layer)
@@ -182,25 +251,32 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         adata: AnnData | None = None,
         *,
         entry: Entry = "gene",
+        trainable: Trainable = "official",
         **module_kwargs: Any,
     ) -> SCFoundation:
-        """Load one set of weights of a checkpoint, for inference or continued pretraining.
+        """Load one set of weights of a checkpoint, for inference, pretraining or fine-tuning.
 
         An official ``models.ckpt`` holds three: ``"cell"`` (the official cell embeddings),
         ``"rde"`` (read-depth enhancement, also for cell embeddings with ``--version rde``) and
-        ``"gene"`` (gene embeddings and expression). ``sft.tl`` functions given a name or path
-        pick the one the official scripts use for their task.
+        ``"gene"`` (gene embeddings and expression; the one the official fine-tuning example
+        loads). ``sft.tl`` functions given a name or path pick the one the official scripts use
+        for their task. The package's own layout (``models.safetensors``, see :meth:`export`)
+        holds one, with the cell types of a fine-tuned classifier.
 
         Parameters
         ----------
         name_or_path
-            A registered model name (``"scfoundation"``) or a local ``models.ckpt`` (official
-            layout, or written by :meth:`export`).
+            A registered model name (``"scfoundation"``) or a local checkpoint: ``models.ckpt``
+            (official layout) or a folder written by :meth:`export`.
         adata
-            AnnData registered with :meth:`setup_anndata`, to train on; ``None`` for inference
-            on any AnnData.
+            AnnData registered with :meth:`setup_anndata`, to train on; with ``labels_key``
+            the model gets a cell-type head for its labels (the checkpoint's own when it has
+            the same cell types, else a new one); ``None`` for inference on any AnnData.
         entry
-            Which ``models.ckpt`` entry to load (``"gene"``, ``"cell"`` or ``"rde"``).
+            Which ``models.ckpt`` entry to load (``"gene"``, ``"cell"`` or ``"rde"``); the
+            package's layout has one set of weights and ignores it.
+        trainable
+            With a cell-type head, what training updates (see :meth:`set_trainable`).
         **module_kwargs
             Runtime options of :class:`~scfm_tools.models.scfoundation.SCFoundationModule`
             (``dropout``, ``feature_redraw_interval``, ``key_max``, ``chunk_size``).
@@ -211,17 +287,51 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         source, the entry, the weights' sha256 and the load report.
         """
         resolved = cls.locate(name_or_path)
-        pretrained, genes, _, report = load_scfoundation_checkpoint(
+        pretrained, genes, config, report = load_scfoundation_checkpoint(
             resolved, entry, **module_kwargs
         )
-        kwargs = dict(pretrained.config)
-        kwargs.pop("n_genes")
-        kwargs.update(module_kwargs)
-        model = cls._build(adata, gene_list=genes, **kwargs)
-        model.module.load_state_dict(pretrained.state_dict())
-        model.module.eval()
+        own = resolved.weights.suffix == ".safetensors"
+        classes = config.get("classes") if own else None
+        model = cls._around(pretrained, genes, adata, classes, trainable=trainable, **module_kwargs)
         model._load_report = report
-        model._set_pretrained(resolved, report, entry=entry)
+        model._set_pretrained(resolved, report, entry=None if own else entry)
+        return model
+
+    @classmethod
+    def _around(
+        cls,
+        pretrained: SCFoundationModule,
+        genes: list[str],
+        adata: AnnData | None,
+        classes: list[str] | None,
+        *,
+        trainable: Trainable = "official",
+        **module_kwargs: Any,
+    ) -> SCFoundation:
+        """Build a model holding ``pretrained``'s weights (a new head for other cell types)."""
+        kwargs = dict(pretrained.config)
+        for key in ("n_genes", "n_classes"):
+            kwargs.pop(key)
+        kwargs.update(module_kwargs)
+        manager = None if adata is None else cls._get_most_recent_anndata_manager(adata)
+        labelled = manager is not None and manager.registry["setup_args"].get("labels_key")
+        model = cls._build(
+            adata,
+            gene_list=genes,
+            classes=None if labelled else classes,
+            trainable=trainable,
+            **kwargs,
+        )
+        state = pretrained.state_dict()
+        if model.classes is None or model.classes != classes:
+            state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+            if model.classes is not None:
+                logger.info("new cell-type head for %d classes", len(model.classes))
+        # Same architecture by construction: only a replaced head may be left out.
+        missing, unexpected = model.module.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("classifier.") for k in missing):
+            raise RuntimeError(f"internal error: keys {missing + unexpected} did not carry over.")
+        model.module.eval()
         return model
 
     @classmethod
@@ -254,28 +364,60 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
             return {"entry": entry}, options
         return {"entry": entry_for("gene")}, options
 
-    def export(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write the model as an official ``models.ckpt`` (same weights in all three entries).
+    def export(
+        self,
+        path: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        weights: Literal["ckpt", "safetensors"] | None = None,
+    ) -> Path:
+        """Write the model as a checkpoint that :meth:`from_pretrained` and ``sft.tl`` read.
 
-        The file is read by :func:`~scfm_tools.models.scfoundation.load_scfoundation_checkpoint`,
-        :meth:`from_pretrained`, ``sft.tl`` functions and the official ``load_model_frommmf``;
-        when the model's genes are not the official 19,264, its gene list is written beside it
-        as ``OS_scRNA_gene_index.19264.tsv`` (the file name the loaders look for).
+        ``weights="ckpt"``: an official ``models.ckpt`` (same weights in all three entries),
+        also read by the official ``load_model_frommmf``. ``"safetensors"``: the package's own
+        layout, a folder with ``models.safetensors`` (tensors only, nothing to unpickle) and
+        ``config.json`` (``"architecture"``: the module's arguments; ``"classes"``: the cell
+        types of a classifier in the order of its outputs, else null; ``"classifier_input"``:
+        how the classifier reads cells). Either way, when the model's genes are not the
+        official 19,264, its gene list is written beside as ``OS_scRNA_gene_index.19264.tsv``
+        (the file name the loaders look for).
 
         Parameters
         ----------
         path
-            File to write (e.g. ``"models/models.ckpt"``) or a folder to write it in.
+            ``"ckpt"``: the file to write (e.g. ``"models/models.ckpt"``) or a folder to write
+            it in; ``"safetensors"``: the folder.
         overwrite
-            Replace an existing file.
+            Replace existing files.
+        weights
+            ``"ckpt"`` or ``"safetensors"``; ``None``: ``"safetensors"`` for a model with a
+            cell-type head (``models.ckpt`` has no place for its cell types), else ``"ckpt"``.
 
         Returns
         -------
-        Path of the checkpoint.
+        Path of the weights file.
         """
-        from ._checkpoint import GENE_INDEX_FILE, read_gene_index
+        from ._checkpoint import GENE_INDEX_FILE
 
+        if weights is None:
+            weights = "ckpt" if self.classes is None else "safetensors"
+        if weights not in ("ckpt", "safetensors"):
+            raise ValueError(f"weights must be 'ckpt', 'safetensors' or None, got {weights!r}.")
         path = Path(path).expanduser()
+        if weights == "safetensors":
+            return write_scfoundation_safetensors(
+                path,
+                self.module,
+                self.gene_list,
+                classes=self.classes,
+                classifier_input=None if self.classes is None else CLASSIFIER_INPUT,
+                overwrite=overwrite,
+            )
+        if self.classes is not None:
+            raise ValueError(
+                "a model with a cell-type head cannot be written as models.ckpt (the official "
+                "format has no place for its cell types): use weights='safetensors'."
+            )
         if path.is_dir() or not path.suffix:
             path = path / "models.ckpt"
         genes_path = path.parent / GENE_INDEX_FILE
@@ -285,9 +427,7 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         path.parent.mkdir(parents=True, exist_ok=True)
         entry = official_entry(self.module)
         torch.save({"cell": entry, "gene": entry, "rde": entry}, path)
-        if self.gene_list != read_gene_index():
-            table = pd.DataFrame({"gene_name": self.gene_list, "index": range(len(self.gene_list))})
-            table.to_csv(genes_path, sep="\t", index=False)
+        write_gene_index(path.parent, self.gene_list)
         return path
 
     # training ----------------------------------------------------------------------------------
@@ -303,6 +443,7 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         random_state: int | None = None,
         plan_kwargs: dict[str, Any] | None = None,
         *,
+        class_weights: ClassWeights = "balanced",
         strategy: str | Strategy = "auto",
         num_nodes: int = 1,
         checkpoint_dir: str | os.PathLike | None = None,
@@ -310,7 +451,12 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         resume: bool | str | os.PathLike = False,
         **kwargs: Any,
     ):
-        """Pretrain with the RDA objective, through Lightning (CPU, GPU, several GPUs).
+        """Pretrain with the RDA objective, or fine-tune the cell-type head, through Lightning.
+
+        A model with a cell-type head trains it on the registered labels, updating what
+        :meth:`set_trainable` left trainable (by default the official choice), with a weighted
+        cross-entropy; :meth:`fine_tune_classifier` adds a stratified validation split, early
+        stopping and the best epoch's weights.
 
         Parameters
         ----------
@@ -334,6 +480,11 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
             ``lr`` (1e-4), ``value_mask_prob`` (0.3), ``zero_mask_prob`` (0.03),
             ``replace_prob`` (0.8), ``random_token_prob`` (0.1), ``weight_decay``, ``eps``
             (1e-8) ...
+        class_weights
+            Cell-type head only (RDA pretraining ignores it): loss weights against imbalanced
+            cell types, from the training cells of each type: ``"balanced"`` (``N / (K n_c)``),
+            ``"official"`` (scBERT's ``(1 - n_c / N)^2``), explicit weights, or ``None``; see
+            :func:`~scfm_tools.train.compute_class_weights`.
         {scale}
         **kwargs
             Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and on to the
@@ -350,6 +501,8 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
             "random_state": resolve_seed(random_state),
             **(plan_kwargs or {}),
         }
+        if self.module.is_classifier:
+            self._prepare_classifier_training(class_weights)
         return super().train(
             max_epochs=max_epochs,
             accelerator=accelerator,
@@ -365,6 +518,191 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
             resume=resume,
             **kwargs,
         )
+
+    def _prepare_classifier_training(self, class_weights: ClassWeights) -> None:
+        """Check the labels and cells, set the class weights and the training mode."""
+        if registered_classes(self.adata_manager) is None:
+            raise ValueError(
+                "this model has a cell-type head, but its AnnData has no labels registered: call "
+                "SCFoundation.setup_anndata(adata, labels_key=...) and build the model on it, or "
+                "use fine_tune_classifier(reference, labels_key)."
+            )
+        if self.registry_["setup_args"].get("rda_layer") is not None:
+            raise ValueError("a cell-type head is trained on the counts; rda_layer= is not used.")
+        adata = self.adata
+        X = get_matrix(adata, self._layer(None))
+        columns = np.flatnonzero(self.gene_match.matched)
+        empty = np.flatnonzero(np.asarray((X[:, columns] != 0).sum(axis=1)).ravel() == 0)
+        if empty.size:
+            raise InputError(
+                f"{empty.size} cells (e.g. {list(adata.obs_names[empty[:3]])}) express none of "
+                "the model's genes, so the classifier cannot read them; drop them first."
+            )
+        codes = self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)
+        counts = np.bincount(np.asarray(codes).ravel().astype(int), minlength=len(self.classes))
+        self.module.class_weights = compute_class_weights(counts, class_weights)
+        # Lightning keeps the module's mode; dropout and the head's batch statistics need training.
+        self.module.train()
+
+    def set_trainable(self, trainable: Trainable = "official") -> None:
+        """Choose which parameters training updates (with a cell-type head).
+
+        Parameters
+        ----------
+        trainable
+            ``"official"``: the head and the second-to-last encoder layer (the last one when
+            there is one layer), everything else frozen, token and position embeddings
+            included, as the official ``finetune_model.py``; ``"head"``: the head only;
+            ``"all"``: everything.
+        """
+        if trainable not in ("official", "head", "all"):
+            raise ValueError(f"trainable must be 'official', 'head' or 'all', got {trainable!r}.")
+        if not self.module.is_classifier:
+            raise ValueError("set_trainable applies to a model with a cell-type head.")
+        for param in self.module.parameters():
+            param.requires_grad_(trainable == "all")
+        parts: list[torch.nn.Module] = [self.module.classifier]
+        if trainable == "official":
+            layers = self.module.encoder.transformer_encoder
+            parts.append(layers[-2 if len(layers) > 1 else -1])
+        for part in parts:
+            for param in part.parameters():
+                param.requires_grad_(True)
+        self.trainable_ = trainable
+
+    def fine_tune_classifier(
+        self,
+        reference: AnnData,
+        labels_key: str,
+        *,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        max_epochs: int = 20,
+        batch_size: int = 32,
+        class_weights: ClassWeights = "balanced",
+        trainable: Trainable = "official",
+        validation_size: float = 0.1,
+        patience: int = 3,
+        dropout: float | None = None,
+        random_state: int | None = 0,
+        train_kwargs: Mapping[str, Any] | None = None,
+    ) -> SCFoundation:
+        """Fine-tune a copy of this model for the cell types of a labelled reference.
+
+        As the official fine-tuning example (``finetune_model.py``): a cell-type head on the
+        encoder outputs max-pooled over the genes, trained with the second-to-last encoder
+        layer while the rest stays frozen (``trainable``), here with a weighted cross-entropy
+        against imbalanced cell types. A stratified share of the reference
+        (``validation_size``) is held out: training stops when its loss has not improved for
+        ``patience`` epochs, and the weights of its best epoch are kept. This model is left as
+        it is.
+
+        Parameters
+        ----------
+        reference
+            Raw counts of labelled cells. Registered with :meth:`setup_anndata`
+            ``(labels_key=...)``, it is trained on as it is; otherwise its counts, labels (cells
+            without one are left out) and genes are read into a new AnnData, and ``reference``
+            is not modified.
+        labels_key
+            Column of ``reference.obs`` with the cell types.
+        layer
+            Layer of ``reference`` with the counts (an unregistered reference; ``None``: ``X``).
+        gene_key
+            ``reference.var`` column with gene symbols (an unregistered reference; ``None``:
+            ``var_names``).
+        max_epochs
+            Most passes over the training cells.
+        batch_size
+            Cells per minibatch.
+        class_weights
+            See :meth:`train`.
+        trainable
+            See :meth:`set_trainable`.
+        validation_size
+            Share of each cell type held out to watch (early stopping, best weights); ``0``
+            trains on every cell for ``max_epochs`` epochs.
+        patience
+            Epochs without a lower validation loss before training stops.
+        dropout
+            Dropout of the encoder layers while fine-tuning; ``None``: this model's (0.1 in
+            the published one, as torch's default). On CPU, PyTorch runs attention with
+            dropout without its fused kernel, holding every cell's full attention matrix: for
+            cells that express thousands of genes that takes gigabytes, and ``0`` avoids it.
+        random_state
+            Seed of the new head, the split, the data order and the dropout (``None``:
+            ``sft.settings.seed``); the caller's global torch random state is left alone.
+        train_kwargs
+            Passed to :meth:`train`: ``plan_kwargs`` (``lr``, default 1e-3, ``weight_decay``
+            ...), ``accelerator``, ``devices``, ``precision``, ``enable_progress_bar`` ...
+
+        Returns
+        -------
+        The fine-tuned :class:`SCFoundation` (:attr:`classes`, :attr:`history`).
+        """
+        if isinstance(patience, bool) or int(patience) < 1:
+            raise ValueError(f"patience must be a positive integer, got {patience!r}.")
+        seed = resolve_seed(random_state)
+        ref = self._labelled(reference, labels_key, layer, gene_key)
+        train_kwargs = dict(train_kwargs or {})
+        plan = {
+            "random_state": seed,
+            "lr": FINE_TUNE_LR,
+            **(train_kwargs.pop("plan_kwargs", None) or {}),
+        }
+        callbacks = list(train_kwargs.pop("callbacks", None) or [])
+        cuda = list(range(torch.cuda.device_count()))
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            options = {} if dropout is None else {"dropout": float(dropout)}
+            model = type(self)._around(
+                self.module, self.gene_list, ref, self.classes, trainable=trainable, **options
+            )
+            codes = model.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)
+            train, validation = stratified_split(codes, validation_size, seed)
+            if validation.size:
+                callbacks.append(RestoreBestWeights("validation_loss", patience=patience))
+                train_kwargs.setdefault("check_val_every_n_epoch", 1)
+            model.train(
+                max_epochs=max_epochs,
+                batch_size=batch_size,
+                class_weights=class_weights,
+                plan_kwargs=plan,
+                datasplitter_kwargs={"external_indexing": [train, validation, np.empty(0, int)]},
+                callbacks=callbacks,
+                **train_kwargs,
+            )
+        model.pretrained_ = {**getattr(self, "pretrained_", {}), "fine_tuned": True}
+        return model
+
+    def _labelled(
+        self, reference: AnnData, labels_key: str, layer: str | None, gene_key: str | None
+    ) -> AnnData:
+        """Return the reference registered with its labels: itself when so, else a new AnnData."""
+        import anndata as ad
+
+        manager = type(self)._get_most_recent_anndata_manager(reference)
+        registered = None if manager is None else manager.registry["setup_args"]
+        if registered is not None and registered.get("labels_key") == labels_key:
+            if layer is not None or gene_key is not None:
+                raise ValueError(
+                    "layer= and gene_key= apply to an unregistered reference; this one was "
+                    "registered with setup_anndata, whose layer and var_names are used."
+                )
+            return reference
+        keep, labels = reference_labels(reference, labels_key)
+        names = reference.var_names if gene_key is None else reference.var[gene_key].astype(str)
+        X = get_matrix(reference, layer)
+        rows = np.flatnonzero(keep)
+        ref = ad.AnnData(
+            X=X[rows] if not keep.all() else X,
+            obs=pd.DataFrame(
+                {labels_key: pd.Categorical(labels)}, index=reference.obs_names[rows].copy()
+            ),
+            var=pd.DataFrame(index=pd.Index(np.asarray(names, dtype=str))),
+        )
+        type(self).setup_anndata(ref, labels_key=labels_key)
+        return ref
 
     # outputs -----------------------------------------------------------------------------------
     def _model_genes(self) -> Any:
@@ -696,3 +1034,108 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         return GeneEmbeddings(
             rows_on_var(means[cols], match), match.matched.copy(), n_cells, params
         )
+
+    @torch.inference_mode()
+    def predict_proba(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        batch_size: int = 32,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> pd.DataFrame:
+        """Cell-type probabilities of each cell (cell-type head), cells x classes.
+
+        Each cell is read as in fine-tuning (raw counts, ``log1p`` of counts per 10,000,
+        ``T = 4``, ``S`` its depth), encoded, max-pooled over its genes and classified.
+
+        Parameters
+        ----------
+        adata
+            Cells, raw counts (``None``: the model's AnnData); genes are matched to the model's.
+        indices
+            Cells to run; ``None`` runs all.
+        layer
+            Layer with the counts (``None``: the registered layer, else ``X``).
+        gene_key
+            ``adata.var`` column with gene symbols (``None``: ``var_names``).
+        batch_size
+            Most cells per forward pass.
+        chunk_size
+            Cells read and prepared at a time.
+
+        Returns
+        -------
+        A DataFrame indexed by ``obs_names``, one column per class (:attr:`classes`).
+        """
+        if self.classes is None:
+            raise ValueError(
+                "this SCFoundation model has no cell-type head: fine-tune it first with "
+                "fine_tune_classifier(reference, labels_key) (or pass a labelled reference to "
+                "sft.tl.annotate)."
+            )
+        adata = self._cells(adata, indices)
+        layer = self._layer(layer)
+        check_counts(adata, layer)
+        match = self.match_genes(adata, gene_key)
+        blocks = prepare_blocks(
+            get_matrix(adata, layer),
+            GeneReindexer(match.index, self.module.n_genes),
+            pre_normalized="F",
+            input_type="singlecell",
+            depth=parse_target_depth(CLASSIFIER_TARGET_DEPTH),
+            total_counts=None,
+            chunk_size=chunk_size,
+            obs_names=adata.obs_names,
+        )
+        parts = list(
+            iter_outputs(
+                self.module,
+                blocks,
+                output="proba",
+                batch_size=batch_size,
+                device=self.device,
+                n_cells=adata.n_obs,
+            )
+        )
+        width = len(self.classes)
+        proba = np.concatenate(parts) if parts else np.empty((0, width), np.float32)
+        return pd.DataFrame(proba, index=adata.obs_names.copy(), columns=list(self.classes))
+
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        threshold: float | None = None,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        batch_size: int = 32,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> pd.DataFrame:
+        """Cell types and their probabilities.
+
+        Parameters
+        ----------
+        adata, indices, layer, gene_key, batch_size, chunk_size
+            As in :meth:`predict_proba`.
+        threshold
+            Cells whose best probability is below it are labelled ``"Unassigned"``; ``None``
+            labels every cell.
+
+        Returns
+        -------
+        A DataFrame indexed by ``obs_names`` with ``label`` (categorical) and ``score`` (the
+        best probability).
+        """
+        proba = self.predict_proba(
+            adata,
+            indices,
+            layer=layer,
+            gene_key=gene_key,
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+        )
+        return labels_from_proba(proba, threshold)

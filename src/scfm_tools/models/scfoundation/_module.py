@@ -28,6 +28,7 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import Tensor, nn
 
 from ...nn import Performer, TransformerEncoderLayer
+from ._classifier import HEAD_HIDDEN, SCFoundationClassifierHead, max_over_genes
 
 __all__ = [
     "AutoDiscretizationEmbedding",
@@ -44,6 +45,7 @@ Pool = Literal["all", "max"]
 VALUES = "values"
 MASK = "mask"
 TARGET = "target"
+LABELS = "labels"
 # Positions hidden from the encoder (mask embedding in the decoder); without it, ``MASK``.
 HIDDEN = "hidden"
 
@@ -316,6 +318,12 @@ class SCFoundationModule(BaseModuleClass):
     pretraining hides only part of the scored positions (see
     :func:`~scfm_tools.models.scfoundation.corrupt_selected`).
 
+    With ``n_classes`` the module also holds the cell-type head of the official fine-tuning
+    example (:class:`~scfm_tools.models.scfoundation.SCFoundationClassifierHead` on the encoder
+    outputs max-pooled over the genes); a minibatch with ``labels`` (class codes) is then
+    scored by the cross-entropy of the head's logits, weighted by ``class_weights`` when set.
+    The decoder stays, unused by the head, so a fine-tuned model still imputes.
+
     Parameters
     ----------
     n_genes
@@ -345,6 +353,10 @@ class SCFoundationModule(BaseModuleClass):
         the official scripts run them) or ``"batch"``.
     chunk_size
         Tokens per decoder chunk (``None``: automatic, memory-bounded).
+    n_classes
+        Cell types of the classifier head; ``None``: no head.
+    head_hidden
+        Width of the head's hidden layer (official 256).
     """
 
     def __init__(
@@ -372,6 +384,8 @@ class SCFoundationModule(BaseModuleClass):
         feature_redraw_interval: int | None = None,
         key_max: Literal["sample", "batch"] = "sample",
         chunk_size: int | None = None,
+        n_classes: int | None = None,
+        head_hidden: int = HEAD_HIDDEN,
     ) -> None:
         super().__init__()
         if n_genes < 1:
@@ -399,6 +413,8 @@ class SCFoundationModule(BaseModuleClass):
             "dec_attn_dropout": dec_attn_dropout,
             "norm_first": norm_first,
             "feature_redraw_interval": feature_redraw_interval,
+            "n_classes": n_classes,
+            "head_hidden": head_hidden,
         }
         self.n_genes = n_genes
         self.seq_len = n_genes + 2
@@ -440,6 +456,23 @@ class SCFoundationModule(BaseModuleClass):
         )
         self.norm = nn.LayerNorm(dec_dim)
         self.to_final = nn.Linear(dec_dim, 1)
+        self.classifier = (
+            None
+            if n_classes is None
+            else SCFoundationClassifierHead(enc_dim, n_classes, hidden=head_hidden)
+        )
+        #: Loss weight of each class (set by the model before training); ``None``: equal.
+        self.class_weights: Tensor | None = None
+
+    @property
+    def is_classifier(self) -> bool:
+        """Whether the module has a cell-type head."""
+        return self.classifier is not None
+
+    @property
+    def n_classes(self) -> int | None:
+        """Number of cell types of the head (``None`` without one)."""
+        return None if self.classifier is None else self.classifier.n_classes
 
     # encoder -------------------------------------------------------------------------------------
     def _check_values(self, values: Tensor) -> None:
@@ -474,6 +507,18 @@ class SCFoundationModule(BaseModuleClass):
         x = self.token_emb(gathered) + self.pos_emb(positions)
         hidden = self.encoder(x, padding if bool(padding.any()) else None)
         return {"hidden": hidden, "positions": positions, "padding": padding}
+
+    def class_logits(self, hidden: Tensor, positions: Tensor) -> Tensor:
+        """Cell-type logits ``(batch, n_classes)`` of encoder outputs (see :meth:`encode`)."""
+        if self.classifier is None:
+            raise ValueError("this module has no classifier head (n_classes=None).")
+        return self.classifier(max_over_genes(hidden, positions, self.n_genes))
+
+    @torch.no_grad()
+    def class_probabilities(self, values: Tensor) -> Tensor:
+        """Cell-type probabilities ``(batch, n_classes)`` (float32) of ``values``."""
+        enc = self.encode(values)
+        return torch.softmax(self.class_logits(enc["hidden"], enc["positions"]), dim=-1)
 
     @torch.no_grad()
     def cell_embedding(self, values: Tensor, pool: Pool = "all") -> Tensor:
@@ -551,14 +596,17 @@ class SCFoundationModule(BaseModuleClass):
         padding: Tensor,
         mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Decode a minibatch.
+        """Decode a minibatch, or classify it (a module with a classifier head).
 
         Returns
         -------
         Dict with ``decoder_hidden`` ``(batch, n_genes + 2, dec_dim)`` (the official
         ``output_type="gene"`` embeddings, before ``to_final``) and ``expression``
-        ``(batch, n_genes + 2)`` (the regression head's predictions).
+        ``(batch, n_genes + 2)`` (the regression head's predictions); with a classifier head,
+        ``logits`` ``(batch, n_classes)`` only (the decoder does not run).
         """
+        if self.classifier is not None:
+            return {"logits": self.class_logits(hidden, positions)}
         dec = self.decode(values, hidden, positions, padding, mask)
         return {"decoder_hidden": dec, "expression": self.to_final(dec).squeeze(-1)}
 
@@ -569,6 +617,9 @@ class SCFoundationModule(BaseModuleClass):
         generative_outputs: dict[str, Tensor],
     ) -> LossOutput:
         """Mean squared error of the predictions at the scored (``mask``) positions.
+
+        With a classifier head: the cross-entropy of the logits against ``labels`` (weighted
+        by :attr:`class_weights`), per cell as ``reconstruction_loss``.
 
         The scored positions include those left visible or given a random value by
         :func:`~scfm_tools.models.scfoundation.corrupt_selected`, so the model also learns to
@@ -588,6 +639,8 @@ class SCFoundationModule(BaseModuleClass):
         :class:`scvi.module.base.LossOutput` with the loss and the per-cell mean squared error
         as ``reconstruction_loss``.
         """
+        if self.classifier is not None:
+            return self._classification_loss(tensors, generative_outputs["logits"])
         for key in (MASK, TARGET):
             if tensors.get(key) is None:
                 raise KeyError(
@@ -608,6 +661,21 @@ class SCFoundationModule(BaseModuleClass):
         loss = sq.sum() / n.sum()
         per_cell = sq.sum(dim=1) / n.clamp_min(1)
         return LossOutput(loss=loss, reconstruction_loss=per_cell, n_obs_minibatch=pred.shape[0])
+
+    def _classification_loss(self, tensors: dict[str, Tensor], logits: Tensor) -> LossOutput:
+        if tensors.get(LABELS) is None:
+            raise KeyError(
+                f"the minibatch has no {LABELS!r}: the classifier head is trained on cell-type "
+                "codes."
+            )
+        labels = tensors[LABELS].to(logits.device).reshape(-1).long()
+        weight = None if self.class_weights is None else self.class_weights.to(logits.device)
+        per_cell = F.cross_entropy(logits.float(), labels, weight=weight, reduction="none")
+        # As F.cross_entropy's mean: weighted cells count by their weight.
+        norm = labels.numel() if weight is None else weight[labels].sum()
+        return LossOutput(
+            loss=per_cell.sum() / norm, reconstruction_loss=per_cell, n_obs_minibatch=labels.numel()
+        )
 
     def sample(self, *args, **kwargs):
         """Not available: the regression head predicts values, it has no likelihood to sample."""

@@ -16,6 +16,11 @@ predicted *target* values at all selected positions. The unmasked share matters:
 (``sft.tl.impute``, ``output_type="gene_expression"``) masks nothing, so every prediction is
 made at a position whose value the model reads; a model scored only at masked positions never
 learns to predict there.
+
+A module with a classifier head is fine-tuned for cell types instead: each cell is read as the
+official ``get_embedding.py`` reads raw counts (``log1p`` of counts per 10,000, ``T`` from
+:data:`CLASSIFIER_TARGET_DEPTH`, ``S`` its depth), nothing is masked, and the loss is the
+head's cross-entropy against the registered labels.
 """
 
 from __future__ import annotations
@@ -29,10 +34,17 @@ from scipy import sparse
 from scvi.train import TrainingPlan
 
 from ...train import SeededStreamsMixin
-from ._module import HIDDEN, MASK, TARGET, VALUES, SCFoundationModule
-from ._preprocess import GeneReindexer, sequences
+from ._module import HIDDEN, LABELS, MASK, TARGET, VALUES, SCFoundationModule
+from ._preprocess import GeneReindexer, model_values, sequences
 
-__all__ = ["RDA_KEY", "SCFoundationTrainingPlan", "corrupt_selected", "mask_values", "rda_pairs"]
+__all__ = [
+    "CLASSIFIER_TARGET_DEPTH",
+    "RDA_KEY",
+    "SCFoundationTrainingPlan",
+    "corrupt_selected",
+    "mask_values",
+    "rda_pairs",
+]
 
 logger = logging.getLogger("scfm_tools")
 
@@ -45,6 +57,8 @@ ZERO_MASK_PROB = 0.03
 # (the rest, 0.1, are left unchanged).
 REPLACE_PROB = 0.8
 RANDOM_TOKEN_PROB = 0.1
+#: The ``T`` token of cells read for the classifier: ``get_embedding.py``'s default ``t4``.
+CLASSIFIER_TARGET_DEPTH = "t4"
 
 
 def mask_values(
@@ -194,8 +208,11 @@ def rda_pairs(
 class SCFoundationTrainingPlan(SeededStreamsMixin, TrainingPlan):
     """scvi-tools :class:`~scvi.train.TrainingPlan` that builds RDA pairs and masks on the fly.
 
-    Built by :meth:`SCFoundation.train <scfm_tools.models.SCFoundation.train>`, which passes
-    the gene mapping; users pass the rest through ``plan_kwargs``. Training masks restart each
+    For a module with a classifier head it builds the cells' input sequences and passes their
+    labels instead (no masks); training minibatches of one cell are skipped (the head's
+    ``BatchNorm1d`` needs two). Built by
+    :meth:`SCFoundation.train <scfm_tools.models.SCFoundation.train>`, which passes the gene
+    mapping; users pass the rest through ``plan_kwargs``. Training masks restart each
     epoch from ``random_state``, the epoch and the process rank (DDP ranks draw different masks;
     a resumed run draws those of an uninterrupted one); validation masks restart from the same
     seed every validation epoch, so validation losses are comparable.
@@ -253,10 +270,22 @@ class SCFoundationTrainingPlan(SeededStreamsMixin, TrainingPlan):
     def _new_streams(self, seed: int) -> torch.Generator:
         return torch.Generator().manual_seed(seed)
 
+    def _classifier_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        X = batch["X"]
+        X = X.to_dense() if X.layout != torch.strided else X
+        block = self.reindexer(X.detach().cpu().numpy())
+        # The model refuses such cells before training; a custom data module may still hold some.
+        keep = np.diff(block.indptr) > 0
+        values, t, s = model_values(block[keep], target_depth=CLASSIFIER_TARGET_DEPTH)
+        labels = batch[LABELS].reshape(-1)[torch.from_numpy(keep)]
+        return {VALUES: sequences(values, t, s), LABELS: labels}
+
     def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int):
-        """Build the RDA input/target pair and the mask (CPU, before transfer)."""
+        """Build the RDA input/target pair and the mask, or the classifier's input (CPU)."""
         if VALUES in batch:  # already built (e.g. a custom data module)
             return batch
+        if self.module.is_classifier:
+            return self._classifier_batch(batch)
         target = batch["X"]
         source = batch.get(RDA_KEY, target)
         rows = [t.to_dense() if t.layout != torch.strided else t for t in (target, source)]
@@ -292,11 +321,15 @@ class SCFoundationTrainingPlan(SeededStreamsMixin, TrainingPlan):
         }
 
     def _has_targets(self, batch: dict[str, torch.Tensor]) -> bool:
+        if self.module.is_classifier:
+            return batch[VALUES].shape[0] > 0
         return batch[VALUES].shape[0] > 0 and bool(batch[MASK].any())
 
     def training_step(self, batch, batch_idx):
         """Run a training step; a minibatch with nothing to predict is skipped."""
         if not self._has_targets(batch):
+            return None
+        if self.module.is_classifier and batch[VALUES].shape[0] < 2:
             return None
         return super().training_step(batch, batch_idx)
 
