@@ -684,8 +684,23 @@ def test_load_scbert_folder_with_gene_list(tmp_path):
         "gene_list": tmp_path / "gene_list.txt",
     }
     (tmp_path / "other.pth").write_bytes(b"more weights")
-    with pytest.raises(ValueError, match=r"several \.pth checkpoints"):
+    with pytest.raises(ValueError, match=r"several scBERT checkpoints \(other\.pth"):
         load(tmp_path)
+
+
+def test_load_scbert_safetensors_beside_gene_list(tmp_path):
+    # The project's own scBERT weights: any <name>.safetensors, told apart by gene_list.txt.
+    (tmp_path / "scbert.safetensors").write_bytes(b"weights")
+    with pytest.raises(FileNotFoundError, match="no checkpoint of a known model family"):
+        load(tmp_path)
+    (tmp_path / "gene_list.txt").write_text("A1BG\nA1CF")
+    for path in (tmp_path, tmp_path / "scbert.safetensors"):
+        resolved = load(path)
+        assert resolved.family == "scbert" and resolved.sha256 == sha(b"weights")
+        assert resolved.files == {
+            "weights": tmp_path / "scbert.safetensors",
+            "gene_list": tmp_path / "gene_list.txt",
+        }
 
 
 def test_safetensors_scgpt_folder_resolves(tmp_path):

@@ -12,7 +12,8 @@ family                    files
 ``"scfoundation"``        ``models.ckpt`` (or one other ``*.ckpt``), or the project's own
                           ``models.safetensors`` with ``config.json`` beside it
 ``"scbert"``              one ``*.pth`` (e.g. ``panglao_pretrain.pth``), optionally with
-                          ``gene_list.txt`` beside it
+                          ``gene_list.txt`` beside it; or the project's own
+                          ``<name>.safetensors`` with ``gene_list.txt`` beside it
 ========================  ==============================================================
 """
 
@@ -41,7 +42,10 @@ _NEEDS = {
     "scgpt": "best_model.pt (or model.safetensors), args.json and vocab.json in one folder",
     "cellplm": "<prefix>.best.ckpt (or .safetensors) and <prefix>.config.json in one folder",
     "scfoundation": "models.ckpt, or models.safetensors with config.json",
-    "scbert": "a .pth checkpoint such as panglao_pretrain.pth (optionally gene_list.txt)",
+    "scbert": (
+        "a .pth checkpoint such as panglao_pretrain.pth (optionally gene_list.txt), or "
+        "<name>.safetensors with gene_list.txt"
+    ),
 }
 _SCGPT_FILES = {"weights": "best_model.pt", "args": "args.json", "vocab": "vocab.json"}
 # The project's own scGPT folders keep the weights as safetensors; preferred when both exist,
@@ -200,10 +204,24 @@ def _scfoundation_files(path: Path) -> tuple[Path, dict[str, Path], dict[str, st
     )
 
 
+def _scbert_signs(folder: Path) -> list[str]:
+    """Name the scBERT weights files in ``folder``.
+
+    ``*.pth``, else the project's own ``*.safetensors`` where a gene list is beside them (not
+    scGPT's ``model.safetensors``).
+    """
+    pth = sorted(p.name for p in folder.glob("*.pth"))
+    if pth or not (folder / _SCBERT_GENE_LIST).is_file():
+        return pth
+    return sorted(p.name for p in folder.glob("*.safetensors") if p.name not in _SCGPT_WEIGHTS)
+
+
 def _scbert_files(path: Path) -> tuple[Path, dict[str, Path], dict[str, str]]:
     folder = path if path.is_dir() else path.parent
     weights = (
-        path if path.is_file() else _one(sorted(folder.glob("*.pth")), folder, ".pth checkpoints")
+        path
+        if path.is_file()
+        else _one([folder / n for n in _scbert_signs(folder)], folder, "scBERT checkpoints")
     )
     found = {"weights": weights} if weights else {}
     if (folder / _SCBERT_GENE_LIST).is_file():
@@ -227,7 +245,7 @@ def _family_of_file(path: Path) -> Family:
         return "cellplm"
     if name.endswith(".ckpt") or name == _SCFOUNDATION_OWN["weights"]:
         return "scfoundation"
-    if name.endswith(".pth"):
+    if name.endswith(".pth") or name in _scbert_signs(path.parent):
         return "scbert"
     if name.endswith(".pt") or name in {"args.json", "vocab.json", *_SCGPT_WEIGHTS}:
         return "scgpt"
@@ -249,7 +267,7 @@ def _family_of_folder(folder: Path) -> Family:
             if (p.suffix == ".ckpt" and not p.name.endswith(".best.ckpt"))
             or p.name == _SCFOUNDATION_OWN["weights"]
         ),
-        "scbert": sorted(p.name for p in folder.glob("*.pth")),
+        "scbert": _scbert_signs(folder),
     }
     hits = {fam: names for fam, names in signs.items() if names}
     if len(hits) == 1:

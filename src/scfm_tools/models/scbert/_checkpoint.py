@@ -2,8 +2,10 @@
 
 An official checkpoint is a ``torch.save`` dict whose ``model_state_dict`` holds the weights of
 ``PerformerLM`` (fine-tuned ones with the classifier head under ``to_out.*``); it is read with
-``torch.load(weights_only=True)``, so a file cannot run code when loaded. Everything about the
-architecture is read off the tensor shapes.
+``torch.load(weights_only=True)``, so a file cannot run code when loaded. The package's own
+weights (``<name>.safetensors``, the same state dict as tensors only, e.g. the shipped
+``scbert-default``) are read as they are. Everything about the architecture is read off the
+tensor shapes.
 
 The gene list is not part of any official file: it is the ``var_names`` of
 ``panglao_10000.h5ad`` from the scBERT data download (see the ``scbert`` model card,
@@ -28,6 +30,7 @@ import torch
 
 from ..._validation import check_unique_names
 from .._load_report import LoadReport, load_matching
+from .._safetensors import read_safetensors
 from ._module import SCBERTModule
 
 __all__ = [
@@ -112,13 +115,13 @@ def read_scbert_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     """Read the state dict of an scBERT checkpoint file, safely.
 
     Accepts the official ``{'model_state_dict': ...}`` dict (extra entries such as the
-    optimizer state are ignored) or a bare state dict; a ``module.`` prefix left by
-    ``DistributedDataParallel`` is removed.
+    optimizer state are ignored), a bare state dict, or the package's own ``.safetensors``
+    file; a ``module.`` prefix left by ``DistributedDataParallel`` is removed.
 
     Parameters
     ----------
     path
-        The ``.pth`` file.
+        The ``.pth`` (or ``.safetensors``) file.
 
     Returns
     -------
@@ -127,13 +130,16 @@ def read_scbert_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"scBERT checkpoint {path} does not exist.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ValueError(
-            f"{path} could not be read as a torch checkpoint with weights_only=True (which "
-            f"refuses files that would run code on load): {err}"
-        ) from err
+    if path.suffix == ".safetensors":  # the package's own weights (no pickle)
+        obj = read_safetensors(path)
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+            raise ValueError(
+                f"{path} could not be read as a torch checkpoint with weights_only=True (which "
+                f"refuses files that would run code on load): {err}"
+            ) from err
     state = obj.get("model_state_dict", obj) if isinstance(obj, Mapping) else obj
     other = _other_family(obj) or _other_family(state)
     if other is not None:
@@ -253,7 +259,8 @@ def load_scbert_checkpoint(
     Parameters
     ----------
     path
-        The ``.pth`` file (``panglao_pretrain.pth`` or a fine-tuned ``*_best.pth``).
+        The ``.pth`` file (``panglao_pretrain.pth`` or a fine-tuned ``*_best.pth``), or the
+        package's own ``.safetensors``.
     gene_list
         The model's genes in checkpoint order: a text file with one symbol per line, or a
         sequence of symbols. Needed to put cells on the model's genes; its length must be the

@@ -24,6 +24,7 @@ from ...pp._match_genes import GeneMatch, match_adata_genes
 from ...train import DOC_TRAIN_SCALE, ClassWeights, TrainingMixin, compute_class_weights
 from .._classifier import Head, check_labels_key, registered_classes, resolve_classes
 from .._gene_embeddings import GeneEmbeddings, token_table_rows
+from .._safetensors import write_safetensors
 from ..base import PretrainedMixin, unbound_registry
 from ._checkpoint import GENE_LIST_FILE, load_scbert_checkpoint, read_gene_list
 from ._embed import embed_matrix, iter_probabilities
@@ -238,8 +239,9 @@ class SCBERT(PretrainedMixin, TrainingMixin, BaseModelClass):
         Parameters
         ----------
         name_or_path
-            A registered model name (``"scbert"``) or a local ``.pth`` (official layout or
-            written by :meth:`export_checkpoint`).
+            A registered model name (``"scbert"``, ``"scbert-default"``), or a local ``.pth``
+            (official layout) or ``.safetensors`` written by :meth:`export_checkpoint` (or their
+            folder).
         adata
             AnnData registered with :meth:`setup_anndata` (with ``labels_key`` to fine-tune);
             ``None`` for inference on any AnnData.
@@ -417,40 +419,54 @@ class SCBERT(PretrainedMixin, TrainingMixin, BaseModelClass):
             module.pos_emb.emb.weight.requires_grad_(False)
 
     def export_checkpoint(
-        self, path: str | os.PathLike, *, name: str = "scbert", overwrite: bool = False
+        self,
+        path: str | os.PathLike,
+        *,
+        name: str = "scbert",
+        overwrite: bool = False,
+        weights: Literal["pth", "safetensors"] = "pth",
     ) -> Path:
-        """Write the model as an official-layout scBERT checkpoint folder.
+        """Write the model as an scBERT checkpoint folder (official layout, or safetensors).
 
-        The folder gets ``<name>.pth`` (``{'model_state_dict': ...}``, the layout of the
-        official checkpoints, readable with ``torch.load(weights_only=True)``), ``gene_list.txt``
-        and, for a classifier, ``classes.txt``; :meth:`from_pretrained`, ``sft.tl.embed_cells``
-        and ``sft.tl.annotate`` read it back.
+        The folder gets the weights, ``gene_list.txt`` and, for a classifier, ``classes.txt``;
+        :meth:`from_pretrained`, ``sft.tl.embed_cells`` and ``sft.tl.annotate`` read it back.
+        The weights are ``<name>.pth`` (``{'model_state_dict': ...}``, the layout of the
+        official checkpoints, readable with ``torch.load(weights_only=True)``) or
+        ``<name>.safetensors`` (the same state dict, tensors only: the package's own format,
+        which the official code does not read).
 
         Parameters
         ----------
         path
             Folder to write (created when absent).
         name
-            File name of the weights, without ``.pth``.
+            File name of the weights, without its suffix.
         overwrite
             Replace the files of an existing checkpoint.
+        weights
+            ``"pth"`` (the official format) or ``"safetensors"``.
 
         Returns
         -------
-        The path of the ``.pth`` file.
+        The path of the weights file.
         """
+        if weights not in ("pth", "safetensors"):
+            raise ValueError(f"weights must be 'pth' or 'safetensors', got {weights!r}.")
         folder = Path(path).expanduser()
-        folder.mkdir(parents=True, exist_ok=True)
         files = {
-            "weights": folder / f"{name}.pth",
+            "weights": folder / f"{name}.{weights}",
             "genes": folder / GENE_LIST_FILE,
             "classes": folder / CLASSES_FILE,
         }
         existing = [p.name for p in files.values() if p.exists()]
         if existing and not overwrite:
             raise FileExistsError(f"{folder} already holds {existing}; pass overwrite=True.")
+        folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-        torch.save({"model_state_dict": state}, files["weights"])
+        if weights == "pth":
+            torch.save({"model_state_dict": state}, files["weights"])
+        else:
+            write_safetensors(files["weights"], state)
         files["genes"].write_text("\n".join(self.genes), encoding="utf-8")
         if self.classes is not None:
             files["classes"].write_text("\n".join(self.classes), encoding="utf-8")
