@@ -1,24 +1,34 @@
-"""CellPLM (OmicsML/CellPLM): module, official checkpoints, embedding, imputation, pretraining."""
+"""CellPLM (OmicsML/CellPLM): module, checkpoints, embedding, imputation, training, annotation."""
 
 from ._checkpoint import IGNORED_PREFIXES, load_cellplm_checkpoint, module_config
 from ._embed import cell_noise, embed_matrix, official_generator
-from ._masking import mask_sequence
+from ._masking import mask_input, mask_sequence
 from ._model import CellPLM
-from ._module import CellNoise, CellPLMModule, nb_nll
+from ._module import AnnotationHead, CellNoise, CellPLMModule, MergeLatentLayer, nb_nll
 from ._sequences import batch_codes, sequence_rows
-from ._training_plan import CellPLMTrainingPlan, SequenceDataSplitter
+from ._training_plan import (
+    CellPLMClassifierPlan,
+    CellPLMTrainingPlan,
+    LabelledSequenceSplitter,
+    SequenceDataSplitter,
+)
 
 __all__ = [
     "IGNORED_PREFIXES",
+    "AnnotationHead",
     "CellNoise",
     "CellPLM",
+    "CellPLMClassifierPlan",
     "CellPLMModule",
     "CellPLMTrainingPlan",
+    "LabelledSequenceSplitter",
+    "MergeLatentLayer",
     "SequenceDataSplitter",
     "batch_codes",
     "cell_noise",
     "embed_matrix",
     "load_cellplm_checkpoint",
+    "mask_input",
     "mask_sequence",
     "module_config",
     "nb_nll",

@@ -1,9 +1,12 @@
 """Read CellPLM checkpoints: ``<prefix>.config.json`` + ``<prefix>.best.ckpt``.
 
 The config holds the hyper-parameters and the gene list (Ensembl IDs, in the order of the
-gene-embedding rows and decoder outputs); the checkpoint is a pickled dict whose
-``"model_state_dict"`` holds the weights, read with ``torch.load(weights_only=True)`` so that a
-downloaded file cannot run code. Files are located by :func:`scfm_tools.hub.load`.
+gene-embedding rows and decoder outputs); a model fine-tuned for annotation here also has the
+official ``head_type='annotation'``, ``latent_mod='ae'`` and ``out_dim`` (the number of cell
+types), and ``classes`` (their names, in the order of the head's outputs). The checkpoint is
+a pickled dict whose ``"model_state_dict"`` holds the weights, read with
+``torch.load(weights_only=True)`` so that a downloaded file cannot run code. Files are located
+by :func:`scfm_tools.hub.load`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ REQUIRED_CONFIG = ("gene_list", "enc_hid", "enc_layers", "post_latent_dim", "dec
 # Weights the official model builds but never uses in its forward pass (an unused norm and the
 # spatial positional encoder, whose output is commented out upstream); they are not loaded.
 IGNORED_PREFIXES = ("embedder.norm0.", "embedder.pe_enc.")
-_SUPPORTED = {"enc_mod": "flowformer", "latent_mod": "gmvae", "dec_mod": "nbmlp"}
+_SUPPORTED = {"enc_mod": "flowformer", "latent_mod": ("gmvae", "ae"), "dec_mod": ("nbmlp",)}
+_HEADS = (None, "annotation")
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -103,11 +107,19 @@ def module_config(config: Mapping[str, Any]) -> dict[str, Any]:
     -------
     Keyword arguments of :class:`CellPLMModule`.
     """
-    for key, value in _SUPPORTED.items():
-        if config.get(key, value) != value:
+    head = config.get("head_type")
+    if head not in _HEADS:
+        raise NotImplementedError(
+            f"head_type={head!r} is not supported; only the annotation head (or none) is."
+        )
+    # A task head takes the decoder's place, so the decoder setting does not apply then.
+    checked = {k: v for k, v in _SUPPORTED.items() if not (head and k == "dec_mod")}
+    for key, allowed in checked.items():
+        allowed = (allowed,) if isinstance(allowed, str) else allowed
+        if config.get(key, allowed[0]) not in allowed:
             raise NotImplementedError(
                 f"{key}={config[key]!r} is not supported; only the published configuration "
-                f"({', '.join(f'{k}={v!r}' for k, v in _SUPPORTED.items())}) is."
+                f"({', '.join(f'{k} in {v!r}' for k, v in checked.items())}) is."
             )
     for flag in ("dsbn", "input_covariate"):
         if config.get(flag):
@@ -125,7 +137,16 @@ def module_config(config: Mapping[str, Any]) -> dict[str, Any]:
         )
     n_genes = len(config["gene_list"])
     out_dim = int(config.get("out_dim", n_genes))
-    if out_dim != n_genes:
+    n_classes = None
+    if head == "annotation":
+        classes = config.get("classes")
+        if not isinstance(classes, list) or len(classes) != out_dim:
+            raise ValueError(
+                f"an annotation config needs 'classes', the {out_dim} (out_dim) cell-type names "
+                "in the order of the head's outputs."
+            )
+        n_classes = out_dim
+    elif out_dim != n_genes:
         raise ValueError(
             f"the config's out_dim ({out_dim}) differs from the length of its gene_list "
             f"({n_genes}); the decoder's outputs must be the listed genes."
@@ -148,6 +169,8 @@ def module_config(config: Mapping[str, Any]) -> dict[str, Any]:
         "w_li": float(config.get("w_li", 1.0)),
         "w_en": float(config.get("w_en", 1.0)),
         "dae": bool(config.get("dae", True)),
+        "latent_mod": str(config.get("latent_mod", "gmvae")),
+        "n_classes": n_classes,
     }
 
 

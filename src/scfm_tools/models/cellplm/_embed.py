@@ -37,7 +37,7 @@ from ._sequences import iter_sequences, sequence_rows
 if TYPE_CHECKING:
     pass
 
-__all__ = ["cell_noise", "embed_matrix", "official_generator", "sample_draws"]
+__all__ = ["cell_noise", "embed_matrix", "official_generator", "run_sequences", "sample_draws"]
 
 logger = logging.getLogger("scfm_tools")
 
@@ -183,6 +183,55 @@ def sequence_split(
     return split
 
 
+def run_sequences(
+    module: CellPLMModule,
+    X,
+    sequences: list[np.ndarray],
+    match: GeneMatch,
+    forward: Callable[[SequenceInputs], torch.Tensor],
+    width: int,
+    *,
+    device: torch.device,
+    draws: Callable[[torch.Tensor], dict[str, Any]] = lambda counts: {},
+    covariate: np.ndarray | None = None,
+    inspect: Callable[[np.ndarray, torch.Tensor], None] | None = None,
+) -> np.ndarray:
+    """Run ``forward`` on each sequence of ``X`` (eval mode, inference mode); cells in order.
+
+    Parameters
+    ----------
+    module
+        The CellPLM module (in eval mode for the run; its training flag is restored).
+    X
+        Cells x genes counts.
+    sequences
+        Row indices of each sequence.
+    match
+        The data's genes matched to the model's.
+    forward
+        The forward pass on one sequence's :class:`SequenceInputs`: ``(cells, width)``.
+    width
+        Width of one cell's output.
+    device
+        Where to run.
+    draws, covariate, inspect
+        As in :func:`sequence_split`.
+
+    Returns
+    -------
+    ``(n_cells, width)`` float32, in the order of ``X``.
+    """
+    split = sequence_split(
+        sequences, match, module.n_genes, draws, covariate=covariate, inspect=inspect
+    )
+    batches = iter_minibatches(
+        module, [X], split, device=device, n_cells=X.shape[0], desc="CellPLM"
+    )
+    # sparse inputs: no mixed precision
+    results = run_minibatches(batches, forward, device=device, mixed_precision=False)
+    return next(gather_blocks(results, (width,)))
+
+
 @doc_params(random_stream=DOC_RANDOM_STREAM)
 def embed_matrix(
     module: CellPLMModule,
@@ -262,17 +311,17 @@ def embed_matrix(
         nonlocal n_empty
         n_empty += len(rows) - int(torch.unique(counts.indices()[0]).numel())
 
-    split = sequence_split(
-        sequence_rows(codes, max_cells), match, module.n_genes, draws, inspect=count_empty
-    )
-    batches = iter_minibatches(module, [X], split, device=dev, n_cells=n_cells, desc="CellPLM")
-    results = run_minibatches(
-        batches,
+    out = run_sequences(
+        module,
+        X,
+        sequence_rows(codes, max_cells),
+        match,
         lambda inputs: module.inference(inputs.counts, sample=sample, **inputs.draws)["mean"],
+        module.n_latent,
         device=dev,
-        mixed_precision=False,  # sparse inputs
+        draws=draws,
+        inspect=count_empty,
     )
-    out = next(gather_blocks(results, (module.n_latent,)))
     if n_empty:
         logger.warning(
             "%d cells express no gene of the CellPLM gene list; their embedding comes from the "

@@ -10,8 +10,7 @@ import pandas as pd
 import torch
 
 from ..._validation import InputError
-from ..base._streaming import gather_blocks, iter_minibatches, run_minibatches
-from ._embed import SequenceInputs, sequence_split
+from ._embed import SequenceInputs, run_sequences
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -90,12 +89,17 @@ def denoise_sequences(
             mean = mean / mean.sum(1, keepdim=True) * observed
         return mean
 
-    split = sequence_split(sequences, match, module.n_genes, draws, covariate=covariate)
-    batches = iter_minibatches(
-        module, [X], split, device=device, n_cells=X.shape[0], desc="CellPLM"
+    out = run_sequences(
+        module,
+        X,
+        sequences,
+        match,
+        forward,
+        cols.size,
+        device=device,
+        draws=draws,
+        covariate=covariate,
     )
-    results = run_minibatches(batches, forward, device=device, mixed_precision=False)
-    out = next(gather_blocks(results, (cols.size,)))
     with torch.inference_mode():
         dispersion = module.decoder.out_layer.dispersion()[ids].cpu().numpy()
     return out, dispersion

@@ -16,6 +16,13 @@ Flowformer encoder lets every cell of the sequence attend to every other. The pa
 5. **decoder**: an MLP with batch (and dataset) embeddings added to its hidden layer, ending in
    a negative-binomial head (gene-wise dispersion).
 
+Fine-tuned for cell-type annotation (the official ``CellTypeAnnotationPipeline``:
+``latent_mod='ae'``, ``head_type='annotation'``), the mixture latent is replaced by a plain linear
+map (``MergeLatentLayer``, the official ``'ae'`` latent, trained afresh) and the decoder by an
+MLP classifier on that latent (:class:`AnnotationHead`), trained with cross-entropy on the
+labelled cells of each sequence. The state-dict keys are the official ones
+(``latent.layers.1.lat_2lat.0.*``, ``head.mlp.*``).
+
 The official model samples the mixture component even in eval mode (a hard Gumbel-softmax
 draw), so its embeddings are random; :meth:`CellPLMModule.inference` offers that (``sample=True``,
 drawing from a given generator in the official order, or taking given per-cell draws,
@@ -31,7 +38,7 @@ unused by the official forward pass; its weights are reported as ignored when lo
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +48,7 @@ from torch import Tensor, nn
 from ...nn import FlowformerEncoder, make_norm
 from ...nn._flowformer import NormName
 
-__all__ = ["CellNoise", "CellPLMModule", "nb_nll"]
+__all__ = ["AnnotationHead", "CellNoise", "CellPLMModule", "MergeLatentLayer", "nb_nll"]
 
 # Keys of the minibatch dict this module reads.
 X_KEY = "X"  # input counts of one sequence (masked during pretraining), genes in model order
@@ -50,6 +57,8 @@ INPUT_MASK_KEY = "input_mask"  # 1 where a count was masked out of the input
 GENE_MASK_KEY = "gene_mask"  # genes measured in this sequence's dataset
 BATCH_KEY = "batch"  # decoder batch covariate (ids into the checkpoint's batch table)
 DATASET_KEY = "dataset"  # decoder dataset covariate
+LABEL_KEY = "label"  # class code of each cell (annotation head)
+LOSS_MASK_KEY = "loss_mask"  # cells whose label counts in the loss (the rest are context)
 
 # Width of the hidden layer of q(z|x,y) and of the NB head: fixed in the official code.
 QZYX_HIDDEN = 512
@@ -57,6 +66,10 @@ NB_HIDDEN = 128
 _GUMBEL_EPS = 1e-20
 _VAR_EPS = 1e-10
 _LOG_EPS = 1e-8
+_NO_MIXTURE = (
+    "this CellPLM model's latent is the deterministic linear one of a model fine-tuned for "
+    "annotation (latent_mod='ae'): it has no mixture component to draw; use sample=False."
+)
 
 
 class GeneEmbedder(nn.Module):
@@ -279,17 +292,58 @@ class GMVAELatentLayer(nn.Module):
         return self.w_li * gauss + self.w_en * cat
 
 
+class MergeLatentLayer(nn.Module):
+    """The official ``'ae'`` latent (``MergeLatentLayer``): one linear map, no randomness."""
+
+    def __init__(self, dim: int, latent_dim: int) -> None:
+        super().__init__()
+        self.lat_2lat = nn.Sequential(nn.Linear(dim, latent_dim))
+
+    def forward(self, h: Tensor) -> dict[str, Tensor]:
+        """Map ``h`` to the latent; ``mean`` and ``z`` are that map, the loss is zero."""
+        z = self.lat_2lat(h)
+        return {"mean": z, "z": z, "latent_loss": z.new_zeros(())}
+
+
 class LatentModel(nn.Module):
     """Holds the latent layer at ``layers.1``, where the official ``LatentModel`` keeps it."""
 
-    def __init__(self, gmvae: GMVAELatentLayer) -> None:
+    def __init__(self, layer: GMVAELatentLayer | MergeLatentLayer) -> None:
         super().__init__()
         # Slot 0 is a parameter-free placeholder in the official model.
-        self.layers = nn.ModuleList([nn.Identity(), gmvae])
+        self.layers = nn.ModuleList([nn.Identity(), layer])
 
     @property
     def gmvae(self) -> GMVAELatentLayer:
-        return self.layers[1]
+        layer = self.layers[1]
+        if not isinstance(layer, GMVAELatentLayer):
+            raise ValueError(_NO_MIXTURE)
+        return layer
+
+
+class AnnotationHead(nn.Module):
+    """The official annotation head: an MLP on the latent, dropout before every linear layer.
+
+    ``n_layers - 1`` hidden layers of width ``hidden_dim`` with ReLU between (the official
+    default, ``dec_layers=1``, is one linear layer after dropout).
+    """
+
+    def __init__(
+        self, in_dim: int, hidden_dim: int, n_classes: int, n_layers: int, dropout: float
+    ) -> None:
+        super().__init__()
+        widths = [in_dim] + [hidden_dim] * (n_layers - 1) + [n_classes]
+        layers: list[nn.Module] = []
+        for i in range(1, len(widths)):
+            # the dropout module stays at p=0 too, so the official key names hold
+            layers += [nn.Dropout(dropout), nn.Linear(widths[i - 1], widths[i])]
+            if i < len(widths) - 1:
+                layers.append(nn.ReLU())
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """Class logits ``(n_cells, n_classes)``."""
+        return self.mlp(z)
 
 
 class NBHead(nn.Module):
@@ -450,6 +504,12 @@ class CellPLMModule(BaseModuleClass):
         Weight of the categorical latent term (``w_en``).
     dae
         Add the masked-entries NB term to the pretraining loss (``dae``).
+    latent_mod
+        ``"gmvae"`` (the pretrained mixture latent) or ``"ae"`` (a linear latent, as the
+        official annotation fine-tuning builds).
+    n_classes
+        Cell types of an annotation head (official ``head_type='annotation'``, ``out_dim``):
+        the head replaces the decoder; ``None``: the NB decoder.
     """
 
     def __init__(
@@ -472,6 +532,8 @@ class CellPLMModule(BaseModuleClass):
         w_li: float = 1.0,
         w_en: float = 1.0,
         dae: bool = True,
+        latent_mod: Literal["gmvae", "ae"] = "gmvae",
+        n_classes: int | None = None,
     ) -> None:
         super().__init__()
         if n_genes < 1 or dec_layers < 1 or enc_layers < 0:
@@ -479,6 +541,10 @@ class CellPLMModule(BaseModuleClass):
                 f"need n_genes >= 1, dec_layers >= 1 and enc_layers >= 0; got {n_genes}, "
                 f"{dec_layers}, {enc_layers}."
             )
+        if latent_mod not in ("gmvae", "ae"):
+            raise ValueError(f"latent_mod must be 'gmvae' or 'ae', got {latent_mod!r}.")
+        if n_classes is not None and int(n_classes) < 2:
+            raise ValueError(f"an annotation head needs n_classes >= 2, got {n_classes!r}.")
         self.config: dict[str, Any] = {
             "n_genes": n_genes,
             "enc_hid": enc_hid,
@@ -497,10 +563,14 @@ class CellPLMModule(BaseModuleClass):
             "w_li": w_li,
             "w_en": w_en,
             "dae": dae,
+            "latent_mod": latent_mod,
+            "n_classes": None if n_classes is None else int(n_classes),
         }
         self.n_genes = n_genes
         self.n_latent = post_latent_dim
         self.dae = dae
+        #: Per-class weights of the annotation loss (set by the model before training).
+        self.class_weights: Tensor | None = None
         self.embedder = OmicsEmbeddingLayer(n_genes, enc_hid, dropout, norm)
         self.encoder = FlowformerEncoder(
             enc_layers, enc_hid, enc_heads, 2 * enc_hid, dropout, norm="layernorm"
@@ -510,16 +580,33 @@ class CellPLMModule(BaseModuleClass):
             GMVAELatentLayer(
                 enc_hid, post_latent_dim, num_clusters, lamda=lamda, w_li=w_li, w_en=w_en
             )
+            if latent_mod == "gmvae"
+            else MergeLatentLayer(enc_hid, post_latent_dim)
         )
-        self.decoder = NBMLPDecoder(
-            post_latent_dim,
-            dec_hid,
-            n_genes,
-            dec_layers,
-            dropout,
-            norm,
-            {"batch": batch_num, "dataset": dataset_num, "platform": platform_num},
+        # As the official model: a task head takes the decoder's place.
+        self.head = (
+            None
+            if n_classes is None
+            else AnnotationHead(post_latent_dim, dec_hid, int(n_classes), dec_layers, dropout)
         )
+        self.decoder = (
+            NBMLPDecoder(
+                post_latent_dim,
+                dec_hid,
+                n_genes,
+                dec_layers,
+                dropout,
+                norm,
+                {"batch": batch_num, "dataset": dataset_num, "platform": platform_num},
+            )
+            if self.head is None
+            else None
+        )
+
+    @property
+    def is_classifier(self) -> bool:
+        """Whether the module ends in an annotation head (instead of the NB decoder)."""
+        return self.head is not None
 
     # encoder -----------------------------------------------------------------------------------
     def encode(self, x: Tensor) -> dict[str, Tensor]:
@@ -557,7 +644,8 @@ class CellPLMModule(BaseModuleClass):
         In training mode the official training path runs (soft Gumbel-softmax component,
         reparameterised ``z``). In eval mode ``z`` is the Gaussian mean given the component:
         the most likely one (``sample=False``, deterministic) or a hard Gumbel-softmax draw
-        (``sample=True``, the official eval behaviour).
+        (``sample=True``, the official eval behaviour). The linear latent (``latent_mod="ae"``)
+        has no randomness: ``z`` is its output in either mode.
 
         Parameters
         ----------
@@ -581,6 +669,11 @@ class CellPLMModule(BaseModuleClass):
         ``y_mean``/``y_var`` of the prior, ``z`` (what the decoder gets) and ``latent_loss``.
         """
         out = self.encode(x)
+        if self.config["latent_mod"] == "ae":
+            if sample:
+                raise ValueError(_NO_MIXTURE)
+            out.update(self.latent.layers[1](out["pre_latent"]))
+            return out
         mode = "train" if self.training else ("sample" if sample else "argmax")
         out.update(
             self.latent.gmvae(out["pre_latent"], mode=mode, generator=generator, noise=noise)
@@ -614,8 +707,11 @@ class CellPLMModule(BaseModuleClass):
 
         Returns
         -------
-        Dict with ``mean`` and ``disp``, each ``(n_cells, n_genes)``.
+        Dict with ``mean`` and ``disp``, each ``(n_cells, n_genes)``; with an annotation head,
+        ``logits`` ``(n_cells, n_classes)`` instead (the covariates are not used).
         """
+        if self.head is not None:
+            return {"logits": self.head(z)}
         for name, ids, size in (
             ("batch", batch, self.config["batch_num"]),
             ("dataset", dataset, self.config["dataset_num"]),
@@ -659,7 +755,10 @@ class CellPLMModule(BaseModuleClass):
         -------
         :class:`scvi.module.base.LossOutput` with the total loss, the per-cell NB term as
         ``reconstruction_loss``, the latent term as ``kl_local`` and both in ``extra_metrics``.
+        With an annotation head, :meth:`classification_loss` instead.
         """
+        if self.head is not None:
+            return self.classification_loss(tensors, generative_outputs)
         x = tensors.get(TARGET_KEY, tensors[X_KEY])
         x = (x.to_dense() if x.layout != torch.strided else x).float()
         mean, disp = generative_outputs["mean"], generative_outputs["disp"]
@@ -690,6 +789,49 @@ class CellPLMModule(BaseModuleClass):
             extra_metrics={"nb_loss": recon.detach(), "latent_loss": latent.detach()},
         )
 
+    def classification_loss(
+        self, tensors: dict[str, Tensor], generative_outputs: dict[str, Tensor]
+    ) -> LossOutput:
+        """Cross-entropy of the annotation head over the labelled cells of a sequence.
+
+        The official ``AnnotationHead`` loss: only the cells of ``loss_mask`` (the training
+        cells; the others are context) count, each class weighted by :attr:`class_weights`
+        when set.
+
+        Parameters
+        ----------
+        tensors
+            The minibatch: ``label`` (class code per cell) and optionally ``loss_mask``.
+        generative_outputs
+            Output of :meth:`generative` (``logits``).
+
+        Returns
+        -------
+        :class:`scvi.module.base.LossOutput` with the mean cross-entropy, the per-cell terms as
+        ``reconstruction_loss`` and the number of labelled cells as ``n_obs_minibatch``.
+        """
+        logits = generative_outputs["logits"]
+        mask = tensors.get(LOSS_MASK_KEY)
+        keep = (
+            torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+            if mask is None
+            else mask.to(logits.device).bool()
+        )
+        logits, labels = logits[keep], tensors[LABEL_KEY].to(logits.device).long()[keep]
+        weight = None if self.class_weights is None else self.class_weights.to(logits)
+        per_cell = F.cross_entropy(logits, labels, weight=weight, reduction="none")
+        # torch's (weighted) mean, and zero for a sequence without labelled cells
+        total = (
+            per_cell.new_tensor(float(labels.numel())) if weight is None else weight[labels].sum()
+        )
+        ce = per_cell.sum() / total.clamp_min(1e-12)
+        return LossOutput(
+            loss=ce,
+            reconstruction_loss=per_cell,
+            n_obs_minibatch=int(labels.numel()),
+            extra_metrics={"ce_loss": ce.detach()},
+        )
+
     @torch.no_grad()
     def sample(self, tensors: dict[str, Tensor], n_samples: int = 1) -> Tensor:
         """Draw counts from the NB reconstruction of a sequence (component sampled too).
@@ -707,6 +849,8 @@ class CellPLMModule(BaseModuleClass):
         """
         from scvi.distributions import NegativeBinomial
 
+        if self.decoder is None:
+            raise ValueError("a CellPLM module with an annotation head has no decoder to sample.")
         inf = self.inference(tensors[X_KEY], sample=True)
         gen = self.generative(**self._get_generative_input(tensors, inf))
         out = NegativeBinomial(mu=gen["mean"], theta=gen["disp"]).sample((n_samples,))

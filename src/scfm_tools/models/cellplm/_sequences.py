@@ -110,14 +110,23 @@ def to_model_genes(block, match: GeneMatch, n_genes: int) -> torch.Tensor:
     A coalesced float32 sparse tensor ``(n_cells, n_genes)``; unmatched genes are dropped.
     """
     cols = np.flatnonzero(match.matched)
-    block = sparse.csr_matrix(as_block(block))
-    sub = block[:, cols].tocoo()
     ids = np.asarray(match.index, dtype=np.int64)[cols]
+    # columns in the model's gene order: the COO indices then come out sorted (row-major), so
+    # the tensor is coalesced as built unless two columns name the same model gene
+    order = np.argsort(ids, kind="stable")
+    cols, ids = cols[order], ids[order]
+    # column selection on CSC and back to CSR leaves each row's indices sorted (about twice
+    # as fast as sorting them); sort_indices() then only checks the flag
+    sub = sparse.csr_matrix(as_block(block)).tocsc()[:, cols].tocsr()
+    sub.sort_indices()
+    sub = sub.tocoo()
     index = torch.from_numpy(np.vstack([sub.row.astype(np.int64), ids[sub.col]]))
     values = torch.from_numpy(np.asarray(sub.data, dtype=np.float32))
+    unique = ids.size < 2 or bool((np.diff(ids) > 0).all())
     # scipy built the indices, so torch's (costly) invariant checks are not needed
     shape = (sub.shape[0], n_genes)
-    return torch.sparse_coo_tensor(index, values, shape, check_invariants=False).coalesce()
+    out = torch.sparse_coo_tensor(index, values, shape, check_invariants=False, is_coalesced=unique)
+    return out if unique else out.coalesce()
 
 
 def iter_sequences(
