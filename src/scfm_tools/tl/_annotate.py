@@ -52,11 +52,11 @@ model
     The model: a registered name (see :func:`scfm_tools.hub.list_models`), a checkpoint path or
     a model object, or ``None`` for the default model that ships with the package
     (``"{DEFAULT_MODEL}"``). With ``method="knn"`` or ``"logreg"``, any model that embeds
-    cells. With ``method="finetune"``, the model to fine-tune (pretrained or fine-tuned;
-    scBERT), which is left as it is: a fine-tuned copy does the predicting. Without
-    ``reference``, a fine-tuned classifier: a model object with a classifier head (e.g. a
-    fine-tuned :class:`~scfm_tools.models.SCBERT`) or a fine-tuned checkpoint (scBERT: the
-    ``.pth`` with ``gene_list.txt`` and ``classes.txt`` beside it)."""
+    cells. With ``method="finetune"``, the model to fine-tune (pretrained or fine-tuned, of a
+    family whose model class has ``fine_tune_classifier``), which is left as it is: a
+    fine-tuned copy does the predicting. Without ``reference``, a fine-tuned classifier: a
+    model object with a classifier head (what ``fine_tune_classifier`` returns) or the folder
+    or file it was exported to, which records its cell types."""
 
 
 def _choose_method(method: str | None, located: LocatedModel, reference: Any, model: Any) -> str:
@@ -152,9 +152,10 @@ def _accelerator(device: torch.device) -> str:
 def _reference_adata(
     reference: AnnData, label_key: str, layer: str | None, gene_key: str | None
 ) -> AnnData:
-    """Copy what training needs from the reference (counts, labels, gene symbols).
+    """Copy what training needs from the reference (counts, labels, obs, gene symbols).
 
-    The caller's reference is never registered or modified.
+    The caller's reference is never registered or modified. The other ``obs`` columns come
+    along for the family's options that name one (e.g. CellPLM's ``batch_key``).
     """
     import anndata as ad
     import pandas as pd
@@ -169,7 +170,7 @@ def _reference_adata(
     X = get_matrix(reference, layer)
     return ad.AnnData(
         X=X[np.flatnonzero(keep)] if not keep.all() else X.copy(),
-        obs=pd.DataFrame({label_key: pd.Categorical(labels)}, index=reference.obs_names[keep]),
+        obs=reference.obs[keep].assign(**{label_key: pd.Categorical(labels)}),
         var=pd.DataFrame(index=pd.Index(np.asarray(names, dtype=str))),
     )
 
@@ -485,9 +486,11 @@ def annotate(
     - ``"logreg"``: a multinomial logistic regression (scikit-learn, on the reference
       embeddings standardised per dimension) predicts each query cell; the score is its highest
       probability.
-    - ``"finetune"`` (the default with a reference and a model that can be fine-tuned: scBERT):
-      the model gets a new classifier head for the reference's cell types, fine-tuned as the
-      official ``finetune.py``, then predicts.
+    - ``"finetune"`` (the default with a reference and a model whose family can be
+      fine-tuned): a copy of the model gets a new classifier head for the reference's cell
+      types and is fine-tuned with its family's published recipe (the model class's
+      ``fine_tune_classifier``: which parts train, learning rate, class weights, early stopping
+      on a validation part of the reference), then predicts.
 
     Without a reference, ``model`` must be a fine-tuned classifier; each cell gets its most
     probable cell type. Cells whose score is below ``threshold`` are labelled
@@ -521,8 +524,8 @@ def annotate(
         the number of labelled reference cells).
     class_weight
         ``"balanced"`` weighs each cell type by the inverse of its frequency in the reference
-        (``method="logreg"`` only); ``None``: every cell counts the same. For scBERT
-        fine-tuning, see its ``class_weights`` option below.
+        (``method="logreg"`` only); ``None``: every cell counts the same. For fine-tuning,
+        see the family's ``class_weights`` option below.
     {layer}
     reference_layer
         Layer of ``reference`` with its counts; ``None`` reads ``reference.X``.
@@ -567,11 +570,11 @@ def annotate(
     **model_kwargs
         Options of the model family; an option the family does not take is refused. With
         ``"knn"`` or ``"logreg"``, the family's embedding options (see
-        :func:`~scfm_tools.tl.embed_cells`, e.g. CellPLM's ``batch_key``). With scBERT's
-        classifier or fine-tuning: ``class_weights`` (``"official"``, the default:
-        ``(1 - n_c / N)^2`` per cell type, against imbalanced references; ``"balanced"``;
-        explicit weights; or ``None``) and ``train_kwargs`` (passed to
-        :meth:`SCBERT.train <scfm_tools.models.SCBERT.train>`, e.g.
+        :func:`~scfm_tools.tl.embed_cells`, e.g. CellPLM's ``batch_key``). With fine-tuning,
+        the options of the family's ``fine_tune_classifier``, e.g. ``class_weights`` (scBERT's
+        default ``"official"``: ``(1 - n_c / N)^2`` per cell type; ``"balanced"``; explicit
+        weights; or ``None``), CellPLM's ``batch_key`` (a column of the reference and the
+        query) and ``train_kwargs`` (passed to the model's ``train``, e.g.
         ``{{"plan_kwargs": {{"lr": 1e-4}}, "accumulate_grad_batches": 60}}``).
 
     Returns
