@@ -163,14 +163,14 @@ def perturbation_metrics(
     Each perturbation of the predictions that ``adata`` observes is scored on its effect
     (*delta*: mean log-normalised expression, ``log1p`` of counts per 10,000, minus the
     control's mean in ``adata``). The top DE genes of a perturbation are the ``top_de`` genes
-    with the largest Welch |t| of its cells against the control cells. The metrics follow
+    with the largest absolute Welch t of its cells against the control cells. The metrics follow
     cell-eval's definitions, computed here on means (the predictions are means, not cells):
 
     - ``pearson_delta``: Pearson correlation of predicted and observed delta, all genes;
     - ``pearson_delta_top_de``: the same over the top DE genes (NaN for a constant prediction,
       e.g. ``"control"``);
     - ``de_overlap``: the share of the top DE genes among the ``top_de`` genes of largest
-      predicted |delta| (cell-eval's ``overlap_at_k``, the predicted genes ranked by effect
+      predicted absolute delta (cell-eval's ``overlap_at_k``, the predicted genes ranked by effect
       size as there is no predicted test statistic);
     - ``de_direction``: the share of the top DE genes whose predicted delta has the observed
       sign (cell-eval's ``de_direction_match``; a zero prediction matches nothing);
