@@ -1,7 +1,8 @@
-"""The AnnData-facing scGPT model: setup, pretraining/fine-tuning, embeddings, export."""
+"""The AnnData-facing scGPT model: setup, pretraining/fine-tuning, embeddings, annotation."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -20,11 +21,23 @@ from scvi.model.base import BaseModelClass
 from ..._anndata import DEFAULT_CHUNK_SIZE, get_matrix, resolve_seed, row_blocks
 from ..._cell_rng import RandomStream
 from ..._docs import DOC_RANDOM_STREAM, doc_params
-from ..._validation import check_nonnegative, check_unique_names
-from ...pp._match_genes import _SPECIAL, load_vocab, match_adata_genes
-from ...train import DOC_TRAIN_SCALE, BindableDataModule, TrainingMixin
+from ..._labels import labels_from_proba
+from ..._lognorm import log1p_per_10k
+from ..._validation import InputError, check_nonnegative, check_unique_names
+from ...pp._match_genes import _SPECIAL, GeneMatch, load_vocab, match_adata_genes
+from ...train import (
+    DOC_TRAIN_SCALE,
+    BindableDataModule,
+    ClassWeights,
+    RestoreBestWeights,
+    TrainingMixin,
+    compute_class_weights,
+    stratified_split,
+)
+from .._classifier import Head, check_labels_key, registered_classes, resolve_classes
 from .._gene_embeddings import GeneEmbeddings, rows_on_var
 from ..base import PretrainedMixin, unbound_registry
+from ..base._streaming import gather_blocks, run_minibatches
 from ._attention import attention_sums, restrict_gene_index
 from ._checkpoint import (
     ARGS_FILE,
@@ -34,7 +47,7 @@ from ._checkpoint import (
     read_vocab,
     write_scgpt_checkpoint,
 )
-from ._embed import embed_matrix
+from ._embed import embed_matrix, iter_token_batches
 from ._gene_embed import context_gene_embeddings, token_gene_embeddings
 from ._module import SCGPTModule
 from ._perturbation import SCGPTPerturbationPredictor
@@ -54,6 +67,25 @@ logger = logging.getLogger("scfm_tools")
 
 VocabLike = Mapping[str, int] | str | os.PathLike
 _TOKENIZER_KEYS = ("gene_index", "cls_id", "pad_id", "max_seq_len", "n_bins")
+
+# The official annotation tutorial (Tutorial_Annotation.ipynb): Adam at lr 1e-4 for the
+# published width (embsize 512), StepLR with gamma (schedule_ratio) 0.9 after every epoch, a
+# 3-layer classifier head, 10% of the cells held out for validation and the best epoch by
+# validation loss kept.
+FINE_TUNE_LR = 1e-4
+OFFICIAL_D_MODEL = 512
+FINE_TUNE_GAMMA = 0.9
+OFFICIAL_N_LAYERS_CLS = 3
+VALIDATION_SIZE = 0.1
+# fine_tune_classifier's defaults, measured (see its docstring).
+DEFAULT_FINE_TUNE_EPOCHS = 10
+DEFAULT_FINE_TUNE_TOP_GENES = 200
+#: args.json keys of a fine-tuned model: its class names and the genes it reads.
+CLASSES_ARG = "classes"
+INPUT_GENES_ARG = "input_genes"
+# Parameters the official `freeze` option fixes: names with "encoder" but not
+# "transformer_encoder" (the gene, value and batch embeddings).
+_EMBEDDING_PARTS = ("encoder", "value_encoder", "batch_encoder")
 
 
 def _resolve_vocab(vocab: VocabLike | None, var_names: pd.Index) -> dict[str, int]:
@@ -80,14 +112,57 @@ def _resolve_vocab(vocab: VocabLike | None, var_names: pd.Index) -> dict[str, in
     )
 
 
+def _checkpoint_classes(args: Mapping[str, Any], n_cls: int) -> list[str] | None:
+    """Read a fine-tuned checkpoint's class names (``args.json`` ``"classes"``); None if none."""
+    classes = args.get(CLASSES_ARG)
+    if classes is None:
+        if n_cls >= 2:
+            logger.warning(
+                "the checkpoint has a classifier head of %d outputs but no class names (an "
+                "args.json %r list, in output order); the head is left out. Add the names to "
+                "args.json to predict with it.",
+                n_cls,
+                CLASSES_ARG,
+            )
+        return None
+    if not isinstance(classes, list) or len(classes) != n_cls:
+        raise ValueError(
+            f"args.json {CLASSES_ARG!r} must list the {n_cls} cell types of the classifier "
+            f"head, in output order; got {classes!r:.200}."
+        )
+    return [str(c) for c in classes]
+
+
+def _variable_genes(X, match: GeneMatch, n_top: int) -> list[int]:
+    """Vocabulary ids of the ``n_top`` most variable genes of cells ``X`` among those matched.
+
+    scanpy's ``highly_variable_genes(flavor="seurat")`` on counts per 10,000 then ``log1p``
+    (the official tutorials' HVG step), over the genes in the vocabulary.
+    """
+    import anndata as ad
+    from scanpy.pp import highly_variable_genes
+
+    columns = np.flatnonzero(match.matched)
+    if columns.size <= n_top:
+        return sorted(int(i) for i in match.index[columns])
+    lognorm = ad.AnnData(log1p_per_10k(X, columns, dtype=np.float32))
+    table = highly_variable_genes(lognorm, n_top_genes=n_top, flavor="seurat", inplace=False)
+    chosen = columns[np.asarray(table["highly_variable"], dtype=bool)]
+    return sorted(int(i) for i in match.index[chosen])
+
+
 class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
     """scGPT (Cui et al., Nature Methods 2024) as an scvi-tools model: pretrain, fine-tune, embed.
 
     The transformer reads, per cell, the expressed genes as tokens with their per-cell quantile
     bins as values (``<cls>`` first); its ``<cls>`` output is the cell embedding. Training is
     the published objective: masked gene-expression prediction plus MVC on randomly masked bins
-    (:class:`~scfm_tools.models.scgpt.SCGPTTrainingPlan`). Cells are tokenized on the fly from
-    the registered matrix, so raw counts or log-normalised values both work (the bins are ranks).
+    (:class:`~scfm_tools.models.scgpt.SCGPTTrainingPlan`). With the classifier head
+    (``head="classifier"``, cell types from ``labels_key``) it is the official annotation
+    fine-tuning (cross-entropy on the ``<cls>`` output), and :meth:`predict` labels cells;
+    :meth:`fine_tune_classifier` runs the whole recipe on a labelled reference. Cells are
+    tokenized on the fly from the registered matrix, so raw counts or log-normalised values
+    both work (the bins are ranks).
 
     Call :meth:`setup_anndata` first. Start from scratch with this constructor, or from a
     pretrained checkpoint (official or exported here) with :meth:`from_pretrained`, which
@@ -123,8 +198,17 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         :meth:`setup_anndata`).
     pad_token
         Name of the padding token.
+    head
+        ``"pretrain"`` (the published models' heads) or ``"classifier"`` (one output per cell
+        type of the registered ``labels_key``, or of ``classes``).
+    classes
+        Class names of the classifier head; ``None`` takes the registered label categories.
+        When labels are registered they must be these, in this order.
+    input_genes
+        Vocabulary genes the model reads from a cell (a fine-tuned model's highly variable
+        genes, see :meth:`fine_tune_classifier`); ``None``: every vocabulary gene.
     **module_kwargs
-        Passed to :class:`~scfm_tools.models.scgpt.SCGPTModule` (``n_layers_cls``, ``n_cls``,
+        Passed to :class:`~scfm_tools.models.scgpt.SCGPTModule` (``n_layers_cls``,
         ``pad_value``, ``mask_value``, ``do_mvc``, ``explicit_zero_prob``, ``norm_first``,
         ``max_value``).
 
@@ -134,6 +218,10 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
     >>> model = sft.models.SCGPT(adata, d_model=64, n_layers=2, max_seq_len=512)
     >>> model.train(max_epochs=10, plan_kwargs={"lr": 1e-3, "mask_ratio": 0.4})
     >>> adata.obsm["X_scgpt"] = model.get_latent_representation()
+    >>> tuned = sft.models.SCGPT.from_pretrained("scgpt-default").fine_tune_classifier(
+    ...     ref, "cell_type"
+    ... )
+    >>> tuned.predict(query, threshold=0.5)
     """
 
     _module_cls = SCGPTModule
@@ -158,6 +246,9 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         dropout: float = 0.2,
         use_batch_labels: bool = False,
         pad_token: str = "<pad>",
+        head: Head = "pretrain",
+        classes: Sequence[str] | None = None,
+        input_genes: Sequence[str] | None = None,
         **module_kwargs: Any,
     ) -> None:
         super().__init__(adata, registry=None if adata is not None else unbound_registry("SCGPT"))
@@ -173,6 +264,13 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             raise ValueError(f"pad_token {pad_token!r} is not in the vocabulary.")
         self.vocab = vocab
         self.gene_match = None if adata is None else match_adata_genes(adata, vocab, caller="SCGPT")
+        self.classes = resolve_classes(
+            head, classes, registered_classes(self.adata_manager), model="SCGPT"
+        )
+        self.input_genes = None if input_genes is None else [str(g) for g in input_genes]
+        unknown = [g for g in self.input_genes or () if g not in vocab]
+        if unknown:
+            raise ValueError(f"input_genes {unknown[:5]} are not in the vocabulary.")
 
         if not use_batch_labels:
             n_batch = None
@@ -181,6 +279,13 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         else:
             n_batch = self.summary_stats.n_batch
         extra = {k: v for k, v in module_kwargs.items() if k != "n_batch_labels"}
+        if self.classes is not None:
+            extra["n_cls"] = len(self.classes)
+        elif extra.get("n_cls", 1) >= 2:
+            raise ValueError(
+                "n_cls >= 2 is a cell-type classifier: pass head='classifier' (with classes=, "
+                "or labels registered by setup_anndata(labels_key=...))."
+            )
         if (
             use_batch_labels
             and adata is not None
@@ -225,6 +330,10 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             "explicit_zero_prob": cfg["explicit_zero_prob"],
             "use_batch_labels": use_batch_labels,
         }
+        if self.classes is not None:
+            self.args[CLASSES_ARG] = list(self.classes)
+        if self.input_genes is not None:
+            self.args[INPUT_GENES_ARG] = list(self.input_genes)
         in_vocab = (
             "no AnnData"
             if adata is None
@@ -234,6 +343,8 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             f"SCGPT model: d_model {d_model}, {n_layers} layers, {n_heads} heads, d_hid {d_hid}, "
             f"{len(vocab):,} tokens; {in_vocab}; n_bins {n_bins}, max_seq_len {max_seq_len}"
             + (f", {n_batch} batch labels" if use_batch_labels else "")
+            + ("" if self.classes is None else f"; classifier head ({len(self.classes)} classes)")
+            + ("" if self.input_genes is None else f", reads {len(self.input_genes):,} genes")
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -244,6 +355,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         adata: AnnData,
         layer: str | None = None,
         batch_key: str | None = None,
+        labels_key: str | None = None,
         **kwargs: Any,
     ) -> None:
         """Register an AnnData for :class:`SCGPT`.
@@ -260,15 +372,19 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             Layer holding the expression values; ``None`` uses ``adata.X``.
         batch_key
             Column of ``adata.obs`` with batch labels (used with ``use_batch_labels=True``).
+        labels_key
+            Column of ``adata.obs`` with cell types, for the classifier head.
         **kwargs
             Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         check_nonnegative(adata, layer)
         check_unique_names(adata.var_names)
+        check_labels_key(adata, labels_key)
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
         ]
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
@@ -281,21 +397,27 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         name_or_path: str | os.PathLike | ResolvedModel,
         adata: AnnData | None = None,
         *,
+        head: Head | None = None,
         dropout: float | None = None,
         max_seq_len: int | None = None,
     ) -> SCGPT:
-        """Load a pretrained checkpoint, for embedding, fine-tuning or continued training.
+        """Load a checkpoint, for embedding, prediction, fine-tuning or continued training.
 
         Parameters
         ----------
         name_or_path
             A registered model name (``"scgpt-default"``, ``"scgpt-human"`` ...; see
             :func:`sft.hub.list_models <scfm_tools.hub.list_models>`) or a local checkpoint
-            folder (official ``best_model.pt`` layout, or one written by :meth:`export_folder`).
+            folder (official ``best_model.pt`` layout, or one written by :meth:`export_folder`,
+            fine-tuned classifiers included).
         adata
             AnnData registered with :meth:`setup_anndata`, to train on (with the checkpoint's
-            number of batch labels as ``batch_key`` categories, if it has a batch encoder);
-            ``None`` for inference on any AnnData.
+            number of batch labels as ``batch_key`` categories, if it has a batch encoder;
+            with ``labels_key`` for a classifier); ``None`` for inference on any AnnData.
+        head
+            ``"classifier"`` for a cell-type head (a new one, for the registered labels, when
+            the checkpoint has none), ``"pretrain"`` to leave a classifier head out; ``None``
+            keeps the checkpoint's (a classifier when its ``args.json`` names its classes).
         dropout
             Dropout for further training; ``None`` keeps the checkpoint's.
         max_seq_len
@@ -308,6 +430,34 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         """
         resolved = cls.locate(name_or_path)
         pretrained, vocab, args, report = load_scgpt_checkpoint(resolved.path)
+        model = cls._around(
+            pretrained, vocab, args, adata, head=head, dropout=dropout, max_seq_len=max_seq_len
+        )
+        model._set_pretrained(resolved, report)
+        return model
+
+    @classmethod
+    def _around(
+        cls,
+        pretrained: SCGPTModule,
+        vocab: dict[str, int],
+        args: Mapping[str, Any],
+        adata: AnnData | None,
+        *,
+        head: Head | None = None,
+        new_head: bool = False,
+        dropout: float | None = None,
+        max_seq_len: int | None = None,
+        n_layers_cls: int | None = None,
+        input_genes: Sequence[str] | bool = True,
+    ) -> SCGPT:
+        """Build a model holding ``pretrained``'s weights (a new classifier head where needed).
+
+        The classifier head is made afresh when ``new_head``, when the head changes or when
+        ``n_layers_cls`` differs from the checkpoint's; everything else carries over.
+        ``input_genes``: ``True`` keeps the checkpoint's, ``False`` reads every vocabulary
+        gene, a list reads those.
+        """
         cfg = pretrained.config
         if cfg["use_batch_labels"] and adata is not None:
             registered = cls._get_most_recent_anndata_manager(adata, required=True)
@@ -317,6 +467,16 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
                     f"the checkpoint has {cfg['n_batch_labels']} batch labels, but adata was set "
                     f"up with {n_batch}; set it up with a batch_key of as many categories."
                 )
+        ckpt_classes = _checkpoint_classes(args, cfg["n_cls"])
+        ckpt_head: Head = "pretrain" if ckpt_classes is None else "classifier"
+        head = ckpt_head if head is None else head
+        n_layers_cls = cfg["n_layers_cls"] if n_layers_cls is None else int(n_layers_cls)
+        keep = (
+            head == ckpt_head
+            and not new_head
+            and n_layers_cls == cfg["n_layers_cls"]
+            and (ckpt_classes is not None or cfg["n_cls"] < 2)
+        )
         batch_table = {"n_batch_labels": cfg["n_batch_labels"]} if adata is None else {}
         model = cls._build(
             adata,
@@ -330,8 +490,17 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             dropout=cfg["dropout"] if dropout is None else dropout,
             use_batch_labels=cfg["use_batch_labels"],
             pad_token=args.get("pad_token", "<pad>"),
-            n_layers_cls=cfg["n_layers_cls"],
-            n_cls=cfg["n_cls"],
+            head=head,
+            classes=ckpt_classes if keep and head == "classifier" else None,
+            input_genes=(
+                args.get(INPUT_GENES_ARG)
+                if input_genes is True
+                else None
+                if input_genes is False
+                else input_genes
+            ),
+            n_layers_cls=n_layers_cls,
+            n_cls=cfg["n_cls"] if keep else 1,
             pad_value=cfg["pad_value"],
             mask_value=cfg["mask_value"],
             do_mvc=cfg["do_mvc"],
@@ -340,11 +509,16 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             max_value=cfg["max_value"],
             **batch_table,
         )
-        # Same architecture by construction: every tensor must fit (keys the checkpoint lacked
-        # keep the fresh module's initialisation, as load_scgpt_checkpoint reported).
-        model.module.load_state_dict(pretrained.state_dict())
+        state = pretrained.state_dict()
+        if not keep:
+            state = {k: v for k, v in state.items() if not k.startswith("cls_decoder.")}
+        # Same architecture by construction: only a replaced classifier head may be left out
+        # (keys the checkpoint lacked keep the fresh module's initialisation, as
+        # load_scgpt_checkpoint reported).
+        missing, unexpected = model.module.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("cls_decoder.") for k in missing):
+            raise RuntimeError(f"internal error: keys {missing + unexpected} did not carry over.")
         model.module.eval()
-        model._set_pretrained(resolved, report)
         return model
 
     def export_folder(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -352,7 +526,10 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
 
         The folder holds ``args.json`` and ``vocab.json`` as the official releases do and the
         weights as ``model.safetensors``; :func:`~scfm_tools.models.scgpt.load_scgpt_checkpoint`,
-        :meth:`from_pretrained` and ``sft.tl`` read it back.
+        :meth:`from_pretrained` and ``sft.tl`` read it back. A fine-tuned classifier's cell
+        types are in ``args.json`` as ``"classes"`` (in output order) and the genes it reads
+        as ``"input_genes"``, so the folder alone annotates cells
+        (``sft.tl.annotate(adata, model=folder)``); the official code ignores those keys.
 
         Parameters
         ----------
@@ -371,10 +548,189 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         logger.info("wrote %s, %s and %s to %s", SAFETENSORS_FILE, ARGS_FILE, "vocab.json", path)
         return files["weights"].parent
 
+    def fine_tune_classifier(
+        self,
+        reference: AnnData,
+        labels_key: str,
+        *,
+        layer: str | None = None,
+        max_epochs: int = DEFAULT_FINE_TUNE_EPOCHS,
+        batch_size: int = 32,
+        class_weights: ClassWeights = None,
+        lr: float | None = None,
+        dropout: float | None = None,
+        freeze: bool = False,
+        max_length: int | None = None,
+        n_top_genes: int | None = DEFAULT_FINE_TUNE_TOP_GENES,
+        n_layers_cls: int = OFFICIAL_N_LAYERS_CLS,
+        patience: int = 3,
+        random_state: int | None = 0,
+        train_kwargs: Mapping[str, Any] | None = None,
+    ) -> SCGPT:
+        """Fine-tune a copy of this model for the cell types of a labelled reference.
+
+        The official annotation recipe (scGPT's ``Tutorial_Annotation``): a new classifier
+        head (``n_layers_cls`` layers) on the ``<cls>`` output for the reference's cell types,
+        every weight trained (``freeze=False``) by cross-entropy alone, Adam at learning rate
+        1e-4 decayed by 0.9 after each epoch, the cells' expressed highly variable genes as
+        tokens, 10% of the cells held out for validation (stratified by cell type here) and
+        the weights of the epoch with the lowest validation loss kept. Training stops early
+        after ``patience`` epochs without a better validation loss. This model is left as
+        it is.
+
+        Parameters
+        ----------
+        reference
+            Labelled cells: raw counts (or log-normalised values) and gene names; it is read,
+            never registered or modified.
+        labels_key
+            Column of ``reference.obs`` with the cell types (no missing values, at least two
+            types).
+        layer
+            Layer of ``reference`` with the values; ``None`` reads ``reference.X``.
+        max_epochs
+            Most passes over the training cells.
+        batch_size
+            Cells per minibatch (official 32).
+        class_weights
+            Loss weights against imbalanced cell types: ``None`` (the tutorial's unweighted
+            cross-entropy), ``"balanced"`` (``N / (K n_c)``), ``"official"`` (scBERT's
+            ``(1 - n_c / N)^2``) or explicit weights; see
+            :func:`~scfm_tools.train.compute_class_weights`. ``"balanced"`` lets a type with a
+            cell or two in the reference weigh a hundred times more, and the model then gives
+            that type to a few query cells.
+        lr
+            Learning rate; ``None``: the tutorial's 1e-4 scaled by the published width over
+            this model's (``512 / d_model``, as Adam learning rates scale with width), so 1e-4
+            for the published models and 8e-4 for the shipped ``scgpt-default``.
+        dropout
+            Dropout rate while fine-tuning (the tutorial's is 0.2); ``None`` keeps this
+            model's.
+        freeze
+            Fix the gene, value and batch embeddings (the official ``freeze`` option);
+            the transformer and the head are trained either way.
+        max_length
+            Longest token sequence, ``<cls>`` included, for training and later prediction;
+            cells expressing more of the genes read are subsampled at random. ``None``:
+            ``n_top_genes + 1`` (every expressed gene read is a token, as the tutorial's
+            ``max_seq_len`` 3001 for 3,000 genes), or this model's ``max_seq_len`` when every
+            vocabulary gene is read.
+        n_top_genes
+            Read the reference's most variable genes only (the tutorials' highly variable
+            genes, scanpy's ``flavor="seurat"`` on log-normalised counts, among the genes in
+            the vocabulary), later for the query too; ``None`` reads every vocabulary gene.
+        n_layers_cls
+            Layers of the classifier head (official 3).
+        patience
+            Validation epochs without a lower validation loss before training stops.
+        random_state
+            Seed of the new head, the validation split, the data order, subsampling and
+            dropout (``None``: ``sft.settings.seed``); the caller's global torch random state
+            is left alone.
+        train_kwargs
+            Passed to :meth:`train` (``plan_kwargs`` such as ``{"lr": 1e-4}``,
+            ``accelerator``, ``devices``, ``precision`` ...).
+
+        Returns
+        -------
+        The fine-tuned :class:`SCGPT` (``classes``, ``history``), bound to a copy of the
+        reference's labels and values.
+        """
+        import anndata as ad
+
+        seed = resolve_seed(random_state)
+        check_labels_key(reference, labels_key)
+        labels = reference.obs[labels_key]
+        cells = ad.AnnData(
+            get_matrix(reference, layer),
+            obs=pd.DataFrame(
+                {labels_key: pd.Categorical(labels.astype(str))}, index=reference.obs_names
+            ),
+            var=pd.DataFrame(index=reference.var_names.copy()),
+        )
+        type(self).setup_anndata(cells, labels_key=labels_key)
+        genes: Sequence[str] | bool = False
+        if n_top_genes is not None:
+            ids = _variable_genes(cells.X, self.match_genes(cells), int(n_top_genes))
+            names = {i: token for token, i in self.vocab.items()}
+            genes = [names[i] for i in ids]
+            if max_length is None:
+                max_length = len(genes) + 1
+        train_kwargs = dict(train_kwargs or {})
+        plan = dict(train_kwargs.pop("plan_kwargs", None) or {})
+        plan.setdefault("random_state", seed)
+        if lr is not None:
+            plan["lr"] = float(lr)
+        codes = cells.obs[labels_key].cat.codes.to_numpy()
+        train_idx, validation_idx = stratified_split(codes, VALIDATION_SIZE, seed)
+        callbacks = list(train_kwargs.pop("callbacks", None) or [])
+        if validation_idx.size:
+            callbacks.append(RestoreBestWeights("validation_loss", patience=patience))
+            train_kwargs.setdefault("check_val_every_n_epoch", 1)
+        splitter = dict(train_kwargs.pop("datasplitter_kwargs", None) or {})
+        splitter.setdefault("external_indexing", [train_idx, validation_idx])
+        # Training seeds every device's stream (dropout); the caller's streams are restored.
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            torch.manual_seed(seed)
+            model = type(self)._around(
+                self.module,
+                self.vocab,
+                self.args,
+                cells,
+                head="classifier",
+                new_head=True,
+                dropout=dropout,
+                max_seq_len=max_length,
+                n_layers_cls=n_layers_cls,
+                input_genes=genes,
+            )
+            model.set_trainable(freeze=freeze)
+            model.train(
+                max_epochs=max_epochs,
+                batch_size=batch_size,
+                class_weights=class_weights,
+                plan_kwargs=plan,
+                callbacks=callbacks,
+                datasplitter_kwargs=splitter,
+                **train_kwargs,
+            )
+        model.module.eval()
+        model.pretrained_ = {**getattr(self, "pretrained_", {}), "fine_tuned": True}
+        return model
+
+    def set_trainable(self, *, freeze: bool = False) -> None:
+        """Choose which parameters training updates.
+
+        Parameters
+        ----------
+        freeze
+            Fix the gene, value and batch embeddings (the official ``freeze`` option: every
+            parameter named ``*encoder*`` but not ``transformer_encoder``); ``False``: train
+            everything (the official default).
+        """
+        for name, param in self.module.named_parameters():
+            param.requires_grad_(not (freeze and name.split(".")[0] in _EMBEDDING_PARTS))
+
     # training ----------------------------------------------------------------------------------
+    def _restrict(self, match: GeneMatch) -> GeneMatch:
+        """Leave out of ``match`` the genes the model does not read (``input_genes``)."""
+        if self.input_genes is None:
+            return match
+        allowed = np.fromiter((self.vocab[g] for g in self.input_genes), dtype=np.int64)
+        keep = match.matched & np.isin(match.index, allowed)
+        n_kept = int(keep.sum())
+        return dataclasses.replace(
+            match,
+            index=np.where(keep, match.index, -1),
+            matched=keep,
+            method=np.where(keep, match.method, ""),
+            n_matched=n_kept,
+            fraction=n_kept / max(match.n_genes, 1),
+        )
+
     def _tokenizer_kwargs(self) -> dict[str, Any]:
         return {
-            "gene_index": self.gene_match.index,
+            "gene_index": self._restrict(self.gene_match).index,
             "cls_id": self.vocab["<cls>"],
             "pad_id": self.module.pad_token_id,
             "max_seq_len": self.max_seq_len,
@@ -390,6 +746,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         batch_size: int = 64,
         plan_kwargs: dict[str, Any] | None = None,
         *,
+        class_weights: ClassWeights = None,
         strategy: str | Strategy = "auto",
         num_nodes: int = 1,
         checkpoint_dir: str | os.PathLike | None = None,
@@ -398,7 +755,13 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         datamodule: LightningDataModule | None = None,
         **kwargs: Any,
     ):
-        """Pretrain or fine-tune with masked gene-expression prediction + MVC, through Lightning.
+        """Pretrain or fine-tune, through Lightning.
+
+        With the pretraining head: masked gene-expression prediction + MVC. With the
+        classifier head: cross-entropy against the registered cell types on unmasked cells,
+        by default at the annotation tutorial's learning rate scaled to the model's width
+        (``1e-4 * 512 / d_model``; times 0.9 after each epoch); :meth:`fine_tune_classifier`
+        adds the validation split and early stopping.
 
         Parameters
         ----------
@@ -411,10 +774,15 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         batch_size
             Cells per minibatch and process (with ``datamodule``: set on the data module).
         plan_kwargs
-            Passed to :class:`~scfm_tools.models.scgpt.SCGPTTrainingPlan`: ``lr`` (1e-3),
-            ``mask_ratio`` (0.4), ``random_state`` (seed of the data order, masks and dropout;
-            default ``sft.settings.seed``), ``weight_decay``, ``lr_schedule`` (``"constant"`` or
-            ``"cosine"`` with warm-up) ...
+            Passed to :class:`~scfm_tools.models.scgpt.SCGPTTrainingPlan`: ``lr`` (1e-3;
+            classifier ``1e-4 * 512 / d_model``), ``mask_ratio`` (0.4), ``random_state`` (seed
+            of the data order, masks and dropout; default ``sft.settings.seed``),
+            ``weight_decay``, ``lr_schedule`` (``"constant"``, ``"cosine"`` with warm-up, or
+            ``"step"``, the classifier's default) ...
+        class_weights
+            Classifier only: loss weights for imbalanced cell types, ``"balanced"``,
+            ``"official"``, explicit weights or ``None`` (equal); see
+            :func:`~scfm_tools.train.compute_class_weights`.
         {scale}
         datamodule
             Train on this Lightning data module instead of the model's AnnData. A
@@ -440,10 +808,32 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
                 f"plan_kwargs {clash} are set by the model itself (its vocabulary, max_seq_len "
                 "and n_bins); change them on the model instead."
             )
+        if self.module.is_classifier:
+            if datamodule is not None or registered_classes(self.adata_manager) is None:
+                raise ValueError(
+                    "a classifier trains on the cell types of its AnnData: register them with "
+                    "SCGPT.setup_anndata(adata, labels_key=...) and build the model on it "
+                    "(datamodule= is for pretraining)."
+                )
+            counts = np.bincount(
+                np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY))
+                .ravel()
+                .astype(int),
+                minlength=len(self.classes),
+            )
+            self.module.class_weights = compute_class_weights(counts, class_weights)
+            plan.setdefault("lr", FINE_TUNE_LR * OFFICIAL_D_MODEL / self.module.d_model)
+            plan.setdefault("lr_schedule", "step")
+            plan.setdefault("lr_gamma", FINE_TUNE_GAMMA)
+        elif class_weights is not None:
+            raise ValueError("class_weights apply to the classifier head only.")
         plan.setdefault("random_state", resolve_seed(None))
         plan.update(self._tokenizer_kwargs())
         if datamodule is not None:
             self._bind_datamodule(datamodule, plan)
+        # Lightning keeps the modules' mode, and a loaded model is in eval mode; dropout
+        # needs training mode.
+        self.module.train()
         with warnings.catch_warnings():
             # Lightning notes that the plan's hook takes precedence over the data module's;
             # that is the design here (the data module has none).
@@ -542,7 +932,8 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         ``random_stream="cell"`` it does not depend on the other cells either, so embedding a
         subset (``indices``), or the data split in two files, gives the same vectors;
         ``random_stream="official"`` draws from one stream over the cells in order, as the
-        official code, and a subset then gets its own draws.
+        official code, and a subset then gets its own draws. A model that reads chosen genes
+        only (``input_genes``, e.g. fine-tuned on highly variable genes) embeds with those.
 
         Parameters
         ----------
@@ -575,7 +966,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         """
         layer = self._layer if layer is None else layer
         adata = self._query(adata, indices, layer, chunk_size)
-        match = self.match_genes(adata, gene_key)
+        match = self._restrict(self.match_genes(adata, gene_key))
         seed = resolve_seed(random_state)
         length = self._max_length(max_length)
         emb = embed_matrix(
@@ -601,6 +992,128 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             "random_stream": random_stream,
         }
         return emb, info
+
+    @torch.inference_mode()
+    def predict_proba(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        batch_size: int = 64,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        max_length: int | None = None,
+        random_state: int | None = 0,
+    ) -> pd.DataFrame:
+        """Class probabilities of each cell (classifier head), cells x classes.
+
+        Cells are tokenized as by :meth:`get_latent_representation` (the genes the model
+        reads, subsampled above ``max_length`` with draws of the cell's own stream), so a
+        cell's probabilities do not depend on the other cells, the batch or the chunk, and
+        the same call gives the same result.
+
+        Parameters
+        ----------
+        adata
+            Cells to label (``None``: the AnnData of the model); genes are matched to the
+            vocabulary by name.
+        indices
+            Rows of ``adata`` to use (``None``: all).
+        layer
+            Layer with the expression values (``None``: the registered layer, else ``X``).
+        gene_key
+            ``adata.var`` column with gene symbols or Ensembl IDs (``None``: ``var_names``).
+        batch_size
+            Cells per forward pass.
+        chunk_size
+            Cells read and tokenized at a time.
+        max_length
+            Longest token sequence (``None``: the model's ``max_seq_len``, the fine-tuning
+            one).
+        random_state
+            Seed of the binning tie-breaks and of the subsampling of long cells.
+
+        Returns
+        -------
+        A DataFrame indexed by ``obs_names``, one column per class, rows summing to 1.
+        """
+        if self.classes is None:
+            raise ValueError(
+                "this SCGPT model has no classifier head; fine-tune it with "
+                "fine_tune_classifier(reference, labels_key) (or pass a labelled reference to "
+                "sft.tl.annotate) before predicting cell types."
+            )
+        layer = self._layer if layer is None else layer
+        adata = self._query(adata, indices, layer, chunk_size)
+        match = self._restrict(self.match_genes(adata, gene_key))
+        if match.n_matched == 0:
+            raise InputError(
+                f"none of the {adata.n_vars:,} genes is one the model reads (its "
+                f"{len(self.input_genes or self.vocab):,} genes); check that var_names (or "
+                "gene_key=) hold gene symbols of the model's species."
+            )
+        batches = iter_token_batches(
+            self.module,
+            self.vocab,
+            self.args,
+            row_blocks(get_matrix(adata, layer), chunk_size=chunk_size),
+            match,
+            batch_size=batch_size,
+            max_length=self._max_length(max_length),
+            n_bins=self.n_bins,
+            random_state=resolve_seed(random_state),
+            device=self.device,
+            n_cells=adata.n_obs,
+        )
+        results = run_minibatches(
+            batches,
+            lambda inputs: torch.softmax(self.module.class_logits(**inputs), dim=-1),
+            device=self.device,
+        )
+        parts = list(gather_blocks(results, (len(self.classes),)))
+        proba = np.concatenate(parts) if parts else np.empty((0, len(self.classes)), np.float32)
+        return pd.DataFrame(proba, index=adata.obs_names.copy(), columns=list(self.classes))
+
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        threshold: float | None = None,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        batch_size: int = 64,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        max_length: int | None = None,
+        random_state: int | None = 0,
+    ) -> pd.DataFrame:
+        """Cell types and their probabilities (classifier head).
+
+        Parameters
+        ----------
+        adata, indices, layer, gene_key, batch_size, chunk_size, max_length, random_state
+            As in :meth:`predict_proba`.
+        threshold
+            Cells whose best probability is below it are labelled ``"Unassigned"``; ``None``
+            labels every cell.
+
+        Returns
+        -------
+        A DataFrame indexed by ``obs_names`` with ``label`` (categorical) and ``score`` (the
+        best probability).
+        """
+        proba = self.predict_proba(
+            adata,
+            indices,
+            layer=layer,
+            gene_key=gene_key,
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+            max_length=max_length,
+            random_state=random_state,
+        )
+        return labels_from_proba(proba, threshold)
 
     @torch.inference_mode()
     def get_gene_embeddings(

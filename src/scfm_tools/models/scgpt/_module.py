@@ -6,7 +6,8 @@ flash-attn ``Wqkv`` -> ``in_proj_`` renaming done by :func:`load_scgpt_checkpoin
 :meth:`~torch.nn.Module.load_state_dict`.
 
 Supported: continuous value encoding (``input_emb_style="continuous"``), ``<cls>`` cell
-embedding, post-norm or pre-norm layers, the expression decoder, the classifier head, the
+embedding, post-norm or pre-norm layers, the expression decoder, the classifier head (trained
+with the annotation tutorial's cross-entropy when it has two or more classes), the
 "inner product" MVC decoder, ``explicit_zero_prob`` and batch-label tokens
 (``use_batch_labels``). Left out, because no published checkpoint needs them: the "category"
 and "scaling" value encoders, avg/weighted pooling of the cell embedding, domain-specific batch
@@ -34,6 +35,7 @@ VALUES = "values"
 PADDING_MASK = "padding_mask"
 TARGET_VALUES = "target_values"
 BATCH_LABELS = "batch_labels"
+LABELS = "labels"
 
 
 class GeneEncoder(nn.Module):
@@ -207,8 +209,15 @@ class SCGPTModule(BaseModuleClass):
     A minibatch is a dict of tensors: ``gene_ids`` (long, ``(batch, seq_len)``, ``<cls>`` first),
     ``values`` (float, binned values, ``pad_value`` at ``<cls>`` and padding, ``mask_value`` at
     masked positions), ``padding_mask`` (bool, ``True`` at padding), and optionally
-    ``target_values`` (the unmasked values; needed by :meth:`loss`) and ``batch_labels``
-    (long, ``(batch,)``; needed when ``use_batch_labels``).
+    ``target_values`` (the unmasked values; needed by the pretraining loss), ``labels`` (long,
+    ``(batch,)`` class codes; needed by the classifier's loss) and ``batch_labels`` (long,
+    ``(batch,)``; needed when ``use_batch_labels``).
+
+    With ``n_cls >= 2`` the module is a cell-type classifier (:attr:`is_classifier`), trained as
+    the official annotation tutorial does (``CLS=True``, no masking, no GEP or MVC): the
+    forward pass computes the last layer at ``<cls>`` only and the classifier head on it, and
+    :meth:`loss` is the cross-entropy against ``labels``. With ``n_cls=1`` (the published
+    pretrained models) it trains with the pretraining objective.
 
     Parameters
     ----------
@@ -225,9 +234,10 @@ class SCGPTModule(BaseModuleClass):
     pad_token_id
         Id of ``<pad>``; its embedding row is the padding index.
     n_layers_cls
-        Layers of the classifier head (``n_layers_cls``).
+        Layers of the classifier head (``n_layers_cls``; official 3): ``n_layers_cls - 1``
+        blocks of Linear, ReLU and LayerNorm, then the output layer.
     n_cls
-        Classifier outputs.
+        Classifier outputs; 2 or more makes a cell-type classifier.
     dropout
         Dropout rate everywhere.
     pad_value
@@ -246,6 +256,8 @@ class SCGPTModule(BaseModuleClass):
         Pre-norm layers (official ``pre_norm``); published models are post-norm.
     max_value
         Input values are clamped to this maximum before the value encoder.
+    class_weights
+        Classifier only: loss weight of each class (``None``: all equal).
     """
 
     def __init__(
@@ -268,6 +280,7 @@ class SCGPTModule(BaseModuleClass):
         n_batch_labels: int | None = None,
         norm_first: bool = False,
         max_value: float = 512.0,
+        class_weights: Tensor | None = None,
     ) -> None:
         super().__init__()
         if use_batch_labels and not n_batch_labels:
@@ -322,6 +335,17 @@ class SCGPTModule(BaseModuleClass):
         )
         # The official init_weights re-initialises only the gene embedding.
         nn.init.uniform_(self.encoder.embedding.weight, -0.1, 0.1)
+        # Set per training run from the registered labels: not part of the weights.
+        self.register_buffer(
+            "class_weights",
+            None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32),
+            persistent=False,
+        )
+
+    @property
+    def is_classifier(self) -> bool:
+        """Whether the module is a cell-type classifier (``n_cls >= 2``)."""
+        return self.config["n_cls"] >= 2
 
     # encoder -----------------------------------------------------------------------------------
     def _check_batch_labels(self, batch_labels: Tensor | None) -> None:
@@ -410,10 +434,18 @@ class SCGPTModule(BaseModuleClass):
 
         Returns
         -------
-        :meth:`encode`'s dict plus ``cell_emb`` ``(batch, d_model)`` and ``batch_labels``.
+        :meth:`encode`'s dict plus ``cell_emb`` ``(batch, d_model)`` and ``batch_labels``. A
+        classifier computes the last layer at ``<cls>`` only (``transformer_output`` then has
+        one position): the cross-entropy reads nothing else.
         """
         self._check_batch_labels(batch_labels)
-        out = self.encode(gene_ids, values, padding_mask, return_attention=return_attention)
+        out = self.encode(
+            gene_ids,
+            values,
+            padding_mask,
+            return_attention=return_attention,
+            cls_only=self.is_classifier,
+        )
         out["cell_emb"] = out["transformer_output"][:, 0, :]
         out["batch_labels"] = batch_labels
         return out
@@ -453,8 +485,11 @@ class SCGPTModule(BaseModuleClass):
         -------
         Dict with ``mlm_output`` ``(batch, seq_len)``, ``cls_output`` ``(batch, n_cls)``,
         ``mvc_output`` ``(batch, seq_len)`` when the MVC decoder exists, and
-        ``mlm_zero_probs`` / ``mvc_zero_probs`` with ``explicit_zero_prob``.
+        ``mlm_zero_probs`` / ``mvc_zero_probs`` with ``explicit_zero_prob``. A classifier
+        returns ``cls_output`` alone.
         """
+        if self.is_classifier:
+            return {"cls_output": self.cls_decoder(cell_emb)}
         dec_in, mvc_cell = transformer_output, cell_emb
         if self.use_batch_labels:
             batch_emb = self.batch_encoder(batch_labels)
@@ -479,7 +514,12 @@ class SCGPTModule(BaseModuleClass):
         inference_outputs: dict[str, Any],
         generative_outputs: dict[str, Tensor],
     ) -> LossOutput:
-        """Compute the published pretraining objective: masked GEP MSE + masked MVC MSE.
+        """Compute the training objective: GEP + MVC, or the classifier's cross-entropy.
+
+        A classifier (:attr:`is_classifier`) is scored by the cross-entropy of ``cls_output``
+        against ``labels``, weighted by ``class_weights`` when set (as
+        :func:`torch.nn.functional.cross_entropy`: the weighted mean over the cells).
+        Otherwise, the published pretraining objective: masked GEP MSE + masked MVC MSE.
 
         Masked positions are those whose input value equals ``mask_value``; both terms are mean
         squared errors against ``target_values`` over those positions (official
@@ -498,9 +538,11 @@ class SCGPTModule(BaseModuleClass):
         Returns
         -------
         :class:`scvi.module.base.LossOutput` with the total loss, per-cell masked MSEs as
-        ``reconstruction_loss`` (``gep``, ``mvc``) and the batch-level terms in
-        ``extra_metrics``.
+        ``reconstruction_loss`` (``gep``, ``mvc``; the classifier: ``cls``, per-cell
+        cross-entropies) and the batch-level terms in ``extra_metrics``.
         """
+        if self.is_classifier:
+            return self._classifier_loss(tensors, generative_outputs["cls_output"])
         if TARGET_VALUES not in tensors:
             raise KeyError(
                 f"the minibatch has no {TARGET_VALUES!r}: the loss compares predictions at masked "
@@ -532,6 +574,48 @@ class SCGPTModule(BaseModuleClass):
             extra_metrics={f"{k}_loss": v.detach() for k, v in terms.items()},
         )
 
+    def _classifier_loss(self, tensors: dict[str, Tensor], logits: Tensor) -> LossOutput:
+        if LABELS not in tensors:
+            raise KeyError(
+                f"the minibatch has no {LABELS!r}: the classifier's loss needs the cell types "
+                "(register them with setup_anndata(labels_key=...))."
+            )
+        target = tensors[LABELS].reshape(-1).long().to(logits.device)
+        logits = logits.float()
+        weight = None if self.class_weights is None else self.class_weights.to(logits)
+        per_cell = F.cross_entropy(logits, target, weight=weight, reduction="none")
+        cell_weight = self.loss_weights(tensors).to(logits)
+        loss = per_cell.sum() / cell_weight.sum().clamp_min(1e-12)
+        return LossOutput(
+            loss=loss,
+            reconstruction_loss={"cls": per_cell},
+            n_obs_minibatch=logits.shape[0],
+            extra_metrics={"cls_loss": loss.detach()},
+        )
+
+    def loss_weights(self, tensors: dict[str, Tensor]) -> Tensor:
+        """Each cell's share of the denominator of :meth:`loss`.
+
+        A minibatch's loss is a sum over its cells divided by the sum of these, so a
+        minibatch run in parts (length buckets) weighs each part's loss by its share.
+
+        Parameters
+        ----------
+        tensors
+            The minibatch.
+
+        Returns
+        -------
+        ``(batch,)`` float: the classifier's class weight of the cell's label (1 without
+        ``class_weights``), or the number of the cell's masked positions (pretraining).
+        """
+        if not self.is_classifier:
+            return tensors[VALUES].eq(self.mask_value).sum(1).float()
+        target = tensors[LABELS].reshape(-1).long()
+        if self.class_weights is None:
+            return torch.ones(target.shape, dtype=torch.float32, device=target.device)
+        return self.class_weights.to(target.device)[target]
+
     def sample(self, *args, **kwargs):
         """Not available: scGPT has no generative likelihood to sample from.
 
@@ -544,6 +628,26 @@ class SCGPTModule(BaseModuleClass):
         )
 
     # helpers -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def class_logits(self, gene_ids: Tensor, values: Tensor, padding_mask: Tensor) -> Tensor:
+        """Classifier outputs (logits) on the ``<cls>`` output, ``(batch, n_cls)``.
+
+        Parameters
+        ----------
+        gene_ids
+            Token ids ``(batch, seq_len)``, ``<cls>`` first.
+        values
+            Input values ``(batch, seq_len)``.
+        padding_mask
+            Boolean ``(batch, seq_len)``, ``True`` at padding.
+
+        Returns
+        -------
+        ``(batch, n_cls)`` float tensor.
+        """
+        out = self.encode(gene_ids, values, padding_mask, cls_only=True)
+        return self.cls_decoder(out["transformer_output"][:, 0, :]).float()
+
     @torch.no_grad()
     def cell_embedding(
         self,

@@ -9,7 +9,9 @@ first, per-cell quantile bins, random subsampling to ``max_seq_len``, padding
 then a random ``mask_ratio`` of each cell's gene values replaced by ``mask_value``
 (:func:`~scfm_tools.models.scgpt.mask_values`). The loss is
 :meth:`SCGPTModule.loss <scfm_tools.models.scgpt.SCGPTModule.loss>`: masked gene-expression
-prediction plus MVC, as in the official ``pretrain.py``.
+prediction plus MVC, as in the official ``pretrain.py``. A classifier module (two or more
+classes) is fine-tuned as in the official annotation tutorial: the cells are tokenized without
+masking, with their registered cell types as ``labels``, and scored by cross-entropy.
 """
 
 from __future__ import annotations
@@ -25,14 +27,23 @@ from scvi.module.base import LossOutput
 from scvi.train import TrainingPlan
 
 from ...train import SeededStreamsMixin, derive_seed
-from ._module import BATCH_LABELS, PADDING_MASK, TARGET_VALUES, VALUES, SCGPTModule, mask_values
+from ._module import (
+    BATCH_LABELS,
+    GENE_IDS,
+    LABELS,
+    PADDING_MASK,
+    TARGET_VALUES,
+    VALUES,
+    SCGPTModule,
+    mask_values,
+)
 from ._tokenizer import OFFICIAL_N_BINS, CellTokenizer, pad_cells
 
 __all__ = ["SCGPTTrainingPlan", "TokenizeCells", "tokenize_block", "tokenize_minibatch"]
 
 logger = logging.getLogger("scfm_tools")
 
-LrSchedule = Literal["constant", "cosine"]
+LrSchedule = Literal["constant", "cosine", "step"]
 # Official pretrain.py default (its "pcpt" task; the generative task is not implemented here).
 DEFAULT_MASK_RATIO = 0.4
 
@@ -93,14 +104,16 @@ def tokenize_minibatch(
     mask_ratio: float,
     generator: torch.Generator,
     use_batch_labels: bool = False,
+    labels: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Turn an scvi-tools minibatch of expression rows into a masked scGPT minibatch.
 
     Parameters
     ----------
     tensors
-        scvi-tools minibatch: ``X`` (cells x registered genes, dense or sparse) and, with
-        ``use_batch_labels``, ``batch`` (``(cells, 1)`` batch codes).
+        scvi-tools minibatch: ``X`` (cells x registered genes, dense or sparse), with
+        ``use_batch_labels`` ``batch`` (``(cells, 1)`` batch codes), with ``labels`` ``labels``
+        (``(cells, 1)`` cell-type codes).
     tokenizer
         Tokenizer over the registered genes (see :class:`CellTokenizer` for its random draws).
     pad_id
@@ -115,24 +128,33 @@ def tokenize_minibatch(
         Random stream of the masks.
     use_batch_labels
         Add ``batch_labels`` (long, ``(cells,)``) from ``tensors["batch"]``.
+    labels
+        For a classifier: no masking (``mask_value``, ``mask_ratio`` and ``generator`` are not
+        used) and ``labels`` (long, ``(cells,)``) from ``tensors["labels"]``.
 
     Returns
     -------
     ``gene_ids``, ``values`` (masked), ``padding_mask``, ``target_values`` (unmasked bins) and,
-    with ``use_batch_labels``, ``batch_labels``; all on the CPU.
+    with ``use_batch_labels``, ``batch_labels``; with ``labels``: ``gene_ids``, ``values``
+    (unmasked), ``padding_mask`` and ``labels``. All on the CPU.
     """
     X = tensors[REGISTRY_KEYS.X_KEY]
     if X.layout != torch.strided:
         X = X.to_dense()
-    out = tokenize_block(
-        X.detach().cpu().numpy(),
-        tokenizer,
-        pad_id=pad_id,
-        pad_value=pad_value,
-        mask_value=mask_value,
-        mask_ratio=mask_ratio,
-        generator=generator,
-    )
+    X = X.detach().cpu().numpy()
+    if labels:
+        out = pad_cells(tokenizer(X), pad_id=pad_id, pad_value=pad_value)
+        out[LABELS] = tensors[REGISTRY_KEYS.LABELS_KEY].reshape(-1).long()
+    else:
+        out = tokenize_block(
+            X,
+            tokenizer,
+            pad_id=pad_id,
+            pad_value=pad_value,
+            mask_value=mask_value,
+            mask_ratio=mask_ratio,
+            generator=generator,
+        )
     if use_batch_labels:
         out[BATCH_LABELS] = tensors[REGISTRY_KEYS.BATCH_KEY].reshape(-1).long()
     return out
@@ -213,6 +235,10 @@ class SCGPTTrainingPlan(SeededStreamsMixin, TrainingPlan):
     settings (``gene_index``, ``cls_id``, ``pad_id``, ``max_seq_len``, ``n_bins``) from the
     model; users pass the rest through ``plan_kwargs``.
 
+    A classifier module (:attr:`SCGPTModule.is_classifier
+    <scfm_tools.models.scgpt.SCGPTModule.is_classifier>`) is trained on unmasked cells and their
+    registered cell types (cross-entropy), as the official annotation tutorial.
+
     Training masks are random, restarted each epoch from ``random_state``, the epoch and the
     process rank (DDP ranks draw different masks; a resumed run draws the masks of an
     uninterrupted one). Validation masks restart from the same seed every validation epoch, so
@@ -233,7 +259,8 @@ class SCGPTTrainingPlan(SeededStreamsMixin, TrainingPlan):
     n_bins
         Number of value bins (zero bin included).
     mask_ratio
-        Fraction of each cell's gene values to mask (official default 0.4).
+        Fraction of each cell's gene values to mask (official default 0.4; a classifier masks
+        nothing).
     random_state
         Seed of the binning tie-breaks, the subsampling and the masks.
     lr
@@ -244,16 +271,22 @@ class SCGPTTrainingPlan(SeededStreamsMixin, TrainingPlan):
         Adam epsilon (the official scripts use 1e-8; scvi-tools' VAE default 0.01 slows
         transformers down).
     lr_schedule
-        ``"constant"``, or ``"cosine"``: linear warm-up over ``warmup_ratio`` of the steps, then
-        cosine decay to zero, as the official ``pretrain.py``. Ignored with
+        ``"constant"``; ``"cosine"``: linear warm-up over ``warmup_ratio`` of the steps, then
+        cosine decay to zero, as the official ``pretrain.py``; or ``"step"``: the learning rate
+        times ``lr_gamma`` after every epoch, as the official fine-tuning tutorials
+        (``StepLR(optimizer, 1, gamma=schedule_ratio)``). Ignored with
         ``reduce_lr_on_plateau=True``.
     warmup_ratio
         Fraction of the training steps used for warm-up with ``lr_schedule="cosine"``.
+    lr_gamma
+        Factor applied to the learning rate after each epoch with ``lr_schedule="step"``
+        (the annotation tutorial's ``schedule_ratio``, 0.9).
     length_buckets
         Run a minibatch whose cells differ a lot in length as a few sub-batches of similar
         length (each padded only to its own longest cell; a new sub-batch starts where the
         length halves). The loss is the same as for the whole minibatch (masked errors summed,
-        divided by all masked positions); only the padding work is saved.
+        divided by all masked positions; the classifier's weighted cross-entropies summed,
+        divided by all cells' weights); only the padding work is saved.
     **kwargs
         Passed to :class:`scvi.train.TrainingPlan` (``optimizer``, ``reduce_lr_on_plateau`` ...).
     """
@@ -274,15 +307,20 @@ class SCGPTTrainingPlan(SeededStreamsMixin, TrainingPlan):
         eps: float = 1e-8,
         lr_schedule: LrSchedule = "constant",
         warmup_ratio: float = 0.1,
+        lr_gamma: float = 0.9,
         length_buckets: bool = True,
         **kwargs: Any,
     ) -> None:
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must lie in (0, 1), got {mask_ratio!r}.")
-        if lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}.")
+        if lr_schedule not in ("constant", "cosine", "step"):
+            raise ValueError(
+                f"lr_schedule must be 'constant', 'cosine' or 'step', got {lr_schedule!r}."
+            )
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must lie in [0, 1), got {warmup_ratio!r}.")
+        if not 0.0 < lr_gamma <= 1.0:
+            raise ValueError(f"lr_gamma must lie in (0, 1], got {lr_gamma!r}.")
         super().__init__(module, lr=lr, weight_decay=weight_decay, eps=eps, **kwargs)
         self.gene_index = np.asarray(gene_index, dtype=np.int64)
         self.cls_id = int(cls_id)
@@ -293,6 +331,7 @@ class SCGPTTrainingPlan(SeededStreamsMixin, TrainingPlan):
         self.random_state = int(random_state)
         self.lr_schedule = lr_schedule
         self.warmup_ratio = float(warmup_ratio)
+        self.lr_gamma = float(lr_gamma)
         self.length_buckets = bool(length_buckets)
         self._warned_empty = False
 
@@ -310,7 +349,7 @@ class SCGPTTrainingPlan(SeededStreamsMixin, TrainingPlan):
 
     def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int):
         """Tokenize, pad and mask the expression rows (CPU, main process, before transfer)."""
-        if TARGET_VALUES in batch:  # already tokenized (e.g. a custom data module)
+        if GENE_IDS in batch:  # already tokenized (e.g. a custom data module)
             return batch
         tokenizer, generator = self._stream()
         return tokenize_minibatch(
@@ -322,6 +361,7 @@ class SCGPTTrainingPlan(SeededStreamsMixin, TrainingPlan):
             mask_ratio=self.mask_ratio,
             generator=generator,
             use_batch_labels=self.module.use_batch_labels,
+            labels=self.module.is_classifier,
         )
 
     # forward with length buckets ---------------------------------------------------------------
@@ -346,16 +386,16 @@ class SCGPTTrainingPlan(SeededStreamsMixin, TrainingPlan):
         if len(buckets) == 1:
             return super().forward(*args, **kwargs)
         rest = {k: v for k, v in kwargs.items() if k != "tensors"}
-        masked = tensors[VALUES].eq(self.module.mask_value)
-        total = masked.sum().clamp_min(1)
+        shares = self.module.loss_weights(tensors)
+        total = shares.sum().clamp_min(1e-12)
         loss, extra, per_cell = 0.0, {}, {}
         for rows in buckets:
             width = int(lengths[rows].max())
             sub = {k: v[rows][:, :width] if v.dim() == 2 else v[rows] for k, v in tensors.items()}
             _, _, out = super().forward(sub, *args[1:], **rest)
-            # Each term is a mean over the bucket's masked positions; weighting by their number
-            # gives the mean over the whole minibatch's masked positions.
-            weight = masked[rows].sum() / total
+            # Each term is a mean over the bucket's masked positions (classifier: its cells'
+            # weights); weighting by their share gives the mean over the whole minibatch's.
+            weight = shares[rows].sum() / total
             loss = loss + out.loss * weight
             for key, value in out.extra_metrics.items():
                 extra[key] = extra.get(key, 0.0) + value * weight
@@ -394,7 +434,7 @@ class SCGPTTrainingPlan(SeededStreamsMixin, TrainingPlan):
                 )
 
     def _has_masked(self, batch: dict[str, torch.Tensor]) -> bool:
-        if batch[VALUES].eq(self.module.mask_value).any():
+        if self.module.is_classifier or batch[VALUES].eq(self.module.mask_value).any():
             return True
         if not self._warned_empty:
             self._warned_empty = True
@@ -419,9 +459,13 @@ class SCGPTTrainingPlan(SeededStreamsMixin, TrainingPlan):
 
     # optimizer ---------------------------------------------------------------------------------
     def configure_optimizers(self):
-        """Optimizer of :class:`~scvi.train.TrainingPlan`, plus the optional cosine schedule."""
+        """Optimizer of :class:`~scvi.train.TrainingPlan`, plus the optional schedule."""
         config = super().configure_optimizers()
-        if self.lr_schedule != "cosine" or self.reduce_lr_on_plateau:
+        if self.lr_schedule == "constant" or self.reduce_lr_on_plateau:
+            return config
+        if self.lr_schedule == "step":
+            step = torch.optim.lr_scheduler.StepLR(config["optimizer"], 1, gamma=self.lr_gamma)
+            config["lr_scheduler"] = {"scheduler": step, "interval": "epoch"}
             return config
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(total * self.warmup_ratio)

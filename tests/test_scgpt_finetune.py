@@ -1,0 +1,169 @@
+"""scGPT fine-tuned for cell-type annotation: SCGPT.fine_tune_classifier, predict, export, annotate.
+
+Real labelled cells and the shipped default model, two epochs (the default is more). The held-out
+accuracy must clearly beat the majority class; pbmc8k is a random 240/200 split, cellbench a
+cross-protocol transfer (CEL-seq2 reference, Drop-seq query).
+"""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import scfm_tools as sft
+from _unchanged import assert_unchanged, snapshot
+from scfm_tools._validation import InputError
+from scfm_tools.models import SCGPT
+
+FAST = {"max_epochs": 2, "train_kwargs": {"accelerator": "cpu"}}
+
+
+@pytest.fixture(scope="module")
+def pbmc(data_dir):
+    """A random split of labelled pbmc8k cells: 240 reference, 200 query."""
+    adata = ad.read_h5ad(data_dir / "pbmc8k_200genes_labeled.h5ad")
+    adata = adata[adata.obs["cell_type"] != "NA"]
+    order = np.random.default_rng(1).permutation(adata.n_obs)
+    return adata[order[:240]].copy(), adata[order[240:440]].copy()
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    return SCGPT.from_pretrained("scgpt-default")
+
+
+@pytest.fixture(scope="module")
+def tuned(pbmc, pretrained):
+    """The default model fine-tuned on the pbmc reference, and what was there before."""
+    ref, _ = pbmc
+    weights = {k: v.clone() for k, v in pretrained.module.state_dict().items()}
+    rng, snap = torch.get_rng_state(), snapshot(ref)
+    model = pretrained.fine_tune_classifier(ref, "cell_type", **FAST)
+    return model, weights, rng, snap
+
+
+def _accuracy(predicted, cells) -> float:
+    return float(np.mean(np.asarray(predicted, dtype=str) == cells.obs["cell_type"].astype(str)))
+
+
+def _majority(cells) -> float:
+    return float(cells.obs["cell_type"].value_counts(normalize=True).max())
+
+
+def test_fine_tuning_beats_the_majority_class_on_held_out_cells(pbmc, tuned):
+    ref, query = pbmc
+    model = tuned[0]
+    assert model.classes == sorted(ref.obs["cell_type"].astype(str).unique())
+    proba = model.predict_proba(query)
+    assert list(proba.columns) == model.classes and list(proba.index) == list(query.obs_names)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+    prediction = model.predict(query)
+    assert isinstance(prediction["label"].dtype, pd.CategoricalDtype)
+    np.testing.assert_allclose(prediction["score"], proba.max(axis=1), rtol=1e-6)
+    accuracy, majority = _accuracy(prediction["label"], query), _majority(query)
+    assert accuracy > majority + 0.15, (accuracy, majority)
+    # inference draws nothing new: the same call, and a subset, give the same probabilities
+    pd.testing.assert_frame_equal(model.predict_proba(query), proba)
+    subset = model.predict_proba(query, indices=[5, 1])
+    np.testing.assert_allclose(subset, proba.iloc[[5, 1]], rtol=1e-5, atol=1e-6)
+    unsure = model.predict(query, threshold=0.99)
+    assert "Unassigned" in unsure["label"].cat.categories
+    assert ((unsure["label"] == "Unassigned") == (prediction["score"] < 0.99)).all()
+    # losses per epoch, on the training cells and on the held-out tenth of the reference
+    history = model.history
+    assert len(history["train_loss"]) == len(history["validation_loss"]) == FAST["max_epochs"]
+    assert float(history["validation_loss"].iloc[-1, 0]) < np.log(len(model.classes))
+
+
+def test_the_pretrained_model_the_caller_rng_and_the_reference_are_left_alone(
+    pbmc, pretrained, tuned
+):
+    model, weights, rng, snap = tuned
+    for key, value in pretrained.module.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    assert pretrained.classes is None and not pretrained.module.is_classifier
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert_unchanged(pbmc[0], snap)
+    assert model.module.is_classifier and model.pretrained_["fine_tuned"] is True
+
+
+def test_a_fine_tuned_model_still_embeds(pbmc, tuned):
+    query = pbmc[1]
+    emb = tuned[0].get_latent_representation(query)
+    assert emb.shape == (query.n_obs, 64) and np.isfinite(emb).all()
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+
+
+def test_export_and_reload_predict_the_same(pbmc, tuned, tmp_path):
+    query = pbmc[1]
+    model = tuned[0]
+    folder = model.export_folder(tmp_path / "tuned")
+    args = json.loads((folder / "args.json").read_text())
+    assert args["classes"] == model.classes
+    expected = model.predict(query)
+    reloaded = SCGPT.from_pretrained(folder)
+    assert reloaded.classes == model.classes and reloaded.input_genes == model.input_genes
+    got = reloaded.predict(query)
+    assert (got["label"] == expected["label"]).all()
+    np.testing.assert_allclose(got["score"], expected["score"], atol=1e-5)
+    # annotate without a reference: the folder, or the model object
+    for source in (folder, model):
+        out = sft.tl.annotate(query, source, copy=True)
+        assert (out.obs["scgpt_label"].astype(str) == expected["label"].astype(str)).all()
+        np.testing.assert_allclose(out.obs["scgpt_score"], expected["score"], atol=1e-5)
+        params = out.uns["scgpt"]["params"]
+        assert params["method"] == "classifier" and params["fine_tuned"] == "model"
+        assert params["classes"] == model.classes
+
+
+def test_annotate_fine_tunes_across_protocols(data_dir):
+    cells = ad.read_h5ad(data_dir / "cellbench_3celllines_celseq2_dropseq.h5ad")
+    ref = cells[cells.obs["batch"] == "sc_celseq2"].copy()
+    query = cells[cells.obs["batch"] == "sc_dropseq"].copy()
+    ref_snap = snapshot(ref)
+    sft.tl.annotate(
+        query,
+        "scgpt-default",
+        reference=ref,
+        label_key="cell_type",
+        method="finetune",
+        max_epochs=FAST["max_epochs"],
+        device="cpu",
+    )
+    assert_unchanged(ref, ref_snap)
+    accuracy, majority = _accuracy(query.obs["scgpt_label"], query), _majority(query)
+    assert accuracy > majority + 0.3, (accuracy, majority)
+    proba = query.obsm["scgpt_proba"]
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(query.obs["scgpt_score"], proba.max(axis=1), rtol=1e-6)
+    params = query.uns["scgpt"]["params"]
+    assert params["method"] == "finetune" and params["fine_tuned"] == "reference"
+    assert params["model"] == "scgpt-default" and params["n_reference_cells"] == ref.n_obs
+    # the tutorial's unweighted loss (None values are not recorded)
+    assert "class_weights" not in params and params["max_epochs"] == FAST["max_epochs"]
+    assert params["classes"] == sorted(ref.obs["cell_type"].astype(str).unique())
+
+
+def test_bad_references_fail_cleanly(pbmc, pretrained):
+    ref = pbmc[0][:60].copy()
+    one_type = ref[ref.obs["cell_type"] == ref.obs["cell_type"].iloc[0]].copy()
+    gaps = ref.copy()
+    gaps.obs["cell_type"] = gaps.obs["cell_type"].astype(object)
+    gaps.obs.iloc[0, gaps.obs.columns.get_loc("cell_type")] = np.nan
+    cases = [
+        (ref, "celltype", "'celltype' is not a column of adata.obs"),
+        (one_type, "cell_type", "at least 2 cell types"),
+        (gaps, "cell_type", "missing labels"),
+    ]
+    for cells, key, message in cases:
+        snap = snapshot(cells)
+        with pytest.raises(InputError, match=message):
+            pretrained.fine_tune_classifier(cells, key, **FAST)
+        assert_unchanged(cells, snap)
+    with pytest.raises(ValueError, match="no classifier head"):
+        pretrained.predict(ref)
