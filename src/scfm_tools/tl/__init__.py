@@ -7,6 +7,7 @@ from ._gene_modules import gene_modules
 from ._grn import grn
 from ._grn_score import grn_score
 from ._impute import impute
+from ._integrate import integrate
 from ._perturbation_metrics import perturbation_metrics
 from ._predict_perturbation import predict_perturbation
 
@@ -18,6 +19,7 @@ __all__ = [
     "grn",
     "grn_score",
     "impute",
+    "integrate",
     "perturbation_metrics",
     "predict_perturbation",
 ]

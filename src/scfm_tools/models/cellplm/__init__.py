@@ -1,7 +1,9 @@
-"""CellPLM (OmicsML/CellPLM): module, checkpoints, embedding, imputation, training, annotation."""
+"""CellPLM (OmicsML/CellPLM): module, checkpoints, training; embed, impute, annotate, integrate."""
 
 from ._checkpoint import IGNORED_PREFIXES, load_cellplm_checkpoint, module_config
 from ._embed import cell_noise, embed_matrix, official_generator
+from ._integration import CellPLMIntegration
+from ._integration_module import CellPLMIntegrationModule
 from ._masking import mask_input, mask_sequence
 from ._model import CellPLM
 from ._module import AnnotationHead, CellNoise, CellPLMModule, MergeLatentLayer, nb_nll
@@ -19,6 +21,8 @@ __all__ = [
     "CellNoise",
     "CellPLM",
     "CellPLMClassifierPlan",
+    "CellPLMIntegration",
+    "CellPLMIntegrationModule",
     "CellPLMModule",
     "CellPLMTrainingPlan",
     "LabelledSequenceSplitter",

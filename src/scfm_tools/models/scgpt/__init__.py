@@ -9,6 +9,8 @@ from ._checkpoint import (
     write_scgpt_checkpoint,
 )
 from ._embed import embed_matrix, iter_embeddings
+from ._integration import SCGPTIntegration, SCGPTIntegrationPlan, tokenize_all_genes
+from ._integration_module import SCGPTIntegrationModule
 from ._model import SCGPT
 from ._module import SCGPTModule, mask_values
 from ._perturbation import SCGPTPerturbationPredictor
@@ -22,6 +24,9 @@ __all__ = [
     "SPECIAL_TOKENS",
     "CellTokenizer",
     "LoadReport",
+    "SCGPTIntegration",
+    "SCGPTIntegrationModule",
+    "SCGPTIntegrationPlan",
     "SCGPTModule",
     "SCGPTPerturbationModule",
     "SCGPTPerturbationPredictor",
@@ -34,6 +39,7 @@ __all__ = [
     "mask_values",
     "pad_cells",
     "read_vocab",
+    "tokenize_all_genes",
     "tokenize_block",
     "tokenize_minibatch",
     "write_scgpt_checkpoint",

@@ -1,0 +1,233 @@
+"""CellPLM fine-tuned on a dataset's own cells to integrate its batches.
+
+:class:`CellPLMIntegration` starts from a pretrained CellPLM (every weight but the decoder's
+batch table, which gets one row per batch of the data) and trains with the published
+objective (:meth:`CellPLM.train <scfm_tools.models.CellPLM.train>`: cells dropped and masked,
+counts reconstructed by the negative-binomial decoder, which is told each cell's batch, plus
+the mixture-VAE terms) and, by default, the adversarial batch classifier on the latent
+(:class:`~scfm_tools.models.cellplm.CellPLMIntegrationModule`). Given the batch, the decoder
+can explain the batch's effect on the counts, and the adversary removes what the latent still
+says about the batch. Sequences are the cells of one batch each, as in CellPLM's pretraining.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._load_report import load_matching
+from ._integration_module import CellPLMIntegrationModule
+from ._model import CellPLM
+from ._sequences import sequence_rows
+from ._training_plan import SequenceDataSplitter, _chunk
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+__all__ = ["CellPLMIntegration"]
+
+logger = logging.getLogger("scfm_tools")
+
+
+#: Cells per sequence when the batches are mixed (training and embedding).
+MIXED_SEQUENCE_CELLS = 128
+#: The recipes of :meth:`CellPLMIntegration.fine_tune`: module options of each.
+METHODS: dict[str, dict[str, Any]] = {
+    # the batch-aware decoder and the adversarial batch classifier on the latent
+    "adversarial": {"dar_weight": 1.0},
+    # the batch-aware decoder alone
+    "batch_decoder": {"dar_weight": 0.0},
+}
+DEFAULT_METHOD = "adversarial"
+FINE_TUNE_EPOCHS = 60
+FINE_TUNE_LR = 1e-3
+
+
+def mixed_sequence_codes(n_cells: int, max_cells: int, random_state: int = 0) -> np.ndarray:
+    """Sequence code of each cell: the cells shuffled and cut into chunks of ``max_cells``."""
+    codes = np.empty(n_cells, dtype=np.int64)
+    codes[np.random.default_rng(random_state).permutation(n_cells)] = (
+        np.arange(n_cells) // max_cells
+    )
+    return codes
+
+
+class MixedSequenceSplitter(SequenceDataSplitter):
+    """Sequences of cells drawn from all batches (the decoder still gets each cell's batch).
+
+    An adversary on the latent learns nothing from a sequence of one batch: its cells all
+    carry the same answer. Mixed sequences give it both classes in every step.
+    """
+
+    def _loader(self, indices: np.ndarray, shuffle: bool, offset: int):
+        if len(indices) == 0:
+            return None
+        rng = np.random.default_rng(self.random_state + offset)
+        one_sample = np.zeros_like(self.codes)
+        return self._sequence_loader(
+            _chunk(np.asarray(indices), one_sample, self.max_cells, rng), shuffle
+        )
+
+
+class CellPLMIntegration(CellPLM):
+    """CellPLM with a batch-aware decoder (and adversary) for batch integration.
+
+    Build it with :meth:`from_model` on an AnnData registered with :meth:`setup_anndata
+    <scfm_tools.models.CellPLM.setup_anndata>` (``batch_key`` required), train it with
+    :meth:`train <scfm_tools.models.CellPLM.train>`, and read the integrated embedding with
+    :meth:`get_latent_representation <scfm_tools.models.CellPLM.get_latent_representation>`.
+    ``sft.tl.integrate`` does all three.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with ``setup_anndata(adata, batch_key=...)`` (raw counts).
+    **kwargs
+        Passed to :class:`~scfm_tools.models.CellPLM` (``gene_list``, architecture) and on to
+        :class:`~scfm_tools.models.cellplm.CellPLMIntegrationModule` (``dar_weight``).
+    """
+
+    _module_cls = CellPLMIntegrationModule
+    _data_splitter_cls = MixedSequenceSplitter
+
+    def __init__(self, adata: AnnData, **kwargs: Any) -> None:
+        manager = self._get_most_recent_anndata_manager(adata, required=True)
+        if manager.registry["setup_args"].get("batch_key") is None:
+            raise ValueError(
+                "CellPLMIntegration needs the batch of each cell: call "
+                "CellPLMIntegration.setup_anndata(adata, batch_key=...) first."
+            )
+        super().__init__(adata, batch_covariate=True, **kwargs)
+
+    @classmethod
+    def from_model(cls, pretrained: CellPLM, adata: AnnData, **kwargs: Any) -> CellPLMIntegration:
+        """Build an integration model on ``adata`` from a pretrained CellPLM's weights.
+
+        The architecture and every weight are the pretrained model's, except the decoder's
+        batch table (one fresh row per batch of ``adata``) and the discriminator, as
+        ``load_report_`` lists (logged at INFO).
+
+        Parameters
+        ----------
+        pretrained
+            A pretrained CellPLM (``CellPLM.from_pretrained(...)``), not changed.
+        adata
+            AnnData registered with ``setup_anndata(adata, batch_key=...)``.
+        **kwargs
+            Module options: ``dar_weight`` and architecture overrides such as ``dropout``.
+
+        Returns
+        -------
+        The model, untrained; ``pretrained_`` is the pretrained model's.
+        """
+        config = dict(pretrained.module.config)
+        for key in ("n_genes", "batch_num", "n_classes"):
+            config.pop(key, None)
+        config.update(kwargs)
+        model = cls._build(adata, gene_list=pretrained.gene_list, **config)
+        report = load_matching(
+            model.module,
+            pretrained.module.state_dict(),
+            source=pretrained.model_name,
+            family="CellPLM integration",
+            level=logging.INFO,
+        )
+        model.pretrained_ = dict(getattr(pretrained, "pretrained_", {}) or {})
+        model.load_report_ = report
+        return model
+
+    @classmethod
+    def fine_tune(
+        cls,
+        pretrained: CellPLM,
+        adata: AnnData,
+        batch_key: str,
+        *,
+        method: str | None = None,
+        layer: str | None = None,
+        max_epochs: int | None = None,
+        max_cells: int = MIXED_SEQUENCE_CELLS,
+        lr: float = FINE_TUNE_LR,
+        random_state: int = 0,
+        train_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[CellPLMIntegration, dict[str, Any]]:
+        """Fine-tune a copy of ``pretrained`` on ``adata``'s cells to integrate its batches.
+
+        Parameters
+        ----------
+        pretrained
+            The pretrained CellPLM; not changed.
+        adata
+            Cells x genes raw counts with the batch column; read, never registered or
+            modified.
+        batch_key
+            Column of ``adata.obs`` with each cell's batch.
+        method
+            ``"adversarial"`` (batch-aware decoder and adversarial batch classifier) or
+            ``"batch_decoder"`` (the decoder alone); ``None``: ``"adversarial"``.
+        layer
+            Layer with the counts (``None``: ``X``).
+        max_epochs
+            Passes over the cells (``None``: 60).
+        max_cells
+            Cells per training sequence, drawn from all batches.
+        lr
+            Learning rate (the rate the shipped default was pretrained with).
+        random_state
+            Seed of the sequences, the corruption and the dropout.
+        train_kwargs
+            Passed to :meth:`CellPLM.train <scfm_tools.models.CellPLM.train>` (``accelerator``
+            ...).
+
+        Returns
+        -------
+        The trained model and what to record about the run.
+        """
+        import anndata as ad
+        import pandas as pd
+        from scipy import sparse
+
+        from ..._anndata import get_matrix
+
+        method = DEFAULT_METHOD if method is None else method
+        if method not in METHODS:
+            raise ValueError(
+                f"method must be one of {sorted(METHODS)} for CellPLM, got {method!r}."
+            )
+        data = ad.AnnData(
+            X=sparse.csr_matrix(get_matrix(adata, layer), dtype=np.float32),
+            obs=pd.DataFrame(
+                {batch_key: adata.obs[batch_key].astype(str).to_numpy()}, index=adata.obs_names
+            ),
+            var=pd.DataFrame(index=adata.var_names.copy()),
+        )
+        cls.setup_anndata(data, batch_key=batch_key)
+        model = cls.from_model(pretrained, data, **METHODS[method])
+        epochs = FINE_TUNE_EPOCHS if max_epochs is None else int(max_epochs)
+        model.train(
+            max_epochs=epochs,
+            max_cells=max_cells,
+            train_size=1.0,
+            random_state=random_state,
+            plan_kwargs={"lr": lr},
+            **(train_kwargs or {}),
+        )
+        params = {
+            "method": method,
+            "max_epochs": epochs,
+            "max_cells": max_cells,
+            "lr": lr,
+            **METHODS[method],
+        }
+        return model, params
+
+    def _sequences(
+        self, adata, batch_key: str | None, max_cells: int | None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Mixed sequences (random chunks across batches) unless ``batch_key`` names samples."""
+        if batch_key is not None:
+            return super()._sequences(adata, batch_key, max_cells)
+        codes = mixed_sequence_codes(adata.n_obs, max_cells or MIXED_SEQUENCE_CELLS)
+        return codes, sequence_rows(codes)
