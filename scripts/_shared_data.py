@@ -13,6 +13,14 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("SFT_DATA", REPO.parent / "shared" / "data"))
+# The shared files with full or broad gene panels, which the CellPLM, scBERT and scFoundation
+# defaults pretrain on (their labels unused).
+PRETRAINING_FILES = (
+    "pbmc_10x_3chemistries_unlabeled.h5ad",
+    "cellbench_3celllines_celseq2_dropseq.h5ad",
+    "pbmc8k_200genes_labeled.h5ad",
+    "norman2019_crispra_k562_500hvg.h5ad",
+)
 
 
 def read(name: str) -> ad.AnnData:

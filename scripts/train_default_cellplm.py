@@ -29,18 +29,13 @@ import time
 from pathlib import Path
 
 import torch
-from _shared_data import REPO, unlabelled_union
+from _shared_data import PRETRAINING_FILES, REPO, unlabelled_union
 
 OUT_DIR = REPO / "src" / "scfm_tools" / "data" / "models" / "cellplm-default"
 NAME = "cellplm-default"
 PREFIX = "cellplm"
 
-TRAIN_FILES = (
-    "pbmc_10x_3chemistries_unlabeled.h5ad",
-    "cellbench_3celllines_celseq2_dropseq.h5ad",
-    "pbmc8k_200genes_labeled.h5ad",
-    "norman2019_crispra_k562_500hvg.h5ad",
-)
+TRAIN_FILES = PRETRAINING_FILES
 # The architecture (CellPLM's published one scaled down to fit a CPU budget and ~15 MB).
 CONFIG = {"enc_hid": 128, "enc_layers": 2, "post_latent_dim": 32, "dec_hid": 128}
 TRAINING = {"max_epochs": 10, "max_cells": 1000, "lr": 1e-3, "random_state": 0}

@@ -1,8 +1,11 @@
 """The small models that ship inside the package: found offline, verified, and usable by tl.
 
-Every shipped default is listed as embedded, its files match the sha256 of its card, and
-``sft.tl.embed_cells(adata, model="<name>")`` runs on real cells with no network. The CellPLM
-default is stored as safetensors and imputes offline (though not well enough to be the default).
+Every shipped default (one per family) is listed as embedded, its files match the sha256 of its
+card, all of them together stay within the package's size budget, and
+``sft.tl.embed_cells(adata, model="<name>")`` runs on real cells with no network and tells cell
+types apart better than the majority class does. The CellPLM default is stored as safetensors
+and imputes offline (though not well enough to be the default); the scBERT and scFoundation
+defaults are safetensors too and are starting points for fine-tuning a cell-type classifier.
 """
 
 from __future__ import annotations
@@ -10,15 +13,24 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pytest
+import torch
 
 import scfm_tools as sft
 from _unchanged import assert_unchanged, snapshot
 from scfm_tools.hub import file_sha256
-from scfm_tools.models import CellPLM
+from scfm_tools.models import SCBERT, CellPLM, SCFoundation
 from scfm_tools.models.cellplm import load_cellplm_checkpoint
+from scfm_tools.models.scbert import load_scbert_checkpoint
+from scfm_tools.models.scfoundation import load_scfoundation_checkpoint, read_gene_index
 
 CELLBENCH = "cellbench_3celllines_celseq2_dropseq.h5ad"
-SHIPPED = {"scgpt-default": "scgpt", "cellplm-default": "cellplm"}
+PBMC8K = "pbmc8k_200genes_labeled.h5ad"
+SHIPPED = {
+    "scgpt-default": "scgpt",
+    "cellplm-default": "cellplm",
+    "scbert-default": "scbert",
+    "scfoundation-default": "scfoundation",
+}
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +39,30 @@ def cells(data_dir):
     adata = ad.read_h5ad(data_dir / CELLBENCH)
     rows = np.concatenate([np.arange(20), np.arange(adata.n_obs - 20, adata.n_obs)])
     return adata[rows].copy()
+
+
+@pytest.fixture(scope="module")
+def pbmc(data_dir):
+    """400 random labelled PBMCs of the five cell types with more than 10 cells (200 genes)."""
+    adata = ad.read_h5ad(data_dir / PBMC8K)
+    counts = adata.obs["cell_type"].value_counts()
+    adata = adata[adata.obs["cell_type"].isin(counts.index[counts > 10]).to_numpy()]
+    adata = adata[adata.obs["cell_type"] != "NA"]
+    rows = np.sort(np.random.default_rng(0).choice(adata.n_obs, 400, replace=False))
+    adata = adata[rows].copy()
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str).astype("category")
+    return adata
+
+
+def _majority_fraction(labels) -> float:
+    return float(np.unique(np.asarray(labels), return_counts=True)[1].max() / len(labels))
+
+
+def test_shipped_defaults_cover_every_family_within_the_size_budget():
+    names = sft.hub.list_models().query("download == 'embedded'")["name"]
+    cards = [sft.hub.get_card(n) for n in names]
+    assert {c.name: c.family for c in cards if c.name in SHIPPED} == SHIPPED
+    assert sum(f.size for c in cards for f in c.files) < 40 * 2**20
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
@@ -51,6 +87,20 @@ def test_shipped_default_embeds_real_cells_offline(name, cells):
     assert out.uns[family]["params"]["model"] == name
     # cells of different protocols and cell lines do not collapse onto one vector
     assert np.linalg.matrix_rank(X, tol=1e-3) > 2
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_default_separates_cell_types(name, pbmc):
+    from sklearn.neighbors import NearestNeighbors
+
+    out = sft.tl.embed_cells(pbmc, model=name, key_added="X_emb", copy=True)
+    X = out.obsm["X_emb"]
+    labels = pbmc.obs["cell_type"].cat.codes.to_numpy()
+    # leave-one-out 5-NN vote, as benchmarks/bench_default_embedding.py scores it
+    neighbours = NearestNeighbors(n_neighbors=6).fit(X).kneighbors(X, return_distance=False)
+    votes = np.apply_along_axis(np.bincount, 1, labels[neighbours[:, 1:]], minlength=5)
+    accuracy = np.mean(votes.argmax(axis=1) == labels)
+    assert accuracy > _majority_fraction(labels) + 0.15
 
 
 def test_cellplm_default_safetensors_and_imputation(cells, tmp_path):
@@ -81,3 +131,59 @@ def test_cellplm_default_safetensors_and_imputation(cells, tmp_path):
     (folder / "cellplm.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="could not be read as a safetensors file"):
         load_cellplm_checkpoint(folder)
+
+
+def test_scbert_default_reads_its_gene_list_and_table():
+    module, genes, report = load_scbert_checkpoint(
+        sft.hub.load("scbert-default").weights,
+        gene_list=sft.hub.load("scbert-default").files["gene_list"],
+    )
+    assert report.clean and len(genes) == module.n_genes
+    # the frozen gene table tells the genes apart (no two rows alike, padding row zero)
+    table = module.pos_emb.emb.weight
+    assert table.shape == (module.n_genes + 1, module.dim) and not table[-1].any()
+    assert np.linalg.matrix_rank(table[:-1].numpy()) == module.dim
+
+
+def test_scfoundation_default_is_on_the_published_gene_index():
+    module, genes, _, report = load_scfoundation_checkpoint("scfoundation-default")
+    assert report.clean and genes == read_gene_index() and module.n_genes == 19264
+
+
+def test_scfoundation_default_fine_tunes_a_classifier(pbmc):
+    """The default is the starting point of cell-type fine-tuning: held-out cells beat chance."""
+    reference, query = pbmc[:250].copy(), pbmc[250:].copy()
+    default = SCFoundation.from_pretrained("scfoundation-default")
+    tuned = default.fine_tune_classifier(reference, "cell_type", max_epochs=10, validation_size=0.2)
+    predicted = tuned.predict(query)["label"].astype(str).to_numpy()
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    assert np.mean(predicted == truth) > _majority_fraction(truth) + 0.15
+
+
+def test_scbert_default_is_the_start_of_fine_tuning(pbmc):
+    """scBERT's fine-tuning starts from the default's encoder and learns from the reference.
+
+    On 250 PBMCs in a few epochs the official head does not yet beat the majority class on
+    held-out cells (0.41-0.57 against 0.41, by learning rate), so that is not asserted here.
+    """
+    reference, query = pbmc[:250].copy(), pbmc[250:].copy()
+    SCBERT.setup_anndata(reference, labels_key="cell_type")
+    default = SCBERT.from_pretrained("scbert-default")
+    tuned = default.fine_tune_classifier(
+        reference,
+        "cell_type",
+        max_epochs=2,
+        batch_size=16,
+        train_kwargs={"plan_kwargs": {"lr": 3e-3}, "train_size": 1.0},
+    )
+    before, after = default.module.state_dict(), tuned.module.state_dict()
+    # trainable="official": the embeddings stay the default's, the second-to-last block trains
+    for key in ("token_emb.weight", "pos_emb.emb.weight"):
+        assert torch.equal(before[key], after[key])
+    block = "performer.net.layers.0.0.fn.to_q.weight"
+    assert not torch.equal(before[block], after[block])
+    loss = tuned.history["train_loss"].to_numpy().ravel()
+    assert loss[-1] < loss[0]
+    proba = tuned.predict_proba(query)
+    assert list(proba.columns) == list(reference.obs["cell_type"].cat.categories)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
