@@ -148,7 +148,7 @@ def test_annotate_fine_tunes_a_checkpoint_on_a_reference(cells, scfoundation_ckp
     np.testing.assert_allclose(query.obs["scfoundation_score"], proba.max(axis=1), rtol=1e-6)
     params = query.uns["scfoundation"]["params"]
     assert params["method"] == "finetune" and params["fine_tuned"] == "reference"
-    assert params["class_weights"] == "balanced" and params["max_epochs"] == 2
+    assert params["class_weights"] == "official" and params["max_epochs"] == 2
     assert params["n_reference_cells"] == 300 and np.isfinite(params["final_train_loss"])
     assert_unchanged(ref, ref_before)
 

@@ -443,7 +443,7 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         random_state: int | None = None,
         plan_kwargs: dict[str, Any] | None = None,
         *,
-        class_weights: ClassWeights = "balanced",
+        class_weights: ClassWeights = "official",
         strategy: str | Strategy = "auto",
         num_nodes: int = 1,
         checkpoint_dir: str | os.PathLike | None = None,
@@ -482,9 +482,13 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
             (1e-8) ...
         class_weights
             Cell-type head only (RDA pretraining ignores it): loss weights against imbalanced
-            cell types, from the training cells of each type: ``"balanced"`` (``N / (K n_c)``),
-            ``"official"`` (scBERT's ``(1 - n_c / N)^2``), explicit weights, or ``None``; see
-            :func:`~scfm_tools.train.compute_class_weights`.
+            cell types, from the training cells of each type: ``"official"`` (``(1 - n_c /
+            N)^2``, the weighting of scBERT's official fine-tuning; scFoundation's example sets
+            none), ``"balanced"`` (``N / (K n_c)``), explicit weights, or ``None``; see
+            :func:`~scfm_tools.train.compute_class_weights`. ``"balanced"`` gives a cell type
+            of one or two reference cells a weight of 50-150 and can make the head call many
+            cells by it (pbmc8k, 1,000/1,000 cells, scfoundation-default, three seeds:
+            macro-F1 0.695-0.877 balanced, 0.860-0.876 official, 0.870-0.885 none).
         {scale}
         **kwargs
             Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and on to the
@@ -579,11 +583,11 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         gene_key: str | None = None,
         max_epochs: int = 20,
         batch_size: int = 32,
-        class_weights: ClassWeights = "balanced",
+        class_weights: ClassWeights = "official",
         trainable: Trainable = "official",
         validation_size: float = 0.1,
         patience: int = 3,
-        dropout: float | None = None,
+        dropout: float | None = 0.0,
         random_state: int | None = 0,
         train_kwargs: Mapping[str, Any] | None = None,
     ) -> SCFoundation:
@@ -592,10 +596,10 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         As the official fine-tuning example (``finetune_model.py``): a cell-type head on the
         encoder outputs max-pooled over the genes, trained with the second-to-last encoder
         layer while the rest stays frozen (``trainable``), here with a weighted cross-entropy
-        against imbalanced cell types. A stratified share of the reference
-        (``validation_size``) is held out: training stops when its loss has not improved for
-        ``patience`` epochs, and the weights of its best epoch are kept. This model is left as
-        it is.
+        against imbalanced cell types and no dropout (see ``dropout``). A stratified share of
+        the reference (``validation_size``) is held out: training stops when its loss has not
+        improved for ``patience`` epochs, and the weights of its best epoch are kept. This
+        model is left as it is.
 
         Parameters
         ----------
@@ -626,9 +630,11 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
             Epochs without a lower validation loss before training stops.
         dropout
             Dropout of the encoder layers while fine-tuning; ``None``: this model's (0.1 in
-            the published one, as torch's default). On CPU, PyTorch runs attention with
-            dropout without its fused kernel, holding every cell's full attention matrix: for
-            cells that express thousands of genes that takes gigabytes, and ``0`` avoids it.
+            the published one, as torch's default, which the official example keeps). On CPU
+            PyTorch runs attention with dropout without its fused kernel, holding every cell's
+            full attention matrix: 4 CellBench cells (~7,700 tokens) took 13.8 GB with dropout
+            and 0.9 GB without. Without dropout pbmc8k annotation lost nothing (macro-F1 0.870
+            vs 0.862 with 0.1, class_weights=None, scfoundation-default).
         random_state
             Seed of the new head, the split, the data order and the dropout (``None``:
             ``sft.settings.seed``); the caller's global torch random state is left alone.
