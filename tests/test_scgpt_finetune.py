@@ -132,8 +132,9 @@ def test_annotate_fine_tunes_across_protocols(data_dir):
         reference=ref,
         label_key="cell_type",
         method="finetune",
-        max_epochs=FAST["max_epochs"],
+        max_epochs=3,
         device="cpu",
+        n_top_genes=200,  # a family option: fewer genes learn faster than the default 500
     )
     assert_unchanged(ref, ref_snap)
     accuracy, majority = _accuracy(query.obs["scgpt_label"], query), _majority(query)
@@ -145,7 +146,7 @@ def test_annotate_fine_tunes_across_protocols(data_dir):
     assert params["method"] == "finetune" and params["fine_tuned"] == "reference"
     assert params["model"] == "scgpt-default" and params["n_reference_cells"] == ref.n_obs
     # the tutorial's unweighted loss (None values are not recorded)
-    assert "class_weights" not in params and params["max_epochs"] == FAST["max_epochs"]
+    assert "class_weights" not in params and params["max_epochs"] == 3
     assert params["classes"] == sorted(ref.obs["cell_type"].astype(str).unique())
 
 
@@ -167,3 +168,25 @@ def test_bad_references_fail_cleanly(pbmc, pretrained):
         assert_unchanged(cells, snap)
     with pytest.raises(ValueError, match="no classifier head"):
         pretrained.predict(ref)
+
+
+def test_a_classifier_built_on_registered_labels_trains_with_train(pbmc):
+    ref = pbmc[0][:120].copy()
+    ref.obs["cell_type"] = ref.obs["cell_type"].cat.remove_unused_categories()
+    SCGPT.setup_anndata(ref, labels_key="cell_type")
+    tiny = {"d_model": 16, "n_heads": 2, "d_hid": 16, "n_layers": 1, "max_seq_len": 64}
+    model = SCGPT(ref, head="classifier", **tiny)
+    assert model.classes == list(ref.obs["cell_type"].cat.categories)
+    assert model.module.config["n_cls"] == len(model.classes)
+    model.train(max_epochs=1, batch_size=16, class_weights="balanced", accelerator="cpu")
+    weights = model.module.class_weights
+    counts = ref.obs["cell_type"].value_counts()[model.classes].to_numpy()
+    np.testing.assert_allclose(weights.numpy(), counts.sum() / (len(counts) * counts), rtol=1e-6)
+    assert np.isfinite(model.history["train_loss"].to_numpy(dtype=float)).all()
+    assert model.predict(ref)["label"].notna().all()
+    unlabelled = pbmc[1][:50].copy()
+    SCGPT.setup_anndata(unlabelled)
+    with pytest.raises(ValueError, match="needs cell-type labels"):
+        SCGPT(unlabelled, head="classifier", **tiny)
+    with pytest.raises(ValueError, match="classifier head only"):
+        SCGPT(ref, **tiny).train(max_epochs=1, class_weights="balanced")

@@ -78,8 +78,9 @@ FINE_TUNE_GAMMA = 0.9
 OFFICIAL_N_LAYERS_CLS = 3
 VALIDATION_SIZE = 0.1
 # fine_tune_classifier's defaults, measured (see its docstring).
-DEFAULT_FINE_TUNE_EPOCHS = 10
-DEFAULT_FINE_TUNE_TOP_GENES = 200
+DEFAULT_FINE_TUNE_EPOCHS = 20
+DEFAULT_FINE_TUNE_TOP_GENES = 500
+DEFAULT_FINE_TUNE_MAX_LENGTH = 128
 #: args.json keys of a fine-tuned model: its class names and the genes it reads.
 CLASSES_ARG = "classes"
 INPUT_GENES_ARG = "input_genes"
@@ -560,7 +561,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
         lr: float | None = None,
         dropout: float | None = None,
         freeze: bool = False,
-        max_length: int | None = None,
+        max_length: int | None = DEFAULT_FINE_TUNE_MAX_LENGTH,
         n_top_genes: int | None = DEFAULT_FINE_TUNE_TOP_GENES,
         n_layers_cls: int = OFFICIAL_N_LAYERS_CLS,
         patience: int = 3,
@@ -571,12 +572,25 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
 
         The official annotation recipe (scGPT's ``Tutorial_Annotation``): a new classifier
         head (``n_layers_cls`` layers) on the ``<cls>`` output for the reference's cell types,
-        every weight trained (``freeze=False``) by cross-entropy alone, Adam at learning rate
-        1e-4 decayed by 0.9 after each epoch, the cells' expressed highly variable genes as
-        tokens, 10% of the cells held out for validation (stratified by cell type here) and
-        the weights of the epoch with the lowest validation loss kept. Training stops early
-        after ``patience`` epochs without a better validation loss. This model is left as
-        it is.
+        every weight trained (``freeze=False``) by cross-entropy alone, Adam at the learning
+        rate 1e-4 (scaled to the model's width) decayed by 0.9 after each epoch, the cells'
+        expressed highly variable genes as tokens (here 500 genes, at most 127 a cell: a new
+        random subset each epoch), 10% of the cells held out for validation (stratified by
+        cell type here) and the weights of the epoch with the lowest validation loss kept.
+        Training stops early after ``patience`` epochs without a better validation loss.
+        This model is left as it is.
+
+        The defaults were measured with the shipped ``scgpt-default`` (64 wide, 2 layers)
+        through ``sft.tl.annotate(method="finetune")``, against logistic regression on
+        log-normalised expression of the shared genes: CellBench CEL-seq2 -> Drop-seq
+        (240 reference cells expressing ~6,000 genes each) macro-F1 0.990 vs 1.000 (0.99 and
+        1.00 with seeds 0 and 1), 112 CPU-seconds; pbmc8k 1,000 -> 1,000 cells 0.863 vs
+        0.858, 136 CPU-seconds (stopped after 6 epochs). On CellBench, what they replace
+        did worse: the model's 255 random genes of ~6,000 (0.20 after 3 epochs at 1e-4); the
+        tutorial's 1e-4 on this small model (0.79 after 10 epochs on 200 genes; 8e-4: 0.97);
+        200 genes with every expressed one a token (0.94-0.99 by seed, 10 or 20 epochs);
+        ``freeze=True`` (0.93); dropout 0.2 (0.96-0.97). On pbmc8k ``"balanced"`` class
+        weights gave 0.718: the two types with 1-2 reference cells were given to query cells.
 
         Parameters
         ----------
@@ -611,10 +625,9 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             the transformer and the head are trained either way.
         max_length
             Longest token sequence, ``<cls>`` included, for training and later prediction;
-            cells expressing more of the genes read are subsampled at random. ``None``:
-            ``n_top_genes + 1`` (every expressed gene read is a token, as the tutorial's
-            ``max_seq_len`` 3001 for 3,000 genes), or this model's ``max_seq_len`` when every
-            vocabulary gene is read.
+            cells expressing more of the genes read are subsampled at random (a new subset
+            each epoch, a fixed one per cell at prediction); ``None``: this model's
+            ``max_seq_len``.
         n_top_genes
             Read the reference's most variable genes only (the tutorials' highly variable
             genes, scanpy's ``flavor="seurat"`` on log-normalised counts, among the genes in
@@ -654,8 +667,6 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             ids = _variable_genes(cells.X, self.match_genes(cells), int(n_top_genes))
             names = {i: token for token, i in self.vocab.items()}
             genes = [names[i] for i in ids]
-            if max_length is None:
-                max_length = len(genes) + 1
         train_kwargs = dict(train_kwargs or {})
         plan = dict(train_kwargs.pop("plan_kwargs", None) or {})
         plan.setdefault("random_state", seed)
