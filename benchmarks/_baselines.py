@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["is_counts", "pca_embedding", "scvi_embedding"]
+__all__ = ["harmony_embedding", "is_counts", "pca_embedding", "scvi_embedding"]
 
 
 def is_counts(adata) -> bool:
@@ -31,10 +31,23 @@ def pca_embedding(adata) -> np.ndarray:
     return pca.obsm["X_pca"]
 
 
-def scvi_embedding(adata, batch_key: str | None, epochs: int) -> np.ndarray | None:
+def harmony_embedding(pca: np.ndarray, batches) -> np.ndarray:
+    """Harmony (harmonypy from PyPI, its default settings) on a PCA, one batch per cell."""
+    import harmonypy
+    import pandas as pd
+
+    meta = pd.DataFrame({"batch": np.asarray(batches).astype(str)})
+    result = harmonypy.run_harmony(np.asarray(pca), meta, ["batch"], verbose=False, random_state=0)
+    corrected = np.asarray(result.Z_corr)
+    # harmonypy returns components x cells
+    return corrected.T if corrected.shape[0] != len(meta) else corrected
+
+
+def scvi_embedding(adata, batch_key: str | None, epochs: int | None) -> np.ndarray | None:
     """scVI's 10-dimensional latent space; ``None`` when the data are not counts.
 
-    The batch is a covariate only where ``batch_key`` names more than one batch.
+    The batch is a covariate only where ``batch_key`` names more than one batch; ``epochs``
+    ``None`` trains as long as scvi-tools' own heuristic says.
     """
     if not is_counts(adata):
         return None

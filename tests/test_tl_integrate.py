@@ -60,7 +60,9 @@ def batch_mixing(emb: np.ndarray, batch, k: int = 10) -> float:
 def cellplm_run(cells):
     adata = cells.copy()
     sft.tl.embed_cells(adata, "cellplm-default", batch_key="batch")
-    model = sft.tl.integrate(adata, "batch", max_epochs=100, max_cells=40, random_state=0)
+    # 600 optimisation steps: at 300 the adversary still swings the latent (0.54-0.96 by seed
+    # and thread count); from 600 seeds 0-4 give 0.85-0.94 (zero-shot 0.65)
+    model = sft.tl.integrate(adata, "batch", max_epochs=200, max_cells=40, random_state=0)
     return adata, model
 
 
@@ -74,22 +76,25 @@ def test_cellplm_default_integration_writes_keys_and_mixes_protocols(cellplm_run
     assert params["method"] == "adversarial" and params["dar_weight"] > 0
     assert params["batch_key"] == "batch"
     assert params["batches"] == ["sc_celseq2", "sc_dropseq"]
-    assert params["max_epochs"] == 100 and params["max_cells"] == 40
+    assert params["max_epochs"] == 200 and params["max_cells"] == 40
     assert len(params["weights_sha256"]) == 64 and np.isfinite(params["final_train_loss"])
     assert "sft_version" in params
-    # measured: 0.65 zero-shot, 0.83 integrated
     zero_shot = batch_mixing(adata.obsm["X_cellplm"], adata.obs.batch)
     integrated = batch_mixing(emb, adata.obs.batch)
     assert integrated > zero_shot + 0.1, (integrated, zero_shot)
 
 
-def test_cellplm_model_is_returned_for_reuse(cellplm_run):
+def test_cellplm_model_is_returned_for_reuse_and_saves(cellplm_run, tmp_path):
     adata, model = cellplm_run
     assert isinstance(model, CellPLMIntegration)
     assert model.is_trained_
     # the returned model embeds cells again, as integrate did
     again = model.get_latent_representation(adata)
     np.testing.assert_allclose(again, adata.obsm["X_cellplm_integrated"], atol=1e-5)
+    # scvi-tools' save/load keeps it
+    model.save(tmp_path / "model", save_anndata=True)
+    reloaded = CellPLMIntegration.load(tmp_path / "model")
+    np.testing.assert_allclose(reloaded.get_latent_representation(adata), again, atol=1e-5)
 
 
 def test_scgpt_official_recipe_runs_and_mixes_chemistries(pbmcs):
@@ -102,7 +107,7 @@ def test_scgpt_official_recipe_runs_and_mixes_chemistries(pbmcs):
         method="official",
         key_added="X_scgpt_int",
         n_top_genes=100,
-        max_epochs=6,
+        max_epochs=15,
         batch_size=32,
     )
     emb = adata.obsm["X_scgpt_int"]
@@ -116,10 +121,11 @@ def test_scgpt_official_recipe_runs_and_mixes_chemistries(pbmcs):
     module = model.module
     assert len(module.dsbn.bns) == 3 and module.grad_reverse_discriminator is not None
     assert any(k.startswith("dsbn.") for k in model.load_report_.missing)
-    # measured: 0.83 zero-shot, 0.90 integrated
+    # measured: 0.83 zero-shot; 15 epochs (the tutorial's) 0.94-0.97 over seeds 0-2, 6 epochs
+    # 0.78-0.94
     zero_shot = batch_mixing(adata.obsm["X_scgpt"], adata.obs.batch)
     integrated = batch_mixing(emb, adata.obs.batch)
-    assert integrated > zero_shot + 0.03, (integrated, zero_shot)
+    assert integrated > zero_shot + 0.05, (integrated, zero_shot)
 
 
 @pytest.mark.parametrize(

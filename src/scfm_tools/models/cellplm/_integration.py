@@ -107,6 +107,8 @@ class CellPLMIntegration(CellPLM):
                 "CellPLMIntegration.setup_anndata(adata, batch_key=...) first."
             )
         super().__init__(adata, batch_covariate=True, **kwargs)
+        # What scvi-tools' save/load rebuilds the model from: this constructor's arguments.
+        self.init_params_ = self._get_init_params(locals())
 
     @classmethod
     def from_model(cls, pretrained: CellPLM, adata: AnnData, **kwargs: Any) -> CellPLMIntegration:

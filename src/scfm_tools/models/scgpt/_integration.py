@@ -230,6 +230,8 @@ class SCGPTIntegration(SCGPT):
         self.batch_categories_ = list(
             manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
         )
+        # What scvi-tools' save/load rebuilds the model from: this constructor's arguments.
+        self.init_params_ = self._get_init_params(locals())
 
     @classmethod
     def from_model(
