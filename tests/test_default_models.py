@@ -167,7 +167,8 @@ def test_scbert_default_is_the_start_of_fine_tuning(pbmc):
     held-out cells (0.41-0.57 against 0.41, by learning rate), so that is not asserted here.
     """
     reference, query = pbmc[:250].copy(), pbmc[250:].copy()
-    SCBERT.setup_anndata(reference, labels_key="cell_type")
+    # an unregistered reference is read into a registered copy and left as it is
+    before_reference = snapshot(reference)
     default = SCBERT.from_pretrained("scbert-default")
     tuned = default.fine_tune_classifier(
         reference,
@@ -187,3 +188,4 @@ def test_scbert_default_is_the_start_of_fine_tuning(pbmc):
     proba = tuned.predict_proba(query)
     assert list(proba.columns) == list(reference.obs["cell_type"].cat.categories)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    assert_unchanged(reference, before_reference)

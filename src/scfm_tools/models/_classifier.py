@@ -17,7 +17,13 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from scvi.data import AnnDataManager
 
-__all__ = ["Head", "check_labels_key", "registered_classes", "resolve_classes"]
+__all__ = [
+    "Head",
+    "check_labels_key",
+    "labelled_reference",
+    "registered_classes",
+    "resolve_classes",
+]
 
 Head = Literal["pretrain", "classifier"]
 
@@ -44,6 +50,68 @@ def check_labels_key(adata: AnnData, labels_key: str | None) -> None:
             f"adata.obs[{labels_key!r}] has missing labels; drop those cells first, "
             f"e.g. `adata = adata[adata.obs[{labels_key!r}].notna()].copy()`."
         )
+
+
+def labelled_reference(
+    model_cls: type,
+    reference: AnnData,
+    labels_key: str,
+    layer: str | None = None,
+    gene_key: str | None = None,
+) -> AnnData:
+    """Return ``reference`` registered with its cell types for ``model_cls``'s fine-tuning.
+
+    A reference registered by ``model_cls.setup_anndata(labels_key=labels_key)`` is returned as
+    it is; any other is read into a new AnnData (its counts, labels with unlabelled cells left
+    out, gene symbols) that is registered instead, so the caller's object is never modified.
+
+    Parameters
+    ----------
+    model_cls
+        The family's model class (its ``setup_anndata`` registers the copy).
+    reference
+        Labelled cells, raw counts.
+    labels_key
+        Column of ``reference.obs`` with the cell types.
+    layer
+        Layer with the counts of an unregistered reference (``None``: ``X``).
+    gene_key
+        ``reference.var`` column with gene symbols of an unregistered reference (``None``:
+        ``var_names``).
+
+    Returns
+    -------
+    A registered AnnData with the cell types in ``obs[labels_key]``.
+    """
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from .._anndata import get_matrix
+    from .._labels import reference_labels
+
+    manager = model_cls._get_most_recent_anndata_manager(reference)
+    registered = None if manager is None else manager.registry["setup_args"]
+    if registered is not None and registered.get("labels_key") == labels_key:
+        if layer is not None or gene_key is not None:
+            raise ValueError(
+                "layer= and gene_key= apply to an unregistered reference; this one was "
+                "registered with setup_anndata, whose layer and var_names are used."
+            )
+        return reference
+    keep, labels = reference_labels(reference, labels_key)
+    names = reference.var_names if gene_key is None else reference.var[gene_key].astype(str)
+    X = get_matrix(reference, layer)
+    rows = np.flatnonzero(keep)
+    ref = ad.AnnData(
+        X=X[rows] if not keep.all() else X,
+        obs=pd.DataFrame(
+            {labels_key: pd.Categorical(labels)}, index=reference.obs_names[rows].copy()
+        ),
+        var=pd.DataFrame(index=pd.Index(np.asarray(names, dtype=str))),
+    )
+    model_cls.setup_anndata(ref, labels_key=labels_key)
+    return ref
 
 
 def registered_classes(manager: AnnDataManager | None) -> list[str] | None:

@@ -22,7 +22,13 @@ from ..._labels import labels_from_proba
 from ..._validation import check_counts, check_unique_names
 from ...pp._match_genes import GeneMatch, match_adata_genes
 from ...train import DOC_TRAIN_SCALE, ClassWeights, TrainingMixin, compute_class_weights
-from .._classifier import Head, check_labels_key, registered_classes, resolve_classes
+from .._classifier import (
+    Head,
+    check_labels_key,
+    labelled_reference,
+    registered_classes,
+    resolve_classes,
+)
 from .._gene_embeddings import GeneEmbeddings, token_table_rows
 from .._safetensors import write_safetensors
 from ..base import PretrainedMixin, unbound_registry
@@ -351,8 +357,10 @@ class SCBERT(PretrainedMixin, TrainingMixin, BaseModelClass):
         Parameters
         ----------
         reference
-            Raw counts of labelled cells, registered with
-            :meth:`setup_anndata` ``(labels_key=...)`` or not (it is then registered here).
+            Raw counts of labelled cells. Registered with :meth:`setup_anndata`
+            ``(labels_key=...)``, it is trained on as it is; otherwise its counts, labels (cells
+            without one are left out) and genes are read into a new AnnData, and ``reference``
+            is not modified.
         labels_key
             Column of ``reference.obs`` with the cell types.
         max_epochs
@@ -371,16 +379,17 @@ class SCBERT(PretrainedMixin, TrainingMixin, BaseModelClass):
 
         Returns
         -------
-        The fine-tuned :class:`SCBERT`, bound to ``reference``.
+        The fine-tuned :class:`SCBERT`, bound to the registered reference.
         """
         seed = resolve_seed(random_state)
+        ref = labelled_reference(type(self), reference, labels_key)
         train_kwargs = dict(train_kwargs or {})
         plan = dict(train_kwargs.pop("plan_kwargs", None) or {})
         plan.setdefault("random_state", seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = type(self)._around(
-                self.module, self.genes, reference, "classifier", None, trainable=trainable
+                self.module, self.genes, ref, "classifier", None, trainable=trainable
             )
             model.train(
                 max_epochs=max_epochs,

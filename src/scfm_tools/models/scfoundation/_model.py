@@ -18,7 +18,7 @@ from scvi.model.base import BaseModelClass
 
 from ..._anndata import DEFAULT_CHUNK_SIZE, get_matrix, resolve_seed
 from ..._docs import doc_params
-from ..._labels import labels_from_proba, reference_labels
+from ..._labels import labels_from_proba
 from ..._validation import InputError, check_counts, check_nonempty, check_unique_names
 from ...pp._match_genes import match_adata_genes
 from ...train import (
@@ -29,7 +29,12 @@ from ...train import (
     compute_class_weights,
     stratified_split,
 )
-from .._classifier import check_labels_key, registered_classes, resolve_classes
+from .._classifier import (
+    check_labels_key,
+    labelled_reference,
+    registered_classes,
+    resolve_classes,
+)
 from .._gene_embeddings import GeneEmbeddings, rows_on_var, token_table_rows
 from ..base import PretrainedMixin, unbound_registry
 from ._checkpoint import (
@@ -649,7 +654,7 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
         if isinstance(patience, bool) or int(patience) < 1:
             raise ValueError(f"patience must be a positive integer, got {patience!r}.")
         seed = resolve_seed(random_state)
-        ref = self._labelled(reference, labels_key, layer, gene_key)
+        ref = labelled_reference(type(self), reference, labels_key, layer, gene_key)
         train_kwargs = dict(train_kwargs or {})
         plan = {
             "random_state": seed,
@@ -680,35 +685,6 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
             )
         model.pretrained_ = {**getattr(self, "pretrained_", {}), "fine_tuned": True}
         return model
-
-    def _labelled(
-        self, reference: AnnData, labels_key: str, layer: str | None, gene_key: str | None
-    ) -> AnnData:
-        """Return the reference registered with its labels: itself when so, else a new AnnData."""
-        import anndata as ad
-
-        manager = type(self)._get_most_recent_anndata_manager(reference)
-        registered = None if manager is None else manager.registry["setup_args"]
-        if registered is not None and registered.get("labels_key") == labels_key:
-            if layer is not None or gene_key is not None:
-                raise ValueError(
-                    "layer= and gene_key= apply to an unregistered reference; this one was "
-                    "registered with setup_anndata, whose layer and var_names are used."
-                )
-            return reference
-        keep, labels = reference_labels(reference, labels_key)
-        names = reference.var_names if gene_key is None else reference.var[gene_key].astype(str)
-        X = get_matrix(reference, layer)
-        rows = np.flatnonzero(keep)
-        ref = ad.AnnData(
-            X=X[rows] if not keep.all() else X,
-            obs=pd.DataFrame(
-                {labels_key: pd.Categorical(labels)}, index=reference.obs_names[rows].copy()
-            ),
-            var=pd.DataFrame(index=pd.Index(np.asarray(names, dtype=str))),
-        )
-        type(self).setup_anndata(ref, labels_key=labels_key)
-        return ref
 
     # outputs -----------------------------------------------------------------------------------
     def _model_genes(self) -> Any:
