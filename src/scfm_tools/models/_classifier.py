@@ -14,13 +14,17 @@ from typing import TYPE_CHECKING, Literal
 from .._validation import InputError
 
 if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
     from anndata import AnnData
     from scvi.data import AnnDataManager
 
 __all__ = [
+    "ClassifierMixin",
     "Head",
     "check_labels_key",
     "labelled_reference",
+    "proba_frame",
     "registered_classes",
     "resolve_classes",
 ]
@@ -168,3 +172,62 @@ def resolve_classes(
     if len(classes) < 2:
         raise InputError(f"a classifier needs at least 2 cell types, got {classes}.")
     return classes
+
+
+def proba_frame(parts: list[np.ndarray], obs_names: Sequence[str], classes: Sequence[str]):
+    """Return the per-block class probabilities as one cells x classes DataFrame.
+
+    Parameters
+    ----------
+    parts
+        Probabilities of consecutive blocks of cells (none for an empty query).
+    obs_names
+        The cells, in order.
+    classes
+        The classifier's class names, in output order.
+
+    Returns
+    -------
+    A :class:`pandas.DataFrame` indexed by ``obs_names`` with one column per class.
+    """
+    import numpy as np
+    import pandas as pd
+
+    proba = np.concatenate(parts) if parts else np.empty((0, len(classes)), np.float32)
+    return pd.DataFrame(proba, index=pd.Index(obs_names).copy(), columns=list(classes))
+
+
+class ClassifierMixin:
+    """``predict`` for a model class whose ``predict_proba`` gives cells x classes."""
+
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        threshold: float | None = None,
+        **kwargs,
+    ) -> pd.DataFrame:
+        """Cell types and their probabilities (classifier head).
+
+        Parameters
+        ----------
+        adata
+            Cells to label (``None``: the model's AnnData), as in ``predict_proba``.
+        indices
+            Cells of ``adata`` to label (``None``: all).
+        threshold
+            Cells whose best probability is below it are labelled ``"Unassigned"`` (scBERT's
+            novel-type option, whose official threshold is 0.5); ``None`` labels every cell.
+        **kwargs
+            Passed to the model class's ``predict_proba`` (``layer``, ``gene_key``,
+            ``batch_size`` ...).
+
+        Returns
+        -------
+        A DataFrame indexed by ``obs_names`` with ``label`` (categorical) and ``score`` (the
+        best probability).
+        """
+        from .._labels import labels_from_proba
+
+        return labels_from_proba(self.predict_proba(adata, indices, **kwargs), threshold)

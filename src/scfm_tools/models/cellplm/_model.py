@@ -20,7 +20,6 @@ from scvi.model.base import BaseModelClass
 from ..._anndata import get_matrix, resolve_seed
 from ..._cell_rng import RandomStream
 from ..._docs import DOC_RANDOM_STREAM, doc_params
-from ..._labels import labels_from_proba
 from ..._validation import InputError, check_counts, check_unique_names
 from ...pp._match_genes import GeneMatch, match_to_vocab
 from ...train import (
@@ -30,7 +29,7 @@ from ...train import (
     TrainingMixin,
     compute_class_weights,
 )
-from .._classifier import check_labels_key, registered_classes, resolve_classes
+from .._classifier import ClassifierMixin, check_labels_key, registered_classes, resolve_classes
 from .._gene_embeddings import GeneEmbeddings, token_table_rows
 from ..base import PretrainedMixin, unbound_registry
 from ..base._streaming import as_device
@@ -114,7 +113,7 @@ def _match(var_names, gene_list: Sequence[str]) -> GeneMatch:
     return match
 
 
-class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
+class CellPLM(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
     """CellPLM (Wen et al., ICLR 2024) as an scvi-tools model: pretrain, embed, annotate.
 
     Cells are the tokens: the cells of one sample (the ``batch_key`` of :meth:`setup_anndata`)
@@ -939,42 +938,6 @@ class CellPLM(PretrainedMixin, TrainingMixin, BaseModelClass):
             device=as_device(self.device),
         )
         return pd.DataFrame(proba, index=adata.obs_names.copy(), columns=list(self.classes))
-
-    def predict(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        *,
-        threshold: float | None = None,
-        layer: str | None = None,
-        gene_key: str | None = None,
-        batch_key: str | None = None,
-        batch_size: int | None = None,
-    ) -> pd.DataFrame:
-        """Cell types and their probabilities.
-
-        Parameters
-        ----------
-        adata, indices, layer, gene_key, batch_key, batch_size
-            As in :meth:`predict_proba`.
-        threshold
-            Cells whose best probability is below it are labelled ``"Unassigned"``; ``None``
-            labels every cell.
-
-        Returns
-        -------
-        A DataFrame indexed by ``obs_names`` with ``label`` (categorical) and ``score`` (the
-        best probability).
-        """
-        proba = self.predict_proba(
-            adata,
-            indices,
-            layer=layer,
-            gene_key=gene_key,
-            batch_key=batch_key,
-            batch_size=batch_size,
-        )
-        return labels_from_proba(proba, threshold)
 
     def embed_var_genes(self, adata: AnnData, *, gene_key: str | None = None) -> GeneEmbeddings:
         """Embed the genes of ``adata`` (``sft.tl.embed_genes``): rows of the gene table.

@@ -18,14 +18,15 @@ from scvi.model.base import BaseModelClass
 
 from ..._anndata import DEFAULT_CHUNK_SIZE, get_matrix, resolve_seed, row_blocks
 from ..._docs import doc_params
-from ..._labels import labels_from_proba
 from ..._validation import check_counts, check_unique_names
 from ...pp._match_genes import GeneMatch, match_adata_genes
 from ...train import DOC_TRAIN_SCALE, ClassWeights, TrainingMixin, compute_class_weights
 from .._classifier import (
+    ClassifierMixin,
     Head,
     check_labels_key,
     labelled_reference,
+    proba_frame,
     registered_classes,
     resolve_classes,
 )
@@ -84,7 +85,7 @@ def _checkpoint_classes(path: Path, n_classes: int, required: bool) -> list[str]
     return classes
 
 
-class SCBERT(PretrainedMixin, TrainingMixin, BaseModelClass):
+class SCBERT(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
     """scBERT (Yang et al. 2022) as an scvi-tools model: pretrain, fine-tune, embed, annotate.
 
     Every cell is read on the model's gene list (16,906 genes for the published model; genes
@@ -711,42 +712,4 @@ class SCBERT(PretrainedMixin, TrainingMixin, BaseModelClass):
             n_cells=adata.n_obs,
         )
         parts = list(chunks)
-        proba = np.concatenate(parts) if parts else np.empty((0, len(self.classes)), np.float32)
-        return pd.DataFrame(proba, index=adata.obs_names.copy(), columns=list(self.classes))
-
-    def predict(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        *,
-        threshold: float | None = None,
-        layer: str | None = None,
-        gene_key: str | None = None,
-        batch_size: int = 8,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-    ) -> pd.DataFrame:
-        """Cell types and confidences, as the official ``predict.py``.
-
-        Parameters
-        ----------
-        adata, indices, layer, gene_key, batch_size, chunk_size
-            As in :meth:`get_latent_representation`.
-        threshold
-            Cells whose best probability is below it are labelled ``"Unassigned"`` (the
-            official novel-type option, whose default threshold is 0.5); ``None`` labels
-            every cell.
-
-        Returns
-        -------
-        A DataFrame indexed by ``obs_names`` with ``label`` (categorical) and ``score`` (the
-        best probability).
-        """
-        proba = self.predict_proba(
-            adata,
-            indices,
-            batch_size=batch_size,
-            layer=layer,
-            gene_key=gene_key,
-            chunk_size=chunk_size,
-        )
-        return labels_from_proba(proba, threshold)
+        return proba_frame(parts, adata.obs_names, self.classes)

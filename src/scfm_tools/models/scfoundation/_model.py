@@ -18,7 +18,6 @@ from scvi.model.base import BaseModelClass
 
 from ..._anndata import DEFAULT_CHUNK_SIZE, get_matrix, resolve_seed
 from ..._docs import doc_params
-from ..._labels import labels_from_proba
 from ..._validation import InputError, check_counts, check_nonempty, check_unique_names
 from ...pp._match_genes import match_adata_genes
 from ...train import (
@@ -30,8 +29,10 @@ from ...train import (
     stratified_split,
 )
 from .._classifier import (
+    ClassifierMixin,
     check_labels_key,
     labelled_reference,
+    proba_frame,
     registered_classes,
     resolve_classes,
 )
@@ -92,7 +93,7 @@ DEFAULT_ARCHITECTURE = {
 }
 
 
-class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
+class SCFoundation(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
     """scFoundation (xTrimoGene, Hao et al. 2024) as an scvi-tools model: pretrain, fine-tune.
 
     Every cell is read on the model's genes (genes of ``adata`` matched by symbol; model genes
@@ -1082,42 +1083,4 @@ class SCFoundation(PretrainedMixin, TrainingMixin, BaseModelClass):
                 n_cells=adata.n_obs,
             )
         )
-        width = len(self.classes)
-        proba = np.concatenate(parts) if parts else np.empty((0, width), np.float32)
-        return pd.DataFrame(proba, index=adata.obs_names.copy(), columns=list(self.classes))
-
-    def predict(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        *,
-        threshold: float | None = None,
-        layer: str | None = None,
-        gene_key: str | None = None,
-        batch_size: int = 32,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-    ) -> pd.DataFrame:
-        """Cell types and their probabilities.
-
-        Parameters
-        ----------
-        adata, indices, layer, gene_key, batch_size, chunk_size
-            As in :meth:`predict_proba`.
-        threshold
-            Cells whose best probability is below it are labelled ``"Unassigned"``; ``None``
-            labels every cell.
-
-        Returns
-        -------
-        A DataFrame indexed by ``obs_names`` with ``label`` (categorical) and ``score`` (the
-        best probability).
-        """
-        proba = self.predict_proba(
-            adata,
-            indices,
-            layer=layer,
-            gene_key=gene_key,
-            batch_size=batch_size,
-            chunk_size=chunk_size,
-        )
-        return labels_from_proba(proba, threshold)
+        return proba_frame(parts, adata.obs_names, self.classes)

@@ -21,7 +21,6 @@ from scvi.model.base import BaseModelClass
 from ..._anndata import DEFAULT_CHUNK_SIZE, get_matrix, resolve_seed, row_blocks
 from ..._cell_rng import RandomStream
 from ..._docs import DOC_RANDOM_STREAM, doc_params
-from ..._labels import labels_from_proba
 from ..._lognorm import log1p_per_10k
 from ..._validation import InputError, check_nonnegative, check_unique_names
 from ...pp._match_genes import _SPECIAL, GeneMatch, load_vocab, match_adata_genes
@@ -34,7 +33,14 @@ from ...train import (
     compute_class_weights,
     stratified_split,
 )
-from .._classifier import Head, check_labels_key, registered_classes, resolve_classes
+from .._classifier import (
+    ClassifierMixin,
+    Head,
+    check_labels_key,
+    proba_frame,
+    registered_classes,
+    resolve_classes,
+)
 from .._gene_embeddings import GeneEmbeddings, rows_on_var
 from ..base import PretrainedMixin, unbound_registry
 from ..base._streaming import gather_blocks, run_minibatches
@@ -152,7 +158,7 @@ def _variable_genes(X, match: GeneMatch, n_top: int) -> list[int]:
     return sorted(int(i) for i in match.index[chosen])
 
 
-class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
+class SCGPT(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
     """scGPT (Cui et al., Nature Methods 2024) as an scvi-tools model: pretrain, fine-tune, embed.
 
     The transformer reads, per cell, the expressed genes as tokens with their per-cell quantile
@@ -1083,48 +1089,7 @@ class SCGPT(PretrainedMixin, TrainingMixin, BaseModelClass):
             device=self.device,
         )
         parts = list(gather_blocks(results, (len(self.classes),)))
-        proba = np.concatenate(parts) if parts else np.empty((0, len(self.classes)), np.float32)
-        return pd.DataFrame(proba, index=adata.obs_names.copy(), columns=list(self.classes))
-
-    def predict(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        *,
-        threshold: float | None = None,
-        layer: str | None = None,
-        gene_key: str | None = None,
-        batch_size: int = 64,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        max_length: int | None = None,
-        random_state: int | None = 0,
-    ) -> pd.DataFrame:
-        """Cell types and their probabilities (classifier head).
-
-        Parameters
-        ----------
-        adata, indices, layer, gene_key, batch_size, chunk_size, max_length, random_state
-            As in :meth:`predict_proba`.
-        threshold
-            Cells whose best probability is below it are labelled ``"Unassigned"``; ``None``
-            labels every cell.
-
-        Returns
-        -------
-        A DataFrame indexed by ``obs_names`` with ``label`` (categorical) and ``score`` (the
-        best probability).
-        """
-        proba = self.predict_proba(
-            adata,
-            indices,
-            layer=layer,
-            gene_key=gene_key,
-            batch_size=batch_size,
-            chunk_size=chunk_size,
-            max_length=max_length,
-            random_state=random_state,
-        )
-        return labels_from_proba(proba, threshold)
+        return proba_frame(parts, adata.obs_names, self.classes)
 
     @torch.inference_mode()
     def get_gene_embeddings(
