@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from scvi.module.base import LossOutput, auto_move_data
+from scvi.module.base import LossOutput
 from torch import Tensor, nn
 
 from ...nn._grad_reverse import grad_reverse
@@ -175,124 +175,18 @@ class SCGPTIntegrationModule(SCGPTModule):
             AdversarialDiscriminator(self.d_model, n_domains) if dab_weight > 0 else None
         )
 
-    def encode(
-        self,
-        gene_ids: Tensor,
-        values: Tensor,
-        padding_mask: Tensor,
-        *,
-        batch_labels: Tensor | None = None,
-        return_attention: bool | list[int] = False,
-        cls_only: bool = False,
-    ) -> dict[str, Any]:
-        """Embed the tokens, normalise them per batch (DSBN), run the transformer.
-
-        Parameters
-        ----------
-        gene_ids
-            Token ids ``(batch, seq_len)``, ``<cls>`` first.
-        values
-            Input values ``(batch, seq_len)``.
-        padding_mask
-            Boolean ``(batch, seq_len)``, ``True`` at padding.
-        batch_labels
-            Batch codes ``(batch,)`` (needed with DSBN).
-        return_attention
-            Layers whose attention weights to return.
-        cls_only
-            Compute the last layer for ``<cls>`` only.
-
-        Returns
-        -------
-        As :meth:`SCGPTModule.encode <scfm_tools.models.scgpt.SCGPTModule.encode>`.
-        """
-        gene_embs = self.encoder(gene_ids)
-        total = gene_embs + self.value_encoder(values)
-        if self.dsbn is not None:
-            if batch_labels is None:
-                raise ValueError("this model normalises per batch (DSBN): pass batch_labels.")
-            total = self.dsbn(total, batch_labels.reshape(-1).long())
-        out, attention = self.transformer_encoder(
-            total,
-            padding_mask.bool(),
-            return_attention=return_attention,
-            last_queries=1 if cls_only else None,
-        )
-        return {"transformer_output": out, "gene_embs": gene_embs, "attention": attention}
-
-    @auto_move_data
-    def inference(
-        self,
-        gene_ids: Tensor,
-        values: Tensor,
-        padding_mask: Tensor,
-        batch_labels: Tensor | None = None,
-        *,
-        return_attention: bool | list[int] = False,
-    ) -> dict[str, Any]:
-        """Encode a minibatch; ``cell_emb`` is the output at ``<cls>``.
-
-        Parameters
-        ----------
-        gene_ids
-            Token ids ``(batch, seq_len)``, ``<cls>`` first.
-        values
-            Input values ``(batch, seq_len)``.
-        padding_mask
-            Boolean ``(batch, seq_len)``, ``True`` at padding.
-        batch_labels
-            Batch codes ``(batch,)``; required.
-        return_attention
-            Layers whose attention weights to return.
-
-        Returns
-        -------
-        :meth:`encode`'s dict plus ``cell_emb`` ``(batch, d_model)`` and ``batch_labels``.
-        """
+    def _check_batch_labels(self, batch_labels: Tensor | None) -> None:
+        # DSBN and the adversary read every cell's batch, with or without batch embeddings
         if batch_labels is None:
             raise ValueError("an integration module needs the batch_labels of every minibatch.")
-        batch_labels = batch_labels.reshape(-1).long()
-        out = self.encode(
-            gene_ids,
-            values,
-            padding_mask,
-            batch_labels=batch_labels,
-            return_attention=return_attention,
-        )
-        out["cell_emb"] = out["transformer_output"][:, 0, :]
-        out["batch_labels"] = batch_labels
-        return out
 
-    def generative(
-        self,
-        transformer_output: Tensor,
-        cell_emb: Tensor,
-        gene_embs: Tensor,
-        batch_labels: Tensor | None = None,
-    ) -> dict[str, Tensor]:
-        """Decode as the base module; the batch embedding goes in only with ``use_batch_labels``.
-
-        Parameters
-        ----------
-        transformer_output
-            Encoder output ``(batch, seq_len, d_model)``.
-        cell_emb
-            Cell embedding ``(batch, d_model)``.
-        gene_embs
-            Gene-encoder output ``(batch, seq_len, d_model)``.
-        batch_labels
-            Batch codes ``(batch,)``.
-
-        Returns
-        -------
-        As :meth:`SCGPTModule.generative <scfm_tools.models.scgpt.SCGPTModule.generative>`.
-        """
-        return super().generative(
-            transformer_output,
-            cell_emb,
-            gene_embs,
-            batch_labels if self.use_batch_labels else None,
-        )
+    def _per_batch(self, tokens: Tensor, batch_labels: Tensor | None) -> Tensor:
+        """Domain-specific batch norm of the token embeddings (each cell by its batch)."""
+        if self.dsbn is None:
+            return tokens
+        if batch_labels is None:
+            raise ValueError("this model normalises per batch (DSBN): pass batch_labels.")
+        return self.dsbn(tokens, batch_labels.reshape(-1).long())
 
     def loss(
         self,

@@ -363,6 +363,7 @@ class SCGPTModule(BaseModuleClass):
         values: Tensor,
         padding_mask: Tensor,
         *,
+        batch_labels: Tensor | None = None,
         return_attention: bool | list[int] = False,
         cls_only: bool = False,
     ) -> dict[str, Any]:
@@ -376,6 +377,9 @@ class SCGPTModule(BaseModuleClass):
             Input values ``(batch, seq_len)``.
         padding_mask
             Boolean ``(batch, seq_len)``, ``True`` at padding.
+        batch_labels
+            Batch codes ``(batch,)``, for a module that normalises the token embeddings per
+            batch (:meth:`_per_batch`); this one reads them only in the decoders.
         return_attention
             Layers whose attention weights to return (see
             :meth:`scfm_tools.nn.TransformerEncoder.forward`).
@@ -389,7 +393,7 @@ class SCGPTModule(BaseModuleClass):
         encoder output, used by the MVC decoder) and ``attention`` (layer -> weights).
         """
         gene_embs = self.encoder(gene_ids)
-        total = gene_embs + self.value_encoder(values)
+        total = self._per_batch(gene_embs + self.value_encoder(values), batch_labels)
         out, attention = self.transformer_encoder(
             total,
             padding_mask.bool(),
@@ -397,6 +401,10 @@ class SCGPTModule(BaseModuleClass):
             last_queries=1 if cls_only else None,
         )
         return {"transformer_output": out, "gene_embs": gene_embs, "attention": attention}
+
+    def _per_batch(self, tokens: Tensor, batch_labels: Tensor | None) -> Tensor:
+        """Return the token embeddings as the transformer reads them (unchanged here)."""
+        return tokens
 
     # scvi-tools module interface ---------------------------------------------------------------
     def _get_inference_input(self, tensors: dict[str, Tensor], **kwargs) -> dict[str, Any]:
@@ -439,10 +447,14 @@ class SCGPTModule(BaseModuleClass):
         one position): the cross-entropy reads nothing else.
         """
         self._check_batch_labels(batch_labels)
+        if batch_labels is not None:
+            # the loader gives a (batch, 1) column; the embeddings and losses take codes
+            batch_labels = batch_labels.reshape(-1).long()
         out = self.encode(
             gene_ids,
             values,
             padding_mask,
+            batch_labels=batch_labels,
             return_attention=return_attention,
             cls_only=self.is_classifier,
         )
