@@ -31,18 +31,17 @@ keeps the run within a few CPU minutes. The weights are written as ``scbert.safe
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from _card import card_files
-from _knn_eval import knn5_vs_pca, summary
-from _shared_data import PRETRAINING_FILES, REPO, unlabelled_union
+from _default_run import run_default_training
+from _knn_eval import summary
+from _shared_data import REPO, unlabelled_union
 
 OUT_DIR = REPO / "src" / "scfm_tools" / "data" / "models" / "scbert-default"
 NAME = "scbert-default"
@@ -215,29 +214,5 @@ def write_card(
     (out / "card.json").write_text(json.dumps(card.to_dict(), indent=1) + "\n")
 
 
-def main() -> None:
-    """Parse the command line and run."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=OUT_DIR, help="folder to write into")
-    parser.add_argument("--exclude", nargs="*", default=[], help="training files to leave out")
-    # One thread: with other processes on the two cores, two OpenMP threads ran much slower.
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--max-epochs", type=int, default=TRAINING["max_epochs"])
-    opts = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    unknown = set(opts.exclude) - set(PRETRAINING_FILES)
-    if unknown:
-        parser.error(f"--exclude names files that are not trained on: {sorted(unknown)}")
-    TRAINING["max_epochs"] = opts.max_epochs
-    torch.set_num_threads(opts.threads)
-    files = tuple(f for f in PRETRAINING_FILES if f not in opts.exclude)
-    with tempfile.TemporaryDirectory() as scratch:
-        run = train(files, opts.out, Path(scratch))
-        evaluation = knn5_vs_pca(str(opts.out))
-        untrained = knn5_vs_pca(scratch)
-    logger.info("evaluation: %s", json.dumps({"trained": evaluation, "untrained": untrained}))
-    write_card(opts.out, files, run, evaluation, untrained)
-
-
 if __name__ == "__main__":
-    main()
+    run_default_training(__doc__, OUT_DIR, TRAINING, train, write_card)
