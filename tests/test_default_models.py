@@ -175,7 +175,8 @@ def test_scbert_default_is_the_start_of_fine_tuning(pbmc):
         "cell_type",
         max_epochs=2,
         batch_size=16,
-        train_kwargs={"plan_kwargs": {"lr": 3e-3}, "train_size": 1.0},
+        validation_size=0,
+        train_kwargs={"plan_kwargs": {"lr": 3e-3}},
     )
     before, after = default.module.state_dict(), tuned.module.state_dict()
     # trainable="official": the embeddings stay the default's, the second-to-last block trains

@@ -191,3 +191,28 @@ def test_setup_and_construction_errors(pbmc):
         model.predict(adata)
     with pytest.raises(ValueError, match="classifier head only"):
         model.train(max_epochs=1, class_weights="official", **TRAIN)
+
+
+def test_fine_tune_classifier_holds_out_a_validation_part_and_stops_early(pbmc, pretrained):
+    """A stratified fifth of the reference is watched; training stops when its loss stalls."""
+    model, _ = pretrained
+    reference = pbmc[600:800].copy()
+    with pytest.raises(ValueError, match="patience"):
+        model.fine_tune_classifier(reference, "cell_type", patience=0)
+    tuned = model.fine_tune_classifier(
+        reference,
+        "cell_type",
+        max_epochs=8,
+        batch_size=32,
+        validation_size=0.2,
+        patience=1,
+        train_kwargs=TRAIN,
+    )
+    validation = tuned.history["validation_loss"].to_numpy().ravel().astype(float)
+    train = tuned.history["train_loss"].to_numpy().ravel().astype(float)
+    assert np.isfinite(validation).all() and 1 <= len(validation) <= 8
+    assert len(train) == len(validation)
+    # patience 1: a run that stops early stops one epoch after its best
+    if len(validation) < 8:
+        assert int(np.argmin(validation)) == len(validation) - 2, validation
+    assert tuned.classes == sorted(reference.obs["cell_type"].astype(str).unique())

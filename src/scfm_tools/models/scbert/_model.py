@@ -20,7 +20,14 @@ from ..._anndata import DEFAULT_CHUNK_SIZE, get_matrix, resolve_seed, row_blocks
 from ..._docs import doc_params
 from ..._validation import check_counts, check_unique_names
 from ...pp._match_genes import GeneMatch, match_adata_genes
-from ...train import DOC_TRAIN_SCALE, ClassWeights, TrainingMixin, compute_class_weights
+from ...train import (
+    DOC_TRAIN_SCALE,
+    ClassWeights,
+    RestoreBestWeights,
+    TrainingMixin,
+    compute_class_weights,
+    stratified_split,
+)
 from .._classifier import (
     ClassifierMixin,
     Head,
@@ -50,6 +57,9 @@ __all__ = ["CLASSES_FILE", "SCBERT", "compute_class_weights"]
 logger = logging.getLogger("scfm_tools")
 
 CLASSES_FILE = "classes.txt"
+# The official fine-tuning learning rate, for the published model's width.
+OFFICIAL_LR = 1e-4
+OFFICIAL_DIM = 200
 Trainable = Literal["official", "all", "head"]
 
 
@@ -342,10 +352,12 @@ class SCBERT(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
         reference: AnnData,
         labels_key: str,
         *,
-        max_epochs: int = 10,
+        max_epochs: int = 20,
         batch_size: int = 8,
         class_weights: ClassWeights = "official",
         trainable: Trainable = "official",
+        validation_size: float = 0.1,
+        patience: int = 3,
         random_state: int | None = 0,
         train_kwargs: Mapping[str, Any] | None = None,
     ) -> SCBERT:
@@ -353,7 +365,12 @@ class SCBERT(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
 
         As the official ``finetune.py``: a new classifier head for the reference's cell types,
         the head, the final norm and the second-to-last Performer block trained (``trainable``)
-        with class weights against imbalance. This model is left as it is.
+        with class weights against imbalance, at the official learning rate scaled to the
+        model's width (1e-4 for the published 200-wide model, ``1e-4 * 200 / dim`` otherwise,
+        as Adam learning rates scale with width). As the official script keeps the epoch of the
+        best validation accuracy, a stratified part of the reference (``validation_size``) is
+        held out: training stops when its loss has not improved for ``patience`` epochs, and
+        the weights of its best epoch are kept. This model is left as it is.
 
         Parameters
         ----------
@@ -365,38 +382,58 @@ class SCBERT(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
         labels_key
             Column of ``reference.obs`` with the cell types.
         max_epochs
-            Passes over the reference.
+            Most passes over the training cells.
         batch_size
             Cells per minibatch (the official value is 3 with 60-step gradient accumulation).
         class_weights
             See :meth:`train`.
         trainable
             See :meth:`from_pretrained`.
+        validation_size
+            Share of each cell type held out to watch (early stopping, best weights); ``0``
+            trains on every cell for ``max_epochs`` epochs.
+        patience
+            Epochs without a lower validation loss before training stops.
         random_state
-            Seed of the new head, the data order, masks and dropout (``None``:
+            Seed of the new head, the split, the data order, masks and dropout (``None``:
             ``sft.settings.seed``); the caller's global torch random state is left alone.
         train_kwargs
-            Passed to :meth:`train` (``plan_kwargs``, ``accelerator``, ``train_size`` ...).
+            Passed to :meth:`train`: ``plan_kwargs`` (``lr`` ...), ``accelerator``,
+            ``devices``, ``precision``, ``enable_progress_bar`` ...
 
         Returns
         -------
-        The fine-tuned :class:`SCBERT`, bound to the registered reference.
+        The fine-tuned :class:`SCBERT` (:attr:`classes`, :attr:`history`), bound to the
+        registered reference.
         """
+        if isinstance(patience, bool) or int(patience) < 1:
+            raise ValueError(f"patience must be a positive integer, got {patience!r}.")
         seed = resolve_seed(random_state)
         ref = labelled_reference(type(self), reference, labels_key)
         train_kwargs = dict(train_kwargs or {})
-        plan = dict(train_kwargs.pop("plan_kwargs", None) or {})
-        plan.setdefault("random_state", seed)
+        plan = {
+            "random_state": seed,
+            "lr": OFFICIAL_LR * OFFICIAL_DIM / self.module.config["dim"],
+            **(train_kwargs.pop("plan_kwargs", None) or {}),
+        }
+        callbacks = list(train_kwargs.pop("callbacks", None) or [])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = type(self)._around(
                 self.module, self.genes, ref, "classifier", None, trainable=trainable
             )
+            codes = model.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)
+            train, validation = stratified_split(np.asarray(codes).ravel(), validation_size, seed)
+            if validation.size:
+                callbacks.append(RestoreBestWeights("validation_loss", patience=patience))
+                train_kwargs.setdefault("check_val_every_n_epoch", 1)
             model.train(
                 max_epochs=max_epochs,
                 batch_size=batch_size,
                 class_weights=class_weights,
                 plan_kwargs=plan,
+                datasplitter_kwargs={"external_indexing": [train, validation, np.empty(0, int)]},
+                callbacks=callbacks,
                 **train_kwargs,
             )
         model.pretrained_ = {**getattr(self, "pretrained_", {}), "fine_tuned": True}
