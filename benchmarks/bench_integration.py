@@ -21,7 +21,8 @@ chemistries (unlabelled: batch correction only; ``--pbmc-cells`` cells, the same
 each chemistry, to fit a CPU run).
 
     python benchmarks/bench_integration.py --threads 1 [--pbmc-cells 1200] \
-        [--scgpt-genes 400] [--scgpt-epochs N]
+        [--scgpt-genes 400] [--scgpt-epochs N] [--datasets cellbench pbmc] \
+        [--integrations X_cellplm_adversarial X_scgpt_official ...]
 
 scGPT reads every one of its genes for every cell (the official recipe's 1,200 genes make
 sequences of 1,201 tokens); ``--scgpt-genes`` lowers that for a CPU run (the results say what
@@ -43,6 +44,7 @@ import numpy as np
 from _baselines import harmony_embedding, pca_embedding, scvi_embedding
 from _common import (
     RESULTS_DIR,
+    load_average,
     log,
     machine_info,
     markdown_table,
@@ -203,6 +205,8 @@ def _run_dataset(name: str, adata, args) -> tuple[list[dict], str]:
         lambda: sft.tl.embed_cells(adata, "cellplm-default", batch_key=batch_key),
     )
     for key, model, method in INTEGRATIONS:
+        if key not in args.integrations:
+            continue
         options = {}
         if model.startswith("scgpt"):
             options = {"n_top_genes": args.scgpt_genes}
@@ -244,6 +248,8 @@ def _verdicts(rows: list[dict]) -> list[str]:
         labelled = by[PCA_KEY]["labelled"]
         score = "Total" if labelled else "Batch correction"
         for key, _, _ in INTEGRATIONS:
+            if key not in by:
+                continue
             r = by[key]
             parts = [
                 f"{score.lower()} {r[score]:.3f} vs scVI {by['X_scvi'][score]:.3f} "
@@ -270,11 +276,24 @@ def main() -> None:
     parser.add_argument(
         "--scvi-epochs", type=int, default=None, help="default: scvi-tools' own heuristic"
     )
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["cellbench", "pbmc"],
+        help="datasets to run, by the first word of the file name",
+    )
+    parser.add_argument(
+        "--integrations",
+        nargs="+",
+        default=[key for key, _, _ in INTEGRATIONS],
+        choices=[key for key, _, _ in INTEGRATIONS],
+        help="integrations to run (default: all)",
+    )
     args = parser.parse_args()
     set_threads(args.threads)
     data_dir = shared_path("SFT_DATA", "../shared/data")
     rows, tables = [], []
-    for name in DATASETS:
+    for name in [n for n in DATASETS if n.split("_")[0] in args.datasets]:
         adata = _load(name, data_dir, args.pbmc_cells)
         dataset_rows, table = _run_dataset(name, adata, args)
         rows.extend(dataset_rows)
@@ -294,7 +313,8 @@ def main() -> None:
         f"`python benchmarks/bench_integration.py --threads {args.threads} --pbmc-cells "
         f"{args.pbmc_cells} --scgpt-genes {args.scgpt_genes}"
         + (f" --scgpt-epochs {args.scgpt_epochs}" if args.scgpt_epochs else "")
-        + "`; scVI epochs: "
+        + f" --datasets {' '.join(args.datasets)} --integrations {' '.join(args.integrations)}"
+        + f"`, load average at the end {load_average()}; scVI epochs: "
         f"{args.scvi_epochs or 'scvi-tools default'}. scib-metrics `Benchmarker`, raw scores "
         "(not min-max scaled), total = 0.6 bio + 0.4 batch; the PBMC chemistries have no "
         "labels, so only batch correction is scored there. Every embedding of a dataset is "
