@@ -21,6 +21,36 @@ from _shared_data import PRETRAINING_FILES
 logger = logging.getLogger(__name__)
 
 
+def run_record(training: dict, seconds: float, cpu_seconds: float, history: dict) -> dict:
+    """Return what a card records about a training run: cells read, times, threads, versions.
+
+    Parameters
+    ----------
+    training
+        The script's training settings (``max_epochs``, ``batches_per_epoch``, ``batch_size``).
+    seconds
+        Wall time of the training.
+    cpu_seconds
+        CPU time of the training.
+    history
+        Per-epoch losses; ``train_loss`` is recorded.
+    """
+    import scvi
+    import torch
+
+    return {
+        "cells_read": training["max_epochs"]
+        * training["batches_per_epoch"]
+        * training["batch_size"],
+        "seconds": round(seconds),
+        "cpu_seconds": round(cpu_seconds),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "scvi_tools": scvi.__version__,
+        "train_loss_per_epoch": history["train_loss"],
+    }
+
+
 def run_default_training(
     doc: str,
     out_dir: Path,

@@ -33,9 +33,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from _card import card_files
-from _default_run import run_default_training
+from _default_run import run_default_training, run_record
 from _knn_eval import summary
 from _shared_data import REPO, unlabelled_union
 
@@ -104,15 +103,7 @@ def train(files: tuple[str, ...], out: Path, initial: Path) -> dict:
         "cells": int(adata.n_obs),
         "genes": int(n_union),
         "genes_in_model": int(adata.n_vars),
-        "cells_read": TRAINING["max_epochs"]
-        * TRAINING["batches_per_epoch"]
-        * TRAINING["batch_size"],
-        "seconds": round(seconds),
-        "cpu_seconds": round(cpu_seconds),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "scvi_tools": scvi.__version__,
-        "train_loss_per_epoch": history["train_loss"],
+        **run_record(TRAINING, seconds, cpu_seconds, history),
     }
 
 
