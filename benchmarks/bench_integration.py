@@ -27,7 +27,8 @@ each chemistry, to fit a CPU run).
 scGPT reads every one of its genes for every cell (the official recipe's 1,200 genes make
 sequences of 1,201 tokens); ``--scgpt-genes`` lowers that for a CPU run (the results say what
 ran). Writes ``benchmarks/results/integration.{json,md,png}`` and the scib-metrics tables
-``integration_<dataset>.svg``. The shipped default models were pretrained (without labels) on
+``integration_<dataset>.svg`` (``--name`` changes the stem, so that a run of one dataset keeps
+the results of another). The shipped default models were pretrained (without labels) on
 cells of these files; their cards say so.
 """
 
@@ -135,11 +136,11 @@ def _scib(adata, keys: list[str], label_key: str | None, batch_key: str):
     return bench, {key: {k: float(v) for k, v in table.loc[key].items()} for key in keys}
 
 
-def _save_table(bench, dataset: str) -> str:
-    """Plot scib-metrics' results table into results/integration_<dataset>.svg."""
+def _save_table(bench, dataset: str, name: str) -> str:
+    """Plot scib-metrics' results table into results/<name>_<dataset>.svg."""
     import matplotlib.pyplot as plt
 
-    stem = f"{NAME}_{dataset.removesuffix('.h5ad').split('_')[0]}"
+    stem = f"{name}_{dataset.removesuffix('.h5ad').split('_')[0]}"
     with tempfile.TemporaryDirectory() as tmp:
         bench.plot_results_table(min_max_scale=False, show=False, save_dir=tmp)
         shutil.copy(Path(tmp) / "scib_results.svg", RESULTS_DIR / f"{stem}.svg")
@@ -147,7 +148,7 @@ def _save_table(bench, dataset: str) -> str:
     return f"{stem}.svg"
 
 
-def _figure(rows: list[dict]) -> None:
+def _figure(rows: list[dict], name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,7 +167,7 @@ def _figure(rows: list[dict]) -> None:
         ax.set_title(dataset.removesuffix(".h5ad"), fontsize=9)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS_DIR / f"{NAME}.png", dpi=120)
+    fig.savefig(RESULTS_DIR / f"{name}.png", dpi=120)
     plt.close(fig)
 
 
@@ -222,7 +223,7 @@ def _run_dataset(name: str, adata, args) -> tuple[list[dict], str]:
     keys = list(seconds)
     log(f"{name}: scib-metrics on {len(keys)} embeddings")
     bench, scib = _scib(adata, keys, label_key, batch_key)
-    table_file = _save_table(bench, name)
+    table_file = _save_table(bench, name, args.name)
     rows = [
         {
             "dataset": name,
@@ -289,6 +290,11 @@ def main() -> None:
         choices=[key for key, _, _ in INTEGRATIONS],
         help="integrations to run (default: all)",
     )
+    parser.add_argument(
+        "--name",
+        default=NAME,
+        help="stem of the result files (another name keeps the results of an earlier run)",
+    )
     args = parser.parse_args()
     set_threads(args.threads)
     data_dir = shared_path("SFT_DATA", "../shared/data")
@@ -314,6 +320,7 @@ def main() -> None:
         f"{args.pbmc_cells} --scgpt-genes {args.scgpt_genes}"
         + (f" --scgpt-epochs {args.scgpt_epochs}" if args.scgpt_epochs else "")
         + f" --datasets {' '.join(args.datasets)} --integrations {' '.join(args.integrations)}"
+        + (f" --name {args.name}" if args.name != NAME else "")
         + f"`, load average at the end {load_average()}; scVI epochs: "
         f"{args.scvi_epochs or 'scvi-tools default'}. scib-metrics `Benchmarker`, raw scores "
         "(not min-max scaled), total = 0.6 bio + 0.4 batch; the PBMC chemistries have no "
@@ -328,14 +335,14 @@ def main() -> None:
         + markdown_table(rows, columns)
         + "\n\n## scib-metrics, each metric\n\n"
         + markdown_table(rows, detail)
-        + f"\n\n![integration]({NAME}.png)\n\n"
+        + f"\n\n![integration]({args.name}.png)\n\n"
         + "\n".join(f"![scib-metrics table]({t})" for t in tables)
         + "\n"
     )
     write_results(
-        NAME, {"machine": machine_info(args.threads), **vars(args), "rows": rows}, markdown
+        args.name, {"machine": machine_info(args.threads), **vars(args), "rows": rows}, markdown
     )
-    _figure(rows)
+    _figure(rows, args.name)
     print(markdown)
 
 
