@@ -190,3 +190,23 @@ def test_finetune_scgpt_predicts_from_control_cells(train):
         sft.tl.predict_perturbation(small, ["NOT_A_GENE"], method="finetune", max_epochs=1)
     with pytest.raises(NotImplementedError, match="finetune"):
         sft.tl.predict_perturbation(small, ["FOXO4"], method="finetune", model="cellplm-default")
+
+
+def test_finetune_decoder_starts_as_no_change():
+    # The new decoder returns the control values until trained, whatever the flags say.
+    import torch
+
+    from scfm_tools.models import SCGPT
+    from scfm_tools.models.scgpt._perturbation_module import PERTURBED, SCGPTPerturbationModule
+
+    model = SCGPT.from_pretrained("scgpt-default")
+    module = SCGPTPerturbationModule.from_pretrained(model.module).eval()
+    ids = torch.arange(10, 30).repeat(3, 1)
+    values = torch.rand(3, 20) * 3
+    flags = torch.zeros_like(ids)
+    flags[:, 2] = PERTURBED
+    padding = torch.zeros_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        assert (module(ids, values, flags, padding) - values).abs().max() > 1e-2  # random start
+        module.decoder.start_as_identity()
+        np.testing.assert_allclose(module(ids, values, flags, padding), values, atol=1e-6)

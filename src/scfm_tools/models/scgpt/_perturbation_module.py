@@ -6,13 +6,15 @@ value's embedding plus a perturbation-flag embedding (``pert_encoder``, 3 flags,
 perturbed" being the padding index, so a zero vector), and an affine decoder predicts each
 gene's post-perturbation value as ``coeff * value + bias``. The gene, value and transformer
 weights come from a pretrained scGPT (the tutorial's ``load_param_prefixs``); the flag embedding
-and the decoder are new.
+and the decoder are new (randomly initialised as in the tutorial, or, with
+``AffineExprDecoder.start_as_identity``, starting from "no change").
 """
 
 from __future__ import annotations
 
 import copy
 
+import torch
 from torch import Tensor, nn
 
 from ...nn import TransformerEncoder
@@ -36,6 +38,18 @@ class AffineExprDecoder(nn.Module):
 
     def forward(self, x: Tensor, values: Tensor) -> Tensor:
         return self.coeff_decoder(x)["pred"] * values + self.bias_decoder(x)["pred"]
+
+    @torch.no_grad()
+    def start_as_identity(self) -> None:
+        """Make the decoder return its input values (coefficient 1, bias 0) until trained.
+
+        The last layer of each MLP gets zero weights, so the output starts as "no change" and
+        training learns the perturbation's effect from there rather than first having to learn
+        to copy the control values through two randomly initialised MLPs.
+        """
+        for mlp, start in ((self.coeff_decoder.fc, 1.0), (self.bias_decoder.fc, 0.0)):
+            mlp[-1].weight.zero_()
+            mlp[-1].bias.fill_(start)
 
 
 class SCGPTPerturbationModule(nn.Module):
