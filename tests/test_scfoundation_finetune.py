@@ -113,10 +113,12 @@ def test_export_reload_and_annotate_without_reference(cells, finetuned, tmp_path
     assert path.name == "models.safetensors"
     config = json.loads((path.parent / "config.json").read_text())
     assert config["classes"] == TYPES and config["architecture"]["n_classes"] == len(TYPES)
+    # the head's gene cap (default 2,048) travels with the model
+    assert config["architecture"]["classifier_max_genes"] == 2048
     with pytest.raises(ValueError, match="weights='safetensors'"):
         model.export(tmp_path / "ckpt", weights="ckpt")
     loaded = SCFoundation.from_pretrained(path.parent)
-    assert loaded.classes == TYPES
+    assert loaded.classes == TYPES and loaded.module.config["classifier_max_genes"] == 2048
     np.testing.assert_allclose(loaded.predict_proba(query), model.predict_proba(query), atol=1e-6)
     for source in (path.parent, model):
         a = query.copy()

@@ -90,6 +90,31 @@ def test_gather_tokens_matches_a_loop():
         assert (gathered[i, n:] == 103).all() and (positions[i, n:] == 30).all()
 
 
+def test_classifier_reads_each_cells_most_expressed_genes():
+    module = tiny_module(n_classes=2, classifier_max_genes=3).eval()
+    n = module.n_genes
+    values = torch.zeros(2, n + 2)
+    values[0, [5, 9, 40, 41, 700]] = torch.tensor([1.0, 4.0, 2.0, 2.0, 0.5])
+    values[1, [3, 8]] = torch.tensor([1.0, 1.0])  # fewer genes than the cap: all read
+    values[:, n:] = torch.tensor([3.0, 3.5])  # T and S are always read
+    keep = module._most_expressed(values, values > 0, 3)
+    # cell 0: 9, then the tie 40/41 (both kept, the cap is 3); cell 1: both genes
+    assert torch.nonzero(keep[0]).ravel().tolist() == [9, 40, 41, n, n + 1]
+    assert torch.nonzero(keep[1]).ravel().tolist() == [3, 8, n, n + 1]
+    values[0, 41] = 3.0
+    values[0, 40] = 2.0
+    values[0, 5] = 2.0  # a tie at the cap: the first in gene order wins
+    keep = module._most_expressed(values, values > 0, 3)
+    assert torch.nonzero(keep[0]).ravel().tolist() == [5, 9, 41, n, n + 1]
+    # the head's probabilities see only the capped genes: a dropped gene changes nothing
+    values[0, 700] = 0.9
+    before = module.class_probabilities(values)
+    values[0, 700] = 0.1
+    torch.testing.assert_close(module.class_probabilities(values), before)
+    with pytest.raises(ValueError, match="classifier_max_genes"):
+        tiny_module(classifier_max_genes=0)
+
+
 def test_auto_discretization_special_values():
     torch.manual_seed(0)
     emb = AutoDiscretizationEmbedding(6, bin_num=10, mask_token_id=102, pad_token_id=103)

@@ -357,6 +357,11 @@ class SCFoundationModule(BaseModuleClass):
         Cell types of the classifier head; ``None``: no head.
     head_hidden
         Width of the head's hidden layer (official 256).
+    classifier_max_genes
+        The head reads at most this many genes of a cell, its most expressed (ties: the first
+        in gene order); ``None``: every expressed gene, as the official example. Encoder
+        attention grows with the square of a cell's expressed genes, so on deep cells
+        (thousands of genes) this cap is what makes fine-tuning on a CPU feasible.
     """
 
     def __init__(
@@ -386,10 +391,20 @@ class SCFoundationModule(BaseModuleClass):
         chunk_size: int | None = None,
         n_classes: int | None = None,
         head_hidden: int = HEAD_HIDDEN,
+        classifier_max_genes: int | None = None,
     ) -> None:
         super().__init__()
         if n_genes < 1:
             raise ValueError(f"n_genes must be positive, got {n_genes}.")
+        if classifier_max_genes is not None and (
+            isinstance(classifier_max_genes, bool)
+            or not isinstance(classifier_max_genes, int)
+            or classifier_max_genes < 1
+        ):
+            raise ValueError(
+                f"classifier_max_genes must be a positive integer or None, got "
+                f"{classifier_max_genes!r}."
+            )
         if enc_dim % enc_heads:
             raise ValueError(f"enc_dim ({enc_dim}) must be divisible by enc_heads ({enc_heads}).")
         self.config: dict[str, Any] = {
@@ -415,6 +430,7 @@ class SCFoundationModule(BaseModuleClass):
             "feature_redraw_interval": feature_redraw_interval,
             "n_classes": n_classes,
             "head_hidden": head_hidden,
+            "classifier_max_genes": classifier_max_genes,
         }
         self.n_genes = n_genes
         self.seq_len = n_genes + 2
@@ -482,7 +498,20 @@ class SCFoundationModule(BaseModuleClass):
                 f"the T and S tokens; got shape {tuple(values.shape)}."
             )
 
-    def encode(self, values: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
+    def _most_expressed(self, values: Tensor, keep: Tensor, k: int) -> Tensor:
+        """``keep`` limited to each cell's ``k`` highest gene values (``T`` and ``S`` kept)."""
+        genes = keep[:, : self.n_genes]
+        if int(genes.sum(dim=1).max()) <= k:
+            return keep
+        ranked = values[:, : self.n_genes].float().masked_fill(~genes, float("-inf"))
+        # A stable sort breaks ties by gene order, the same on every device.
+        top = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :k]
+        capped = torch.zeros_like(genes).scatter_(1, top, True) & genes
+        return torch.cat([capped, keep[:, self.n_genes :]], dim=1)
+
+    def encode(
+        self, values: Tensor, mask: Tensor | None = None, *, max_genes: int | None = None
+    ) -> dict[str, Tensor]:
         """Run the encoder on the positive, unmasked values of each cell.
 
         Parameters
@@ -491,6 +520,8 @@ class SCFoundationModule(BaseModuleClass):
             ``(batch, n_genes + 2)`` values.
         mask
             ``(batch, n_genes + 2)`` boolean, positions hidden from the encoder.
+        max_genes
+            Read at most this many genes of a cell, its most expressed (``None``: all).
 
         Returns
         -------
@@ -501,6 +532,8 @@ class SCFoundationModule(BaseModuleClass):
         keep = values > 0
         if mask is not None:
             keep = keep & ~mask
+        if max_genes is not None:
+            keep = self._most_expressed(values, keep, max_genes)
         gathered, positions, padding = gather_tokens(
             values, keep, pad_value=self.pad_token_id, pad_position=self.seq_len
         )
@@ -517,7 +550,7 @@ class SCFoundationModule(BaseModuleClass):
     @torch.no_grad()
     def class_probabilities(self, values: Tensor) -> Tensor:
         """Cell-type probabilities ``(batch, n_classes)`` (float32) of ``values``."""
-        enc = self.encode(values)
+        enc = self.encode(values, max_genes=self.config["classifier_max_genes"])
         return torch.softmax(self.class_logits(enc["hidden"], enc["positions"]), dim=-1)
 
     @torch.no_grad()
@@ -573,8 +606,9 @@ class SCFoundationModule(BaseModuleClass):
 
     @auto_move_data
     def inference(self, values: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
-        """Encode a minibatch (see :meth:`encode`)."""
-        return self.encode(values, mask)
+        """Encode a minibatch (see :meth:`encode`; a classifier reads its capped genes)."""
+        cap = self.config["classifier_max_genes"] if self.is_classifier else None
+        return self.encode(values, mask, max_genes=cap)
 
     def _get_generative_input(
         self, tensors: dict[str, Tensor], inference_outputs: dict[str, Any], **kwargs
