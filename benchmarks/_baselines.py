@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 
-__all__ = ["harmony_embedding", "is_counts", "pca_embedding", "scvi_embedding"]
+from _common import REPO_ROOT
+
+__all__ = [
+    "cellplm_trained_without",
+    "harmony_embedding",
+    "is_counts",
+    "pca_embedding",
+    "scvi_embedding",
+]
 
 
 def is_counts(adata) -> bool:
@@ -60,3 +73,21 @@ def scvi_embedding(adata, batch_key: str | None, epochs: int | None) -> np.ndarr
     model = scvi.model.SCVI(data, n_latent=10)
     model.train(max_epochs=epochs, accelerator="cpu", enable_progress_bar=False)
     return model.get_latent_representation()
+
+
+def cellplm_trained_without(name: str, out: Path, max_epochs: int) -> float:
+    """Train the shipped CellPLM default's recipe on every shared file but ``name``.
+
+    Runs ``scripts/train_default_cellplm.py --exclude name`` in a fresh process, writing the
+    model into the folder ``out``; returns the seconds it took. A model that never saw a
+    dataset shows how a default generalises to it.
+    """
+    started = time.perf_counter()
+    script = REPO_ROOT / "scripts" / "train_default_cellplm.py"
+    command = [sys.executable, str(script), "--exclude", name, "--out", str(out)]
+    subprocess.run(
+        [*command, "--max-epochs", str(max_epochs)],
+        check=True,
+        capture_output=True,
+    )
+    return time.perf_counter() - started

@@ -23,17 +23,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from _baselines import pca_embedding, scvi_embedding
+from _baselines import cellplm_trained_without, pca_embedding, scvi_embedding
 from _common import (
-    REPO_ROOT,
     load_average,
     log,
     machine_info,
@@ -87,25 +83,6 @@ def _scores(X: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
-def _train_without(name: str, out: Path, max_epochs: int) -> float:
-    started = time.perf_counter()
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "scripts" / "train_default_cellplm.py"),
-            "--exclude",
-            name,
-            "--out",
-            str(out),
-            "--max-epochs",
-            str(max_epochs),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return time.perf_counter() - started
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scvi-epochs", type=int, default=200)
@@ -123,7 +100,7 @@ def main() -> None:
             adata = _load(data_dir, name, label_key)
             labels = adata.obs[label_key].astype(str).to_numpy()
             folder = Path(scratch) / f"without_{Path(name).stem}"
-            train_seconds = _train_without(name, folder, opts.max_epochs)
+            train_seconds = cellplm_trained_without(name, folder, opts.max_epochs)
             log(f"{name}: CellPLM recipe trained without it in {train_seconds:.0f} s")
             embeddings = {}
             for method, model, options in (

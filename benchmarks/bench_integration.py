@@ -7,6 +7,8 @@ On every shared dataset with batches, in one run and on the same cells:
   (batch-aware decoder + adversarial batch classifier) and ``batch_decoder``; each from the
   shipped default model;
 * the zero-shot embeddings of the same models (``sft.tl.embed_cells``);
+* with ``--unseen``, integrate's default from a CellPLM pretrained with the shipped default's
+  recipe on every shared file but the dataset (the default itself saw them all, unlabelled);
 * scVI (scvi-tools, 10 latent dimensions, the batch as covariate, scvi-tools' default number of
   epochs), Harmony (harmonypy from PyPI, default settings, on the PCA below) and HVG+PCA
   (50 components of the log-normalised 2,000 most variable genes).
@@ -42,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _baselines import harmony_embedding, pca_embedding, scvi_embedding
+from _baselines import cellplm_trained_without, harmony_embedding, pca_embedding, scvi_embedding
 from _common import (
     RESULTS_DIR,
     load_average,
@@ -68,6 +70,8 @@ INTEGRATIONS = (
     ("X_scgpt_batch_decoder", "scgpt-default", "batch_decoder"),
 )
 PCA_KEY = "X_pca"
+# integrate's default from a CellPLM pretrained without the dataset (--unseen)
+UNSEEN_KEY = "X_cellplm_adversarial_unseen"
 BASELINES = {
     PCA_KEY: "HVG+PCA",
     "X_harmony": "Harmony",
@@ -220,6 +224,8 @@ def _run_dataset(name: str, adata, args) -> tuple[list[dict], str]:
                 adata, batch_key, model=model, method=method, key_added=key, **options
             ),
         )
+    if args.unseen:
+        _integrate_unseen(name, adata, batch_key, args, timed)
     keys = list(seconds)
     log(f"{name}: scib-metrics on {len(keys)} embeddings")
     bench, scib = _scib(adata, keys, label_key, batch_key)
@@ -241,6 +247,23 @@ def _run_dataset(name: str, adata, args) -> tuple[list[dict], str]:
     return rows, table_file
 
 
+def _integrate_unseen(name: str, adata, batch_key: str, args, timed) -> None:
+    """The default integration from a CellPLM pretrained (same recipe) without this dataset."""
+    import scfm_tools as sft
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "cellplm"
+        seconds = cellplm_trained_without(name, folder, args.unseen_epochs)
+        log(f"{name}: CellPLM recipe trained without it in {seconds:.0f} s")
+        timed(
+            UNSEEN_KEY,
+            "integrate cellplm adversarial, pretrained without D",
+            lambda: sft.tl.integrate(
+                adata, batch_key, model=str(folder), method="adversarial", key_added=UNSEEN_KEY
+            ),
+        )
+
+
 def _verdicts(rows: list[dict]) -> list[str]:
     """One line per dataset: where the default integrate stands against scVI, Harmony, PCA."""
     lines = []
@@ -248,7 +271,7 @@ def _verdicts(rows: list[dict]) -> list[str]:
         by = {r["key"]: r for r in rows if r["dataset"] == dataset}
         labelled = by[PCA_KEY]["labelled"]
         score = "Total" if labelled else "Batch correction"
-        for key, _, _ in INTEGRATIONS:
+        for key in [*(k for k, _, _ in INTEGRATIONS), UNSEEN_KEY]:
             if key not in by:
                 continue
             r = by[key]
@@ -291,6 +314,13 @@ def main() -> None:
         help="integrations to run (default: all)",
     )
     parser.add_argument(
+        "--unseen",
+        action="store_true",
+        help="also integrate from a CellPLM pretrained with the default's recipe without the "
+        "dataset (scripts/train_default_cellplm.py --exclude)",
+    )
+    parser.add_argument("--unseen-epochs", type=int, default=10, help="its pretraining epochs")
+    parser.add_argument(
         "--name",
         default=NAME,
         help="stem of the result files (another name keeps the results of an earlier run)",
@@ -320,6 +350,7 @@ def main() -> None:
         f"{args.pbmc_cells} --scgpt-genes {args.scgpt_genes}"
         + (f" --scgpt-epochs {args.scgpt_epochs}" if args.scgpt_epochs else "")
         + f" --datasets {' '.join(args.datasets)} --integrations {' '.join(args.integrations)}"
+        + (f" --unseen --unseen-epochs {args.unseen_epochs}" if args.unseen else "")
         + (f" --name {args.name}" if args.name != NAME else "")
         + f"`, load average at the end {load_average()}; scVI epochs: "
         f"{args.scvi_epochs or 'scvi-tools default'}. scib-metrics `Benchmarker`, raw scores "
