@@ -157,15 +157,19 @@ def test_bad_references_fail_cleanly(pbmc, pretrained):
     gaps.obs["cell_type"] = gaps.obs["cell_type"].astype(object)
     gaps.obs.iloc[0, gaps.obs.columns.get_loc("cell_type")] = np.nan
     cases = [
-        (ref, "celltype", "'celltype' is not a column of adata.obs"),
-        (one_type, "cell_type", "at least 2 cell types"),
-        (gaps, "cell_type", "missing labels"),
+        (ref, "celltype", "no obs column 'celltype'"),
+        (one_type, "cell_type", "needs at least 2"),
     ]
     for cells, key, message in cases:
         snap = snapshot(cells)
         with pytest.raises(InputError, match=message):
             pretrained.fine_tune_classifier(cells, key, **FAST)
         assert_unchanged(cells, snap)
+    # A cell without a label is left out of training (as the other families do).
+    snap = snapshot(gaps)
+    tuned = pretrained.fine_tune_classifier(gaps, "cell_type", **FAST)
+    assert tuned.adata.n_obs == gaps.n_obs - 1 and gaps.obs_names[0] not in tuned.adata.obs_names
+    assert_unchanged(gaps, snap)
     with pytest.raises(ValueError, match="no classifier head"):
         pretrained.predict(ref)
 

@@ -37,6 +37,7 @@ from .._classifier import (
     ClassifierMixin,
     Head,
     check_labels_key,
+    labelled_reference,
     proba_frame,
     registered_classes,
     resolve_classes,
@@ -601,11 +602,12 @@ class SCGPT(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
         Parameters
         ----------
         reference
-            Labelled cells: raw counts (or log-normalised values) and gene names; it is read,
-            never registered or modified.
+            Labelled cells: raw counts (or log-normalised values) and gene names. Registered
+            with :meth:`setup_anndata` ``(labels_key=...)``, it is trained on as it is;
+            otherwise its values, labels (cells without one are left out) and genes are read
+            into a new AnnData, and ``reference`` is not modified.
         labels_key
-            Column of ``reference.obs`` with the cell types (no missing values, at least two
-            types).
+            Column of ``reference.obs`` with the cell types (at least two types).
         layer
             Layer of ``reference`` with the values; ``None`` reads ``reference.X``.
         max_epochs
@@ -652,25 +654,16 @@ class SCGPT(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
 
         Returns
         -------
-        The fine-tuned :class:`SCGPT` (``classes``, ``history``), bound to a copy of the
-        reference's labels and values.
+        The fine-tuned :class:`SCGPT` (``classes``, ``history``), bound to the registered
+        reference.
         """
-        import anndata as ad
-
         seed = resolve_seed(random_state)
-        check_labels_key(reference, labels_key)
-        labels = reference.obs[labels_key]
-        cells = ad.AnnData(
-            get_matrix(reference, layer),
-            obs=pd.DataFrame(
-                {labels_key: pd.Categorical(labels.astype(str))}, index=reference.obs_names
-            ),
-            var=pd.DataFrame(index=reference.var_names.copy()),
-        )
-        type(self).setup_anndata(cells, labels_key=labels_key)
+        cells = labelled_reference(type(self), reference, labels_key, layer)
+        setup = type(self)._get_most_recent_anndata_manager(cells).registry["setup_args"]
         genes: Sequence[str] | bool = False
         if n_top_genes is not None:
-            ids = _variable_genes(cells.X, self.match_genes(cells), int(n_top_genes))
+            counts = get_matrix(cells, setup.get("layer"))
+            ids = _variable_genes(counts, self.match_genes(cells), int(n_top_genes))
             names = {i: token for token, i in self.vocab.items()}
             genes = [names[i] for i in ids]
         train_kwargs = dict(train_kwargs or {})
@@ -678,7 +671,7 @@ class SCGPT(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
         plan.setdefault("random_state", seed)
         if lr is not None:
             plan["lr"] = float(lr)
-        codes = cells.obs[labels_key].cat.codes.to_numpy()
+        codes = np.asarray(cells.obs[setup["labels_key"]].astype("category").cat.codes)
         train_idx, validation_idx = stratified_split(codes, VALIDATION_SIZE, seed)
         callbacks = list(train_kwargs.pop("callbacks", None) or [])
         if validation_idx.size:
