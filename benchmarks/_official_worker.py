@@ -45,34 +45,6 @@ SCGPT_ARGS = {
     "USE_CLS": True,
     "no_cce": True,
 }
-SCF_MODEL_CONFIG = {
-    "model": "mae_autobin",
-    "mask_gene_name": False,
-    "gene_num": 19266,
-    "seq_len": 19266,
-    "encoder": {
-        "hidden_dim": 768,
-        "depth": 12,
-        "heads": 12,
-        "dim_head": 64,
-        "module_type": "transformer",
-        "norm_first": False,
-    },
-    "decoder": {
-        "hidden_dim": 512,
-        "depth": 6,
-        "heads": 8,
-        "dim_head": 64,
-        "module_type": "performer",
-        "norm_first": False,
-    },
-    "n_class": 104,
-    "pad_token_id": 103,
-    "mask_token_id": 102,
-    "bin_num": 100,
-    "bin_alpha": 1.0,
-    "rawcount": True,
-}
 SCF_DATASET_CONFIG = {
     "bin_type": "auto_bin",
     "value_mask_prob": 0.3,
@@ -131,11 +103,13 @@ def _build_scfoundation(spec: dict[str, Any]) -> None:
     import torch
     from pretrainmodels import select_model
 
-    model = select_model({**SCF_MODEL_CONFIG, **SCF_DATASET_CONFIG})
+    # The published configuration, from the parent (scfm_tools' card of the official model).
+    model_config = spec["model_config"]
+    model = select_model({**model_config, **SCF_DATASET_CONFIG})
     entry = {
         "config": {
             "model": "mae_autobin",
-            "model_config": {"mae_autobin": SCF_MODEL_CONFIG},
+            "model_config": {"mae_autobin": model_config},
             "dataset_config": {"rnaseq": SCF_DATASET_CONFIG},
         },
         "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},

@@ -163,6 +163,15 @@ def _write_inputs(family: str, n: int, seed: int, scratch: Path) -> Path:
     return path
 
 
+def _scfoundation_config() -> dict[str, Any]:
+    """The published model configuration (``select_model``'s), from scfm_tools' card of it."""
+    from scfm_tools.hub import get_card
+
+    config = {k: v for k, v in get_card("scfoundation").config.items() if k != "gene_index"}
+    # Two keys of the official config that the card does not list.
+    return {**config, "mask_gene_name": False, "rawcount": True}
+
+
 def _scbert_gene_list() -> list[str]:
     """16,906 symbols: scFoundation's genes that CellBench has, then its others, in its order."""
     import anndata as ad
@@ -204,7 +213,7 @@ def _prepare(family: str, args: argparse.Namespace, src: Path, python: Path) -> 
         weights, ours_model = folder / "best_model.pt", folder
     elif family == "scfoundation":
         folder = src / "model" / "models"  # where get_embedding.py looks
-        spec.update(ckpt_dir=str(folder))
+        spec.update(ckpt_dir=str(folder), model_config=_scfoundation_config())
         weights, ours_model = folder / "models.ckpt", folder
     else:
         work = scratch / "work" / "scbert"
