@@ -70,22 +70,25 @@ NOTES = """\
 - `linear` is the additive sum wherever both genes of a double were perturbed alone in
   training: on the four "seen 2/2" doubles it scores exactly as `additive`. Its margin on the
   doubles comes from the one double of two unseen genes (BPGM+SAMD1), a single perturbation.
-- `gears` is the only model-based method with a better discrimination score than the
-  baselines on held-out singles (Norman, Papalexi), and it has the lowest MAE on the doubles;
+- `gears` has the best discrimination score on the held-out doubles and the lowest MAE there;
   it loses on Pearson delta over the top-20 DE genes in every task.
 - `finetune` ran on a CPU budget: 3 epochs, 16 cells per perturbation and epoch, 64 control
   cells per prediction, from the shipped 64-wide scGPT (the tutorial: 15 epochs over every
-  cell, 300 control cells, a 512-wide pretrained scGPT, a GPU). Its new decoder has not
-  converged (MAE of delta well above no change), so this is no verdict on scGPT's fine-tuning
-  at the tutorial's scale; it is what the shipped default gives in minutes on a CPU.
+  cell, 300 control cells, a 512-wide pretrained scGPT, a GPU). Its decoder starts as "no
+  change" (`start_from_control`), so its MAE of delta stays near that of no change (in the
+  previous run, from the tutorial's random start, it was 3-7 times higher), but the changes
+  it predicts barely follow the observed ones (top-20 DE Pearson delta 0.03-0.16). Its
+  discrimination score is the highest on held-out singles (0.54 Norman, 0.55 Papalexi) with
+  so little correlation, so that score alone says little. This is no verdict on scGPT's
+  fine-tuning at the tutorial's scale; it is what the shipped default gives in minutes on a
+  CPU.
 - The shipped default models are small and were pretrained on a few thousand PBMC and
   cell-line cells (`cellplm-default` also saw the Norman cells, unlabelled); their
   vocabularies lack KLF1, CNN1, FOXL2, HOXB9, RUNX1T1 and PDCD1LG2, which is why some
   perturbations were refused. An official checkpoint may do better; none could be fetched here.
 - `method=None` in `sft.tl.predict_perturbation` is `additive`: no model-based method beats
   it on the top-20 DE Pearson delta on more held-out perturbations than it loses, and it needs
-  no training. The run took this long because the two CPU cores were shared (load average
-  about 10); `finetune` took most of it.
+  no training. `finetune` and `gears` took most of the run's time.
 """
 HEADLINE = ("pearson_delta_top_de", "discrimination_l1")
 METRICS = (
