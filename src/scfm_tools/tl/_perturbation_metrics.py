@@ -3,6 +3,11 @@
 The metrics of cell-eval (Arc Institute's Virtual Cell Challenge evaluation), computed here on
 mean profiles (a prediction here is a mean, not cells): Pearson delta on all genes and on the
 top DE genes, DE-gene overlap and direction, MAE of the delta and the discrimination score.
+
+Written here rather than calling the ``cell-eval`` package (PyPI; it installs on Python 3.11
+with polars, pyarrow and pdex): cell-eval scores an AnnData of predicted *cells* with per-cell
+DE tests, whereas ``sft.tl.predict_perturbation`` returns one mean profile per perturbation,
+and scfm_tools keeps its dependencies small. The definitions follow cell-eval's.
 """
 
 from __future__ import annotations
