@@ -489,3 +489,26 @@ def test_impute_refuses_bad_input(cellbench, tiny_ckpt, tmp_path, fixtures_dir):
     with pytest.raises(ValueError, match="no decoder weights"):
         sft.tl.impute(adata, headless)
     assert_unchanged(adata, snap)
+
+
+def test_gene_embedder_dense_blocks_equal_the_sparse_product():
+    # Deep cells take the densified path; its result is the sparse product's, empty cells too.
+    from scfm_tools.models.cellplm._module import DENSE_FROM, GeneEmbedder, _log1p_matmul_by_blocks
+
+    gen = torch.Generator().manual_seed(0)
+    n, g = 600, 300  # more cells than one block of 256, not a multiple of it
+    dense = torch.poisson(torch.rand(n, g, generator=gen) * 0.6, generator=gen)
+    dense[[0, 257, 599]] = 0  # empty cells, at a block's start and at the end
+    x = dense.to_sparse()
+    assert x._nnz() >= DENSE_FROM * n * g
+    embedder = GeneEmbedder(g, 16)
+    expected = torch.sparse.mm(torch.log1p(x), embedder.emb)
+    torch.testing.assert_close(embedder(x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_log1p_matmul_by_blocks(x, embedder.emb), expected)
+    assert embedder(x)[[0, 257, 599]].abs().max() == 0
+    # gradients reach the embedding table the same way
+    embedder(x).sum().backward()
+    grad = embedder.emb.grad.clone()
+    embedder.emb.grad = None
+    torch.sparse.mm(torch.log1p(x), embedder.emb).sum().backward()
+    torch.testing.assert_close(grad, embedder.emb.grad, rtol=1e-5, atol=1e-5)

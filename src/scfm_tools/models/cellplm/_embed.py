@@ -309,7 +309,8 @@ def embed_matrix(
 
     def count_empty(rows: np.ndarray, counts: torch.Tensor) -> None:
         nonlocal n_empty
-        n_empty += len(rows) - int(torch.unique(counts.indices()[0]).numel())
+        # a count per cell, without the sort torch.unique would do over every entry
+        n_empty += int((torch.bincount(counts.indices()[0], minlength=len(rows)) == 0).sum())
 
     out = run_sequences(
         module,

@@ -72,6 +72,30 @@ _NO_MIXTURE = (
 )
 
 
+# Above this share of non-zero counts, dense products of row blocks beat torch's sparse kernel
+# (memory-bound: one embedding row read per count). Measured on CPU, 2,000 cells x 19,374
+# genes, 1,024 wide: 30% non-zero (deep plate-based cells) 0.78 s dense vs 3.30 s sparse, 7%
+# (10x PBMCs) 0.91 vs 0.96 s, 2% 0.87 vs 0.29 s.
+DENSE_FROM = 0.1
+_DENSE_ROWS = 256  # cells per densified block (~20 MB at 19,374 genes)
+
+
+def _log1p_matmul_by_blocks(x: Tensor, weight: Tensor) -> Tensor:
+    """``log1p(x) @ weight`` for a sparse COO ``x``, densifying ``_DENSE_ROWS`` rows at a time."""
+    x = x.coalesce()  # row-major indices, so each block's entries are one contiguous slice
+    index, values = x.indices(), torch.log1p(x.values().float())
+    n, g = x.shape
+    starts = torch.arange(0, n + _DENSE_ROWS, _DENSE_ROWS, device=x.device).clamp_max(n)
+    bounds = torch.searchsorted(index[0], starts).tolist()
+    blocks = []
+    for k, first in enumerate(range(0, n, _DENSE_ROWS)):
+        lo, hi = bounds[k], bounds[k + 1]
+        dense = torch.zeros(min(_DENSE_ROWS, n - first), g, device=x.device, dtype=weight.dtype)
+        dense[index[0, lo:hi] - first, index[1, lo:hi]] = values[lo:hi].to(weight.dtype)
+        blocks.append(dense @ weight)
+    return torch.cat(blocks) if blocks else weight.new_zeros(0, weight.shape[1])
+
+
 class GeneEmbedder(nn.Module):
     """Gene-embedding table (official ``OmicsEmbedder``): ``feat = log1p(x) @ emb``."""
 
@@ -80,6 +104,8 @@ class GeneEmbedder(nn.Module):
         self.emb = nn.Parameter(torch.randn(n_genes, dim) * 0.005)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.layout == torch.sparse_coo and x._nnz() >= DENSE_FROM * x.shape[0] * x.shape[1]:
+            return _log1p_matmul_by_blocks(x, self.emb)
         if x.is_sparse or x.layout == torch.sparse_csr:
             return torch.sparse.mm(torch.log1p(x.float()), self.emb)
         return torch.log1p(x.float()) @ self.emb
