@@ -216,3 +216,6 @@ def test_fine_tune_classifier_holds_out_a_validation_part_and_stops_early(pbmc, 
     if len(validation) < 8:
         assert int(np.argmin(validation)) == len(validation) - 2, validation
     assert tuned.classes == sorted(reference.obs["cell_type"].astype(str).unique())
+    # every layer but gene2vec trains by default (trainable="all")
+    frozen = {n for n, p in tuned.module.named_parameters() if not p.requires_grad}
+    assert frozen <= {"pos_emb.emb.weight"}, frozen
