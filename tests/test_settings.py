@@ -113,3 +113,24 @@ def test_seed_validation_and_resolution():
         sft.settings.seed = -1
     with pytest.raises(TypeError):
         resolve_seed("3")
+
+
+@pytest.mark.parametrize(
+    ("given", "first", "expected"),
+    [
+        ({}, "", "10000"),  # nobody chose: a short spin before OpenMP workers sleep
+        ({"GOMP_SPINCOUNT": "500"}, "", "500"),  # the user's choice stays
+        ({"OMP_WAIT_POLICY": "active"}, "", None),  # a chosen policy is left alone
+        ({}, "import torch; ", None),  # torch already loaded: too late to choose, left alone
+    ],
+)
+def test_import_shortens_the_openmp_spin_only_when_nobody_has_chosen(given, first, expected):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(given)
+    code = f"{first}import os, scfm_tools; print(os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == str(expected)

@@ -11,8 +11,20 @@ and Lightning are imported only when a function needs them.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
+
+# OpenMP worker threads spin at each barrier before they sleep, up to 300,000 turns in
+# libgomp. On a shared machine a descheduled worker then keeps the spinning ones busy at every
+# kernel: published-size scBERT (thousands of small kernels per cell) ran 2x slower beside two
+# busy processes. 10,000 turns (GOMP_SPINCOUNT) kept the quiet-machine speed and gained what
+# sleeping at once (OMP_WAIT_POLICY=PASSIVE, 40% slower when quiet) gains under load
+# (benchmarks/results/thread_policy.md). libgomp reads this once, when torch loads, so it is
+# set here, before any torch import, and only if the user has not chosen a policy.
+if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from ._settings import settings
 
