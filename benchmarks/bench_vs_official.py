@@ -243,7 +243,10 @@ def _prepare(family: str, args: argparse.Namespace, src: Path, python: Path) -> 
 
 # running -----------------------------------------------------------------------------------------
 def _child_env(threads: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    # Importing scfm_tools here set GOMP_SPINCOUNT: each side starts without it, so the
+    # official code waits as libgomp does by default and ours as scfm_tools chooses.
+    drop = ("PYTHONPATH", "VIRTUAL_ENV", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
     return env
