@@ -176,6 +176,7 @@ def test_scbert_default_is_the_start_of_fine_tuning(pbmc):
         max_epochs=2,
         batch_size=16,
         validation_size=0,
+        trainable="official",
         train_kwargs={"plan_kwargs": {"lr": 3e-3}},
     )
     before, after = default.module.state_dict(), tuned.module.state_dict()
