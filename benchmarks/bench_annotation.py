@@ -31,7 +31,7 @@ Methods, all trained on the same training cells and scored on the same test cell
 Scores: accuracy, macro-F1 over the test cells' types, the F1 of the rarest cell type of the
 training cells, and train + predict seconds.
 
-    python benchmarks/bench_annotation.py            # ~15 min on 2 cores
+    python benchmarks/bench_annotation.py            # ~40 min on 2 cores
     python benchmarks/bench_annotation.py --quick    # smoke run
     python benchmarks/bench_annotation.py --checkpoint path/to/official_checkpoint
 
