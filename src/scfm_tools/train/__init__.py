@@ -15,7 +15,13 @@ from ._checkpoints import (
 )
 from ._data_splitter import SeededDataSplitter
 from ._datamodule import BindableDataModule, Collate
-from ._fine_tune import ClassWeights, RestoreBestWeights, compute_class_weights, stratified_split
+from ._fine_tune import (
+    ClassWeights,
+    RestoreBestWeights,
+    compute_class_weights,
+    early_stopping_split,
+    stratified_split,
+)
 from ._mixin import DOC_TRAIN_SCALE, TrainingMixin
 from ._seeding import (
     EpochSeedCallback,
@@ -40,6 +46,7 @@ __all__ = [
     "TrainingMixin",
     "compute_class_weights",
     "derive_seed",
+    "early_stopping_split",
     "find_resume_checkpoint",
     "is_complete_checkpoint",
     "resolve_resume",

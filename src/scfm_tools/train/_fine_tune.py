@@ -22,7 +22,13 @@ from ._seeding import derive_seed
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["ClassWeights", "RestoreBestWeights", "compute_class_weights", "stratified_split"]
+__all__ = [
+    "ClassWeights",
+    "RestoreBestWeights",
+    "compute_class_weights",
+    "early_stopping_split",
+    "stratified_split",
+]
 
 logger = logging.getLogger("scfm_tools")
 
@@ -174,3 +180,43 @@ class RestoreBestWeights(Callback):
             self.monitor,
             self.best_score,
         )
+
+
+def early_stopping_split(
+    codes: np.ndarray,
+    validation_size: float,
+    random_state: int,
+    patience: int,
+    train_kwargs: dict,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out a stratified validation part of a reference and stop early on its loss.
+
+    The fine-tuning recipes' shared step: :func:`stratified_split` of the cells by class and,
+    when the validation part is not empty, a :class:`RestoreBestWeights` on
+    ``"validation_loss"`` added to ``train_kwargs["callbacks"]`` (the caller's callbacks kept)
+    with validation every epoch unless ``train_kwargs`` says otherwise.
+
+    Parameters
+    ----------
+    codes
+        Class code of each cell.
+    validation_size
+        Share of each class held out, in ``[0, 1)``.
+    random_state
+        Seed of the split.
+    patience
+        Epochs without a lower validation loss before training stops.
+    train_kwargs
+        Keyword arguments for the model's ``train``; updated in place.
+
+    Returns
+    -------
+    ``(train, validation)`` cell indices, as :func:`stratified_split`.
+    """
+    train, validation = stratified_split(codes, validation_size, random_state)
+    if validation.size:
+        callbacks = list(train_kwargs.get("callbacks") or [])
+        callbacks.append(RestoreBestWeights("validation_loss", patience=patience))
+        train_kwargs["callbacks"] = callbacks
+        train_kwargs.setdefault("check_val_every_n_epoch", 1)
+    return train, validation

@@ -23,10 +23,9 @@ from ...pp._match_genes import match_adata_genes
 from ...train import (
     DOC_TRAIN_SCALE,
     ClassWeights,
-    RestoreBestWeights,
     TrainingMixin,
     compute_class_weights,
-    stratified_split,
+    early_stopping_split,
 )
 from .._classifier import (
     ClassifierMixin,
@@ -672,7 +671,6 @@ class SCFoundation(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelCla
             "lr": FINE_TUNE_LR,
             **(train_kwargs.pop("plan_kwargs", None) or {}),
         }
-        callbacks = list(train_kwargs.pop("callbacks", None) or [])
         cuda = list(range(torch.cuda.device_count()))
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
@@ -683,17 +681,15 @@ class SCFoundation(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelCla
                 self.module, self.gene_list, ref, self.classes, trainable=trainable, **options
             )
             codes = model.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)
-            train, validation = stratified_split(codes, validation_size, seed)
-            if validation.size:
-                callbacks.append(RestoreBestWeights("validation_loss", patience=patience))
-                train_kwargs.setdefault("check_val_every_n_epoch", 1)
+            train, validation = early_stopping_split(
+                codes, validation_size, seed, patience, train_kwargs
+            )
             model.train(
                 max_epochs=max_epochs,
                 batch_size=batch_size,
                 class_weights=class_weights,
                 plan_kwargs=plan,
                 datasplitter_kwargs={"external_indexing": [train, validation, np.empty(0, int)]},
-                callbacks=callbacks,
                 **train_kwargs,
             )
         model.pretrained_ = {**getattr(self, "pretrained_", {}), "fine_tuned": True}

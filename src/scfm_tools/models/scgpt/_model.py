@@ -28,10 +28,9 @@ from ...train import (
     DOC_TRAIN_SCALE,
     BindableDataModule,
     ClassWeights,
-    RestoreBestWeights,
     TrainingMixin,
     compute_class_weights,
-    stratified_split,
+    early_stopping_split,
 )
 from .._classifier import (
     ClassifierMixin,
@@ -672,11 +671,9 @@ class SCGPT(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
         if lr is not None:
             plan["lr"] = float(lr)
         codes = np.asarray(cells.obs[setup["labels_key"]].astype("category").cat.codes)
-        train_idx, validation_idx = stratified_split(codes, VALIDATION_SIZE, seed)
-        callbacks = list(train_kwargs.pop("callbacks", None) or [])
-        if validation_idx.size:
-            callbacks.append(RestoreBestWeights("validation_loss", patience=patience))
-            train_kwargs.setdefault("check_val_every_n_epoch", 1)
+        train_idx, validation_idx = early_stopping_split(
+            codes, VALIDATION_SIZE, seed, patience, train_kwargs
+        )
         splitter = dict(train_kwargs.pop("datasplitter_kwargs", None) or {})
         splitter.setdefault("external_indexing", [train_idx, validation_idx])
         # Training seeds every device's stream (dropout); the caller's streams are restored.
@@ -700,7 +697,6 @@ class SCGPT(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
                 batch_size=batch_size,
                 class_weights=class_weights,
                 plan_kwargs=plan,
-                callbacks=callbacks,
                 datasplitter_kwargs=splitter,
                 **train_kwargs,
             )
