@@ -512,3 +512,44 @@ def test_gene_embedder_dense_blocks_equal_the_sparse_product():
     embedder.emb.grad = None
     torch.sparse.mm(torch.log1p(x), embedder.emb).sum().backward()
     torch.testing.assert_close(grad, embedder.emb.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_sequence_inputs_equal_the_sparse_ones(cellbench, tiny_ckpt, monkeypatch):
+    # Deep cells reach the model as a dense tensor: the same counts, draws and embeddings.
+    import dataclasses
+
+    from scfm_tools.models.cellplm import _embed
+    from scfm_tools.models.cellplm._embed import DENSE_INPUT_FROM, cell_noise
+    from scfm_tools.models.cellplm._sequences import to_model_genes
+    from scfm_tools.pp import match_to_vocab
+
+    module, gene_list, _, _ = load_cellplm_checkpoint(tiny_ckpt)
+    genes = cellbench.var["gene_ids"].astype(str).to_numpy()
+    match = match_to_vocab(genes, gene_list)
+    X = cellbench.X
+    assert X.nnz >= DENSE_INPUT_FROM * X.shape[0] * len(gene_list)  # the dense path is taken
+    sparse_counts = to_model_genes(X, match, len(gene_list))
+    dense_counts = to_model_genes(X, match, len(gene_list), dense_from=DENSE_INPUT_FROM)
+    assert sparse_counts.is_sparse and dense_counts.layout == torch.strided
+    torch.testing.assert_close(dense_counts, sparse_counts.to_dense(), rtol=0, atol=0)
+    dense_draws = cell_noise(dense_counts, 3, 4, 8)
+    sparse_draws = cell_noise(sparse_counts, 3, 4, 8)
+    for a, b in zip(dense_draws, sparse_draws, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # two query columns naming one model gene add up in both layouts
+    twice = dataclasses.replace(match, index=match.index.copy(), matched=match.matched.copy())
+    first, second = np.flatnonzero(match.matched)[:2]
+    twice.index[second], twice.matched[second] = twice.index[first], True
+    summed = to_model_genes(X, twice, len(gene_list)).to_dense()
+    torch.testing.assert_close(
+        to_model_genes(X, twice, len(gene_list), dense_from=0.0), summed, rtol=0, atol=0
+    )
+    column = torch.from_numpy(np.asarray(X[:, [first, second]].sum(1), np.float32).ravel())
+    torch.testing.assert_close(summed[:, twice.index[first]], column, rtol=0, atol=0)
+    # the embeddings, dense inputs against sparse ones (sampled, with per-cell draws)
+    batch = cellbench.obs["batch"].to_numpy()
+    kw = {"batch": batch, "sample": True, "random_stream": "cell"}
+    dense_emb = embed_matrix(module, gene_list, X, genes, **kw)
+    monkeypatch.setattr(_embed, "DENSE_INPUT_FROM", None)
+    sparse_emb = embed_matrix(module, gene_list, X, genes, **kw)
+    np.testing.assert_allclose(dense_emb, sparse_emb, atol=1e-5)

@@ -162,3 +162,30 @@ def test_view_of_backed_adata_is_refused(data_dir):
     obj, target = resolve_adata(backed)  # the backed AnnData itself takes results in memory
     assert obj is target is backed
     backed.file.close()
+
+
+def test_csr_row_views_share_the_matrix_and_cannot_write_to_it(pbmc):
+    from scfm_tools._anndata import csr_row_view
+
+    X = sparse.csr_matrix(pbmc.X)
+    view = csr_row_view(X, 10, 50)
+    assert np.shares_memory(view.data, X.data) and np.shares_memory(view.indices, X.indices)
+    assert (view != X[10:50]).nnz == 0 and view.shape == (40, X.shape[1])
+    with pytest.raises(ValueError, match="read-only"):
+        view.data[:] = 0
+    assert csr_row_view(X, X.shape[0] - 3, X.shape[0] + 10).shape[0] == 3  # clipped at the end
+    assert as_block(view) is view  # passed on as it is, not re-wrapped (which would copy)
+    for other in (X.toarray(), X.tocsc()):
+        assert csr_row_view(other, 0, 5) is None
+    # the checks read views: the same blocks as copies would give, and the matrix untouched
+    adata = ad.AnnData(X.copy())
+    snap = snapshot(adata)
+    blocks = [b for _, b in iter_chunks(adata, chunk_size=97, views=True)]
+    assert all(np.shares_memory(b.data, adata.X.data) for b in blocks if b.nnz)
+    assert (sparse.vstack(blocks) != X).nnz == 0
+    check_counts(adata, chunk_size=97)
+    check_nonempty(adata, chunk_size=97)
+    assert_unchanged(adata, snap)
+    adata.X.data[0] = -1.0  # an offender is still found and named through a view
+    with pytest.raises(InputError, match="negative values"):
+        check_counts(adata, chunk_size=97)

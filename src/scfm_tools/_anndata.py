@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "as_block",
+    "csr_row_view",
     "describe_source",
     "get_matrix",
     "iter_chunks",
@@ -59,14 +60,19 @@ def get_matrix(adata: AnnData, layer: str | None = None):
 
 
 def iter_chunks(
-    adata: AnnData, layer: str | None = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+    adata: AnnData,
+    layer: str | None = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    views: bool = False,
 ) -> Iterator[tuple[int, np.ndarray | sparse.csr_matrix]]:
     """Yield ``(start, block)`` over rows of the matrix, ``chunk_size`` cells at a time.
 
     Works on dense, sparse and backed (``backed="r"``) AnnData; a block is a dense array or a
-    CSR matrix, never the whole matrix unless it fits in one chunk.
+    CSR matrix, never the whole matrix unless it fits in one chunk. ``views``: as in
+    :func:`iter_row_blocks`.
     """
-    yield from iter_row_blocks(get_matrix(adata, layer), chunk_size=chunk_size)
+    yield from iter_row_blocks(get_matrix(adata, layer), chunk_size=chunk_size, views=views)
 
 
 def as_block(rows) -> np.ndarray | sparse.csr_matrix:
@@ -75,26 +81,55 @@ def as_block(rows) -> np.ndarray | sparse.csr_matrix:
     float16 (dense only: scipy has no sparse float16) is widened to float32, one block at a
     time, so a half-precision matrix is never copied whole.
     """
+    if isinstance(rows, sparse.csr_matrix):
+        # as it is: re-wrapping copies a view's arrays (scipy's constructor prunes slices)
+        return rows
     if sparse.issparse(rows):
         return sparse.csr_matrix(rows)
     rows = np.asarray(rows)
     return rows.astype(np.float32) if rows.dtype == np.float16 else rows
 
 
+def csr_row_view(X, start: int, stop: int) -> sparse.csr_matrix | None:
+    """Rows ``start:stop`` of an in-memory CSR matrix as a read-only CSR sharing its arrays.
+
+    For passes that only read (input checks, building model inputs): a row slice of a scipy
+    CSR matrix copies its values and indices, which on deep cells cost as much as the checks
+    themselves. The view's arrays are flagged read-only, so a consumer that writes in place
+    fails instead of changing the caller's matrix. Returns ``None`` where no view can be made
+    (not a scipy CSR matrix, e.g. backed or dense; or index arrays of two integer types).
+    """
+    if not (sparse.issparse(X) and X.format == "csr") or X.indptr.dtype != X.indices.dtype:
+        return None
+    stop = min(stop, X.shape[0])
+    lo, hi = int(X.indptr[start]), int(X.indptr[stop])
+    data, indices = X.data[lo:hi], X.indices[lo:hi]
+    data.flags.writeable = indices.flags.writeable = False
+    view = sparse.csr_matrix((stop - start, X.shape[1]), dtype=X.dtype)
+    # Set after construction: scipy's constructor copies a slice that is under half of its
+    # base array (to let the base be freed), which is the copy a view is for.
+    view.data, view.indices, view.indptr = data, indices, X.indptr[start : stop + 1] - lo
+    return view
+
+
 def iter_row_blocks(
-    X, *, chunk_size: int = DEFAULT_CHUNK_SIZE
+    X, *, chunk_size: int = DEFAULT_CHUNK_SIZE, views: bool = False
 ) -> Iterator[tuple[int, np.ndarray | sparse.csr_matrix]]:
     """Yield ``(start, block)`` over the rows of a matrix, ``chunk_size`` rows at a time.
 
     ``X`` is anything whose row slices are dense arrays or sparse matrices (a numpy array, a
     scipy sparse matrix, a backed AnnData's ``X``); a block is :func:`as_block` of the slice.
+    With ``views``, blocks of an in-memory CSR matrix are read-only views of it
+    (:func:`csr_row_view`), for consumers that only read.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     report = _row_progress.get()
     n_rows = X.shape[0]
     for start in range(0, n_rows, chunk_size):
-        block = as_block(X[start : start + chunk_size])
+        block = csr_row_view(X, start, start + chunk_size) if views else None
+        if block is None:
+            block = as_block(X[start : start + chunk_size])
         yield start, block
         # Dropped before the next read, so that two blocks are never held at once (consumers
         # drop theirs too: a loop variable holds the block until the next one has been read).

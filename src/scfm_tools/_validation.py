@@ -1,9 +1,9 @@
 """Input checks shared by every function.
 
 Each check reads the data in chunks (so a backed or million-cell AnnData is checked in bounded
-memory; each loop drops its block before the next is read, so one block is held at a time),
-raises :class:`InputError` with what it found and what to do, and never writes to the AnnData
-it looks at.
+memory; each loop drops its block before the next is read, so one block is held at a time; an
+in-memory CSR matrix is read through read-only views, not copies), raises :class:`InputError`
+with what it found and what to do, and never writes to the AnnData it looks at.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from ._anndata import DEFAULT_CHUNK_SIZE, describe_source, get_matrix, iter_chunks
+from ._anndata import DEFAULT_CHUNK_SIZE, as_block, describe_source, get_matrix, iter_chunks
 from ._errors import InputError
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def _rows_with_nonzero(block) -> np.ndarray:
     """Whether each row of ``block`` holds a non-zero value, without a copy of the block."""
     if not sparse.issparse(block):
         return np.asarray(block).any(axis=1)
-    block = sparse.csr_matrix(block)
+    block = as_block(block)  # CSR, without copying a view
     stored = np.diff(block.indptr) > 0
     has = np.zeros(block.shape[0], dtype=bool)
     if stored.any():
@@ -86,7 +86,7 @@ def first_non_integer(
     adata: AnnData, layer: str | None = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> str | None:
     """Describe the first non-integer value (cell, gene, value), or ``None`` if all are integers."""
-    for start, block in iter_chunks(adata, layer, chunk_size=chunk_size):
+    for start, block in iter_chunks(adata, layer, chunk_size=chunk_size, views=True):
         vals = _values(block)
         if vals.dtype.kind == "f" and _non_integer(vals).any():
             return _first_offender(adata, layer, start, block, _non_integer)
@@ -127,7 +127,7 @@ def check_nonnegative(
     """
     check_numeric(adata, layer)
     where = describe_source(layer)
-    for start, block in iter_chunks(adata, layer, chunk_size=chunk_size):
+    for start, block in iter_chunks(adata, layer, chunk_size=chunk_size, views=True):
         vals = _values(block)
         if vals.dtype.kind == "f" and not np.isfinite(vals).all():
             bad = _first_offender(adata, layer, start, block, lambda v: ~np.isfinite(v))
@@ -158,7 +158,7 @@ def check_lognorm(
     where = describe_source(layer)
     all_integer = True
     vmax = 0.0
-    for start, block in iter_chunks(adata, layer, chunk_size=chunk_size):
+    for start, block in iter_chunks(adata, layer, chunk_size=chunk_size, views=True):
         vals = _values(block)
         if vals.dtype.kind == "f" and not np.isfinite(vals).all():
             bad = _first_offender(adata, layer, start, block, lambda v: ~np.isfinite(v))
@@ -212,7 +212,7 @@ def check_nonempty(
         )
     where = describe_source(layer)
     gene_totals = np.zeros(adata.n_vars)
-    for start, block in iter_chunks(adata, layer, chunk_size=chunk_size):
+    for start, block in iter_chunks(adata, layer, chunk_size=chunk_size, views=True):
         if cells:
             empty = np.flatnonzero(~_rows_with_nonzero(block))
             if empty.size:

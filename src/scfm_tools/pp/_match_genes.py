@@ -283,7 +283,10 @@ def match_to_vocab(
     query = _as_str_array(genes)
     kinds = classify_ids(query)
     keys = strip_version(query, kinds)
-    id_to_symbol, symbol_to_ids = _id_to_symbol(), _symbol_to_ids()
+    # the GENCODE tables are read only when a rule needs them (about half a second at first)
+    unmatched = {kind for key, kind in zip(keys, kinds, strict=True) if kind and key not in exact}
+    id_to_symbol = _id_to_symbol() if "ensembl" in unmatched else {}
+    symbol_to_ids = _symbol_to_ids() if "symbol" in unmatched else {}
     n = len(keys)
     candidate = np.full(n, -1, dtype=np.int64)
     rule = np.full(n, 3, dtype=np.int64)

@@ -85,7 +85,7 @@ def denoise_sequences(
         z = module.inference(inputs.counts, sample=sample, **inputs.draws)["z"]
         mean = module.generative(z, batch=inputs.batch)["mean"][:, ids]
         if rescale:
-            observed = torch.sparse.sum(inputs.counts, dim=1).to_dense().unsqueeze(1)
+            observed = inputs.counts.sum(dim=1).to_dense().unsqueeze(1)  # sparse or dense
             mean = mean / mean.sum(1, keepdim=True) * observed
         return mean
 

@@ -108,7 +108,10 @@ class GeneEmbedder(nn.Module):
             return _log1p_matmul_by_blocks(x, self.emb)
         if x.is_sparse or x.layout == torch.sparse_csr:
             return torch.sparse.mm(torch.log1p(x.float()), self.emb)
-        return torch.log1p(x.float()) @ self.emb
+        if x.shape[0] <= _DENSE_ROWS:
+            return torch.log1p(x.float()) @ self.emb
+        # a row block at a time: no second whole-sequence tensor of log1p values
+        return torch.cat([torch.log1p(rows.float()) @ self.emb for rows in x.split(_DENSE_ROWS)])
 
 
 class OmicsEmbeddingLayer(nn.Module):
