@@ -186,3 +186,25 @@ def test_bad_inputs_are_refused_and_change_nothing(cells, base):
             call()
     for adata in (ref, one_type, query):
         assert_unchanged(adata, snaps[id(adata)])
+
+
+def test_head_reads_genes_without_depth_tokens():
+    # As the official finetune_model.py: the classifier's encoder sees a cell's genes only, so
+    # its T and S depth tokens (here one higher: ten times the depth) do not move the probabilities.
+    from _scfoundation_tiny import TINY
+    from scfm_tools.models.scfoundation import SCFoundationModule
+
+    torch.manual_seed(0)
+    module = SCFoundationModule(50, **TINY, n_classes=3).eval()
+    values = torch.zeros(4, 52)
+    values[:, :50] = torch.poisson(torch.full((4, 50), 0.8)).log1p()
+    values[:, 50], values[:, 51] = 4.0, 3.5
+    deeper = values.clone()
+    deeper[:, 50:] += 1.0
+    expected = module.class_probabilities(values)
+    torch.testing.assert_close(module.class_probabilities(deeper), expected)
+    torch.testing.assert_close(
+        module.inference(deeper)["hidden"], module.inference(values)["hidden"]
+    )
+    # the pretraining path still reads them
+    assert not torch.allclose(module.encode(deeper)["hidden"], module.encode(values)["hidden"])

@@ -4,8 +4,9 @@ The official ``finetune_model.py`` (``LinearProbingClassifier``) max-pools the e
 outputs over a cell's tokens, normalises the pooled vector with a ``BatchNorm1d`` without
 learned scale and shift (``affine=False, eps=1e-6``) and classifies it with an MLP
 ``Linear(enc_dim, 256) -> ReLU -> Linear(256, n_classes)``. Attribute names follow it (``norm``,
-``fc1.0``, ``fc1.2``). Here the maximum runs over the gene tokens only, leaving out the ``T``
-and ``S`` depth tokens and padding (the example feeds genes alone, without depth tokens).
+``fc1.0``, ``fc1.2``). As in the example, the encoder reads a cell's expressed genes alone,
+without the ``T`` and ``S`` depth tokens; the maximum runs over the gene tokens (padding left
+out).
 """
 
 from __future__ import annotations

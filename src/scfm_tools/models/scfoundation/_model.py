@@ -1039,8 +1039,9 @@ class SCFoundation(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelCla
     ) -> pd.DataFrame:
         """Cell-type probabilities of each cell (cell-type head), cells x classes.
 
-        Each cell is read as in fine-tuning (raw counts, ``log1p`` of counts per 10,000,
-        ``T = 4``, ``S`` its depth), encoded, max-pooled over its genes and classified.
+        Each cell is read as in fine-tuning (raw counts, ``log1p`` of counts per 10,000; its
+        expressed genes without the ``T`` and ``S`` depth tokens, as the official example),
+        encoded, max-pooled over its genes and classified.
 
         Parameters
         ----------

@@ -510,7 +510,12 @@ class SCFoundationModule(BaseModuleClass):
         return torch.cat([capped, keep[:, self.n_genes :]], dim=1)
 
     def encode(
-        self, values: Tensor, mask: Tensor | None = None, *, max_genes: int | None = None
+        self,
+        values: Tensor,
+        mask: Tensor | None = None,
+        *,
+        max_genes: int | None = None,
+        genes_only: bool = False,
     ) -> dict[str, Tensor]:
         """Run the encoder on the positive, unmasked values of each cell.
 
@@ -522,6 +527,8 @@ class SCFoundationModule(BaseModuleClass):
             ``(batch, n_genes + 2)`` boolean, positions hidden from the encoder.
         max_genes
             Read at most this many genes of a cell, its most expressed (``None``: all).
+        genes_only
+            Leave the ``T`` and ``S`` tokens out: the encoder reads the cell's genes only.
 
         Returns
         -------
@@ -532,6 +539,8 @@ class SCFoundationModule(BaseModuleClass):
         keep = values > 0
         if mask is not None:
             keep = keep & ~mask
+        if genes_only:
+            keep[:, self.n_genes :] = False
         if max_genes is not None:
             keep = self._most_expressed(values, keep, max_genes)
         gathered, positions, padding = gather_tokens(
@@ -550,7 +559,7 @@ class SCFoundationModule(BaseModuleClass):
     @torch.no_grad()
     def class_probabilities(self, values: Tensor) -> Tensor:
         """Cell-type probabilities ``(batch, n_classes)`` (float32) of ``values``."""
-        enc = self.encode(values, max_genes=self.config["classifier_max_genes"])
+        enc = self._classifier_encode(values)
         return torch.softmax(self.class_logits(enc["hidden"], enc["positions"]), dim=-1)
 
     @torch.no_grad()
@@ -607,8 +616,16 @@ class SCFoundationModule(BaseModuleClass):
     @auto_move_data
     def inference(self, values: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
         """Encode a minibatch (see :meth:`encode`; a classifier reads its capped genes)."""
-        cap = self.config["classifier_max_genes"] if self.is_classifier else None
-        return self.encode(values, mask, max_genes=cap)
+        if self.is_classifier:
+            return self._classifier_encode(values, mask)
+        return self.encode(values, mask)
+
+    def _classifier_encode(self, values: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
+        # As the official fine-tuning example (finetune_model.py): the encoder reads the cell's
+        # expressed genes without the T and S depth tokens; here at most classifier_max_genes.
+        return self.encode(
+            values, mask, max_genes=self.config["classifier_max_genes"], genes_only=True
+        )
 
     def _get_generative_input(
         self, tensors: dict[str, Tensor], inference_outputs: dict[str, Any], **kwargs
