@@ -492,7 +492,8 @@ def test_impute_refuses_bad_input(cellbench, tiny_ckpt, tmp_path, fixtures_dir):
 
 
 def test_gene_embedder_dense_blocks_equal_the_sparse_product():
-    # Deep cells take the densified path; its result is the sparse product's, empty cells too.
+    # Deep cells take the densified path; its result is the sparse product's, empty cells too;
+    # dense input, read by row blocks, too.
     from scfm_tools.models.cellplm._module import DENSE_FROM, GeneEmbedder, _log1p_matmul_by_blocks
 
     gen = torch.Generator().manual_seed(0)
@@ -505,6 +506,7 @@ def test_gene_embedder_dense_blocks_equal_the_sparse_product():
     expected = torch.sparse.mm(torch.log1p(x), embedder.emb)
     torch.testing.assert_close(embedder(x), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(_log1p_matmul_by_blocks(x, embedder.emb), expected)
+    torch.testing.assert_close(embedder(dense), expected, rtol=1e-5, atol=1e-6)  # dense blocks
     assert embedder(x)[[0, 257, 599]].abs().max() == 0
     # gradients reach the embedding table the same way
     embedder(x).sum().backward()

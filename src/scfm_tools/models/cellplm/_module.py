@@ -77,20 +77,22 @@ _NO_MIXTURE = (
 # genes, 1,024 wide: 30% non-zero (deep plate-based cells) 0.78 s dense vs 3.30 s sparse, 7%
 # (10x PBMCs) 0.91 vs 0.96 s, 2% 0.87 vs 0.29 s.
 DENSE_FROM = 0.1
-_DENSE_ROWS = 256  # cells per densified block (~20 MB at 19,374 genes)
+# Cells per densified block (~20 MB at 19,374 genes): temporaries this small are reused by the
+# allocator, where whole-sequence ones are fresh memory (page faults) on every sequence.
+DENSE_ROWS = 256
 
 
 def _log1p_matmul_by_blocks(x: Tensor, weight: Tensor) -> Tensor:
-    """``log1p(x) @ weight`` for a sparse COO ``x``, densifying ``_DENSE_ROWS`` rows at a time."""
+    """``log1p(x) @ weight`` for a sparse COO ``x``, densifying ``DENSE_ROWS`` rows at a time."""
     x = x.coalesce()  # row-major indices, so each block's entries are one contiguous slice
     index, values = x.indices(), torch.log1p(x.values().float())
     n, g = x.shape
-    starts = torch.arange(0, n + _DENSE_ROWS, _DENSE_ROWS, device=x.device).clamp_max(n)
+    starts = torch.arange(0, n + DENSE_ROWS, DENSE_ROWS, device=x.device).clamp_max(n)
     bounds = torch.searchsorted(index[0], starts).tolist()
     blocks = []
-    for k, first in enumerate(range(0, n, _DENSE_ROWS)):
+    for k, first in enumerate(range(0, n, DENSE_ROWS)):
         lo, hi = bounds[k], bounds[k + 1]
-        dense = torch.zeros(min(_DENSE_ROWS, n - first), g, device=x.device, dtype=weight.dtype)
+        dense = torch.zeros(min(DENSE_ROWS, n - first), g, device=x.device, dtype=weight.dtype)
         dense[index[0, lo:hi] - first, index[1, lo:hi]] = values[lo:hi].to(weight.dtype)
         blocks.append(dense @ weight)
     return torch.cat(blocks) if blocks else weight.new_zeros(0, weight.shape[1])
@@ -108,10 +110,10 @@ class GeneEmbedder(nn.Module):
             return _log1p_matmul_by_blocks(x, self.emb)
         if x.is_sparse or x.layout == torch.sparse_csr:
             return torch.sparse.mm(torch.log1p(x.float()), self.emb)
-        if x.shape[0] <= _DENSE_ROWS:
+        if x.shape[0] <= DENSE_ROWS:
             return torch.log1p(x.float()) @ self.emb
         # a row block at a time: no second whole-sequence tensor of log1p values
-        return torch.cat([torch.log1p(rows.float()) @ self.emb for rows in x.split(_DENSE_ROWS)])
+        return torch.cat([torch.log1p(rows.float()) @ self.emb for rows in x.split(DENSE_ROWS)])
 
 
 class OmicsEmbeddingLayer(nn.Module):

@@ -20,6 +20,7 @@ from scipy import sparse
 
 from ..._anndata import as_block, csr_row_view
 from ..._validation import InputError
+from ._module import DENSE_ROWS
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -139,21 +140,18 @@ def to_model_genes(
     return out if unique else out.coalesce()
 
 
-_DENSE_ROWS = 256  # rows densified at a time: small temporaries that the allocator reuses
-
-
 def _dense_model_genes(
     csr: sparse.csr_matrix, cols: np.ndarray, ids: np.ndarray, n_genes: int
 ) -> torch.Tensor:
     """Dense ``(n_cells, n_genes)`` float32 counts of the matched columns, summed per model gene."""
     out = np.zeros((csr.shape[0], n_genes), dtype=np.float32)
     unique = np.unique(ids).size == ids.size
-    for first in range(0, csr.shape[0], _DENSE_ROWS):
-        rows = csr[first : first + _DENSE_ROWS].toarray()[:, cols].astype(np.float32, copy=False)
+    for first in range(0, csr.shape[0], DENSE_ROWS):
+        rows = csr[first : first + DENSE_ROWS].toarray()[:, cols].astype(np.float32, copy=False)
         if unique:
-            out[first : first + _DENSE_ROWS, ids] = rows
+            out[first : first + DENSE_ROWS, ids] = rows
         else:  # two query columns naming one model gene add up, as in the sparse output
-            np.add.at(out[first : first + _DENSE_ROWS].T, ids, rows.T)
+            np.add.at(out[first : first + DENSE_ROWS].T, ids, rows.T)
     return torch.from_numpy(out)
 
 
