@@ -208,3 +208,29 @@ def test_head_reads_genes_without_depth_tokens():
     )
     # the pretraining path still reads them
     assert not torch.allclose(module.encode(deeper)["hidden"], module.encode(values)["hidden"])
+
+
+def test_head_reads_the_reference_variable_genes_only(cells, base):
+    # A panel of the reference's most variable genes: kept with the model, and the genes
+    # outside it do not reach the head (changing them leaves the probabilities as they are).
+    ref, query = cells
+    model = base.fine_tune_classifier(
+        ref, "cell_type", n_top_genes=50, max_epochs=2, validation_size=0, train_kwargs=FAST
+    )
+    panel = model.module.config["classifier_genes"]
+    assert len(panel) == 50 and panel == sorted(panel)
+    in_panel = np.isin(model.match_genes(query).index, panel)
+    assert in_panel.sum() == 50
+    other = query.copy()
+    X = other.X.toarray() if hasattr(other.X, "toarray") else np.array(other.X)
+    X[:, ~in_panel] = X[:, ~in_panel] * 3 + 1
+    other.X = X
+    expected = model.predict_proba(query)
+    pd.testing.assert_frame_equal(model.predict_proba(other), expected)
+    full = base.fine_tune_classifier(
+        ref, "cell_type", n_top_genes=None, max_epochs=2, validation_size=0, train_kwargs=FAST
+    )
+    assert full.module.config["classifier_genes"] is None
+    assert not np.allclose(full.predict_proba(other), full.predict_proba(query))
+    with pytest.raises(ValueError, match="n_top_genes"):
+        base.fine_tune_classifier(ref, "cell_type", n_top_genes=0, train_kwargs=FAST)

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from scvi.data import AnnDataManager
 
+    from ..pp._match_genes import GeneMatch
+
 __all__ = [
     "ClassifierMixin",
     "Head",
@@ -27,6 +29,7 @@ __all__ = [
     "proba_frame",
     "registered_classes",
     "resolve_classes",
+    "variable_genes",
 ]
 
 Head = Literal["pretrain", "classifier"]
@@ -231,3 +234,25 @@ class ClassifierMixin:
         from .._labels import labels_from_proba
 
         return labels_from_proba(self.predict_proba(adata, indices, **kwargs), threshold)
+
+
+def variable_genes(X, match: GeneMatch, n_top: int) -> list[int]:
+    """Model ids of the ``n_top`` most variable genes of cells ``X`` among those matched.
+
+    scanpy's ``highly_variable_genes(flavor="seurat")`` on counts per 10,000 then ``log1p``
+    (the official scGPT tutorials' HVG step), over the genes the model knows; ids as in
+    ``match.index`` (vocabulary ids, or positions in the model's gene list), sorted.
+    """
+    import anndata as ad
+    import numpy as np
+    from scanpy.pp import highly_variable_genes
+
+    from .._lognorm import log1p_per_10k
+
+    columns = np.flatnonzero(match.matched)
+    if columns.size <= n_top:
+        return sorted(int(i) for i in match.index[columns])
+    lognorm = ad.AnnData(log1p_per_10k(X, columns, dtype=np.float32))
+    table = highly_variable_genes(lognorm, n_top_genes=n_top, flavor="seurat", inplace=False)
+    chosen = columns[np.asarray(table["highly_variable"], dtype=bool)]
+    return sorted(int(i) for i in match.index[chosen])

@@ -20,8 +20,10 @@ regression head ``to_final`` predicts one expression value per position.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
@@ -362,6 +364,10 @@ class SCFoundationModule(BaseModuleClass):
         in gene order); ``None``: every expressed gene, as the official example. Encoder
         attention grows with the square of a cell's expressed genes, so on deep cells
         (thousands of genes) this cap is what makes fine-tuning on a CPU feasible.
+    classifier_genes
+        The model genes (positions in its gene list) the head reads; the others are left out
+        of a cell before it is normalised, as if the data lacked them (see
+        :meth:`classifier_index`). ``None``: every gene, as the official example.
     """
 
     def __init__(
@@ -392,6 +398,7 @@ class SCFoundationModule(BaseModuleClass):
         n_classes: int | None = None,
         head_hidden: int = HEAD_HIDDEN,
         classifier_max_genes: int | None = None,
+        classifier_genes: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if n_genes < 1:
@@ -405,6 +412,13 @@ class SCFoundationModule(BaseModuleClass):
                 f"classifier_max_genes must be a positive integer or None, got "
                 f"{classifier_max_genes!r}."
             )
+        if classifier_genes is not None:
+            classifier_genes = sorted({int(g) for g in classifier_genes})
+            if not classifier_genes or classifier_genes[0] < 0 or classifier_genes[-1] >= n_genes:
+                raise ValueError(
+                    f"classifier_genes must be a non-empty list of gene positions in [0, "
+                    f"{n_genes}), or None."
+                )
         if enc_dim % enc_heads:
             raise ValueError(f"enc_dim ({enc_dim}) must be divisible by enc_heads ({enc_heads}).")
         self.config: dict[str, Any] = {
@@ -431,6 +445,7 @@ class SCFoundationModule(BaseModuleClass):
             "n_classes": n_classes,
             "head_hidden": head_hidden,
             "classifier_max_genes": classifier_max_genes,
+            "classifier_genes": classifier_genes,
         }
         self.n_genes = n_genes
         self.seq_len = n_genes + 2
@@ -497,6 +512,18 @@ class SCFoundationModule(BaseModuleClass):
                 f"values must be (batch, {self.seq_len}): the model's {self.n_genes} genes then "
                 f"the T and S tokens; got shape {tuple(values.shape)}."
             )
+
+    def classifier_index(self, index: np.ndarray) -> np.ndarray:
+        """``index`` (query gene -> model gene, ``-1``: unmatched) limited to the head's genes.
+
+        Genes outside ``classifier_genes`` become unmatched, so a cell is read, normalised
+        included, as if the data lacked them.
+        """
+        genes = self.config["classifier_genes"]
+        index = np.asarray(index, dtype=np.int64)
+        if genes is None:
+            return index
+        return np.where(np.isin(index, genes), index, -1)
 
     def _most_expressed(self, values: Tensor, keep: Tensor, k: int) -> Tensor:
         """``keep`` limited to each cell's ``k`` highest gene values (``T`` and ``S`` kept)."""

@@ -21,7 +21,6 @@ from scvi.model.base import BaseModelClass
 from ..._anndata import DEFAULT_CHUNK_SIZE, get_matrix, resolve_seed, row_blocks
 from ..._cell_rng import RandomStream
 from ..._docs import DOC_RANDOM_STREAM, doc_params
-from ..._lognorm import log1p_per_10k
 from ..._validation import InputError, check_nonnegative, check_unique_names
 from ...pp._match_genes import _SPECIAL, GeneMatch, load_vocab, match_adata_genes
 from ...train import (
@@ -40,6 +39,7 @@ from .._classifier import (
     proba_frame,
     registered_classes,
     resolve_classes,
+    variable_genes,
 )
 from .._gene_embeddings import GeneEmbeddings, rows_on_var
 from ..base import PretrainedMixin, unbound_registry
@@ -138,24 +138,6 @@ def _checkpoint_classes(args: Mapping[str, Any], n_cls: int) -> list[str] | None
             f"head, in output order; got {classes!r:.200}."
         )
     return [str(c) for c in classes]
-
-
-def _variable_genes(X, match: GeneMatch, n_top: int) -> list[int]:
-    """Vocabulary ids of the ``n_top`` most variable genes of cells ``X`` among those matched.
-
-    scanpy's ``highly_variable_genes(flavor="seurat")`` on counts per 10,000 then ``log1p``
-    (the official tutorials' HVG step), over the genes in the vocabulary.
-    """
-    import anndata as ad
-    from scanpy.pp import highly_variable_genes
-
-    columns = np.flatnonzero(match.matched)
-    if columns.size <= n_top:
-        return sorted(int(i) for i in match.index[columns])
-    lognorm = ad.AnnData(log1p_per_10k(X, columns, dtype=np.float32))
-    table = highly_variable_genes(lognorm, n_top_genes=n_top, flavor="seurat", inplace=False)
-    chosen = columns[np.asarray(table["highly_variable"], dtype=bool)]
-    return sorted(int(i) for i in match.index[chosen])
 
 
 class SCGPT(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
@@ -662,7 +644,7 @@ class SCGPT(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
         genes: Sequence[str] | bool = False
         if n_top_genes is not None:
             counts = get_matrix(cells, setup.get("layer"))
-            ids = _variable_genes(counts, self.match_genes(cells), int(n_top_genes))
+            ids = variable_genes(counts, self.match_genes(cells), int(n_top_genes))
             names = {i: token for token, i in self.vocab.items()}
             genes = [names[i] for i in ids]
         train_kwargs = dict(train_kwargs or {})
