@@ -125,10 +125,10 @@ def to_model_genes(
     if not sparse.issparse(csr):
         csr = sparse.csr_matrix(csr)
     shape = (csr.shape[0], n_genes)
+    unique = np.unique(ids).size == ids.size  # else two query columns name one model gene
     if dense_from is not None and csr.nnz >= dense_from * shape[0] * shape[1]:
-        return _dense_model_genes(csr, cols, ids, n_genes)
+        return _dense_model_genes(csr, cols, ids, n_genes, unique=unique)
     index, values = _sorted_entries(csr, cols, ids)
-    unique = np.unique(ids).size == ids.size
     # scipy built the indices, so torch's (costly) invariant checks are not needed
     out = torch.sparse_coo_tensor(
         torch.from_numpy(index),
@@ -141,11 +141,13 @@ def to_model_genes(
 
 
 def _dense_model_genes(
-    csr: sparse.csr_matrix, cols: np.ndarray, ids: np.ndarray, n_genes: int
+    csr: sparse.csr_matrix, cols: np.ndarray, ids: np.ndarray, n_genes: int, *, unique: bool
 ) -> torch.Tensor:
-    """Dense ``(n_cells, n_genes)`` float32 counts of the matched columns, summed per model gene."""
+    """Dense ``(n_cells, n_genes)`` float32 counts of the matched columns, summed per model gene.
+
+    ``unique``: no two of ``ids`` are the same (the columns can then be assigned, not added).
+    """
     out = np.zeros((csr.shape[0], n_genes), dtype=np.float32)
-    unique = np.unique(ids).size == ids.size
     for first in range(0, csr.shape[0], DENSE_ROWS):
         rows = csr[first : first + DENSE_ROWS].toarray()[:, cols].astype(np.float32, copy=False)
         if unique:
