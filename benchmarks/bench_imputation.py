@@ -11,16 +11,25 @@ cells) as ``log1p`` counts per 10,000 counts *of the panel*, for every method:
 * **no imputation**: the thinned cells' own normalised values;
 * **kNN smoothing**: each cell replaced by the mean normalised profile of its ``k`` nearest
   thinned cells (itself included) in a 50-component PCA of the thinned cells;
-* **MAGIC-style diffusion**: ``magic-impute`` is not installed here (and nothing is installed
-  for this benchmark), so the script diffuses itself the way MAGIC does by default: adaptive
-  kernel ``exp(-(d_ij / sigma_i))`` with ``sigma_i`` the distance to the 5th neighbour, on a
-  15-neighbour graph in PCA space, symmetrised, row-normalised into a Markov matrix ``P``;
-  imputed = ``P^3`` times the normalised values;
+* **MAGIC** (``magic-impute``, when installed): ``magic.MAGIC`` with its defaults on the
+  normalised values. It pins ``pandas<2.1`` (through ``scprep``) while anndata needs
+  ``pandas>=2.1``; it runs with pandas 2.3, so install it and then put pandas back:
+  ``pip install magic-impute && pip install "pandas>=2.2,<3"``. Without it its row is left out;
+* **MAGIC-style diffusion**: the script also diffuses itself the way MAGIC does by default:
+  adaptive kernel ``exp(-(d_ij / sigma_i))`` with ``sigma_i`` the distance to the 5th
+  neighbour, on a 15-neighbour graph in PCA space, symmetrised, row-normalised into a Markov
+  matrix ``P``; imputed = ``P^3`` times the normalised values;
 * **scFoundation** (``sft.tl.impute``, read-depth enhancement): the thinned counts are encoded
   with their own depth ``S`` and asked for the target depth ``T = 1 / rate`` times deeper
   (``target_depth="f<1/rate>"``); the output is already ``log1p`` counts per 10,000;
 * **CellPLM** (``sft.tl.impute``, denoising): the decoder's negative-binomial means, all test
   cells in one sequence, decoded without a batch effect, then normalised like the others.
+* **impute's default** (``sft.tl.impute(test, layer=...)``, no model; ``--models default``):
+  the shipped ``cellplm-default`` fine-tuned on the thinned test cells themselves (no other
+  data), read out as posterior means. ``cellplm-default`` was pretrained on this file (the
+  test cells at full depth among them), so ``--unseen`` also runs the same call from a
+  CellPLM pretrained with the default's recipe on every other shared file
+  (``scripts/train_default_cellplm.py --exclude``): the figure for data the default never saw.
 
 Weights: no official checkpoint can be downloaded here, so both models are *small models
 trained in this run* with the package's own ``train`` on the training cells (every cell not
@@ -54,6 +63,7 @@ genes that vary in both).
     python benchmarks/bench_imputation.py               # ~12-15 min on 2 cores
     python benchmarks/bench_imputation.py --quick       # smoke run
     python benchmarks/bench_imputation.py --scfoundation models.ckpt --cellplm PREFIX.best.ckpt
+    python benchmarks/bench_imputation.py --models default --unseen --out imputation_default
 
 Writes benchmarks/results/imputation.{json,md}.
 """
@@ -72,6 +82,7 @@ from typing import Any
 
 import numpy as np
 
+from _baselines import cellplm_trained_without
 from _common import (
     display_path,
     load_average,
@@ -195,6 +206,16 @@ def magic_diffusion(
     for _ in range(t):
         out = P @ out
     return np.asarray(out)
+
+
+def magic_impute(X: np.ndarray, *, seed: int) -> np.ndarray | None:
+    """``magic.MAGIC`` with its defaults on the normalised values; ``None`` if not installed."""
+    try:
+        import magic
+    except ImportError:
+        return None
+    op = magic.MAGIC(random_state=seed, verbose=0, n_jobs=1)
+    return np.asarray(op.fit_transform(X), dtype=np.float64)
 
 
 # models ------------------------------------------------------------------------------------------
@@ -335,6 +356,28 @@ def impute_cellplm(test, panel, path: Path) -> tuple:
     return renormalise(means), seconds, {"sequence": "all test cells", "decoder_batch": None}
 
 
+def impute_default(test, panel, model: Path | None = None) -> tuple:
+    """``sft.tl.impute``'s default path: a CellPLM fine-tuned on the test cells themselves.
+
+    ``model=None`` is the user's call with no model (the shipped ``cellplm-default``); a path
+    runs the same path from other pretrained weights.
+    """
+    import scfm_tools as sft
+
+    started = time.perf_counter()
+    if model is None:
+        out = sft.tl.impute(test, layer="rda_counts", copy=True)
+    else:
+        out = sft.tl.impute(
+            test, model, fine_tune=True, posterior=True, layer="rda_counts", copy=True
+        )
+    seconds = time.perf_counter() - started
+    means = out.layers["cellplm_denoised"][:, _panel_columns(test, panel)].astype(np.float64)
+    params = out.uns["cellplm_denoised"]["params"]
+    extra = {k: params[k] for k in ("denoiser_steps", "denoiser_lr", "posterior") if k in params}
+    return renormalise(np.nan_to_num(means)), seconds, extra
+
+
 # metrics -----------------------------------------------------------------------------------------
 def _rowwise_pearson(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     a = A - A.mean(axis=1, keepdims=True)
@@ -393,6 +436,11 @@ def _markdown(payload: dict[str, Any]) -> str:
             ("q90_total", "90%"),
         ],
     )
+    trained = [
+        name
+        for name, info in payload["training"].items()
+        if info.get("source") == "small model trained here"
+    ]
     train_rows = []
     for name, info in payload["training"].items():
         train_rows.append({"model": name, **{k: v for k, v in info.items() if k != "path"}})
@@ -420,17 +468,31 @@ def _markdown(payload: dict[str, Any]) -> str:
         f"counts. All values are `log1p` counts per 10,000 over a panel of {st['n_genes']} "
         "highly variable genes (chosen on the training cells). Baselines see only the thinned "
         "test cells; kNN smoothing uses k = "
-        f"{st['knn_k']} in a 50-PC PCA; the MAGIC-style diffusion is written here "
-        "(`magic-impute` is not installed): adaptive kernel (sigma = distance to the 5th "
-        "neighbour, decay 1, 15 neighbours), symmetrised Markov matrix, t = 3.",
+        f"{st['knn_k']} in a 50-PC PCA; MAGIC is `magic-impute` {st['magic'] or '(not installed)'}"
+        " with its defaults; the MAGIC-style diffusion is written here: adaptive kernel "
+        "(sigma = distance to the 5th neighbour, decay 1, 15 neighbours), symmetrised Markov "
+        "matrix, t = 3.",
         "",
-        "**The two foundation models are small models trained in this run** on the other "
-        f"{st['n_train']} cells (all three chemistries) with the package's own `train` "
-        "(scFoundation: RDA pretraining; CellPLM: its masking pretraining, on full-depth and "
-        "thinned copies of the training cells), not the published checkpoints, which are not "
-        "available offline; run with `--scfoundation PATH` / `--cellplm PATH` to benchmark "
-        "those. Unlike the baselines, the models also learned from full-depth training cells.",
+        "**impute's default** (`sft.tl.impute(cells)`, no model) fine-tunes the shipped "
+        "`cellplm-default` on the thinned test cells alone and reads out posterior means. "
+        "`cellplm-default` was pretrained on this file, test cells included at full depth; "
+        "the *unseen* row runs the same call from a CellPLM pretrained with the default's "
+        "recipe on every shared file but this one (`--unseen`).",
         "",
+        *(
+            [
+                f"**{' and '.join(trained)}: small models trained in this run** on the other "
+                f"{st['n_train']} cells (all three chemistries) with the package's own `train` "
+                "(scFoundation: RDA pretraining; CellPLM: its masking pretraining, on full-depth "
+                "and thinned copies of the training cells), not the published checkpoints, "
+                "which are not available offline; run with `--scfoundation PATH` / `--cellplm "
+                "PATH` to benchmark those. Unlike the baselines, they also learned from "
+                "full-depth training cells.",
+                "",
+            ]
+            if trained
+            else []
+        ),
         markdown_table(payload["rows"], columns),
         "",
         "## Training",
@@ -444,6 +506,15 @@ def _markdown(payload: dict[str, Any]) -> str:
     if payload.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in payload["notes"]]
     return "\n".join(lines)
+
+
+def _magic_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("magic-impute")
+    except Exception:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,10 +534,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--models",
         nargs="*",
-        default=["scfoundation", "cellplm"],
-        choices=["scfoundation", "cellplm"],
-        help="models to run besides the baselines (none: baselines only)",
+        default=["scfoundation", "cellplm", "default"],
+        choices=["scfoundation", "cellplm", "default"],
+        help="models to run besides the baselines (none: baselines only); default: "
+        "sft.tl.impute with no model",
     )
+    parser.add_argument(
+        "--unseen",
+        action="store_true",
+        help="also run impute's default path from a CellPLM pretrained without this dataset",
+    )
+    parser.add_argument("--unseen-epochs", type=int, default=10, help="its pretraining epochs")
     parser.add_argument("--scf-lr", type=float, default=2e-3)
     parser.add_argument("--scf-batch-size", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="smoke run (fewer cells, epochs)")
@@ -547,6 +625,17 @@ def main(argv: list[str] | None = None) -> int:
                     f"{info['last_train_loss']:.3f}"
                 )
 
+        if args.unseen:
+            log(f"pretraining the default's CellPLM recipe without {DATA_FILE}")
+            unseen_dir = folder / "unseen"
+            seconds = cellplm_trained_without(DATA_FILE, unseen_dir, args.unseen_epochs)
+            models["unseen"] = unseen_dir
+            training["CellPLM default recipe without this file"] = {
+                "source": f"scripts/train_default_cellplm.py --exclude {DATA_FILE}",
+                "epochs": args.unseen_epochs,
+                "train_seconds": seconds,
+            }
+
         rows: list[dict[str, Any]] = []
         for rate in args.rates:
             test = adata[test_rows].copy()
@@ -573,6 +662,14 @@ def main(argv: list[str] | None = None) -> int:
                 time.perf_counter() - started,
                 {},
             )
+            started = time.perf_counter()
+            real_magic = magic_impute(thinned, seed=args.seed)
+            if real_magic is not None:
+                preds["MAGIC, magic-impute defaults (baseline)"] = (
+                    real_magic,
+                    time.perf_counter() - started,
+                    {},
+                )
             # Models trained here know the panel only; given checkpoints get every gene.
             on_panel = test[:, panel].copy()
             if "scFoundation" in models:
@@ -583,6 +680,16 @@ def main(argv: list[str] | None = None) -> int:
             if "CellPLM" in models:
                 preds["CellPLM (sft.tl.impute)"] = impute_cellplm(
                     test if args.cellplm else on_panel, panel, models["CellPLM"]
+                )
+            if "default" in args.models:
+                log("  impute's default (fine-tuning on the test cells)")
+                preds["impute default: cellplm-default fine-tuned on the cells"] = impute_default(
+                    test, panel
+                )
+            if "unseen" in models:
+                log("  impute's default path from the CellPLM that never saw this file")
+                preds["impute default path, CellPLM pretrained without this file (unseen)"] = (
+                    impute_default(test, panel, models["unseen"])
                 )
             none_mae = None
             for method, (pred, seconds, extra) in preds.items():
@@ -640,10 +747,6 @@ def main(argv: list[str] | None = None) -> int:
             "per-cell Pearson 0.225 / 0.158 at rates 0.1 / 0.2, predicting 0.71 where the "
             "truth averaged 4.22 at the entries the thinning kept."
         )
-    notes.append(
-        "magic-impute is not installed in this environment (and was not installed for this "
-        "benchmark): the MAGIC baseline is a re-implementation of its default diffusion."
-    )
     payload = {
         "command": " ".join(["python benchmarks/bench_imputation.py", *sys.argv[1:]]).strip(),
         "machine": machine,
@@ -654,6 +757,7 @@ def main(argv: list[str] | None = None) -> int:
             "min_total": args.min_total,
             "n_genes": len(panel),
             "knn_k": args.knn,
+            "magic": _magic_version(),
             "seed": args.seed,
             "threads": args.threads,
             "data": DATA_FILE,

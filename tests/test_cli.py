@@ -194,10 +194,11 @@ def test_impute_equals_the_api(pbmc_file, tmp_path):
         assert (result.X != expected.X).nnz == 0
 
 
-def test_impute_without_a_model_says_what_to_pass(pbmc_file, tmp_path, capsys):
-    assert _run("impute", pbmc_file, "-o", tmp_path / "o.h5ad") == 2
+def test_impute_default_on_backed_input_says_what_to_do(pbmc_file, tmp_path, capsys):
+    # the default fine-tunes on the cells, which a backed file does not hold in memory
+    assert _run("impute", pbmc_file, "-o", tmp_path / "o.h5ad", "--backed") == 2
     err = capsys.readouterr().err
-    assert "impute has no default model" in err and "CellPLM or scFoundation" in err
+    assert "must be in memory" in err and "to_memory()" in err
     assert not (tmp_path / "o.h5ad").exists()
 
 

@@ -4,16 +4,19 @@ Every shipped default (one per family) is listed as embedded, its files match th
 card, all of them together stay within the package's size budget, and
 ``sft.tl.embed_cells(adata, model="<name>")`` runs on real cells with no network and tells cell
 types apart better than the majority class does. The CellPLM default is stored as safetensors
-and imputes offline (though not well enough to be the default); the scBERT and scFoundation
-defaults are safetensors too and are starting points for fine-tuning a cell-type classifier.
+and imputes offline; fine-tuned on the cells to impute, it is ``sft.tl.impute``'s default. The
+scBERT and scFoundation defaults are safetensors too and are starting points for fine-tuning a
+cell-type classifier.
 """
 
 from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from scipy import sparse
 
 import scfm_tools as sft
 from _unchanged import assert_unchanged, snapshot
@@ -108,10 +111,6 @@ def test_cellplm_default_safetensors_and_imputation(cells, tmp_path):
     assert not report.missing and not report.mismatched and len(genes) == config["out_dim"]
     model = CellPLM.from_pretrained("cellplm-default")
     assert model.gene_list == genes
-    snap = snapshot(cells)
-    with pytest.raises(NotImplementedError, match="no default model.*worse than no imputation"):
-        sft.tl.impute(cells)
-    assert_unchanged(cells, snap)
     out = sft.tl.impute(cells, "cellplm-default", copy=True)
     assert out.uns["cellplm_denoised"]["params"]["model"] == "cellplm-default"
     imputed = out.layers["cellplm_denoised"]
@@ -131,6 +130,59 @@ def test_cellplm_default_safetensors_and_imputation(cells, tmp_path):
     (folder / "cellplm.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="could not be read as a safetensors file"):
         load_cellplm_checkpoint(folder)
+
+
+def test_impute_default_fine_tunes_the_shipped_cellplm_on_the_cells(cells, monkeypatch):
+    """No model: cellplm-default is fine-tuned on the cells, then read out as posterior means."""
+    steps = 6
+    monkeypatch.setitem(CellPLM.fine_tune_denoiser.__kwdefaults__, "steps", steps)
+    pretrained = CellPLM.from_pretrained("cellplm-default")
+    before = {k: v.clone() for k, v in pretrained.module.state_dict().items()}
+    tuned = pretrained.fine_tune_denoiser(cells, random_state=0)
+    # a copy was trained: the pretrained weights are untouched, the copy's moved
+    after = pretrained.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    moved = tuned.module.state_dict()
+    assert any(not torch.equal(before[k], moved[k]) for k in before)
+    assert tuned.denoiser_params_["steps"] == steps and len(tuned.history["train_loss"]) == steps
+    means, var, _ = tuned.get_imputed_expression(cells)
+    post, _, params = tuned.get_imputed_expression(cells, posterior=True)
+    assert params["posterior"] and params["denoiser_steps"] == steps
+    known = np.isfinite(means[0])
+    mu, x = means[:, known].astype(np.float64), cells.X.toarray()[:, known]
+    theta = var["dispersion"][known].astype(np.float64)
+    expected = mu * (x + theta) / (mu + theta)
+    np.testing.assert_allclose(post[:, known], expected, rtol=1e-5, atol=1e-6)
+    # shrinkage: each value lies between the decoder's mean and the observed count
+    low, high = np.minimum(mu, x), np.maximum(mu, x)
+    assert ((post[:, known] >= low - 1e-4) & (post[:, known] <= high + 1e-4)).all()
+    assert not np.allclose(post[:, known], mu) and not np.allclose(post[:, known], x)
+    # a gene the model does not know: NaN as a mean, its observed counts as a posterior mean
+    extra = ad.AnnData(
+        X=sparse.hstack([cells.X, sparse.csr_matrix(np.arange(cells.n_obs)[:, None] % 3)]).tocsr(),
+        var=pd.DataFrame(index=[*cells.var_names, "NOT_A_GENE"]),
+    )
+    assert np.isnan(tuned.get_imputed_expression(extra)[0][:, -1]).all()
+    unknown = tuned.get_imputed_expression(extra, posterior=True)[0][:, -1]
+    np.testing.assert_array_equal(unknown, np.arange(cells.n_obs) % 3)
+
+    snap = snapshot(cells)
+    out = sft.tl.impute(cells, copy=True)  # the same seed: the same fine-tuning
+    assert_unchanged(cells, snap)
+    np.testing.assert_allclose(out.layers["cellplm_denoised"], post, rtol=1e-4, atol=1e-4)
+    recorded = out.uns["cellplm_denoised"]["params"]
+    assert recorded["posterior"] and recorded["denoiser_steps"] == steps
+
+
+def test_impute_fine_tune_and_posterior_refuse_what_they_cannot_do(cells):
+    snap = snapshot(cells)
+    with pytest.raises(NotImplementedError, match="fine_tune=True needs a CellPLM"):
+        sft.tl.impute(cells, "scfoundation-default", fine_tune=True)
+    with pytest.raises(ValueError, match="leave rescale=True"):
+        sft.tl.impute(cells, "cellplm-default", posterior=True, rescale=False)
+    with pytest.raises(KeyError, match="not a column of adata.obs"):
+        CellPLM.from_pretrained("cellplm-default").fine_tune_denoiser(cells, batch_key="nope")
+    assert_unchanged(cells, snap)
 
 
 def test_scbert_default_reads_its_gene_list_and_table():

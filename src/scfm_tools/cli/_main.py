@@ -43,7 +43,7 @@ def _common(parser: argparse.ArgumentParser, *, output_required: bool = True) ->
     )
     parser.add_argument(
         "--model",
-        help="registered model name or checkpoint path (default: the embedded scgpt-default)",
+        help="registered model name or checkpoint path (default: the sft.tl function's default)",
     )
     parser.add_argument("--layer", help="layer holding the counts (default: X)")
     parser.add_argument("--gene-key", help="var column with gene symbols or Ensembl IDs")

@@ -25,6 +25,7 @@ from ._model_arg import (
     call_model,
     cell_embeddings,
     check_model_values,
+    lightning_accelerator,
     load_for,
     locate_model,
     prepare_device,
@@ -145,10 +146,6 @@ def _check_values(
         check_model_values(cells, layer, located, chunk_size=chunk_size, caller="annotate")
 
 
-def _accelerator(device: torch.device) -> str:
-    return {"cuda": "gpu", "cpu": "cpu", "mps": "mps"}.get(device.type, "auto")
-
-
 def _reference_adata(
     reference: AnnData, label_key: str, layer: str | None, gene_key: str | None
 ) -> AnnData:
@@ -200,7 +197,7 @@ def _fine_tune(
     located.cls.setup_anndata(ref, labels_key=label_key)
     options = dict(options)
     train_kwargs = dict(options.pop("train_kwargs", None) or {})
-    train_kwargs.setdefault("accelerator", _accelerator(device))
+    train_kwargs.setdefault("accelerator", lightning_accelerator(device))
     # None leaves the family's own fine-tuning defaults (epochs, minibatch) in force.
     classifier, used = call_model(
         loaded.fine_tune_classifier,

@@ -13,10 +13,15 @@ import pandas as pd
 from .._anndata import DEFAULT_CHUNK_SIZE, params_record, resolve_adata, resolve_seed
 from .._docs import DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from .._errors import InputError
-from ._model_arg import check_model_values, load_for, locate_model, prepare_device
+from ._model_arg import (
+    check_model_values,
+    lightning_accelerator,
+    load_for,
+    locate_model,
+    prepare_device,
+)
 
 if TYPE_CHECKING:
-    import torch
     from anndata import AnnData
 
     from ..models.base import PretrainedMixin
@@ -116,10 +121,6 @@ def _check_options(integration: type, options: dict[str, Any]) -> None:
             f"integrate got option(s) {unknown} that {integration.family} models do not take; "
             f"they take {own}."
         )
-
-
-def _accelerator(device: torch.device) -> str:
-    return {"cuda": "gpu", "cpu": "cpu", "mps": "mps"}.get(device.type, "auto")
 
 
 @doc_params(
@@ -222,7 +223,7 @@ def integrate(
     dev = prepare_device(pretrained, device)
     seed = resolve_seed(random_state)
     train_kwargs = dict(model_kwargs.pop("train_kwargs", None) or {})
-    train_kwargs.setdefault("accelerator", _accelerator(dev))
+    train_kwargs.setdefault("accelerator", lightning_accelerator(dev))
     started = time.perf_counter()
     fitted, fit_params = integration.fine_tune(
         pretrained,

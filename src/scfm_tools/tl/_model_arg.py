@@ -210,6 +210,11 @@ def prepare_device(model: PretrainedMixin, device: str | torch.device | None) ->
     return dev
 
 
+def lightning_accelerator(device: torch.device) -> str:
+    """Return the Lightning accelerator that trains on ``device``."""
+    return {"cuda": "gpu", "cpu": "cpu", "mps": "mps"}.get(device.type, "auto")
+
+
 def check_model_values(
     adata: AnnData, layer: str | None, located: LocatedModel, *, chunk_size: int, caller: str
 ) -> None:

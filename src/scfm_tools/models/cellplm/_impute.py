@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..._anndata import iter_row_blocks
 from ..._validation import InputError
 from ._embed import SequenceInputs, run_sequences
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from ...pp._match_genes import GeneMatch
     from ._module import CellPLMModule
 
-__all__ = ["decoder_batch_ids", "denoise_sequences"]
+__all__ = ["decoder_batch_ids", "denoise_sequences", "observed_columns", "posterior_mean"]
 
 
 def decoder_batch_ids(adata: AnnData, key: str | None, n_batches: int) -> np.ndarray | None:
@@ -103,3 +104,55 @@ def denoise_sequences(
     with torch.inference_mode():
         dispersion = module.decoder.out_layer.dispersion()[ids].cpu().numpy()
     return out, dispersion
+
+
+def posterior_mean(
+    means: np.ndarray, X, cols: np.ndarray, dispersion: np.ndarray, *, chunk_size: int = 1024
+) -> np.ndarray:
+    """Shrink each cell's observed counts towards the decoder's means, in place (SAVER-style).
+
+    The decoder says a gene's count in a cell is negative binomial: Poisson around an
+    expression level drawn from a gamma with mean ``mu`` (the decoder's mean) and shape
+    ``theta`` (its dispersion). Given the count ``x`` actually observed, the expected level is
+    ``mu * (x + theta) / (mu + theta)``: close to ``x`` where the decoder is unsure (small
+    ``theta``), close to ``mu`` where it is sure or the cell is shallow. So the observed counts
+    are denoised rather than replaced, as SAVER (Huang et al. 2018) does with its own prior.
+
+    Parameters
+    ----------
+    means
+        ``(n_cells, n_genes)`` decoder means at the cell's observed depth; overwritten.
+    X
+        The observed counts, cells x all genes (dense or sparse, row-sliceable).
+    cols
+        The columns of ``X`` that ``means`` holds, in its order.
+    dispersion
+        ``(n_genes,)`` NB dispersions (``theta``, positive).
+    chunk_size
+        Rows densified at a time.
+
+    Returns
+    -------
+    ``means``, now the posterior means.
+    """
+    theta = np.asarray(dispersion, dtype=means.dtype)
+    for start, block in iter_row_blocks(X, chunk_size=chunk_size, views=True):
+        block = block[:, cols]
+        x = block.toarray() if hasattr(block, "toarray") else np.asarray(block)
+        mu = means[start : start + x.shape[0]]
+        mu *= (x + theta) / (mu + theta)
+    return means
+
+
+def observed_columns(out: np.ndarray, X, cols: np.ndarray, *, chunk_size: int = 1024) -> None:
+    """Copy the columns ``cols`` of the observed counts ``X`` into ``out``, in place.
+
+    The posterior mean of a gene the model does not know: with no prior, the observed count.
+    """
+    if cols.size == 0:
+        return
+    for start, block in iter_row_blocks(X, chunk_size=chunk_size, views=True):
+        block = block[:, cols]
+        out[start : start + block.shape[0], cols] = (
+            block.toarray() if hasattr(block, "toarray") else np.asarray(block)
+        )
