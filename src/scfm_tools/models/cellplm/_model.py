@@ -121,6 +121,20 @@ def _match(var_names, gene_list: Sequence[str]) -> GeneMatch:
     return match
 
 
+def _counts_view(
+    adata: AnnData, layer: str | None, gene_key: str | None, keys: list[str]
+) -> AnnData:
+    """Return a private AnnData to train on: the counts (not copied), gene names, ``keys``."""
+    import anndata as ad
+
+    names = adata.var_names if gene_key is None else adata.var[gene_key].astype(str)
+    return ad.AnnData(
+        X=get_matrix(adata, layer),
+        obs=adata.obs[keys].copy(),
+        var=pd.DataFrame(index=pd.Index(np.asarray(names, dtype=str))),
+    )
+
+
 class CellPLM(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
     """CellPLM (Wen et al., ICLR 2024) as an scvi-tools model: pretrain, embed, annotate.
 
@@ -659,16 +673,9 @@ class CellPLM(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
         The fine-tuned :class:`CellPLM` (a classifier bound to the private view of
         ``reference``); its ``history`` holds the losses and ``validation_macro_f1`` per epoch.
         """
-        import anndata as ad
-
         seed = resolve_seed(random_state)
         keys = [k for k in (labels_key, batch_key) if k is not None and k in reference.obs]
-        names = reference.var_names if gene_key is None else reference.var[gene_key].astype(str)
-        view = ad.AnnData(
-            X=get_matrix(reference, layer),
-            obs=reference.obs[keys].copy(),
-            var=pd.DataFrame(index=pd.Index(np.asarray(names, dtype=str))),
-        )
+        view = _counts_view(reference, layer, gene_key, keys)
         type(self).setup_anndata(view, labels_key=labels_key, batch_key=batch_key)
         train_kwargs = dict(train_kwargs or {})
         cuda = list(range(torch.cuda.device_count()))
@@ -741,8 +748,6 @@ class CellPLM(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
         The fine-tuned :class:`CellPLM`, bound to a private view of ``adata``; ``history``
         holds its losses.
         """
-        import anndata as ad
-
         if self.module.decoder is None:
             raise ValueError(
                 f"{self.model_name} is fine-tuned for cell-type annotation: it has no decoder "
@@ -754,13 +759,7 @@ class CellPLM(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
             )
         seed = resolve_seed(random_state)
         codes, _ = batch_codes(adata, batch_key)  # a clear error for a missing column
-        names = adata.var_names if gene_key is None else adata.var[gene_key].astype(str)
-        view = ad.AnnData(
-            X=get_matrix(adata, layer),
-            obs=adata.obs[[batch_key]].copy() if batch_key is not None else None,
-            var=pd.DataFrame(index=pd.Index(np.asarray(names, dtype=str))),
-        )
-        view.obs_names = adata.obs_names
+        view = _counts_view(adata, layer, gene_key, [] if batch_key is None else [batch_key])
         type(self).setup_anndata(view, batch_key=batch_key)
         per_epoch = int(sum(np.ceil(np.bincount(codes) / max_cells)))
         epochs = int(np.ceil(steps / per_epoch))
