@@ -1,7 +1,8 @@
 """Imputation of shallow cells: scFoundation and CellPLM against simple baselines, same run.
 
 Real deep-ish PBMCs (10x 3' v3 cells of ``pbmc_10x_3chemistries_unlabeled.h5ad``, the deepest
-chemistry there: ~5,900 counts per cell on average) are held out, binomially thinned to a
+chemistry there: ~5,900 counts per cell on average; with ``--dataset cellbench``, CellBench's
+CEL-seq2 cells of three lung cell lines, ~36,000) are held out, binomially thinned to a
 share of their counts (``sft.pp.downsample_rda`` with a fixed ``rate``: every count kept with
 probability ``rate``), imputed, and compared with their held-back full-depth values.
 
@@ -95,8 +96,11 @@ from _common import (
 )
 
 NAME = "imputation"
-DATA_FILE = "pbmc_10x_3chemistries_unlabeled.h5ad"
-TEST_BATCH = "1k_PBMC_v3_filt"
+# --dataset: (file, the batch whose deep cells are held out and thinned)
+DATASETS = {
+    "pbmc": ("pbmc_10x_3chemistries_unlabeled.h5ad", "1k_PBMC_v3_filt"),
+    "cellbench": ("cellbench_3celllines_celseq2_dropseq.h5ad", "sc_celseq2"),
+}
 # Small architectures that train in a couple of minutes on 2 CPU cores.
 SCF_ARCH = {
     "enc_dim": 64,
@@ -113,11 +117,12 @@ TRAIN_QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
 
 
 # data --------------------------------------------------------------------------------------------
-def load_split(data_dir: Path, n_test: int, min_total: int, seed: int):
-    """``(adata, test_rows, train_rows, depth_table)``: held-out deep v3 cells, the rest."""
+def load_split(data_dir: Path, n_test: int, min_total: int, seed: int, dataset: str = "pbmc"):
+    """``(adata, test_rows, train_rows, depth_table)``: held-out deep cells of the test batch."""
     import anndata as ad
 
-    adata = ad.read_h5ad(data_dir / DATA_FILE)
+    data_file, test_batch = DATASETS[dataset]
+    adata = ad.read_h5ad(data_dir / data_file)
     totals = np.asarray(adata.X.sum(axis=1)).ravel()
     depth = []
     for batch in sorted(adata.obs["batch"].unique()):
@@ -133,7 +138,7 @@ def load_split(data_dir: Path, n_test: int, min_total: int, seed: int):
             }
         )
     candidates = np.flatnonzero(
-        (adata.obs["batch"] == TEST_BATCH).to_numpy() & (totals >= min_total)
+        (adata.obs["batch"] == test_batch).to_numpy() & (totals >= min_total)
     )
     rng = np.random.default_rng(seed)
     test = np.sort(rng.choice(candidates, size=min(n_test, len(candidates)), replace=False))
@@ -428,7 +433,7 @@ def _markdown(payload: dict[str, Any]) -> str:
     depth = markdown_table(
         payload["depth"],
         [
-            ("batch", "chemistry"),
+            ("batch", "batch"),
             ("cells", "cells"),
             ("mean_total", "mean counts"),
             ("median_total", "median"),
@@ -463,7 +468,8 @@ def _markdown(payload: dict[str, Any]) -> str:
         f"{st['threads']} torch threads, commit {m['git_commit']}, {st['wall_s']:.0f} s in all; "
         f"load average {m['load_average']} at the start, {st['load_average_end']} at the end.",
         "",
-        f"Test: {st['n_test']} held-out {TEST_BATCH} cells (total count >= {st['min_total']}), "
+        f"Test: {st['n_test']} held-out {st['test_batch']} cells of `{st['data']}` (total "
+        f"count >= {st['min_total']}), "
         f"binomially thinned with `sft.pp.downsample_rda(rate=r)`; truth = their full-depth "
         f"counts. All values are `log1p` counts per 10,000 over a panel of {st['n_genes']} "
         "highly variable genes (chosen on the training cells). Baselines see only the thinned "
@@ -482,7 +488,7 @@ def _markdown(payload: dict[str, Any]) -> str:
         *(
             [
                 f"**{' and '.join(trained)}: small models trained in this run** on the other "
-                f"{st['n_train']} cells (all three chemistries) with the package's own `train` "
+                f"{st['n_train']} cells (every other batch too) with the package's own `train` "
                 "(scFoundation: RDA pretraining; CellPLM: its masking pretraining, on full-depth "
                 "and thinned copies of the training cells), not the published checkpoints, "
                 "which are not available offline; run with `--scfoundation PATH` / `--cellplm "
@@ -520,6 +526,12 @@ def _magic_version() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.2])
+    parser.add_argument(
+        "--dataset",
+        choices=sorted(DATASETS),
+        default="pbmc",
+        help="pbmc: deep 10x v3 PBMCs held out; cellbench: its CEL-seq2 cells held out",
+    )
     parser.add_argument("--n-test", type=int, default=400, help="held-out v3 cells")
     parser.add_argument("--min-total", type=int, default=3000, help="deep-ish: counts per cell")
     parser.add_argument("--n-genes", type=int, default=1000, help="gene panel (HVGs)")
@@ -565,8 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info(args.threads)
     wall = time.perf_counter()
     data_dir = shared_path("SFT_DATA", "../shared/data")
+    data_file, test_batch = DATASETS[args.dataset]
     adata, test_rows, train_rows, depth = load_split(
-        data_dir, args.n_test, args.min_total, args.seed
+        data_dir, args.n_test, args.min_total, args.seed, args.dataset
     )
     panel = gene_panel(adata[train_rows], args.n_genes)
     log(
@@ -626,12 +639,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
 
         if args.unseen:
-            log(f"pretraining the default's CellPLM recipe without {DATA_FILE}")
+            log(f"pretraining the default's CellPLM recipe without {data_file}")
             unseen_dir = folder / "unseen"
-            seconds = cellplm_trained_without(DATA_FILE, unseen_dir, args.unseen_epochs)
+            seconds = cellplm_trained_without(data_file, unseen_dir, args.unseen_epochs)
             models["unseen"] = unseen_dir
             training["CellPLM default recipe without this file"] = {
-                "source": f"scripts/train_default_cellplm.py --exclude {DATA_FILE}",
+                "source": f"scripts/train_default_cellplm.py --exclude {data_file}",
                 "epochs": args.unseen_epochs,
                 "train_seconds": seconds,
             }
@@ -760,8 +773,8 @@ def main(argv: list[str] | None = None) -> int:
             "magic": _magic_version(),
             "seed": args.seed,
             "threads": args.threads,
-            "data": DATA_FILE,
-            "test_batch": TEST_BATCH,
+            "data": data_file,
+            "test_batch": test_batch,
             "wall_s": time.perf_counter() - wall,
             "load_average_end": load_average(),
         },
