@@ -231,6 +231,12 @@ def impute(
     loaded, options = load_for(located, "get_imputed_expression", model_kwargs)
     dev = prepare_device(loaded, device)
     if fine_tune:
+        logger.info(
+            "impute: fine-tuning a copy of %s on the %d cells first (a few minutes on a CPU); "
+            "pass fine_tune=False with a model to skip it.",
+            loaded.model_name,
+            ad.n_obs,
+        )
         loaded = loaded.fine_tune_denoiser(
             ad,
             layer=layer,
