@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from ...pp._match_genes import GeneMatch
     from ._module import CellPLMModule
 
-__all__ = ["decoder_batch_ids", "denoise_sequences", "observed_columns", "posterior_mean"]
+__all__ = ["decoder_batch_ids", "denoise_sequences", "posterior_mean"]
 
 
 def decoder_batch_ids(adata: AnnData, key: str | None, n_batches: int) -> np.ndarray | None:
@@ -107,9 +107,15 @@ def denoise_sequences(
 
 
 def posterior_mean(
-    means: np.ndarray, X, cols: np.ndarray, dispersion: np.ndarray, *, chunk_size: int = 1024
-) -> np.ndarray:
-    """Shrink each cell's observed counts towards the decoder's means, in place (SAVER-style).
+    out: np.ndarray,
+    means: np.ndarray,
+    X,
+    cols: np.ndarray,
+    dispersion: np.ndarray,
+    *,
+    chunk_size: int = 256,
+) -> None:
+    """Write the posterior means of the observed counts into ``out`` (SAVER-style), in place.
 
     The decoder says a gene's count in a cell is negative binomial: Poisson around an
     expression level drawn from a gamma with mean ``mu`` (the decoder's mean) and shape
@@ -117,42 +123,28 @@ def posterior_mean(
     ``mu * (x + theta) / (mu + theta)``: close to ``x`` where the decoder is unsure (small
     ``theta``), close to ``mu`` where it is sure or the cell is shallow. So the observed counts
     are denoised rather than replaced, as SAVER (Huang et al. 2018) does with its own prior.
+    A gene the model does not know has no prior: its posterior mean is the observed count.
 
     Parameters
     ----------
+    out
+        ``(n_cells, n_vars)`` result: columns ``cols`` get the posterior means, the others
+        the observed counts.
     means
-        ``(n_cells, n_genes)`` decoder means at the cell's observed depth; overwritten.
+        ``(n_cells, len(cols))`` decoder means at the cell's observed depth.
     X
-        The observed counts, cells x all genes (dense or sparse, row-sliceable).
+        The observed counts, cells x all genes (dense or sparse, row-sliceable), read once.
     cols
         The columns of ``X`` that ``means`` holds, in its order.
     dispersion
-        ``(n_genes,)`` NB dispersions (``theta``, positive).
+        ``(len(cols),)`` NB dispersions (``theta``, positive).
     chunk_size
         Rows densified at a time.
-
-    Returns
-    -------
-    ``means``, now the posterior means.
     """
     theta = np.asarray(dispersion, dtype=means.dtype)
     for start, block in iter_row_blocks(X, chunk_size=chunk_size, views=True):
-        block = block[:, cols]
         x = block.toarray() if hasattr(block, "toarray") else np.asarray(block)
-        mu = means[start : start + x.shape[0]]
-        mu *= (x + theta) / (mu + theta)
-    return means
-
-
-def observed_columns(out: np.ndarray, X, cols: np.ndarray, *, chunk_size: int = 1024) -> None:
-    """Copy the columns ``cols`` of the observed counts ``X`` into ``out``, in place.
-
-    The posterior mean of a gene the model does not know: with no prior, the observed count.
-    """
-    if cols.size == 0:
-        return
-    for start, block in iter_row_blocks(X, chunk_size=chunk_size, views=True):
-        block = block[:, cols]
-        out[start : start + block.shape[0], cols] = (
-            block.toarray() if hasattr(block, "toarray") else np.asarray(block)
-        )
+        stop = start + x.shape[0]
+        out[start:stop] = x
+        mu = means[start:stop]
+        out[start:stop, cols] = mu * ((x[:, cols] + theta) / (mu + theta))

@@ -37,7 +37,7 @@ from ..base._streaming import as_device
 from ._checkpoint import load_cellplm_checkpoint
 from ._classify import class_probabilities
 from ._embed import embed_matrix, sample_draws
-from ._impute import decoder_batch_ids, denoise_sequences, observed_columns, posterior_mean
+from ._impute import decoder_batch_ids, denoise_sequences, posterior_mean
 from ._module import CellPLMModule
 from ._sequences import batch_codes, sequence_rows
 from ._training_plan import (
@@ -989,10 +989,9 @@ class CellPLM(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
         cols = np.flatnonzero(match.matched)
         out = np.full(adata.shape, np.nan, dtype=np.float32)
         if posterior:
-            X = get_matrix(adata, layer)
-            denoised = posterior_mean(denoised, X, cols, disp)
-            observed_columns(out, X, np.flatnonzero(~match.matched))
-        out[:, cols] = denoised
+            posterior_mean(out, denoised, get_matrix(adata, layer), cols, disp)
+        else:
+            out[:, cols] = denoised
         dispersion = np.full(adata.n_vars, np.nan, dtype=np.float32)
         dispersion[cols] = disp
         params = {
