@@ -83,7 +83,7 @@ def _worker(spec: dict[str, Any]) -> None:
     started = time.perf_counter()
     if job == "scgpt":
         adata = _data(CELLBENCH)
-        sft.tl.embed_cells(adata)
+        sft.tl.embed_cells(adata, "scgpt-default")
         result = adata.obsm["X_scgpt"]
     elif job == "scgpt_genes":
         adata = _data(CELLBENCH)

@@ -20,7 +20,7 @@ import torch
 import scfm_tools as sft
 from _scfoundation_tiny import tiny_checkpoint
 from scfm_tools.cli import main
-from scfm_tools.models import SCBERT
+from scfm_tools.models import SCBERT, CellPLM
 from scfm_tools.models.scgpt import load_scgpt_checkpoint
 
 SCBERT_TINY = {"dim": 8, "depth": 1, "heads": 2, "dim_head": 4}
@@ -36,11 +36,16 @@ def cellbench_file(data_dir, tmp_path_factory):
     return path
 
 
+# The command-line mechanics are tested with the zero-shot scgpt-default (fast); the default
+# model's fine-tuning is tested below with few steps.
+SCGPT = ("--model", "scgpt-default")
+
+
 @pytest.fixture(scope="module")
 def embedded(cellbench_file):
     """The API's result on the same cells, to compare the command's with."""
     adata = ad.read_h5ad(cellbench_file)
-    sft.tl.embed_cells(adata)
+    sft.tl.embed_cells(adata, "scgpt-default")
     return adata
 
 
@@ -52,7 +57,7 @@ def test_python_m_embed_equals_the_api(cellbench_file, embedded, tmp_path):
     out = tmp_path / "out.h5ad"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "scfm_tools", "embed", str(cellbench_file), "-o", str(out)],
+        [sys.executable, "-m", "scfm_tools", "embed", str(cellbench_file), "-o", str(out), *SCGPT],
         capture_output=True,
         text=True,
         timeout=300,
@@ -72,7 +77,8 @@ def test_python_m_embed_equals_the_api(cellbench_file, embedded, tmp_path):
 
 def test_backed_embed_equals_in_memory(cellbench_file, embedded, tmp_path):
     out = tmp_path / "out.h5ad"
-    args = ["embed", cellbench_file, "-o", out, "--backed", "--chunk-size", 30, "--batch-size", 7]
+    args = ["embed", cellbench_file, "-o", out, *SCGPT, "--backed", "--chunk-size", 30]
+    args += ["--batch-size", 7]
     assert _run(*args) == 0
     result = ad.read_h5ad(out)
     np.testing.assert_allclose(result.obsm["X_scgpt"], embedded.obsm["X_scgpt"], atol=1e-5)
@@ -84,7 +90,7 @@ def test_output_is_compressed_with_ordinary_permissions(cellbench_file, tmp_path
     out = tmp_path / "out.h5ad"
     before = os.umask(0o022)
     try:
-        assert _run("embed", cellbench_file, "-o", out) == 0
+        assert _run("embed", cellbench_file, "-o", out, *SCGPT) == 0
     finally:
         os.umask(before)
     assert out.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
@@ -96,7 +102,7 @@ def test_output_is_compressed_with_ordinary_permissions(cellbench_file, tmp_path
 
 def test_settings_are_restored_after_a_quiet_run(cellbench_file, tmp_path):
     before = sft.settings.verbosity, sft.settings.progress_bar
-    assert _run("embed", cellbench_file, "-o", tmp_path / "out.h5ad") == 0
+    assert _run("embed", cellbench_file, "-o", tmp_path / "out.h5ad", *SCGPT) == 0
     assert (sft.settings.verbosity, sft.settings.progress_bar) == before == (1, True)
 
 
@@ -110,7 +116,8 @@ def test_output_not_h5ad_exits_2(cellbench_file, tmp_path, capsys):
 
 def test_options_reach_the_function(cellbench_file, tmp_path):
     out = tmp_path / "out.h5ad"
-    assert _run("embed", cellbench_file, "-o", out, "--key-added", "X_fm", "--max-length", 64) == 0
+    args = ("--key-added", "X_fm", "--max-length", 64)
+    assert _run("embed", cellbench_file, "-o", out, *SCGPT, *args) == 0
     result = ad.read_h5ad(out)
     assert result.obsm["X_fm"].shape == (100, 64)
     assert result.uns["fm"]["params"]["max_length"] == 64
@@ -140,7 +147,7 @@ def test_bad_input_exits_2_with_one_line(cellbench_file, tmp_path, capsys):
     bad.X[3, bad.X[3].indices[0]] = -1.0
     bad_path = tmp_path / "negative.h5ad"
     bad.write_h5ad(bad_path)
-    assert _run("embed", bad_path, "-o", out) == 2
+    assert _run("embed", bad_path, "-o", out, *SCGPT) == 2
     assert "contains negative values" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.glob(".out.h5ad*")) == []
 
@@ -155,8 +162,28 @@ def test_output_is_never_overwritten_without_flag(cellbench_file, tmp_path, caps
     assert _run("embed", cellbench_file, "-o", out) == 2
     assert "exists already" in capsys.readouterr().err
     assert out.read_bytes() == b"keep me"
-    assert _run("embed", cellbench_file, "-o", out, "--overwrite") == 0
+    assert _run("embed", cellbench_file, "-o", out, *SCGPT, "--overwrite") == 0
     assert "X_scgpt" in ad.read_h5ad(out).obsm
+
+
+def test_embed_default_fine_tunes_cellplm_default_as_the_api(cellbench_file, tmp_path, monkeypatch):
+    """No --model: the API's default, cellplm-default fine-tuned on the cells (few steps here)."""
+    monkeypatch.setitem(CellPLM.fine_tune_denoiser.__kwdefaults__, "steps", 4)  # 2 passes
+    expected = ad.read_h5ad(cellbench_file)
+    sft.tl.embed_cells(expected, batch_key="batch")
+    for backed in (False, True):  # a backed file's cells are all read to fine-tune on (< 20,000)
+        out = tmp_path / f"out_{backed}.h5ad"
+        extra = ["--backed", "--chunk-size", 30] if backed else []
+        assert _run("embed", cellbench_file, "-o", out, "--batch-key", "batch", *extra) == 0
+        result = ad.read_h5ad(out)
+        np.testing.assert_allclose(result.obsm["X_cellplm"], expected.obsm["X_cellplm"], atol=1e-4)
+        params = result.uns["cellplm"]["params"]
+        assert params["model"] == "cellplm-default" and params["denoiser_steps"] == 4
+    out = tmp_path / "zero_shot.h5ad"
+    assert _run("embed", cellbench_file, "-o", out, "--batch-key", "batch", "--no-fine-tune") == 0
+    result = ad.read_h5ad(out)
+    assert "denoiser_steps" not in result.uns["cellplm"]["params"]
+    assert not np.allclose(result.obsm["X_cellplm"], expected.obsm["X_cellplm"], atol=1e-3)
 
 
 def test_debug_shows_the_traceback(cellbench_file, tmp_path):
@@ -194,12 +221,17 @@ def test_impute_equals_the_api(pbmc_file, tmp_path):
         assert (result.X != expected.X).nnz == 0
 
 
-def test_impute_default_on_backed_input_says_what_to_do(pbmc_file, tmp_path, capsys):
-    # the default fine-tunes on the cells, which a backed file does not hold in memory
-    assert _run("impute", pbmc_file, "-o", tmp_path / "o.h5ad", "--backed") == 2
-    err = capsys.readouterr().err
-    assert "must be in memory" in err and "to_memory()" in err
-    assert not (tmp_path / "o.h5ad").exists()
+def test_impute_default_on_backed_input_equals_in_memory(pbmc_file, tmp_path, monkeypatch):
+    # the default fine-tunes on the cells: a backed file's are read (a sample of at most 20,000)
+    monkeypatch.setitem(CellPLM.fine_tune_denoiser.__kwdefaults__, "steps", 3)
+    expected = ad.read_h5ad(pbmc_file)
+    sft.tl.impute(expected)
+    out = tmp_path / "o.h5ad"
+    assert _run("impute", pbmc_file, "-o", out, "--backed", "--chunk-size", 4) == 0
+    result = ad.read_h5ad(out)
+    key = "cellplm_denoised"
+    np.testing.assert_allclose(result.layers[key], expected.layers[key], rtol=1e-4, atol=1e-4)
+    assert result.uns[key]["params"]["denoiser_steps"] == 3
 
 
 # annotate ---------------------------------------------------------------------------------------

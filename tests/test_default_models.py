@@ -147,7 +147,7 @@ def test_impute_default_fine_tunes_the_shipped_cellplm_on_the_cells(cells, monke
     assert tuned.denoiser_params_["steps"] == steps and len(tuned.history["train_loss"]) == steps
     means, var, _ = tuned.get_imputed_expression(cells)
     post, _, params = tuned.get_imputed_expression(cells, posterior=True)
-    assert params["posterior"] and params["denoiser_steps"] == steps
+    assert params["posterior"] and tuned.params()["denoiser_steps"] == steps
     known = np.isfinite(means[0])
     mu, x = means[:, known].astype(np.float64), cells.X.toarray()[:, known]
     theta = var["dispersion"][known].astype(np.float64)
@@ -174,9 +174,59 @@ def test_impute_default_fine_tunes_the_shipped_cellplm_on_the_cells(cells, monke
     assert recorded["posterior"] and recorded["denoiser_steps"] == steps
 
 
+def test_embed_default_fine_tunes_the_shipped_cellplm_on_the_cells(cells, monkeypatch):
+    """No model: cellplm-default is fine-tuned on the cells, then embeds them."""
+    from scfm_tools.tl._embed_cells import FINE_TUNE_OPTIONS
+
+    monkeypatch.setitem(CellPLM.fine_tune_denoiser.__kwdefaults__, "steps", 4)
+    snap = snapshot(cells)
+    out = sft.tl.embed_cells(cells, copy=True)
+    assert_unchanged(cells, snap)
+    tuned = CellPLM.from_pretrained("cellplm-default").fine_tune_denoiser(
+        cells, random_state=0, **FINE_TUNE_OPTIONS
+    )
+    np.testing.assert_allclose(
+        out.obsm["X_cellplm"], tuned.get_latent_representation(cells), rtol=1e-4, atol=1e-4
+    )
+    params = out.uns["cellplm"]["params"]
+    assert params["model"] == "cellplm-default" and params["denoiser_steps"] >= 4
+    # given a model, zero-shot unless asked: another embedding, and no fine-tuning recorded
+    zero_shot = sft.tl.embed_cells(cells, "cellplm-default", copy=True)
+    assert "denoiser_steps" not in zero_shot.uns["cellplm"]["params"]
+    assert not np.allclose(zero_shot.obsm["X_cellplm"], out.obsm["X_cellplm"], atol=1e-3)
+    with pytest.raises(NotImplementedError, match=r"embed_cells\(fine_tune=True\) needs a CellPLM"):
+        sft.tl.embed_cells(cells, "scgpt-default", fine_tune=True)
+    assert_unchanged(cells, snap)
+
+
+def test_fine_tuning_adds_the_genes_the_model_does_not_know(cells):
+    """The data's unknown genes join the copy: pretrained rows kept, the new ones learned."""
+    pretrained = CellPLM.from_pretrained("cellplm-default")
+    n = len(pretrained.gene_list)
+    extra = ad.AnnData(
+        X=sparse.hstack([cells.X, sparse.csr_matrix(np.arange(cells.n_obs)[:, None] % 5)]).tocsr(),
+        var=pd.DataFrame(index=[*cells.var_names, "NOT_A_GENE"]),
+    )
+    unknown = int((~pretrained.match_genes(extra).matched).sum())
+    assert unknown >= 1  # NOT_A_GENE at least
+    grown = CellPLM._around(pretrained.module, [*pretrained.gene_list, "NOT_A_GENE"], None, None)
+    source, target = pretrained.module.state_dict(), grown.module.state_dict()
+    for key in ("embedder.feat_enc.emb", "decoder.out_layer.dec_mean.0.weight"):
+        assert target[key].shape[0] == n + 1
+        assert torch.equal(target[key][:n], source[key])
+    tuned = pretrained.fine_tune_denoiser(extra, steps=2, add_genes=True, random_state=0)
+    assert len(tuned.gene_list) == n + unknown and tuned.gene_list[-1] == "NOT_A_GENE"
+    assert tuned.denoiser_params_["genes_added"] == unknown
+    assert len(pretrained.gene_list) == n  # the pretrained model is left as it was
+    means, _, params = tuned.get_imputed_expression(extra)
+    assert params["n_genes_matched"] == extra.n_vars and np.isfinite(means).all()
+    kept = pretrained.fine_tune_denoiser(extra, steps=2, random_state=0)
+    assert kept.gene_list == pretrained.gene_list
+
+
 def test_impute_fine_tune_and_posterior_refuse_what_they_cannot_do(cells):
     snap = snapshot(cells)
-    with pytest.raises(NotImplementedError, match="fine_tune=True needs a CellPLM"):
+    with pytest.raises(NotImplementedError, match=r"fine_tune=True\) needs a CellPLM"):
         sft.tl.impute(cells, "scfoundation-default", fine_tune=True)
     with pytest.raises(ValueError, match="leave rescale=True"):
         sft.tl.impute(cells, "cellplm-default", posterior=True, rescale=False)

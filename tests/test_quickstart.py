@@ -8,13 +8,16 @@ def test_quickstart_main_job(tmp_path):
     from scfm_tools.quickstart import main
 
     scores = main(["--out", str(tmp_path)])
-    ours = scores["X_scgpt"]
-    # The tiny default model must carry cell-type signal: well above always guessing the
-    # largest of the 10 bulk labels (its share is the chance level).
-    assert ours["knn_accuracy"] > ours["chance_accuracy"] + 0.15
+    ours, pca = scores["X_cellplm"], scores["X_pca (baseline)"]
+    # The default (cellplm-default fine-tuned on these cells, which it never saw) separates the
+    # 10 bulk labels about as well as PCA does (0.81 vs 0.80 kNN accuracy, 0.26 vs 0.19
+    # silhouette when measured); the margin allows for other float libraries, not for a loss.
+    assert ours["knn_accuracy"] >= pca["knn_accuracy"] - 0.03
+    assert ours["silhouette"] >= pca["silhouette"] - 0.03
+    assert ours["knn_accuracy"] > ours["chance_accuracy"] + 0.3
     assert (tmp_path / "umap.png").stat().st_size > 10_000
     assert (tmp_path / "pbmc68k_embedded.h5ad").is_file()
-    assert set(scores) == {"X_scgpt", "X_pca (baseline)"}
+    assert set(scores) == {"X_cellplm", "X_pca (baseline)"}
 
 
 def test_counts_are_recovered_from_log_normalised_values():

@@ -87,11 +87,14 @@ def cellbench_knn(cellbench):
 
 @pytest.fixture(scope="module")
 def cellbench_embedded(cellbench):
-    """The cellbench reference and query embedded by sft.tl.embed_cells (the default model)."""
+    """The cellbench reference and query embedded by sft.tl.embed_cells with scgpt-default.
+
+    That is the model annotate's kNN and logistic regression read when given none.
+    """
     ref, query = cellbench
     ref, query = ref.copy(), query.copy()
-    sft.tl.embed_cells(ref)
-    sft.tl.embed_cells(query)
+    sft.tl.embed_cells(ref, "scgpt-default")
+    sft.tl.embed_cells(query, "scgpt-default")
     return ref, query
 
 

@@ -45,14 +45,14 @@ def reference(mdata):
 def test_embed_cells_writes_into_the_modality_and_the_mudata(mdata):
     m = mdata.copy()
     prot_before = m["prot"].copy()
-    sft.tl.embed_cells(m, mod="rna")
+    sft.tl.embed_cells(m, "scgpt-default", mod="rna")
     emb = m["rna"].obsm["X_scgpt"]
     assert emb.shape == (m.n_obs, 64)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
     # the same as embedding the modality alone
     alone = m["rna"].copy()
     del alone.obsm["X_scgpt"]
-    sft.tl.embed_cells(alone)
+    sft.tl.embed_cells(alone, "scgpt-default")
     np.testing.assert_array_equal(alone.obsm["X_scgpt"], emb)
     assert m["rna"].uns["scgpt"]["params"]["n_genes_matched"] > 0
     m.update()
@@ -90,7 +90,7 @@ def test_annotate_writes_rna_columns_where_muon_users_look(mdata, reference):
 def test_modality_with_fewer_cells_aligns_by_name(mdata, reference):
     rna = mdata["rna"][50:].copy()
     m = mudata.MuData({"rna": rna, "prot": mdata["prot"].copy()})
-    sft.tl.embed_cells(m, mod="rna")
+    sft.tl.embed_cells(m, "scgpt-default", mod="rna")
     sft.tl.annotate(m, reference=reference, label_key="cell_type", mod="rna")
     assert "X_scgpt" not in m.obsm and "annotate_proba" not in m.obsm  # not all cells have one
     labels = m.obs["rna:annotate_label"]

@@ -126,8 +126,11 @@ def embed(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         device=args.device,
         chunk_size=args.chunk_size,
+        fine_tune=args.fine_tune,
     )
-    extra = _model_options(args.model_option)
+    # CellPLM's option: passed only when given, so that other families do not refuse it.
+    extra = _given(batch_key=args.batch_key)
+    extra.update(_model_options(args.model_option))
 
     def task(adata: AnnData) -> None:
         embed_cells(adata, args.model, random_state=args.seed, **options, **extra)
@@ -147,6 +150,7 @@ def impute(args: argparse.Namespace) -> int:
         key_added=args.key_added,
         device=args.device,
         chunk_size=args.chunk_size,
+        fine_tune=args.fine_tune,
     )
     # Options of one family or the other: passed only when given, so that the other family
     # does not refuse them.

@@ -71,6 +71,16 @@ def _inference(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _fine_tune(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--fine-tune",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fine-tune a copy of the (CellPLM) model on the cells first (default: only "
+        "without --model)",
+    )
+
+
 def _output_flags(parser: argparse.ArgumentParser, *, default) -> None:
     def value(v):
         return v if default is None else default
@@ -105,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(embed)
     _inference(embed)
     embed.add_argument("--max-length", type=int, help="most genes per cell (tokens)")
+    embed.add_argument("--batch-key", help="CellPLM: obs column naming each cell's sample")
+    _fine_tune(embed)
 
     impute = add("impute", "imputed expression (sft.tl.impute) -> layers['<family>_...']")
     _common(impute)
@@ -114,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     impute.add_argument("--batch-key", help="CellPLM: obs column naming each cell's sample")
     impute.add_argument("--max-cells", type=int, help="CellPLM: most cells per sequence")
+    _fine_tune(impute)
 
     annotate = add(
         "annotate", "cell types (sft.tl.annotate) -> obs['<family>_label'], ['..._score']"

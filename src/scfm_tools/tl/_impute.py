@@ -15,9 +15,9 @@ from .._anndata import DEFAULT_CHUNK_SIZE, params_record, resolve_adata
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from .._h5ad import check_output_path
 from .._validation import check_counts, check_nonempty
+from ._fine_tune_on_cells import DOC_FINE_TUNE, fine_tuned_on_cells, resolve_fine_tune
 from ._model_arg import (
     call_model,
-    lightning_accelerator,
     load_for,
     locate_model,
     prepare_device,
@@ -55,6 +55,7 @@ model
 
 @doc_params(
     model=DOC_IMPUTE_MODEL,
+    fine_tune=DOC_FINE_TUNE,
     layer=DOC_LAYER,
     random_state=DOC_RANDOM_STATE,
     chunk_size=DOC_CHUNK_SIZE,
@@ -115,10 +116,7 @@ def impute(
     adata
         Cells x genes raw counts. A :class:`mudata.MuData` is accepted with ``mod=``.
     {model}
-    fine_tune
-        Fine-tune a copy of the model on ``adata``'s cells before imputing (CellPLM only;
-        ``batch_key``, ``layer``, ``gene_key`` and ``random_state`` apply; the input must be
-        in memory). ``None``: only when ``model`` is ``None``.
+    {fine_tune}
     {layer}
     gene_key
         Column of ``adata.var`` with gene symbols or Ensembl IDs; ``None`` uses ``var_names``.
@@ -210,7 +208,6 @@ def impute(
 
     if model is None:
         model_kwargs.setdefault("posterior", True)
-    fine_tune = model is None if fine_tune is None else bool(fine_tune)
     located = locate_model(DEFAULT_IMPUTE_MODEL if model is None else model)
     if not hasattr(located.cls, "get_imputed_expression"):
         raise NotImplementedError(
@@ -218,34 +215,20 @@ def impute(
             "CellPLM or scFoundation checkpoint (a path, or a name from sft.hub.list_models()) "
             "or model object."
         )
-    if fine_tune and not hasattr(located.cls, "fine_tune_denoiser"):
-        raise NotImplementedError(
-            f"fine_tune=True needs a CellPLM model; {located.family} models impute as they "
-            "are: pass fine_tune=False."
-        )
-    if fine_tune and ad.isbacked:
-        raise ValueError(
-            "fine_tune=True trains on the cells, which must be in memory: load them with "
-            "`adata.to_memory()`, or pass a model fine-tuned already with fine_tune=False."
-        )
+    fine_tune = resolve_fine_tune(fine_tune, model, located, "impute")
     loaded, options = load_for(located, "get_imputed_expression", model_kwargs)
     dev = prepare_device(loaded, device)
     if fine_tune:
-        logger.info(
-            "impute: fine-tuning a copy of %s on the %d cells first (a few minutes on a CPU); "
-            "pass fine_tune=False with a model to skip it.",
-            loaded.model_name,
-            ad.n_obs,
-        )
-        loaded = loaded.fine_tune_denoiser(
+        loaded = fine_tuned_on_cells(
+            loaded,
             ad,
+            task="impute",
+            device=dev,
             layer=layer,
-            batch_key=options.get("batch_key"),
             gene_key=gene_key,
+            batch_key=options.get("batch_key"),
             random_state=random_state,
-            train_kwargs={"accelerator": lightning_accelerator(dev)},
         )
-        prepare_device(loaded, dev)
 
     def run(cells: AnnData) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
         result, _ = call_model(

@@ -135,6 +135,26 @@ def _counts_view(
     )
 
 
+def _grown(weights: torch.Tensor, target: torch.Tensor | None, n_source: int) -> torch.Tensor:
+    """Return gene-indexed ``weights`` over the source's genes as rows of ``target``.
+
+    The gene embedding and the decoder's per-gene outputs have one row per gene: the source's
+    rows go first, the target's own (freshly initialised) rows stay for the new genes. Other
+    weights are returned as they are.
+    """
+    if (
+        target is None
+        or weights.ndim == 0
+        or weights.shape[0] != n_source
+        or target.shape[0] <= n_source
+        or weights.shape[1:] != target.shape[1:]
+    ):
+        return weights
+    grown = target.clone()
+    grown[:n_source] = weights
+    return grown
+
+
 class CellPLM(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
     """CellPLM (Wen et al., ICLR 2024) as an scvi-tools model: pretrain, embed, annotate.
 
@@ -367,11 +387,13 @@ class CellPLM(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
         The model is a classifier when ``classes`` are given or ``adata`` has labels
         registered. Built from a module without an annotation head, it takes the official
         annotation settings, and its linear latent and head start afresh; ``fresh_head``
-        starts the head afresh in any case (a new set of cell types).
+        starts the head afresh in any case (a new set of cell types). ``genes`` may extend
+        the source's gene list (its genes first, in order): the new genes' rows of the gene
+        embedding and of the decoder's output start as a model trained from scratch starts.
         """
         config = dict(source.config)
-        for key in ("n_genes", "n_classes"):
-            config.pop(key)
+        n_source = config.pop("n_genes")
+        config.pop("n_classes")
         labelled = adata is not None and (
             cls._get_most_recent_anndata_manager(adata, required=True).registry["setup_args"]
         ).get("labels_key")
@@ -387,6 +409,8 @@ class CellPLM(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
             if not (fresh_head and k.startswith("head."))
         }
         target = model.module.state_dict()
+        if len(genes) > n_source:
+            state = {k: _grown(v, target.get(k), n_source) for k, v in state.items()}
         kept = {k: v for k, v in state.items() if k in target and v.shape == target[k].shape}
         model.module.load_state_dict(kept, strict=False)
         fresh = sorted(set(target) - set(kept))
@@ -706,17 +730,20 @@ class CellPLM(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
         layer: str | None = None,
         batch_key: str | None = None,
         gene_key: str | None = None,
+        add_genes: bool = False,
         random_state: int | None = 0,
         train_kwargs: Mapping[str, Any] | None = None,
     ) -> CellPLM:
-        """Fine-tune a copy of this model on ``adata``'s own cells, to impute them.
+        """Fine-tune a copy of this model on ``adata``'s own cells, to impute or embed them.
 
         Self-supervised, as the pretraining (:meth:`train`: cells dropped and masked, their
         counts reconstructed by the negative-binomial decoder, the mixture-VAE terms): the
         model learns what these cells' genes say about each other, at these cells' depth,
-        before :meth:`get_imputed_expression` denoises them. No labels, no other data. This is
-        what ``sft.tl.impute`` does when given no model: a small pretrained model alone imputes
-        unseen cells worse than no imputation (``benchmarks/results/imputation_default.md``).
+        before :meth:`get_imputed_expression` denoises them or :meth:`get_latent_representation`
+        embeds them. No labels, no other data. This is what ``sft.tl.impute`` and
+        ``sft.tl.embed_cells`` do when given no model: a small pretrained model alone imputes
+        unseen cells worse than no imputation and embeds them worse than PCA
+        (``benchmarks/results/imputation_default.md``, ``default_embedding.md``).
         This model and ``adata`` are left as they are.
 
         Parameters
@@ -737,6 +764,12 @@ class CellPLM(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
             of one sample; ``None``: all cells are one sample.
         gene_key
             ``adata.var`` column with gene symbols or Ensembl IDs (``None``: ``var_names``).
+        add_genes
+            Add the genes of ``adata`` that the model does not know to the copy's genes (by
+            their names in ``adata``), their embedding and decoder rows learned from scratch
+            here, so that the copy reads and reconstructs every gene of the data, as PCA
+            would (``sft.tl.embed_cells`` does); ``False`` keeps the model's genes (as
+            ``sft.tl.impute`` does: unknown genes keep their counts there).
         random_state
             Seed of the chunking, the corruption and the sequence order (``None``:
             ``sft.settings.seed``); the caller's global torch random state is left alone.
@@ -760,6 +793,10 @@ class CellPLM(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
         seed = resolve_seed(random_state)
         codes, _ = batch_codes(adata, batch_key)  # a clear error for a missing column
         view = _counts_view(adata, layer, gene_key, [] if batch_key is None else [batch_key])
+        genes = list(self.gene_list)
+        if add_genes:
+            known = self.match_genes(view).matched
+            genes += [str(g) for g in view.var_names[~known]]
         type(self).setup_anndata(view, batch_key=batch_key)
         per_epoch = int(sum(np.ceil(np.bincount(codes) / max_cells)))
         epochs = int(np.ceil(steps / per_epoch))
@@ -770,7 +807,7 @@ class CellPLM(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
             # 0.31 against 0.708 / 0.655 and 0.37 / 0.35 in training mode. Lightning warns.
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
             torch.manual_seed(seed)
-            model = type(self)._around(self.module, self.gene_list, view, None)
+            model = type(self)._around(self.module, genes, view, None)
             model.train(
                 max_epochs=epochs,
                 max_cells=max_cells,
@@ -787,9 +824,15 @@ class CellPLM(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
             "epochs": epochs,
             "max_cells": max_cells,
             "lr": lr,
+            "genes_added": len(genes) - len(self.gene_list),
             "random_state": seed,
         }
         return model
+
+    def params(self) -> dict[str, Any]:
+        """Return what to record in ``uns[key]["params"]``, with a denoiser fine-tuning's run."""
+        tuned = getattr(self, "denoiser_params_", {})
+        return {**super().params(), **{f"denoiser_{k}": v for k, v in tuned.items()}}
 
     # outputs -----------------------------------------------------------------------------------
     def _model_genes(self) -> Any:
@@ -1005,7 +1048,6 @@ class CellPLM(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
             "random_stream": random_stream if sample else None,
             "rescale": bool(rescale),
             "posterior": bool(posterior),
-            **{f"denoiser_{k}": v for k, v in getattr(self, "denoiser_params_", {}).items()},
         }
         return out, {"dispersion": dispersion}, params
 
