@@ -1,7 +1,8 @@
 """The main job, offline: ``python -m scfm_tools.quickstart``.
 
-Embeds scanpy's packaged ``pbmc68k_reduced`` PBMCs (700 cells, 765 genes) with the default
-model that ships inside the package, builds the neighbourhood graph and UMAP on the embedding,
+Embeds scanpy's packaged ``pbmc68k_reduced`` PBMCs (700 cells, 765 genes) with
+``sft.tl.embed_cells``'s default (the CellPLM that ships inside the package, fine-tuned on these
+cells first), builds the neighbourhood graph and UMAP on the embedding,
 scores how well the embedding separates the ``bulk_labels`` cell types against PCA of the
 log-normalised values on the same cells, and saves a UMAP figure and the AnnData.
 
