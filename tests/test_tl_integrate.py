@@ -97,6 +97,29 @@ def test_cellplm_model_is_returned_for_reuse_and_saves(cellplm_run, tmp_path):
     np.testing.assert_allclose(reloaded.get_latent_representation(adata), again, atol=1e-5)
 
 
+def test_cellplm_integration_adds_the_genes_the_model_does_not_know(cells, tmp_path):
+    """A gene unknown to the pretrained model joins the copy; its pretrained rows are kept."""
+    from scipy import sparse
+
+    extra = ad.AnnData(
+        X=sparse.hstack([cells.X, sparse.csr_matrix(np.arange(cells.n_obs)[:, None] % 4)]).tocsr(),
+        obs=cells.obs[["batch"]].copy(),
+        var=pd.DataFrame(index=[*cells.var_names, "NOT_A_GENE"]),
+    )
+    pretrained = sft.models.CellPLM.from_pretrained("cellplm-default")
+    n = len(pretrained.gene_list)
+    model, params = CellPLMIntegration.fine_tune(pretrained, extra, "batch", max_epochs=1)
+    assert model.gene_list[-1] == "NOT_A_GENE" and params["genes_added"] == len(model.gene_list) - n
+    assert model.module.embedder.feat_enc.emb.shape[0] == len(model.gene_list)
+    assert len(pretrained.gene_list) == n  # not changed
+    emb = model.get_latent_representation(extra)
+    assert emb.shape == (extra.n_obs, 32) and np.isfinite(emb).all()
+    kept, params = CellPLMIntegration.fine_tune(
+        pretrained, extra, "batch", max_epochs=1, add_genes=False
+    )
+    assert kept.gene_list == pretrained.gene_list and params["genes_added"] == 0
+
+
 def test_scgpt_official_recipe_runs_and_mixes_chemistries(pbmcs):
     adata = pbmcs.copy()
     sft.tl.embed_cells(adata, "scgpt-default")

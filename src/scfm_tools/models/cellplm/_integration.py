@@ -20,7 +20,7 @@ import numpy as np
 
 from .._load_report import load_matching
 from ._integration_module import CellPLMIntegrationModule
-from ._model import CellPLM
+from ._model import CellPLM, _grown
 from ._sequences import sequence_rows
 from ._training_plan import SequenceDataSplitter, _chunk
 
@@ -111,7 +111,9 @@ class CellPLMIntegration(CellPLM):
         self.init_params_ = self._get_init_params(locals())
 
     @classmethod
-    def from_model(cls, pretrained: CellPLM, adata: AnnData, **kwargs: Any) -> CellPLMIntegration:
+    def from_model(
+        cls, pretrained: CellPLM, adata: AnnData, *, add_genes: bool = False, **kwargs: Any
+    ) -> CellPLMIntegration:
         """Build an integration model on ``adata`` from a pretrained CellPLM's weights.
 
         The architecture and every weight are the pretrained model's, except the decoder's
@@ -124,6 +126,10 @@ class CellPLMIntegration(CellPLM):
             A pretrained CellPLM (``CellPLM.from_pretrained(...)``), not changed.
         adata
             AnnData registered with ``setup_anndata(adata, batch_key=...)``.
+        add_genes
+            Add the genes of ``adata`` that ``pretrained`` does not know (by their
+            ``var_names``), their embedding and decoder rows starting as in a model trained
+            from scratch.
         **kwargs
             Module options: ``dar_weight`` and architecture overrides such as ``dropout``.
 
@@ -135,10 +141,18 @@ class CellPLMIntegration(CellPLM):
         for key in ("n_genes", "batch_num", "n_classes"):
             config.pop(key, None)
         config.update(kwargs)
-        model = cls._build(adata, gene_list=pretrained.gene_list, **config)
+        genes = list(pretrained.gene_list)
+        if add_genes:
+            genes += [str(g) for g in adata.var_names[~pretrained.match_genes(adata).matched]]
+        model = cls._build(adata, gene_list=genes, **config)
+        state = pretrained.module.state_dict()
+        n_source = len(pretrained.gene_list)
+        if len(genes) > n_source:
+            target = model.module.state_dict()
+            state = {k: _grown(v, target.get(k), n_source) for k, v in state.items()}
         report = load_matching(
             model.module,
-            pretrained.module.state_dict(),
+            state,
             source=pretrained.model_name,
             family="CellPLM integration",
             level=logging.INFO,
@@ -159,6 +173,7 @@ class CellPLMIntegration(CellPLM):
         max_epochs: int | None = None,
         max_cells: int = MIXED_SEQUENCE_CELLS,
         lr: float = FINE_TUNE_LR,
+        add_genes: bool = True,
         random_state: int = 0,
         train_kwargs: dict[str, Any] | None = None,
     ) -> tuple[CellPLMIntegration, dict[str, Any]]:
@@ -185,6 +200,10 @@ class CellPLMIntegration(CellPLM):
             Cells per training sequence, drawn from all batches.
         lr
             Learning rate (3e-4; at 1e-3 the scores swing more from epoch to epoch).
+        add_genes
+            Add the data's genes that ``pretrained`` does not know to the copy, learned here
+            (see :meth:`from_model`), so that every gene of the data is read; ``False`` keeps
+            the model's genes.
         random_state
             Seed of the sequences, the corruption and the dropout.
         train_kwargs
@@ -214,7 +233,7 @@ class CellPLMIntegration(CellPLM):
             var=pd.DataFrame(index=adata.var_names.copy()),
         )
         cls.setup_anndata(data, batch_key=batch_key)
-        model = cls.from_model(pretrained, data, **METHODS[method])
+        model = cls.from_model(pretrained, data, add_genes=add_genes, **METHODS[method])
         if max_epochs is None:
             per_epoch = math.ceil(data.n_obs / max_cells)
             epochs = max(MIN_EPOCHS, math.ceil(FINE_TUNE_STEPS / per_epoch))
@@ -233,6 +252,7 @@ class CellPLMIntegration(CellPLM):
             "max_epochs": epochs,
             "max_cells": max_cells,
             "lr": lr,
+            "genes_added": len(model.gene_list) - len(pretrained.gene_list),
             **METHODS[method],
         }
         return model, params
