@@ -13,6 +13,7 @@ from _common import REPO_ROOT
 
 __all__ = [
     "cellplm_trained_without",
+    "cellplm_without",
     "harmony_embedding",
     "is_counts",
     "pca_embedding",
@@ -73,6 +74,21 @@ def scvi_embedding(adata, batch_key: str | None, epochs: int | None) -> np.ndarr
     model = scvi.model.SCVI(data, n_latent=10)
     model.train(max_epochs=epochs, accelerator="cpu", enable_progress_bar=False)
     return model.get_latent_representation()
+
+
+def cellplm_without(
+    name: str, scratch: Path, max_epochs: int, trained_dir: Path | None
+) -> tuple[Path, float | None]:
+    """Return the folder of a CellPLM pretrained with the default's recipe without ``name``.
+
+    Reused from ``trained_dir/without_<file stem>`` where an earlier run of
+    ``scripts/train_default_cellplm.py --exclude name`` wrote it (seconds ``None``), else
+    trained into ``scratch`` (:func:`cellplm_trained_without`, seconds returned).
+    """
+    folder = f"without_{Path(name).stem}"
+    if trained_dir is not None and (trained_dir / folder / "card.json").is_file():
+        return trained_dir / folder, None
+    return scratch / folder, cellplm_trained_without(name, scratch / folder, max_epochs)
 
 
 def cellplm_trained_without(name: str, out: Path, max_epochs: int) -> float:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _baselines import cellplm_trained_without, pca_embedding, scvi_embedding
+from _baselines import cellplm_without, pca_embedding, scvi_embedding
 from _common import (
     load_average,
     log,
@@ -136,14 +136,10 @@ def main() -> None:
                 (f"scgpt-default zero-shot ({tag})", "scgpt-default", {}),
             ]
             if seen:
-                folder = Path(scratch) / f"without_{Path(name).stem}"
-                reused = opts.trained_dir / folder.name if opts.trained_dir else None
-                if reused is not None and (reused / "card.json").is_file():
-                    folder = reused
-                    log(f"{name}: reusing the CellPLM recipe trained without it in {folder}")
-                else:
-                    seconds = cellplm_trained_without(name, folder, opts.max_epochs)
-                    log(f"{name}: CellPLM recipe trained without it in {seconds:.0f} s")
+                folder, trained = cellplm_without(
+                    name, Path(scratch), opts.max_epochs, opts.trained_dir
+                )
+                log(f"{name}: CellPLM recipe without it, trained in {trained} s (None: reused)")
                 runs[1:1] = [
                     ("CellPLM recipe without D, fine-tuned on D", str(folder), {"fine_tune": True}),
                     ("CellPLM recipe without D, zero-shot", str(folder), {}),

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _baselines import cellplm_trained_without, harmony_embedding, pca_embedding, scvi_embedding
+from _baselines import cellplm_without, harmony_embedding, pca_embedding, scvi_embedding
 from _common import (
     RESULTS_DIR,
     load_average,
@@ -252,9 +252,8 @@ def _integrate_unseen(name: str, adata, batch_key: str, args, timed) -> None:
     import scfm_tools as sft
 
     with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(scratch) / "cellplm"
-        seconds = cellplm_trained_without(name, folder, args.unseen_epochs)
-        log(f"{name}: CellPLM recipe trained without it in {seconds:.0f} s")
+        folder, trained = cellplm_without(name, Path(scratch), args.unseen_epochs, args.trained_dir)
+        log(f"{name}: CellPLM recipe without it, trained in {trained} s (None: reused)")
         timed(
             UNSEEN_KEY,
             "integrate cellplm adversarial, pretrained without D",
@@ -321,6 +320,12 @@ def main() -> None:
     )
     parser.add_argument("--unseen-epochs", type=int, default=10, help="its pretraining epochs")
     parser.add_argument(
+        "--trained-dir",
+        type=Path,
+        help="with --unseen: folder whose without_<file stem> subfolders hold models that "
+        "scripts/train_default_cellplm.py --exclude <file> wrote; trained afresh where absent",
+    )
+    parser.add_argument(
         "--name",
         default=NAME,
         help="stem of the result files (another name keeps the results of an earlier run)",
@@ -351,6 +356,7 @@ def main() -> None:
         + (f" --scgpt-epochs {args.scgpt_epochs}" if args.scgpt_epochs else "")
         + f" --datasets {' '.join(args.datasets)} --integrations {' '.join(args.integrations)}"
         + (f" --unseen --unseen-epochs {args.unseen_epochs}" if args.unseen else "")
+        + (" --trained-dir DIR" if args.unseen and args.trained_dir else "")
         + (f" --name {args.name}" if args.name != NAME else "")
         + f"`, load average at the end {load_average()}; scVI epochs: "
         f"{args.scvi_epochs or 'scvi-tools default'}. scib-metrics `Benchmarker`, raw scores "
