@@ -130,9 +130,10 @@ def main() -> None:
             options = {} if batch_key is None else {"batch_key": batch_key}
             seen = name in DATASETS  # the shipped defaults pretrained on the shared files
             tag = "seen" if seen else "never saw D"
+            # CellPLM reads each sample (batch_key) as one sequence; scGPT takes no batch
             runs = [
-                (f"default: cellplm-default fine-tuned on D ({tag})", None, {}),
-                (f"cellplm-default zero-shot ({tag})", "cellplm-default", {}),
+                (f"default: cellplm-default fine-tuned on D ({tag})", None, options),
+                (f"cellplm-default zero-shot ({tag})", "cellplm-default", options),
                 (f"scgpt-default zero-shot ({tag})", "scgpt-default", {}),
             ]
             if seen:
@@ -141,14 +142,18 @@ def main() -> None:
                 )
                 log(f"{name}: CellPLM recipe without it, trained in {trained} s (None: reused)")
                 runs[1:1] = [
-                    ("CellPLM recipe without D, fine-tuned on D", str(folder), {"fine_tune": True}),
-                    ("CellPLM recipe without D, zero-shot", str(folder), {}),
+                    (
+                        "CellPLM recipe without D, fine-tuned on D",
+                        str(folder),
+                        {**options, "fine_tune": True},
+                    ),
+                    ("CellPLM recipe without D, zero-shot", str(folder), options),
                 ]
             embeddings, seconds = {}, {}
-            for method, model, extra in runs:
+            for method, model, kwargs in runs:
                 cells = adata.copy()
                 started = time.perf_counter()
-                sft.tl.embed_cells(cells, model, key_added="X_emb", **options, **extra)
+                sft.tl.embed_cells(cells, model, key_added="X_emb", **kwargs)
                 seconds[method] = time.perf_counter() - started
                 embeddings[method] = cells.obsm["X_emb"]
             embeddings["PCA (50 PCs, 2,000 HVG)"] = pca_embedding(adata)
