@@ -10,7 +10,7 @@ def test_quickstart_main_job(tmp_path):
     scores = main(["--out", str(tmp_path)])
     ours, pca = scores["X_cellplm"], scores["X_pca (baseline)"]
     # The default (cellplm-default fine-tuned on these cells, which it never saw) separates the
-    # 10 bulk labels about as well as PCA does (0.81 vs 0.80 kNN accuracy, 0.26 vs 0.19
+    # 10 bulk labels about as well as PCA does (0.81 vs 0.80 kNN accuracy, 0.25 vs 0.19
     # silhouette when measured); the margin allows for other float libraries, not for a loss.
     assert ours["knn_accuracy"] >= pca["knn_accuracy"] - 0.03
     assert ours["silhouette"] >= pca["silhouette"] - 0.03
