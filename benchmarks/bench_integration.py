@@ -377,7 +377,15 @@ def main() -> None:
         + "\n"
     )
     write_results(
-        args.name, {"machine": machine_info(args.threads), **vars(args), "rows": rows}, markdown
+        args.name,
+        # whether models were reused, not where they lie (no machine paths in the results)
+        {
+            "machine": machine_info(args.threads),
+            **vars(args),
+            "trained_dir": args.trained_dir is not None,
+            "rows": rows,
+        },
+        markdown,
     )
     _figure(rows, args.name)
     print(markdown)
