@@ -108,15 +108,15 @@ def test_cellplm_integration_adds_the_genes_the_model_does_not_know(cells, tmp_p
     )
     pretrained = sft.models.CellPLM.from_pretrained("cellplm-default")
     n = len(pretrained.gene_list)
-    model, params = CellPLMIntegration.fine_tune(pretrained, extra, "batch", max_epochs=1)
+    model, params = CellPLMIntegration.fine_tune(
+        pretrained, extra, "batch", max_epochs=1, add_genes=True
+    )
     assert model.gene_list[-1] == "NOT_A_GENE" and params["genes_added"] == len(model.gene_list) - n
     assert model.module.embedder.feat_enc.emb.shape[0] == len(model.gene_list)
     assert len(pretrained.gene_list) == n  # not changed
     emb = model.get_latent_representation(extra)
     assert emb.shape == (extra.n_obs, 32) and np.isfinite(emb).all()
-    kept, params = CellPLMIntegration.fine_tune(
-        pretrained, extra, "batch", max_epochs=1, add_genes=False
-    )
+    kept, params = CellPLMIntegration.fine_tune(pretrained, extra, "batch", max_epochs=1)
     assert kept.gene_list == pretrained.gene_list and params["genes_added"] == 0
 
 
