@@ -33,7 +33,7 @@ DOC_FINE_TUNE = """\
 fine_tune
     Fine-tune a copy of the model on ``adata``'s own cells first, with its self-supervised
     pretraining objective (CellPLM only: :meth:`CellPLM.fine_tune_denoiser
-    <scfm_tools.models.CellPLM.fine_tune_denoiser>`, 800 steps of 256 cells, about two minutes
+    <scfm_tools.models.CellPLM.fine_tune_denoiser>`, 800 steps of 256 cells, one to four minutes
     on 2 CPU cores whatever the number of cells; ``batch_key``, ``layer``, ``gene_key`` and
     ``random_state`` apply). A backed AnnData is fine-tuned on a random sample of at most
     20,000 of its cells, read into memory. ``None``: only when ``model`` is ``None``. The
