@@ -179,7 +179,7 @@ def test_scgpt_two_files_equal_one_file(cellbench, tmp_path):
     out = []
     for name in ("whole", "first", "second"):
         adata = ad.read_h5ad(tmp_path / f"{name}.h5ad", backed="r")
-        sft.tl.embed_cells(adata, chunk_size=9, batch_size=5)
+        sft.tl.embed_cells(adata, "scgpt-default", chunk_size=9, batch_size=5)
         out.append(adata.obsm["X_scgpt"])
         assert adata.uns["scgpt"]["params"]["random_stream"] == "cell"
         adata.file.close()

@@ -78,13 +78,13 @@ def test_log_lines_go_through_the_bar(bars, capsys):
 
 def test_embed_cells_counts_the_cells(cells, bars):
     adata = cells.copy()
-    sft.tl.embed_cells(adata, batch_size=16)
+    sft.tl.embed_cells(adata, "scgpt-default", batch_size=16)
     assert ("scGPT", 60, 60, False) in bars
 
 
 def test_setting_off_draws_nothing(cells, bars, bars_off, capsys):
     adata = cells.copy()
-    sft.tl.embed_cells(adata, batch_size=16)
+    sft.tl.embed_cells(adata, "scgpt-default", batch_size=16)
     assert bars and all(disabled for *_, disabled in bars)
     with progress_bar(3, desc="demo") as bar:
         bar.update(3)
