@@ -75,7 +75,7 @@ def test_embed_cells_with_object_equals_path(
     family, cells, pbmc, plm_cells, fixtures_dir, scfoundation_ckpt, scbert_ckpt
 ):
     source, obj, data, kwargs = {
-        "scgpt": (None, lambda: SCGPT.from_pretrained("scgpt-default"), cells, {}),
+        "scgpt": ("scgpt-default", lambda: SCGPT.from_pretrained("scgpt-default"), cells, {}),
         "scbert": (scbert_ckpt, lambda: SCBERT.from_pretrained(scbert_ckpt), pbmc, {}),
         # tl reads the weights the official cell embedding uses: the "cell" entry.
         "scfoundation": (
