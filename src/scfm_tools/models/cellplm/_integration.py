@@ -20,7 +20,7 @@ import numpy as np
 
 from .._load_report import load_matching
 from ._integration_module import CellPLMIntegrationModule
-from ._model import CellPLM, _grown
+from ._model import CellPLM, grown_state
 from ._sequences import sequence_rows
 from ._training_plan import SequenceDataSplitter, _chunk
 
@@ -141,15 +141,11 @@ class CellPLMIntegration(CellPLM):
         for key in ("n_genes", "batch_num", "n_classes"):
             config.pop(key, None)
         config.update(kwargs)
-        genes = list(pretrained.gene_list)
-        if add_genes:
-            genes += [str(g) for g in adata.var_names[~pretrained.match_genes(adata).matched]]
+        genes = pretrained.genes_with(adata) if add_genes else list(pretrained.gene_list)
         model = cls._build(adata, gene_list=genes, **config)
         state = pretrained.module.state_dict()
-        n_source = len(pretrained.gene_list)
-        if len(genes) > n_source:
-            target = model.module.state_dict()
-            state = {k: _grown(v, target.get(k), n_source) for k, v in state.items()}
+        if len(genes) > len(pretrained.gene_list):
+            state = grown_state(state, model.module.state_dict(), len(pretrained.gene_list))
         report = load_matching(
             model.module,
             state,

@@ -135,24 +135,31 @@ def _counts_view(
     )
 
 
-def _grown(weights: torch.Tensor, target: torch.Tensor | None, n_source: int) -> torch.Tensor:
-    """Return gene-indexed ``weights`` over the source's genes as rows of ``target``.
+def grown_state(
+    state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], n_source: int
+) -> dict[str, torch.Tensor]:
+    """Return ``state`` (over ``n_source`` genes), its gene-indexed weights grown to ``target``'s.
 
     The gene embedding and the decoder's per-gene outputs have one row per gene: the source's
     rows go first, the target's own (freshly initialised) rows stay for the new genes. Other
     weights are returned as they are.
     """
-    if (
-        target is None
-        or weights.ndim == 0
-        or weights.shape[0] != n_source
-        or target.shape[0] <= n_source
-        or weights.shape[1:] != target.shape[1:]
-    ):
-        return weights
-    grown = target.clone()
-    grown[:n_source] = weights
-    return grown
+
+    def grown(key: str, weights: torch.Tensor) -> torch.Tensor:
+        into = target.get(key)
+        if (
+            into is None
+            or weights.ndim == 0
+            or weights.shape[0] != n_source
+            or into.shape[0] <= n_source
+            or weights.shape[1:] != into.shape[1:]
+        ):
+            return weights
+        rows = into.clone()
+        rows[:n_source] = weights
+        return rows
+
+    return {key: grown(key, weights) for key, weights in state.items()}
 
 
 class CellPLM(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
@@ -410,7 +417,7 @@ class CellPLM(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
         }
         target = model.module.state_dict()
         if len(genes) > n_source:
-            state = {k: _grown(v, target.get(k), n_source) for k, v in state.items()}
+            state = grown_state(state, target, n_source)
         kept = {k: v for k, v in state.items() if k in target and v.shape == target[k].shape}
         model.module.load_state_dict(kept, strict=False)
         fresh = sorted(set(target) - set(kept))
@@ -793,10 +800,7 @@ class CellPLM(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
         seed = resolve_seed(random_state)
         codes, _ = batch_codes(adata, batch_key)  # a clear error for a missing column
         view = _counts_view(adata, layer, gene_key, [] if batch_key is None else [batch_key])
-        genes = list(self.gene_list)
-        if add_genes:
-            known = self.match_genes(view).matched
-            genes += [str(g) for g in view.var_names[~known]]
+        genes = self.genes_with(view) if add_genes else list(self.gene_list)
         type(self).setup_anndata(view, batch_key=batch_key)
         per_epoch = int(sum(np.ceil(np.bincount(codes) / max_cells)))
         epochs = int(np.ceil(steps / per_epoch))
@@ -828,6 +832,11 @@ class CellPLM(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
             "random_state": seed,
         }
         return model
+
+    def genes_with(self, adata: AnnData) -> list[str]:
+        """Return the model's genes followed by those of ``adata`` (``var_names``) it lacks."""
+        unknown = adata.var_names[~self.match_genes(adata).matched]
+        return [*self.gene_list, *map(str, unknown)]
 
     def params(self) -> dict[str, Any]:
         """Return what to record in ``uns[key]["params"]``, with a denoiser fine-tuning's run."""
