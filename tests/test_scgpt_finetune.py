@@ -108,6 +108,8 @@ def test_export_and_reload_predict_the_same(pbmc, tuned, tmp_path):
     expected = model.predict(query)
     reloaded = SCGPT.from_pretrained(folder)
     assert reloaded.classes == model.classes and reloaded.input_genes == model.input_genes
+    # trained on 128-token subsets, it predicts with the pretrained model's length, reloaded too
+    assert args["max_seq_len"] == reloaded.max_seq_len == model.max_seq_len == 256
     got = reloaded.predict(query)
     assert (got["label"] == expected["label"]).all()
     np.testing.assert_allclose(got["score"], expected["score"], atol=1e-5)
@@ -148,6 +150,26 @@ def test_annotate_fine_tunes_across_protocols(data_dir):
     # the tutorial's unweighted loss (None values are not recorded)
     assert "class_weights" not in params and params["max_epochs"] == 3
     assert params["classes"] == sorted(ref.obs["cell_type"].astype(str).unique())
+
+
+def test_deep_query_cells_are_read_whole_up_to_the_prediction_length(data_dir, pretrained):
+    cells = ad.read_h5ad(data_dir / "cellbench_3celllines_celseq2_dropseq.h5ad")
+    ref = cells[cells.obs["batch"] == "sc_dropseq"][:120].copy()
+    query = cells[cells.obs["batch"] == "sc_celseq2"][:40].copy()
+    opts = {**FAST, "max_epochs": 1, "max_length": 32, "n_top_genes": 200}
+    whole = pretrained.fine_tune_classifier(ref, "cell_type", **opts)
+    short = pretrained.fine_tune_classifier(ref, "cell_type", predict_max_length=32, **opts)
+    assert whole.max_seq_len == pretrained.max_seq_len and short.max_seq_len == 32
+    # the same training (same seed), read differently: most query cells express > 31 of the genes
+    for key, value in whole.module.state_dict().items():
+        assert torch.equal(value, short.module.state_dict()[key]), key
+    genes = np.isin(query.var_names, whole.input_genes)
+    assert np.median(np.asarray((query.X[:, genes] > 0).sum(axis=1)).ravel()) > 31
+    read_whole, read_short = whole.predict_proba(query), short.predict_proba(query)
+    pd.testing.assert_frame_equal(read_short, whole.predict_proba(query, max_length=32))
+    assert np.abs(read_whole.to_numpy() - read_short.to_numpy()).max() > 1e-3
+    with pytest.raises(ValueError, match="at least 2"):
+        pretrained.fine_tune_classifier(ref, "cell_type", predict_max_length=1, **opts)
 
 
 def test_bad_references_fail_cleanly(pbmc, pretrained):
