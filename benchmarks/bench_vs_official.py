@@ -285,7 +285,7 @@ def _timed(side: str, family: str, prep: dict[str, Any], python: Path, input_pat
     else:
         spec = {"job": "ours", "family": family, "model": prep["ours_model"],
                 "input": str(input_path), "out": str(out), "threads": args.threads,
-                "seed": args.seed}  # fmt: skip
+                "seed": args.seed, "cpu_bf16": args.cpu_bf16}  # fmt: skip
         reply = run_worker(__file__, spec, threads=args.threads, timeout=args.timeout, echo=log)
     reply["process_s"] = time.perf_counter() - started
     reply["cells_per_s"] = reply["n_obs"] / reply["seconds"]
@@ -305,7 +305,23 @@ def _compare(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
         "max_abs_diff": float(np.abs(a - b).max()),
         "max_abs_official": float(np.abs(a).max()),
         "min_cosine": float(cos.min()),
+        "knn_agreement": _knn_agreement(a, b),
     }
+
+
+def _knn_agreement(a: np.ndarray, b: np.ndarray, k: int = 5) -> float:
+    """Mean share of each cell's ``k`` nearest cells (Euclidean) that both embeddings agree on."""
+    k = min(k, len(a) - 1)
+    if k < 1:
+        return float("nan")
+
+    def neighbours(x: np.ndarray) -> np.ndarray:
+        d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+        np.fill_diagonal(d, np.inf)
+        return np.argsort(d, axis=1)[:, :k]
+
+    pairs = zip(neighbours(a.astype(np.float64)), neighbours(b.astype(np.float64)), strict=True)
+    return float(np.mean([len(set(x) & set(y)) / k for x, y in pairs]))
 
 
 def _family(family: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -366,6 +382,7 @@ def _summarise(row: dict[str, Any], runs: list[dict[str, Any]]) -> None:
         row["ratio"] = float(np.median(ratios))
         row["max_abs_diff"] = max(r.get("max_abs_diff", np.nan) for r in runs if "ratio" in r)
         row["min_cosine"] = min(r.get("min_cosine", np.nan) for r in runs if "ratio" in r)
+        row["knn_agreement"] = min(r.get("knn_agreement", np.nan) for r in runs if "ratio" in r)
     loads = [
         r[side][key][0]
         for r in runs
@@ -389,6 +406,7 @@ def _ours_worker(spec: dict[str, Any]) -> None:
     # its own before the clock starts.
     import scfm_tools.models
 
+    sft.settings.cpu_bf16 = bool(spec.get("cpu_bf16", False))
     started = time.perf_counter()
     adata = ad.read_h5ad(spec["input"])
     options = OURS_OPTIONS[spec["family"]]
@@ -426,6 +444,7 @@ COLUMNS = [
     ("ours_import_s", "ours import s"),
     ("max_abs_diff", "max abs diff"),
     ("min_cosine", "min cosine"),
+    ("knn_agreement", "5-NN agreement"),
     ("load_1min", "load (1 min)"),
     ("error", "why no number"),
 ]
@@ -461,7 +480,12 @@ def _markdown(rows: list[dict[str, Any]], info: dict[str, Any], args, load_start
             "Official code: each "
             "repository at its pinned commit in its own venv (CPU torch "
             f"{torch}); ours: `sft.tl.embed_cells` "
-            f"(commit {info.get('git_commit')}). Same h5ad and checkpoint file on both sides "
+            + (
+                "with the opt-in `sft.settings.cpu_bf16 = True` (bf16 autocast) "
+                if args.cpu_bf16
+                else ""
+            )
+            + f"(commit {info.get('git_commit')}). Same h5ad and checkpoint file on both sides "
             "(published sizes, random weights, official format).",
             *loaded,
             "",
@@ -471,7 +495,9 @@ def _markdown(rows: list[dict[str, Any]], info: dict[str, Any], args, load_start
             "checkpoint included, library imports excluded: those are the import s columns, "
             "ours with scvi-tools and Lightning), median over repeats; ratio: the "
             "median over repeats of official time / ours. Max abs diff and min cosine compare "
-            "the two embeddings cell by cell (scGPT: both L2-normalised; scBERT: the mean final "
+            "the two embeddings cell by cell, 5-NN agreement the mean share of each cell's 5 "
+            "nearest cells (Euclidean; fewer when there are fewer cells) found by both "
+            "(scGPT: both L2-normalised; scBERT: the mean final "
             "encoding over the genes, read from `predict.py`'s model by a forward hook). "
             "CellBench has 450 cells: CellPLM's cells repeat them (3 plates as `obs['batch']`). "
             "scGPT's official tie-breaking and gene subsampling draw inside a forked DataLoader "
@@ -502,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--git-dir", nargs="*", default=[], metavar="FAMILY=PATH")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per process")
     parser.add_argument("--out", default="vs_official", help="results/<out>.{json,md}")
+    parser.add_argument(
+        "--cpu-bf16", action="store_true", help="ours with sft.settings.cpu_bf16 = True (opt-in)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -522,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "threads": args.threads,
         "seed": args.seed,
+        "cpu_bf16": args.cpu_bf16,
         "cells": {f: args.cells.get(f, CELLS[f]) for f in args.families},
         "ours_options": {f: OURS_OPTIONS[f] for f in args.families},
         "data": CELLBENCH,

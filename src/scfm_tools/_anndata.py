@@ -217,9 +217,15 @@ def resolve_seed(random_state: int | None) -> int:
 
 
 def params_record(**params: Any) -> dict[str, Any]:
-    """Build the ``uns[key]["params"]`` dict: the given params plus the package version."""
+    """Build the ``uns[key]["params"]`` dict: the given params plus the package version.
+
+    ``cpu_bf16: True`` is added while ``sft.settings.cpu_bf16`` is on, so that a result made
+    with reduced precision says so.
+    """
     from . import __version__
 
     record = {k: v for k, v in params.items() if v is not None}
+    if settings.cpu_bf16:
+        record["cpu_bf16"] = True
     record["sft_version"] = __version__
     return record

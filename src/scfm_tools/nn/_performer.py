@@ -826,7 +826,8 @@ def _streamed_block(
         with _no_autocast(x.device.type):
             stream.keys(k.float(), v.float())
     if first is not None:
-        first.add_keys(stream, step)
+        with _no_autocast(x.device.type):
+            first.add_keys(stream, step)
     out = torch.empty_like(x)
     for start in range(0, n, step):
         xc = x[:, start : start + step]

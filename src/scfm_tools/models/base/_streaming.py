@@ -57,9 +57,12 @@ def as_device(device: str | torch.device | None) -> torch.device:
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Return bf16 autocast on CUDA; nothing elsewhere (on CPU it costs exactness, not time)."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    """Return bf16 autocast on CUDA, and on CPU when ``sft.settings.cpu_bf16``; else nothing.
+
+    On a CPU it trades exactness for speed, so only when asked for.
+    """
+    if device.type == "cuda" or (device.type == "cpu" and settings.cpu_bf16):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
