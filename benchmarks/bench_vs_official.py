@@ -453,7 +453,7 @@ COLUMNS = [
 def _markdown(rows: list[dict[str, Any]], info: dict[str, Any], args, load_start, load_end) -> str:
     torch = next((r["venv"]["torch"] for r in rows if "venv" in r), "?")
     readings = [load_start, load_end] + [
-        r[side][key]
+        r[side].get(key)  # a failed run has none
         for row in rows
         for r in row.get("runs", [])
         for side in ("official", "ours")

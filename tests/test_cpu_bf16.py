@@ -68,3 +68,15 @@ def test_bf16_embeddings_are_close_to_exact_and_say_so(cells, model, monkeypatch
         len(set(a) & set(b)) / 5 for a, b in zip(_neighbours(exact), _neighbours(low), strict=True)
     ]
     assert np.mean(same) > 0.9, np.mean(same)
+
+
+def test_an_exact_call_after_a_bf16_one_is_still_exact(cells, monkeypatch):
+    # scBERT caches float32 first-block projections of the zero genes across calls: building
+    # that cache under bf16 must not leave rounded values for a later exact call.
+    from scfm_tools.models import SCBERT
+
+    used = SCBERT.from_pretrained("scbert-default")
+    _embed(cells[:8], used, monkeypatch, True)
+    after, _ = _embed(cells[:8], used, monkeypatch, False)
+    fresh, _ = _embed(cells[:8], SCBERT.from_pretrained("scbert-default"), monkeypatch, False)
+    np.testing.assert_allclose(after, fresh, rtol=1e-5, atol=1e-6)

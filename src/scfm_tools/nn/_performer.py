@@ -202,7 +202,8 @@ def chunk_length(chunk_size: int | None, n: int, per_token: int) -> int:
     return min(n, chunk_size)
 
 
-def _no_autocast(device_type: str):
+def no_autocast(device_type: str):
+    """Turn autocast off on ``device_type`` (float32 inside), a no-op where it does not exist."""
     if device_type in ("cuda", "cpu"):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
@@ -407,7 +408,7 @@ def favor_attention(
             f"dimension {d}."
         )
     out_dtype = v.dtype
-    with _no_autocast(q.device.type):
+    with no_autocast(q.device.type):
         q, k, v = (t.float() for t in (q, k, v))
         step = chunk_length(chunk_size, n, b * h * m)
         stream = FavorStream(projection_matrix, b, h, key_max=key_max, eps=eps)
@@ -823,10 +824,10 @@ def _streamed_block(
     for start in range(0, own.shape[1], step):
         xn = attn.norm(own[:, start : start + step])
         k, v = (head_projections(proj, xn, h) for proj in (sa.to_k, sa.to_v))
-        with _no_autocast(x.device.type):
+        with no_autocast(x.device.type):
             stream.keys(k.float(), v.float())
     if first is not None:
-        with _no_autocast(x.device.type):
+        with no_autocast(x.device.type):
             first.add_keys(stream, step)
     out = torch.empty_like(x)
     for start in range(0, n, step):
@@ -840,7 +841,7 @@ def _streamed_block(
             mine = first.own[start : start + step]
             if bool(mine.any()):
                 q[:, :, mine] = head_projections(sa.to_q, attn.norm(xc[:, mine]), h).float()
-        with _no_autocast(x.device.type):
+        with no_autocast(x.device.type):
             heads_out = stream.queries(q.float()).to(x.dtype)
         xc = xc + sa.to_out(heads_out.flatten(2))
         torch.add(xc, feed(ff.norm(xc)), out=out[:, start : start + step])

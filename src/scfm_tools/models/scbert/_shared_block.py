@@ -16,7 +16,13 @@ import torch
 from torch import Tensor
 
 from ...nn import Performer
-from ...nn._performer import FavorStream, PreLayerNorm, chunk_length, head_projections
+from ...nn._performer import (
+    FavorStream,
+    PreLayerNorm,
+    chunk_length,
+    head_projections,
+    no_autocast,
+)
 
 __all__ = ["SharedFirstBlock", "shared_first_block"]
 
@@ -41,6 +47,12 @@ class SharedFirstBlock:
     """
 
     def __init__(self, performer: Performer, shared_input: Tensor) -> None:
+        # Always float32, also under bf16 autocast: the cache outlives the call that built it,
+        # and a later exact call must not read rounded projections.
+        with no_autocast(shared_input.device.type):
+            self._build(performer, shared_input)
+
+    def _build(self, performer: Performer, shared_input: Tensor) -> None:
         attn = performer.net.layers[0][0]
         sa = attn.fn
         h = sa.heads
