@@ -59,10 +59,10 @@ class SftSettings:
     cpu_bf16
         Run inference on a CPU under bfloat16 autocast (matrix products in bf16, attention
         sums and reductions in float32), as it always runs on CUDA. Off by default: results
-        then differ from the exact float32 path by bf16 rounding (measured for scBERT at the
-        published size: max abs difference 3e-3 on embeddings of magnitude ~2, cosine above
-        0.99999, 1.6x faster on a CPU with AVX512-BF16; see
-        ``benchmarks/results/vs_official_bf16.md``). CPUs without native bf16 gain nothing.
+        then differ from the exact float32 path by bf16 rounding. Measured for scBERT at the
+        published size on a CPU with AVX512-BF16: max abs difference 6e-3 on embeddings of
+        magnitude ~2, cosine above 0.99999, ``sft.tl.embed_cells`` 1.27x faster
+        (``benchmarks/results/vs_official_bf16.md``). CPUs without native bf16 gain nothing.
         The ``params`` of a result made with it record ``cpu_bf16``.
     verbosity
         0 errors, 1 warnings (default), 2 info, 3 debug; or one of ``"error"``, ``"warning"``,
