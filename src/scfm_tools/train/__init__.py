@@ -28,6 +28,7 @@ from ._seeding import (
     EpochShuffleSampler,
     SeededStreamsMixin,
     derive_seed,
+    seeded_torch,
     training_epoch,
 )
 from ._trainer import resolve_strategy
@@ -51,6 +52,7 @@ __all__ = [
     "is_complete_checkpoint",
     "resolve_resume",
     "resolve_strategy",
+    "seeded_torch",
     "stratified_split",
     "training_epoch",
 ]

@@ -19,6 +19,7 @@ checkpoint before the first data loader of a resumed run is built.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -36,11 +37,24 @@ __all__ = [
     "EpochShuffleSampler",
     "SeededStreamsMixin",
     "derive_seed",
+    "seeded_torch",
     "training_epoch",
 ]
 
 #: Offset of the validation streams' seed (the same masks in every validation epoch).
 EVAL_OFFSET = 1_000_003
+
+
+@contextlib.contextmanager
+def seeded_torch(seed: int) -> Iterator[None]:
+    """Seed the global torch streams (CPU and every CUDA device) inside; restore the caller's.
+
+    Weights made before training (a new head, new rows) are drawn from the global stream, whose
+    state differs from process to process: without a seed the trained model would too.
+    """
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        torch.manual_seed(seed)
+        yield
 
 
 def derive_seed(*keys: int) -> int:

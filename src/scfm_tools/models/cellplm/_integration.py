@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ...train import seeded_torch
 from .._load_report import load_matching
 from ._integration_module import CellPLMIntegrationModule
 from ._model import CellPLM, grown_state
@@ -203,7 +204,8 @@ class CellPLMIntegration(CellPLM):
             it, adding them lowered bio conservation from about 0.68 to 0.46 (scib-metrics),
             where the adversary and the new genes' fresh rows pull the latent apart.
         random_state
-            Seed of the sequences, the corruption and the dropout.
+            Seed of the new weights (batch embedding, adversary), the sequences, the
+            corruption and the dropout.
         train_kwargs
             Passed to :meth:`CellPLM.train <scfm_tools.models.CellPLM.train>` (``accelerator``
             ...).
@@ -231,20 +233,21 @@ class CellPLMIntegration(CellPLM):
             var=pd.DataFrame(index=adata.var_names.copy()),
         )
         cls.setup_anndata(data, batch_key=batch_key)
-        model = cls.from_model(pretrained, data, add_genes=add_genes, **METHODS[method])
         if max_epochs is None:
             per_epoch = math.ceil(data.n_obs / max_cells)
             epochs = max(MIN_EPOCHS, math.ceil(FINE_TUNE_STEPS / per_epoch))
         else:
             epochs = int(max_epochs)
-        model.train(
-            max_epochs=epochs,
-            max_cells=max_cells,
-            train_size=1.0,
-            random_state=random_state,
-            plan_kwargs={"lr": lr},
-            **(train_kwargs or {}),
-        )
+        with seeded_torch(random_state):
+            model = cls.from_model(pretrained, data, add_genes=add_genes, **METHODS[method])
+            model.train(
+                max_epochs=epochs,
+                max_cells=max_cells,
+                train_size=1.0,
+                random_state=random_state,
+                plan_kwargs={"lr": lr},
+                **(train_kwargs or {}),
+            )
         params = {
             "method": method,
             "max_epochs": epochs,

@@ -35,6 +35,7 @@ from ..._anndata import DEFAULT_CHUNK_SIZE, get_matrix, iter_row_blocks, resolve
 from ..._lognorm import log1p_per_10k
 from ..._validation import InputError
 from ...pp._binning import _scgpt_chunk
+from ...train import seeded_torch
 from .._load_report import load_matching
 from ._integration_module import SCGPTIntegrationModule
 from ._model import SCGPT
@@ -374,26 +375,27 @@ class SCGPTIntegration(SCGPT):
         token = {i: name for name, i in pretrained.vocab.items()}
         data.var_names = pd.Index([token[i] for i in match.index[genes]])
         cls.setup_anndata(data, batch_key=batch_key)
-        model = cls.from_model(pretrained, data, **METHODS[method])
-        if lr is None:
-            lr = OFFICIAL_LR * OFFICIAL_D_MODEL / model.module.d_model
         if max_epochs is None:
             per_epoch = math.ceil(data.n_obs / batch_size)
             epochs = max(OFFICIAL_EPOCHS, math.ceil(MIN_STEPS / per_epoch))
         else:
             epochs = int(max_epochs)
-        model.train(
-            max_epochs=epochs,
-            batch_size=batch_size,
-            train_size=1.0,
-            plan_kwargs={
-                "lr": lr,
-                "lr_schedule": "step",
-                "lr_gamma": OFFICIAL_GAMMA,
-                "random_state": random_state,
-            },
-            **(train_kwargs or {}),
-        )
+        with seeded_torch(random_state):
+            model = cls.from_model(pretrained, data, **METHODS[method])
+            if lr is None:
+                lr = OFFICIAL_LR * OFFICIAL_D_MODEL / model.module.d_model
+            model.train(
+                max_epochs=epochs,
+                batch_size=batch_size,
+                train_size=1.0,
+                plan_kwargs={
+                    "lr": lr,
+                    "lr_schedule": "step",
+                    "lr_gamma": OFFICIAL_GAMMA,
+                    "random_state": random_state,
+                },
+                **(train_kwargs or {}),
+            )
         params = {
             "method": method,
             "n_top_genes": int(genes.size),
