@@ -60,8 +60,8 @@ def batch_mixing(emb: np.ndarray, batch, k: int = 10) -> float:
 def cellplm_run(cells):
     adata = cells.copy()
     sft.tl.embed_cells(adata, "cellplm-default", batch_key="batch")
-    # 600 optimisation steps: at 300 the adversary still swings the latent (0.54-0.96 by seed
-    # and thread count); from 600 seeds 0-4 give 0.85-0.94 (zero-shot 0.65)
+    # 600 optimisation steps: at 300 the adversary still swings the latent; from 600 seeds 1-4
+    # give 0.80-0.96 (zero-shot 0.66), seed 0 collapses and restarts
     model = sft.tl.integrate(adata, "batch", max_epochs=200, max_cells=40, random_state=0)
     return adata, model
 
@@ -82,6 +82,9 @@ def test_cellplm_default_integration_writes_keys_and_mixes_protocols(cellplm_run
     zero_shot = batch_mixing(adata.obsm["X_cellplm"], adata.obs.batch)
     integrated = batch_mixing(emb, adata.obs.batch)
     assert integrated > zero_shot + 0.1, (integrated, zero_shot)
+    # seed 0's new weights collapse the latent on these cells (mixing 0.03, spread ~0.003):
+    # training started again from a derived seed
+    assert params["restarts"] == 1
 
 
 def test_cellplm_model_is_returned_for_reuse_and_saves(cellplm_run, tmp_path):
