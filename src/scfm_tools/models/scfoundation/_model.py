@@ -26,6 +26,7 @@ from ...train import (
     TrainingMixin,
     compute_class_weights,
     early_stopping_split,
+    seeded_torch,
 )
 from .._classifier import (
     ClassifierMixin,
@@ -688,9 +689,7 @@ class SCFoundation(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelCla
             "lr": FINE_TUNE_LR,
             **(train_kwargs.pop("plan_kwargs", None) or {}),
         }
-        cuda = list(range(torch.cuda.device_count()))
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(seed)
+        with seeded_torch(seed):
             options = {
                 "classifier_max_genes": max_genes,
                 "classifier_genes": self._variable_reference_genes(ref, n_top_genes),

@@ -30,6 +30,7 @@ from ...train import (
     TrainingMixin,
     compute_class_weights,
     early_stopping_split,
+    seeded_torch,
 )
 from .._classifier import (
     ClassifierMixin,
@@ -677,8 +678,7 @@ class SCGPT(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
         splitter = dict(train_kwargs.pop("datasplitter_kwargs", None) or {})
         splitter.setdefault("external_indexing", [train_idx, validation_idx])
         # Training seeds every device's stream (dropout); the caller's streams are restored.
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-            torch.manual_seed(seed)
+        with seeded_torch(seed):
             model = type(self)._around(
                 self.module,
                 self.vocab,
