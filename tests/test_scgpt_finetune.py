@@ -150,6 +150,33 @@ def test_annotate_fine_tunes_across_protocols(data_dir):
     # the tutorial's unweighted loss (None values are not recorded)
     assert "class_weights" not in params and params["max_epochs"] == 3
     assert params["classes"] == sorted(ref.obs["cell_type"].astype(str).unique())
+    # scGPT's default: copies from three seeds, averaged
+    assert params["ensemble"] == SCGPT.fine_tune_ensemble == 3
+    assert len(set(params["ensemble_seeds"])) == 3 and params["ensemble_seeds"][0] == 0
+
+
+def test_annotate_averages_the_copies_it_fine_tunes(data_dir, pretrained):
+    cells = ad.read_h5ad(data_dir / "cellbench_3celllines_celseq2_dropseq.h5ad")
+    ref = cells[cells.obs["batch"] == "sc_dropseq"][::2].copy()
+    query = cells[cells.obs["batch"] == "sc_celseq2"][:40].copy()
+    opts = {"n_top_genes": 200, "random_state": 5}
+    out = sft.tl.annotate(
+        query, pretrained, reference=ref, label_key="cell_type", method="finetune",
+        max_epochs=2, ensemble=2, device="cpu", copy=True, **opts,
+    )  # fmt: skip
+    seeds = out.uns["scgpt"]["params"]["ensemble_seeds"]
+    assert out.uns["scgpt"]["params"]["ensemble"] == 2 and seeds[0] == 5 and seeds[1] != 5
+    opts.pop("random_state")
+    copies = [
+        pretrained.fine_tune_classifier(ref, "cell_type", random_state=seed, **FAST, **opts)
+        for seed in seeds
+    ]
+    probas = [c.predict_proba(query) for c in copies]
+    # two different copies, whose mean is what annotate wrote
+    assert np.abs(probas[0].to_numpy() - probas[1].to_numpy()).max() > 1e-3
+    expected = (probas[0] + probas[1]) / 2
+    np.testing.assert_allclose(out.obsm["scgpt_proba"].to_numpy(), expected.to_numpy(), atol=1e-5)
+    assert (out.obs["scgpt_label"].astype(str).to_numpy() == expected.idxmax(axis=1)).all()
 
 
 def test_deep_query_cells_are_read_whole_up_to_the_prediction_length(data_dir, pretrained):

@@ -222,6 +222,11 @@ def test_bad_inputs_are_refused_and_change_nothing(pbmc):
          {"reference": ref, "label_key": "cell_type", "method": "logreg", "n_neighbors": 5}),
         (ValueError, "class_weight must be", {"reference": ref, "label_key": "cell_type",
                                               "class_weight": "auto"}),
+        (ValueError, "ensemble= applies to method='finetune'",
+         {"reference": ref, "label_key": "cell_type", "method": "knn", "ensemble": 2}),
+        (ValueError, "ensemble must be a positive integer", {"reference": ref,
+                                                             "label_key": "cell_type",
+                                                             "method": "finetune", "ensemble": 0}),
         (TypeError, "do not take", {"reference": ref, "label_key": "cell_type",
                                     "class_weights": "balanced"}),
     ]  # fmt: skip

@@ -9,7 +9,7 @@ of both are one here (class weights and the validation split of fine-tuning are 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from .._validation import InputError
 
@@ -202,6 +202,10 @@ def proba_frame(parts: list[np.ndarray], obs_names: Sequence[str], classes: Sequ
 
 class ClassifierMixin:
     """``predict`` for a model class whose ``predict_proba`` gives cells x classes."""
+
+    #: Fine-tuned copies whose probabilities ``sft.tl.annotate(method="finetune")`` averages
+    #: by default (each its own seed); more where one copy's result depends on its seed.
+    fine_tune_ensemble: ClassVar[int] = 1
 
     def predict(
         self,

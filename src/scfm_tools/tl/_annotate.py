@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from numbers import Integral
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -12,6 +13,7 @@ import numpy as np
 from .._anndata import DEFAULT_CHUNK_SIZE, params_record, resolve_adata, resolve_seed
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from .._labels import labels_from_proba, reference_labels
+from ..train import derive_seed
 from ._annotate_auto import (
     MODEL_MARGIN,
     N_FOLDS,
@@ -184,13 +186,18 @@ def _fine_tune(
     gene_key: str | None,
     batch_size: int | None,
     max_epochs: int | None,
+    ensemble: int | None,
     random_state: int | None,
     device: torch.device,
     chunk_size: int,
     options: dict[str, Any],
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Fine-tune a copy of ``loaded`` on the reference's cell types, then predict the query."""
+    """Fine-tune copies of ``loaded`` on the reference's cell types; average their predictions.
+
+    The first copy is seeded with ``random_state``, the others with seeds derived from it.
+    """
     seed = resolve_seed(random_state)
+    size = int(getattr(located.cls, "fine_tune_ensemble", 1) if ensemble is None else ensemble)
     ref = _reference_adata(reference, label_key, reference_layer, gene_key)
     # the copy names its genes by gene_key already
     shared = _check_shared_genes(loaded, query, ref, gene_key, None)
@@ -198,28 +205,40 @@ def _fine_tune(
     options = dict(options)
     train_kwargs = dict(options.pop("train_kwargs", None) or {})
     train_kwargs.setdefault("accelerator", lightning_accelerator(device))
-    # None leaves the family's own fine-tuning defaults (epochs, minibatch) in force.
-    classifier, used = call_model(
-        loaded.fine_tune_classifier,
-        ref,
-        label_key,
-        task="annotate",
-        family=located.family,
-        given={"batch_size": batch_size, "max_epochs": max_epochs},
-        quiet={"random_state": seed},
-        options=options,
-        train_kwargs=train_kwargs,
-    )
-    # The cells per forward pass of fine-tuning, where the family has that setting.
-    proba, _ = call_model(
-        classifier.predict_proba,
-        query,
-        task="annotate",
-        family=located.family,
-        given={"batch_size": used.get("batch_size")},
-        quiet={"layer": layer, "gene_key": gene_key, "chunk_size": chunk_size},
-    )
-    history = getattr(classifier, "history", None) or {}
+    seeds = [seed] + [derive_seed(seed, member) for member in range(1, size)]
+    probas, losses = [], []
+    for member, member_seed in enumerate(seeds):
+        if size > 1:
+            logger.info(
+                "annotate: fine-tuning copy %d of %d (seed %d)", member + 1, size, member_seed
+            )
+        # None leaves the family's own fine-tuning defaults (epochs, minibatch) in force.
+        classifier, used = call_model(
+            loaded.fine_tune_classifier,
+            ref,
+            label_key,
+            task="annotate",
+            family=located.family,
+            given={"batch_size": batch_size, "max_epochs": max_epochs},
+            quiet={"random_state": member_seed},
+            options=options,
+            train_kwargs=train_kwargs,
+        )
+        # The cells per forward pass of fine-tuning, where the family has that setting.
+        proba, _ = call_model(
+            classifier.predict_proba,
+            query,
+            task="annotate",
+            family=located.family,
+            given={"batch_size": used.get("batch_size")},
+            quiet={"layer": layer, "gene_key": gene_key, "chunk_size": chunk_size},
+        )
+        probas.append(proba)
+        history = getattr(classifier, "history", None) or {}
+        if "train_loss" in history:
+            losses.append(float(np.asarray(history["train_loss"]).ravel()[-1]))
+    # Every copy names the reference's cell types in the same order.
+    proba = sum(probas[1:], probas[0]) / size
     # The weighting used: the caller's, else the family's default.
     family_default = inspect.signature(loaded.fine_tune_classifier).parameters.get("class_weights")
     class_weights = options.get(
@@ -233,10 +252,12 @@ def _fine_tune(
         "batch_size": used.get("batch_size"),
         "class_weights": class_weights if isinstance(class_weights, str | None) else "custom",
         "fine_tuned": "reference",
+        "ensemble": size,
+        "ensemble_seeds": seeds,
         "n_genes_shared_with_reference": shared,
     }
-    if "train_loss" in history:
-        params["final_train_loss"] = float(np.asarray(history["train_loss"]).ravel()[-1])
+    if losses:  # the copies' mean
+        params["final_train_loss"] = float(np.mean(losses))
     return proba, params
 
 
@@ -452,6 +473,7 @@ def annotate(
     batch_size: int | None = None,
     max_length: int | None = None,
     max_epochs: int | None = None,
+    ensemble: int | None = None,
     random_state: int | None = 0,
     device: str | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -557,6 +579,13 @@ def annotate(
     max_epochs
         Most fine-tuning epochs over the reference (``method="finetune"``); ``None``: the
         family's default (scBERT: 10).
+    ensemble
+        Copies fine-tuned (``method="finetune"``), each from its own seed (``random_state``,
+        then seeds derived from it), whose probabilities are averaged: the labels then depend
+        less on one run's head initialisation, validation split and data order. ``None``: the
+        family's default (the model class's ``fine_tune_ensemble``: 3 for scGPT and
+        scFoundation, whose shipped defaults' results across protocols varied by seed, else
+        1). Time grows with it.
     {random_state}
     device
         ``"cpu"``, ``"cuda"``, ``"auto"``...; ``None`` uses ``sft.settings.device``.
@@ -588,8 +617,9 @@ def annotate(
       the clusters were made here, ``adata.obs["<key>_over_clustering"]``;
     - ``adata.uns["<key>"]["params"]``: method, model, family, weights sha256, threshold,
       classes, ``label_key``, reference size, ``n_neighbors`` or ``class_weight``, genes
-      matched, training settings, ``selection`` (``"auto"``: the chosen way, the
-      cross-validated macro-F1 of each), package version.
+      matched, training settings (``ensemble``: copies averaged, ``ensemble_seeds``),
+      ``selection`` (``"auto"``: the chosen way, the cross-validated macro-F1 of each),
+      package version.
 
     For a MuData, the label and score also go to ``mdata.obs["<mod>:<key>_label"]`` and
     ``["<mod>:<key>_score"]`` (as ``mdata.update()`` names them), and the scores to
@@ -617,6 +647,10 @@ def annotate(
         raise ValueError("over_clustering= and min_prop= apply to majority_voting=True only.")
     if not 0.0 <= float(min_prop) <= 1.0:
         raise ValueError(f"min_prop must lie in [0, 1], got {min_prop!r}.")
+    if ensemble is not None and (
+        isinstance(ensemble, bool) or not isinstance(ensemble, Integral) or ensemble < 1
+    ):
+        raise ValueError(f"ensemble must be a positive integer or None, got {ensemble!r}.")
     obj, ad = resolve_adata(adata, copy=copy, mod=mod)
     if over_clustering is not None and over_clustering not in ad.obs.columns:
         from .._errors import InputError
@@ -632,6 +666,7 @@ def annotate(
     for name, value, owner in (
         ("n_neighbors", n_neighbors, "knn"),
         ("class_weight", class_weight, "logreg"),
+        ("ensemble", ensemble, "finetune"),
     ):
         if value is not None and chosen != owner:
             raise ValueError(f"{name}= applies to method={owner!r}, not to {chosen!r}.")
@@ -696,6 +731,7 @@ def annotate(
             gene_key=gene_key,
             batch_size=batch,
             max_epochs=max_epochs,
+            ensemble=ensemble,
             random_state=random_state,
             device=dev,
             chunk_size=chunk_size,
