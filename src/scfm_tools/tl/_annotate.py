@@ -13,7 +13,6 @@ import numpy as np
 from .._anndata import DEFAULT_CHUNK_SIZE, params_record, resolve_adata, resolve_seed
 from .._docs import DOC_CHUNK_SIZE, DOC_COPY, DOC_LAYER, DOC_RANDOM_STATE, doc_params
 from .._labels import labels_from_proba, reference_labels
-from ..train import derive_seed
 from ._annotate_auto import (
     MODEL_MARGIN,
     N_FOLDS,
@@ -196,6 +195,8 @@ def _fine_tune(
 
     The first copy is seeded with ``random_state``, the others with seeds derived from it.
     """
+    from ..train import derive_seed  # imports torch and Lightning: not at package import
+
     seed = resolve_seed(random_state)
     size = int(getattr(located.cls, "fine_tune_ensemble", 1) if ensemble is None else ensemble)
     ref = _reference_adata(reference, label_key, reference_layer, gene_key)
