@@ -154,7 +154,7 @@ class SCFoundation(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelCla
     _training_plan_cls = SCFoundationTrainingPlan
     family = "scfoundation"
     # CellBench CEL-seq2 -> Drop-seq with scfoundation-default: macro-F1 0.977 in one run
-    # (0.02 below logistic regression), 0.981 / 0.991 / 0.991 with seeds 0-2 on another machine,
+    # (0.023 below logistic regression), 0.981 / 0.991 / 0.991 with seeds 0-2 on another machine,
     # 1.000 for the three averaged. Each copy took ~4 minutes there on 2 CPU cores.
     fine_tune_ensemble = 3
     # Raw counts or normalised values, as its pre_normalized option says: checked per call.
