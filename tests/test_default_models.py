@@ -21,7 +21,7 @@ from scipy import sparse
 import scfm_tools as sft
 from _unchanged import assert_unchanged, snapshot
 from scfm_tools.hub import file_sha256
-from scfm_tools.models import SCBERT, CellPLM, SCFoundation
+from scfm_tools.models import SCBERT, SCGPT, CellPLM, SCFoundation
 from scfm_tools.models.cellplm import load_cellplm_checkpoint
 from scfm_tools.models.scbert import load_scbert_checkpoint
 from scfm_tools.models.scfoundation import load_scfoundation_checkpoint, read_gene_index
@@ -77,6 +77,19 @@ def test_shipped_default_is_embedded_and_verified(name):
         path = resolved.path / entry.name
         assert path.stat().st_size == entry.size and file_sha256(path) == entry.sha256
     assert sum(f.size for f in card.files) < 20 * 2**20  # all defaults together: ~40 MB
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_loading_a_default_leaves_the_callers_random_state(name):
+    # The fresh module's random initialisation (overwritten by the checkpoint) must not move
+    # the stream a user's seeded analysis draws from; scGPT and scBERT used to.
+    cls = {"scgpt": SCGPT, "cellplm": CellPLM, "scbert": SCBERT, "scfoundation": SCFoundation}[
+        SHIPPED[name]
+    ]
+    torch.manual_seed(11)
+    state = torch.get_rng_state()
+    cls.from_pretrained(name)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

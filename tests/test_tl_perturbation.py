@@ -150,10 +150,14 @@ def test_metrics_additive_beats_mean_on_held_out_doubles(train, norman):
 
 
 def test_gears_trains_and_predicts_singles_combinations_and_unseen_genes(train, norman):
+    import torch
+
     perts = [*HELD_OUT, "FOXO4", "CNN1"]
+    rng = torch.get_rng_state()
     pred, predictor = sft.tl.predict_perturbation(
         train, perts, method="gears", max_epochs=3, hidden=16, return_model=True
     )
+    assert torch.equal(torch.get_rng_state(), rng)  # trained from its own seed, not the caller's
     params = pred.uns["predict_perturbation"]["params"]
     assert params["method"] == "gears" and params["max_epochs"] == 3
     assert np.isfinite(params["final_train_loss"])
@@ -171,7 +175,10 @@ def test_gears_trains_and_predicts_singles_combinations_and_unseen_genes(train, 
 def test_finetune_scgpt_predicts_from_control_cells(train):
     # 120 read-out genes keep the transformer's sequences short; the cells are real.
     small = train[:, :120].copy()
+    import torch
+
     perts = ["MAP2K3+SLC38A2", "FOXO4", "CNN1"]
+    rng = torch.get_rng_state()
     pred = sft.tl.predict_perturbation(
         small,
         perts,
@@ -180,6 +187,7 @@ def test_finetune_scgpt_predicts_from_control_cells(train):
         cells_per_perturbation=4,
         control_cells=8,
     )
+    assert torch.equal(torch.get_rng_state(), rng)  # trained from its own seed, not the caller's
     params = pred.uns["predict_perturbation"]["params"]
     assert params["method"] == "finetune" and params["model"] == "scgpt-default"
     assert np.isfinite(params["final_train_loss"])

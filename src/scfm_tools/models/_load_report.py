@@ -7,15 +7,29 @@ silently: the report lists the rest and is logged as a WARNING when not clean.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-__all__ = ["LoadReport", "load_matching"]
+__all__ = ["LoadReport", "build_without_moving_rng", "load_matching"]
 
 logger = logging.getLogger("scfm_tools")
+
+T = TypeVar("T")
+
+
+def build_without_moving_rng(build: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Construct a module (or model) whose weights a checkpoint is about to overwrite.
+
+    Its random initialisation draws from a forked stream, so that loading a model leaves the
+    caller's random state (CPU and CUDA) as it was: a user's seeded analysis must give the
+    same numbers whether or not a model was loaded in between.
+    """
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        return build(*args, **kwargs)
 
 
 @dataclass(frozen=True)

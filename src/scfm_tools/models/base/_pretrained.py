@@ -117,10 +117,9 @@ class PretrainedMixin:
 
         The fresh module's random initialisation must not move the caller's random state.
         """
-        import torch
+        from .._load_report import build_without_moving_rng
 
-        with torch.random.fork_rng(devices=[]):
-            return cls(*args, **kwargs)
+        return build_without_moving_rng(cls, *args, **kwargs)
 
     def __repr__(self) -> str:
         # scvi-tools' own repr prints a table and returns an empty string.

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._load_report import LoadReport, load_matching
+from .._load_report import LoadReport, build_without_moving_rng, load_matching
 from .._safetensors import read_safetensors
 from ._module import CellPLMModule
 
@@ -221,9 +221,7 @@ def load_cellplm_checkpoint(
     config_path, weights_path = _files(source)
     config = _read_config(config_path)
     state = _read_state_dict(weights_path)
-    # Random initialisation of weights about to be overwritten must not move the caller's RNG.
-    with torch.random.fork_rng(devices=[]):
-        module = CellPLMModule(**module_config(config))
+    module = build_without_moving_rng(CellPLMModule, **module_config(config))
 
     ignored = [k for k in state if k.startswith(IGNORED_PREFIXES)]
     if ignored:

@@ -12,6 +12,7 @@ from scipy import sparse
 
 from ..._errors import InputError
 from ..._progress import progress_bar
+from ...train import seeded_torch
 from ._data import PerturbationData
 from ._embedded import EmbeddingPredictor, GeneEmbedder
 from ._gears_module import GeneGraphModule
@@ -200,8 +201,7 @@ class GearsPredictor(EmbeddingPredictor):
         readout = np.where(np.isfinite(readout).all(axis=1, keepdims=True), readout, 0.0)
         graph = coexpression_graph(data.X, self.coexpression_neighbors, self.random_state)
         offset = np.mean([data.delta(n) for n in data.perturbations], axis=0)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.random_state)
+        with seeded_torch(self.random_state):
             self.module_ = GeneGraphModule(
                 torch.as_tensor(readout, dtype=torch.float32),
                 _to_torch_sparse(graph),

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from ..._validation import check_unique_names
-from .._load_report import LoadReport, load_matching
+from .._load_report import LoadReport, build_without_moving_rng, load_matching
 from .._safetensors import read_safetensors
 from ._module import SCBERTModule
 
@@ -298,7 +298,7 @@ def load_scbert_checkpoint(
         raise TypeError(
             f"{sorted(fixed)} are read from the checkpoint and cannot be overridden here."
         )
-    module = SCBERTModule(**config, **module_kwargs)
+    module = build_without_moving_rng(SCBERTModule, **config, **module_kwargs)
     report = load_matching(
         module, state, source=str(path), family="scBERT", renamed=renamed, strict=strict
     )

@@ -26,6 +26,7 @@ from ...train import (
     TrainingMixin,
     compute_class_weights,
     early_stopping_split,
+    seeded_torch,
 )
 from .._classifier import (
     ClassifierMixin,
@@ -419,8 +420,7 @@ class SCBERT(ClassifierMixin, PretrainedMixin, TrainingMixin, BaseModelClass):
             "lr": OFFICIAL_LR * OFFICIAL_DIM / self.module.config["dim"],
             **(train_kwargs.pop("plan_kwargs", None) or {}),
         }
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded_torch(seed):
             model = type(self)._around(
                 self.module, self.genes, ref, "classifier", None, trainable=trainable
             )

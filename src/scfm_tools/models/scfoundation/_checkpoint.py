@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 
 from ..._validation import check_unique_names
-from .._load_report import LoadReport, load_matching
+from .._load_report import LoadReport, build_without_moving_rng, load_matching
 from .._safetensors import read_safetensors, write_safetensors
 from ._module import SCFoundationModule
 
@@ -565,9 +565,7 @@ def load_scfoundation_checkpoint(
             f"seq_len {kwargs['n_genes'] + 2:,} (its genes plus the T and S tokens), i.e. "
             f"{kwargs['n_genes']:,} genes. Pass the gene list the checkpoint was trained with."
         )
-    # Random initialisation of weights about to be overwritten must not move the caller's RNG.
-    with torch.random.fork_rng(devices=[]):
-        module = SCFoundationModule(**kwargs, **module_kwargs)
+    module = build_without_moving_rng(SCFoundationModule, **kwargs, **module_kwargs)
     report = load_matching(
         module,
         state,

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .._load_report import LoadReport, load_matching
+from .._load_report import LoadReport, build_without_moving_rng, load_matching
 from .._safetensors import read_safetensors
 from ._module import SCGPTModule
 
@@ -268,7 +268,7 @@ def load_scgpt_checkpoint(
     args = _check_args(_read_json(args_path), args_path)
     vocab = read_vocab(vocab_path)
     state, renamed = _rename(_read_state_dict(weights_path))
-    module = SCGPTModule(**_module_config(args, vocab, state))
+    module = build_without_moving_rng(SCGPTModule, **_module_config(args, vocab, state))
 
     report = load_matching(
         module, state, source=str(folder), family="scGPT", renamed=renamed, strict=strict

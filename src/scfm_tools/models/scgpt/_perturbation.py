@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..._progress import progress_bar
+from ...train import seeded_torch
 from ..perturbation import PerturbationData, PerturbationPredictor
 from ._perturbation_module import NOT_PERTURBED, PERTURBED, SCGPTPerturbationModule
 
@@ -175,8 +176,7 @@ class SCGPTPerturbationPredictor(PerturbationPredictor):
             len(genes),
             self.model.model_name,
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.random_state)
+        with seeded_torch(self.random_state):
             self.module_ = SCGPTPerturbationModule.from_pretrained(self.model.module).to(
                 self.device
             )
