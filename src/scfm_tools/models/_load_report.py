@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from ..train import forked_torch_streams
+
 __all__ = ["LoadReport", "build_without_moving_rng", "load_matching"]
 
 logger = logging.getLogger("scfm_tools")
@@ -28,7 +30,7 @@ def build_without_moving_rng(build: Callable[..., T], *args: Any, **kwargs: Any)
     caller's random state (CPU and CUDA) as it was: a user's seeded analysis must give the
     same numbers whether or not a model was loaded in between.
     """
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+    with forked_torch_streams():
         return build(*args, **kwargs)
 
 

@@ -28,6 +28,7 @@ from ._seeding import (
     EpochShuffleSampler,
     SeededStreamsMixin,
     derive_seed,
+    forked_torch_streams,
     seeded_torch,
     training_epoch,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "derive_seed",
     "early_stopping_split",
     "find_resume_checkpoint",
+    "forked_torch_streams",
     "is_complete_checkpoint",
     "resolve_resume",
     "resolve_strategy",

@@ -37,6 +37,7 @@ __all__ = [
     "EpochShuffleSampler",
     "SeededStreamsMixin",
     "derive_seed",
+    "forked_torch_streams",
     "seeded_torch",
     "training_epoch",
 ]
@@ -52,8 +53,18 @@ def seeded_torch(seed: int) -> Iterator[None]:
     Weights made before training (a new head, new rows) are drawn from the global stream, whose
     state differs from process to process: without a seed the trained model would too.
     """
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+    with forked_torch_streams():
         torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def forked_torch_streams() -> Iterator[None]:
+    """Draw from copies of the global torch streams (CPU and every CUDA device) inside.
+
+    On leaving, the caller's streams are as they were, whatever was drawn inside.
+    """
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
         yield
 
 
